@@ -1,0 +1,66 @@
+//! `VirtDomain`: what one VM is doing, published by virtkube-nodeinfo.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What a virtkube VM is doing: its libvirt domain on a node. Named after the
+/// VM's pod and owned by it, so it is garbage-collected with the pod.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "virtkube.io",
+    doc = "What a virtkube VM is doing: its libvirt domain, owned by the VM pod.",
+    version = "v1alpha1",
+    kind = "VirtDomain",
+    plural = "virtdomains",
+    shortname = "vd",
+    shortname = "vm",
+    namespaced,
+    status = "VirtDomainStatus",
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"vCPUs","type":"integer","jsonPath":".status.vcpus"}"#,
+    printcolumn = r#"{"name":"Memory","type":"string","jsonPath":".status.memory"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtDomainSpec {
+    /// Node whose libvirtd runs the domain.
+    pub node: String,
+    /// libvirt domain name (`<namespace>_<pod>`).
+    pub domain_name: String,
+    /// libvirt domain UUID (the pod UID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Name of the owning pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// Name of the VirtTemplate the VM was made from, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+}
+
+/// The domain's runtime state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtDomainStatus {
+    /// libvirt state: `Running`, `Blocked`, `Paused`, `ShuttingDown`,
+    /// `Shutoff`, `Crashed`, `PMSuspended` or `NoState`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Why the domain is in that state (libvirt's reason, e.g. `Booted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Guest memory as a Kubernetes quantity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPU time used, in nanoseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ns: Option<u64>,
+    /// When nodeinfo first saw the domain running (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+}
