@@ -1,4 +1,5 @@
 //! Helpers shared by the shim's integration tests.
+#![allow(clippy::unwrap_used)] // test helpers: a panic is the failure report
 
 use std::path::{Path, PathBuf};
 
