@@ -1,4 +1,5 @@
 //! Every golden domain XML is accepted by libvirt's schema (virt-xml-validate)
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 //! and by the real libvirtd that scripts/libvirtd-up.sh starts, on both the
 //! test driver and the qemu driver (define with VALIDATE, read back, undefine).
 
