@@ -218,9 +218,13 @@ pub fn parse_yaml(text: &str) -> Result<ResolvedTemplate, TemplateError> {
             message: format!("not YAML: {e}"),
         })
     })?;
-    let is_resource = value
-        .as_mapping()
-        .is_some_and(|m| m.contains_key("kind") || m.contains_key("apiVersion"));
+    let Some(mapping) = value.as_mapping() else {
+        return Err(TemplateError::Parse(FieldError {
+            field: "(document)".into(),
+            message: "is not a mapping; expected a whole VirtTemplate (apiVersion, kind, metadata, spec) or its spec alone".into(),
+        }));
+    };
+    let is_resource = mapping.contains_key("kind") || mapping.contains_key("apiVersion");
     if is_resource {
         for (field, expected) in [
             ("apiVersion", "virtkube.io/v1alpha1"),

@@ -1,6 +1,6 @@
 //! Golden tests: every example template renders to exactly its checked-in XML.
-#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 //! `UPDATE_GOLDEN=1 cargo test -p virtkube-shim --test golden` rewrites them.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod common;
 
