@@ -49,23 +49,18 @@ const KNOWN: [&str; 5] = [
 impl Overrides {
     /// Reads the override annotations. An unknown `virtkube.io/` key is an
     /// error (a typo must not be silently ignored); other keys are not ours.
-    pub fn from_annotations(
-        annotations: &BTreeMap<String, String>,
-    ) -> Result<Overrides, OverrideError> {
+    pub fn from_annotations(annotations: &BTreeMap<String, String>) -> Result<Overrides, OverrideError> {
         let mut overrides = Overrides::default();
         for (key, value) in annotations {
             match key.as_str() {
                 annotations::MEMORY => {
-                    overrides.memory_bytes =
-                        Some(resolve::parse_memory(value.trim()).map_err(|m| err(key, m))?);
+                    overrides.memory_bytes = Some(resolve::parse_memory(value.trim()).map_err(|m| err(key, m))?);
                 }
                 annotations::CPUS => {
-                    let vcpus: u32 = value.trim().parse().map_err(|_| {
-                        err(
-                            key,
-                            format!("{value:?} is not a whole number of vCPUs (e.g. 2)"),
-                        )
-                    })?;
+                    let vcpus: u32 = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| err(key, format!("{value:?} is not a whole number of vCPUs (e.g. 2)")))?;
                     resolve::check_vcpus(vcpus).map_err(|m| err(key, m))?;
                     overrides.vcpus = Some(vcpus);
                 }

@@ -25,9 +25,7 @@ pub enum QuantityError {
 /// that is not a whole number of bytes.
 pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
     let s = input.trim();
-    let number_end = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let number_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (number, suffix) = s.split_at(number_end);
     let (int_part, frac_part) = match number.split_once('.') {
         Some((i, f)) => (i, f),
@@ -36,9 +34,7 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
     if int_part.is_empty() && frac_part.is_empty() {
         return Err(QuantityError::Syntax);
     }
-    if !int_part.bytes().all(|b| b.is_ascii_digit())
-        || !frac_part.bytes().all(|b| b.is_ascii_digit())
-    {
+    if !int_part.bytes().all(|b| b.is_ascii_digit()) || !frac_part.bytes().all(|b| b.is_ascii_digit()) {
         return Err(QuantityError::Syntax);
     }
     // value = digits / 10^frac_len * base^exp ; computed exactly in u128.
@@ -73,9 +69,7 @@ pub fn parse_bytes(input: &str) -> Result<u64, QuantityError> {
         .parse()
         .map_err(|_| QuantityError::Syntax)?;
     let multiplier = base.checked_pow(exp).ok_or(QuantityError::Overflow)?;
-    let scaled = digits
-        .checked_mul(multiplier)
-        .ok_or(QuantityError::Overflow)?;
+    let scaled = digits.checked_mul(multiplier).ok_or(QuantityError::Overflow)?;
     let divisor = 10u128.pow(frac_part.len() as u32);
     if scaled % divisor != 0 {
         return Err(QuantityError::Fractional);

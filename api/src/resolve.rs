@@ -11,9 +11,9 @@ use thiserror::Error;
 
 use crate::quantity::{self, QuantityError};
 use crate::template::{
-    Arch, CpuFeaturePolicy, CpuMode, CpuTopology, DiskBus, DiskDevice, DiskFormat, DiskSpec,
-    DomainType, Firmware, GraphicsType, InterfaceSpec, InterfaceType, LifecycleAction,
-    NetworkDiskProtocol, NicModel, VirtTemplate, VirtTemplateSpec,
+    Arch, CpuFeaturePolicy, CpuMode, CpuTopology, DiskBus, DiskDevice, DiskFormat, DiskSpec, DomainType, Firmware,
+    GraphicsType, InterfaceSpec, InterfaceType, LifecycleAction, NetworkDiskProtocol, NicModel, VirtTemplate,
+    VirtTemplateSpec,
 };
 
 /// Most vCPUs a template may ask for.
@@ -60,11 +60,7 @@ pub enum TemplateError {
 }
 
 fn join(errors: &[FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 /// Where a disk's data comes from.
@@ -125,15 +121,11 @@ impl MacAddr {
         let parts: Vec<&str> = s.split([':', '-']).collect();
         let mut bytes = [0u8; 6];
         if parts.len() != 6 {
-            return Err(format!(
-                "{s:?} is not a MAC address (e.g. 52:54:00:12:34:56)"
-            ));
+            return Err(format!("{s:?} is not a MAC address (e.g. 52:54:00:12:34:56)"));
         }
         for (byte, part) in bytes.iter_mut().zip(&parts) {
             if part.len() != 2 {
-                return Err(format!(
-                    "{s:?} is not a MAC address (e.g. 52:54:00:12:34:56)"
-                ));
+                return Err(format!("{s:?} is not a MAC address (e.g. 52:54:00:12:34:56)"));
             }
             *byte = u8::from_str_radix(part, 16)
                 .map_err(|_| format!("{s:?} is not a MAC address (e.g. 52:54:00:12:34:56)"))?;
@@ -221,19 +213,15 @@ pub fn parse_yaml(text: &str) -> Result<ResolvedTemplate, TemplateError> {
     let Some(mapping) = value.as_mapping() else {
         return Err(TemplateError::Parse(FieldError {
             field: "(document)".into(),
-            message: "is not a mapping; expected a whole VirtTemplate (apiVersion, kind, metadata, spec) or its spec alone".into(),
+            message:
+                "is not a mapping; expected a whole VirtTemplate (apiVersion, kind, metadata, spec) or its spec alone"
+                    .into(),
         }));
     };
     let is_resource = mapping.contains_key("kind") || mapping.contains_key("apiVersion");
     if is_resource {
-        for (field, expected) in [
-            ("apiVersion", "virtkube.io/v1alpha1"),
-            ("kind", "VirtTemplate"),
-        ] {
-            let found = value
-                .get(field)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default();
+        for (field, expected) in [("apiVersion", "virtkube.io/v1alpha1"), ("kind", "VirtTemplate")] {
+            let found = value.get(field).and_then(|v| v.as_str()).unwrap_or_default();
             if found != expected {
                 return Err(TemplateError::WrongKind {
                     field,
@@ -250,10 +238,7 @@ pub fn parse_yaml(text: &str) -> Result<ResolvedTemplate, TemplateError> {
     }
 }
 
-fn deserialize<T: serde::de::DeserializeOwned>(
-    value: serde_yaml::Value,
-    prefix: &str,
-) -> Result<T, TemplateError> {
+fn deserialize<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, prefix: &str) -> Result<T, TemplateError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.path().to_string();
         let field = match (prefix, inner.as_str()) {
@@ -288,10 +273,7 @@ impl Problems {
 }
 
 /// Validates a spec and applies every default.
-pub fn resolve(
-    name: Option<String>,
-    spec: &VirtTemplateSpec,
-) -> Result<ResolvedTemplate, TemplateError> {
+pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<ResolvedTemplate, TemplateError> {
     let mut problems = Problems::default();
 
     if let Some(machine) = &spec.machine {
@@ -401,9 +383,7 @@ pub fn resolve(
             } else if !boot_orders.insert(order) {
                 problems.add(
                     field,
-                    format!(
-                        "{order} is used by another disk or interface; each boot position once"
-                    ),
+                    format!("{order} is used by another disk or interface; each boot position once"),
                 );
             }
         }
@@ -447,10 +427,7 @@ pub fn resolve(
             None
         }
         GraphicsType::Vnc => {
-            let listen = graphics
-                .listen
-                .clone()
-                .unwrap_or_else(|| "127.0.0.1".into());
+            let listen = graphics.listen.clone().unwrap_or_else(|| "127.0.0.1".into());
             check_token(
                 &mut problems,
                 "spec.graphics.listen",
@@ -464,17 +441,17 @@ pub fn resolve(
     let on_poweroff = spec.on_poweroff.unwrap_or(LifecycleAction::Destroy);
     let on_reboot = spec.on_reboot.unwrap_or(LifecycleAction::Restart);
     let on_crash = spec.on_crash.unwrap_or(LifecycleAction::Destroy);
-    for (field, action) in [
-        ("spec.onPoweroff", on_poweroff),
-        ("spec.onReboot", on_reboot),
-    ] {
+    for (field, action) in [("spec.onPoweroff", on_poweroff), ("spec.onReboot", on_reboot)] {
         if matches!(
             action,
             LifecycleAction::CoredumpDestroy | LifecycleAction::CoredumpRestart
         ) {
             problems.add(
                 field,
-                format!("{:?} is only allowed for spec.onCrash; use destroy, restart, preserve or rename-restart", action.as_str()),
+                format!(
+                    "{:?} is only allowed for spec.onCrash; use destroy, restart, preserve or rename-restart",
+                    action.as_str()
+                ),
             );
         }
     }
@@ -510,22 +487,11 @@ pub fn resolve(
     })
 }
 
-fn resolve_vcpus(
-    problems: &mut Problems,
-    count: Option<u32>,
-    topology: Option<&CpuTopology>,
-) -> u32 {
+fn resolve_vcpus(problems: &mut Problems, count: Option<u32>, topology: Option<&CpuTopology>) -> u32 {
     let product = topology.map(|t| {
-        for (name, value) in [
-            ("sockets", t.sockets),
-            ("cores", t.cores),
-            ("threads", t.threads),
-        ] {
+        for (name, value) in [("sockets", t.sockets), ("cores", t.cores), ("threads", t.threads)] {
             if value == 0 {
-                problems.add(
-                    format!("spec.cpu.topology.{name}"),
-                    "0 is not allowed; use 1 or more",
-                );
+                problems.add(format!("spec.cpu.topology.{name}"), "0 is not allowed; use 1 or more");
             }
         }
         u64::from(t.sockets) * u64::from(t.cores) * u64::from(t.threads)
@@ -560,9 +526,9 @@ pub(crate) fn check_vcpus(vcpus: u32) -> Result<(), String> {
 /// Parses a memory quantity into bytes, with a message naming the value.
 pub(crate) fn parse_memory(text: &str) -> Result<u64, String> {
     match quantity::parse_bytes(text) {
-        Ok(bytes) if bytes < MIN_MEMORY_BYTES => Err(format!(
-            "{text:?} is less than the minimum of 1Mi (e.g. 512Mi, 2Gi)"
-        )),
+        Ok(bytes) if bytes < MIN_MEMORY_BYTES => {
+            Err(format!("{text:?} is less than the minimum of 1Mi (e.g. 512Mi, 2Gi)"))
+        }
         Ok(bytes) => Ok(bytes),
         Err(QuantityError::Overflow) => Err(format!("{text:?} is too large (e.g. 512Mi, 2Gi)")),
         Err(e) => Err(format!("{text:?} {e}")),
@@ -594,9 +560,7 @@ fn check_token(problems: &mut Problems, field: &str, value: &str, expected: &str
     if !ok {
         problems.add(
             field,
-            format!(
-                "{value:?} is not valid; expected {expected} (letters, digits, '.', '_', '-', ':')"
-            ),
+            format!("{value:?} is not valid; expected {expected} (letters, digits, '.', '_', '-', ':')"),
         );
     }
 }
@@ -668,10 +632,7 @@ fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option
             }
         }
         (Some(_), Some(_)) => {
-            problems.add(
-                field,
-                "sets both file and network; a disk has exactly one source",
-            );
+            problems.add(field, "sets both file and network; a disk has exactly one source");
             return None;
         }
         (None, None) => {
@@ -693,11 +654,7 @@ fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option
     })
 }
 
-fn resolve_interface(
-    problems: &mut Problems,
-    field: &str,
-    nic: &InterfaceSpec,
-) -> ResolvedInterface {
+fn resolve_interface(problems: &mut Problems, field: &str, nic: &InterfaceSpec) -> ResolvedInterface {
     match (nic.kind, &nic.source) {
         (InterfaceType::Network | InterfaceType::Bridge, None) => problems.add(
             format!("{field}.source"),
@@ -708,9 +665,7 @@ fn resolve_interface(
         ),
         (InterfaceType::User, Some(source)) => problems.add(
             format!("{field}.source"),
-            format!(
-                "{source:?} is not allowed for type \"user\" (user-mode networking has no source)"
-            ),
+            format!("{source:?} is not allowed for type \"user\" (user-mode networking has no source)"),
         ),
         (_, Some(source)) => check_token(
             problems,

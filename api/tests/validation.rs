@@ -67,11 +67,7 @@ fn nested_defaults_and_values() {
          graphics: {type: vnc}\n",
     )
     .unwrap();
-    assert_eq!(
-        t.cpu_mode,
-        Some(CpuMode::Custom),
-        "a model without a mode means custom"
-    );
+    assert_eq!(t.cpu_mode, Some(CpuMode::Custom), "a model without a mode means custom");
     assert_eq!(t.vcpus, 4, "count follows the topology");
     assert_eq!(t.disks[0].bus, DiskBus::Scsi);
     assert!(!t.disks[0].read_only);
@@ -86,14 +82,8 @@ fn bad_values_name_the_field_the_value_and_what_is_accepted() {
         "memory: 12 GB",
         r#"spec.memory: "12 GB" is not a Kubernetes quantity (e.g. 512Mi, 2Gi)"#,
     );
-    assert_error(
-        "memory: 512k",
-        r#"spec.memory: "512k" is less than the minimum of 1Mi"#,
-    );
-    assert_error(
-        "memory: '0.5'",
-        r#"spec.memory: "0.5" is not a whole number of bytes"#,
-    );
+    assert_error("memory: 512k", r#"spec.memory: "512k" is less than the minimum of 1Mi"#);
+    assert_error("memory: '0.5'", r#"spec.memory: "0.5" is not a whole number of bytes"#);
     assert_error(
         "memory: 1073741824",
         "spec.memory: invalid type: integer `1073741824`, expected a string",
@@ -102,10 +92,7 @@ fn bad_values_name_the_field_the_value_and_what_is_accepted() {
         "cpu: {count: 0}",
         "spec.cpu.count: 0 is not a vCPU count; use 1 to 1024",
     );
-    assert_error(
-        "cpu: {count: 5000}",
-        "spec.cpu.count: 5000 is not a vCPU count",
-    );
+    assert_error("cpu: {count: 5000}", "spec.cpu.count: 5000 is not a vCPU count");
     assert_error(
         "cpu: {count: 3, topology: {sockets: 1, cores: 2, threads: 1}}",
         "spec.cpu.topology: sockets × cores × threads = 2, but spec.cpu.count is 3",
@@ -142,14 +129,8 @@ fn bad_values_name_the_field_the_value_and_what_is_accepted() {
         "boot: {kernel: vmlinuz}",
         "spec.boot.kernel: \"vmlinuz\" is not an absolute path",
     );
-    assert_error(
-        "boot: {initrd: /i.gz}",
-        "spec.boot.initrd: needs spec.boot.kernel",
-    );
-    assert_error(
-        "boot: {cmdline: quiet}",
-        "spec.boot.cmdline: needs spec.boot.kernel",
-    );
+    assert_error("boot: {initrd: /i.gz}", "spec.boot.initrd: needs spec.boot.kernel");
+    assert_error("boot: {cmdline: quiet}", "spec.boot.cmdline: needs spec.boot.kernel");
     assert_error(
         "boot: {kernel: /k, cmdline: \"a\\nb\"}",
         "spec.boot.cmdline: \"a\\nb\" contains a control character",
@@ -231,10 +212,7 @@ fn shape_errors_carry_the_field_path() {
         "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {name: x}\nspec: {cpu: {count: -1}}",
         "spec.cpu.count: invalid value: integer `-1`, expected u32",
     );
-    assert_error(
-        "[1, 2]",
-        "(document): is not a mapping; expected a whole VirtTemplate",
-    );
+    assert_error("[1, 2]", "(document): is not a mapping; expected a whole VirtTemplate");
     assert_error("", "(document): is not a mapping");
     assert_error("memory: [", "(document): not YAML");
 }
@@ -267,16 +245,12 @@ fn every_problem_is_reported_at_once() {
 }
 
 fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 #[test]
 fn overrides_apply_to_the_resolved_template() {
-    let mut t =
-        parse_yaml("boot: {kernel: /k, cmdline: quiet}\ninterfaces: [{type: user}]\n").unwrap();
+    let mut t = parse_yaml("boot: {kernel: /k, cmdline: quiet}\ninterfaces: [{type: user}]\n").unwrap();
     let overrides = Overrides::from_annotations(&annotations(&[
         (annotations::MEMORY, "1Gi"),
         (annotations::CPUS, "3"),
@@ -347,12 +321,7 @@ fn overrides_that_do_not_fit_the_template_are_refused() {
             "4",
             "does not match the template's topology",
         ),
-        (
-            "{}",
-            annotations::CMDLINE,
-            "quiet",
-            "the template has no boot.kernel",
-        ),
+        ("{}", annotations::CMDLINE, "quiet", "the template has no boot.kernel"),
         (
             "{}",
             annotations::MAC,

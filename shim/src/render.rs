@@ -10,9 +10,7 @@ use std::io;
 use quick_xml::Writer;
 use quick_xml::events::BytesText;
 use thiserror::Error;
-use virtkube_api::resolve::{
-    DiskSource, MacAddr, ResolvedDisk, ResolvedInterface, ResolvedTemplate,
-};
+use virtkube_api::resolve::{DiskSource, MacAddr, ResolvedDisk, ResolvedInterface, ResolvedTemplate};
 use virtkube_api::template::{
     CpuFeaturePolicy, CpuMode, DiskBus, DiskDevice, DiskFormat, DomainType, Firmware, InterfaceType,
 };
@@ -69,9 +67,7 @@ pub enum RenderError {
         offered: Vec<String>,
     },
     /// A bad domain name.
-    #[error(
-        "domain name {0:?} is not usable: it must be 1 to 200 characters without '/' or control characters"
-    )]
+    #[error("domain name {0:?} is not usable: it must be 1 to 200 characters without '/' or control characters")]
     DomainName(String),
     /// A bad UUID.
     #[error("domain UUID {0:?} is not a UUID (e.g. 4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b)")]
@@ -82,11 +78,7 @@ pub enum RenderError {
 }
 
 /// Renders the domain XML of one instance.
-pub fn render(
-    template: &ResolvedTemplate,
-    instance: &Instance,
-    host: &HostFacts,
-) -> Result<String, RenderError> {
+pub fn render(template: &ResolvedTemplate, instance: &Instance, host: &HostFacts) -> Result<String, RenderError> {
     check_instance(instance)?;
     let domain_type = choose_domain_type(template.domain_type, host)?;
     let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
@@ -101,9 +93,7 @@ pub fn render(
             write_metadata(w, instance)?;
             w.create_element("memory")
                 .with_attribute(("unit", "KiB"))
-                .write_text_content(BytesText::new(
-                    &template.memory_bytes.div_ceil(1024).to_string(),
-                ))?;
+                .write_text_content(BytesText::new(&template.memory_bytes.div_ceil(1024).to_string()))?;
             w.create_element("vcpu")
                 .with_attribute(("placement", "static"))
                 .write_text_content(BytesText::new(&template.vcpus.to_string()))?;
@@ -118,8 +108,7 @@ pub fn render(
             text_element(w, "on_crash", template.on_crash.as_str())?;
             write_devices(w, template, instance)
         })?;
-    let mut xml = String::from_utf8(writer.into_inner())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let mut xml = String::from_utf8(writer.into_inner()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     xml.push('\n');
     Ok(xml)
 }
@@ -127,18 +116,13 @@ pub fn render(
 type W = Writer<Vec<u8>>;
 
 fn text_element(w: &mut W, name: &str, text: &str) -> io::Result<()> {
-    w.create_element(name)
-        .write_text_content(BytesText::new(text))?;
+    w.create_element(name).write_text_content(BytesText::new(text))?;
     Ok(())
 }
 
 fn check_instance(instance: &Instance) -> Result<(), RenderError> {
     let name = &instance.domain_name;
-    if name.is_empty()
-        || name.len() > 200
-        || name.contains('/')
-        || name.chars().any(char::is_control)
-    {
+    if name.is_empty() || name.len() > 200 || name.contains('/') || name.chars().any(char::is_control) {
         return Err(RenderError::DomainName(name.clone()));
     }
     if let Some(uuid) = &instance.uuid
@@ -213,18 +197,12 @@ fn write_os(w: &mut W, t: &ResolvedTemplate) -> io::Result<()> {
         os = os.with_attribute(("firmware", "efi"));
     }
     os.write_inner_content(|w| {
-        let mut os_type = w
-            .create_element("type")
-            .with_attribute(("arch", t.arch.as_str()));
+        let mut os_type = w.create_element("type").with_attribute(("arch", t.arch.as_str()));
         if let Some(machine) = &t.machine {
             os_type = os_type.with_attribute(("machine", machine.as_str()));
         }
         os_type.write_text_content(BytesText::new("hvm"))?;
-        for (name, value) in [
-            ("kernel", &t.kernel),
-            ("initrd", &t.initrd),
-            ("cmdline", &t.cmdline),
-        ] {
+        for (name, value) in [("kernel", &t.kernel), ("initrd", &t.initrd), ("cmdline", &t.cmdline)] {
             if let Some(value) = value {
                 text_element(w, name, value)?;
             }
@@ -258,9 +236,7 @@ fn write_cpu(w: &mut W, t: &ResolvedTemplate) -> io::Result<()> {
     match t.cpu_mode {
         Some(CpuMode::HostModel) => cpu = cpu.with_attribute(("mode", "host-model")),
         Some(CpuMode::HostPassthrough) => cpu = cpu.with_attribute(("mode", "host-passthrough")),
-        Some(CpuMode::Custom) => {
-            cpu = cpu.with_attributes([("mode", "custom"), ("match", "exact")])
-        }
+        Some(CpuMode::Custom) => cpu = cpu.with_attributes([("mode", "custom"), ("match", "exact")]),
         None => {}
     }
     cpu.write_inner_content(|w| {
@@ -322,9 +298,7 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
             w.create_element("serial")
                 .with_attribute(("type", "pty"))
                 .write_inner_content(|w| {
-                    w.create_element("target")
-                        .with_attribute(("port", "0"))
-                        .write_empty()?;
+                    w.create_element("target").with_attribute(("port", "0")).write_empty()?;
                     Ok(())
                 })?;
             w.create_element("console")
@@ -384,11 +358,7 @@ fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
                         .with_attribute(("file", path.as_str()))
                         .write_empty()?;
                 }
-                DiskSource::Network {
-                    protocol,
-                    name,
-                    hosts,
-                } => {
+                DiskSource::Network { protocol, name, hosts } => {
                     let mut source = w
                         .create_element("source")
                         .with_attribute(("protocol", protocol.as_str()));
@@ -398,10 +368,7 @@ fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
                     source.write_inner_content(|w| {
                         for (host, port) in hosts {
                             w.create_element("host")
-                                .with_attributes([
-                                    ("name", host.as_str()),
-                                    ("port", port.to_string().as_str()),
-                                ])
+                                .with_attributes([("name", host.as_str()), ("port", port.to_string().as_str())])
                                 .write_empty()?;
                         }
                         Ok(())
@@ -475,11 +442,7 @@ pub fn disk_target_name(prefix: &str, index: usize) -> String {
 pub fn derived_mac(instance: &Instance, index: usize) -> MacAddr {
     let identity = instance.pod_uid.as_deref().unwrap_or(&instance.domain_name);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in identity
-        .bytes()
-        .chain(*b"/")
-        .chain(index.to_string().bytes())
-    {
+    for byte in identity.bytes().chain(*b"/").chain(index.to_string().bytes()) {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -531,13 +494,8 @@ mod tests {
         assert_eq!(choose_domain_type(DomainType::Auto, &kvm).unwrap(), "kvm");
         assert_eq!(choose_domain_type(DomainType::Qemu, &kvm).unwrap(), "qemu");
         assert_eq!(choose_domain_type(DomainType::Kvm, &test).unwrap(), "test");
-        let err = choose_domain_type(DomainType::Kvm, &tcg)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("\"kvm\"") && err.contains("[\"qemu\"]"),
-            "{err}"
-        );
+        let err = choose_domain_type(DomainType::Kvm, &tcg).unwrap_err().to_string();
+        assert!(err.contains("\"kvm\"") && err.contains("[\"qemu\"]"), "{err}");
         assert!(choose_domain_type(DomainType::Auto, &HostFacts::default()).is_err());
     }
 
@@ -551,10 +509,7 @@ mod tests {
         };
         for bad in ["", "a/b", "tab\there"] {
             assert!(
-                matches!(
-                    render(&t, &with_name(bad), &host),
-                    Err(RenderError::DomainName(_))
-                ),
+                matches!(render(&t, &with_name(bad), &host), Err(RenderError::DomainName(_))),
                 "{bad:?}"
             );
         }
@@ -563,9 +518,6 @@ mod tests {
             ..with_name("vm")
         };
         let err = render(&t, &bad_uuid, &host).unwrap_err();
-        assert!(
-            err.to_string().contains("\"not-a-uuid\" is not a UUID"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("\"not-a-uuid\" is not a UUID"), "{err}");
     }
 }

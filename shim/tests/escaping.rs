@@ -9,7 +9,8 @@ use virtkube_api::Overrides;
 use virtkube_api::resolve::parse_yaml;
 use virtkube_shim::render::{HostFacts, Instance, render};
 
-const HOSTILE: &str = "</cmdline><devices><disk type='file'><source file='/etc/shadow'/></disk></devices><cmdline>&amp;\"'";
+const HOSTILE: &str =
+    "</cmdline><devices><disk type='file'><source file='/etc/shadow'/></disk></devices><cmdline>&amp;\"'";
 
 /// Element paths, and the text and attributes at each path, as a parser sees them.
 fn parse(xml: &str) -> (Vec<String>, BTreeMap<String, String>) {
@@ -58,23 +59,12 @@ fn hostile_values_are_escaped_not_interpreted() {
         !elements.iter().any(|e| e.ends_with("evil")),
         "injected element in:\n{xml}"
     );
-    assert_eq!(
-        elements.iter().filter(|e| e.ends_with("/disk")).count(),
-        1,
-        "{xml}"
-    );
-    assert_eq!(
-        elements.iter().filter(|e| *e == "domain/devices").count(),
-        1,
-        "{xml}"
-    );
+    assert_eq!(elements.iter().filter(|e| e.ends_with("/disk")).count(), 1, "{xml}");
+    assert_eq!(elements.iter().filter(|e| *e == "domain/devices").count(), 1, "{xml}");
     assert_eq!(texts["domain/name"], "ns_pod<evil>&\"'");
     assert_eq!(texts["domain/os/cmdline"], HOSTILE);
     assert_eq!(texts["domain/os/kernel"], format!("/k\"/><evil/>{HOSTILE}"));
-    assert_eq!(
-        texts["domain/devices/disk/source@file"],
-        format!("/d'{HOSTILE}")
-    );
+    assert_eq!(texts["domain/devices/disk/source@file"], format!("/d'{HOSTILE}"));
     assert_eq!(
         texts["domain/metadata/instance/pod"],
         format!("</virtkube:pod><evil/>{HOSTILE}")

@@ -17,12 +17,8 @@ fn example_templates_render_to_their_golden_xml() {
             std::fs::write(&golden, &xml).unwrap();
             continue;
         }
-        let expected = std::fs::read_to_string(&golden).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
-                golden.display()
-            )
-        });
+        let expected = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", golden.display()));
         if expected != xml {
             mismatches.push(format!(
                 "{name}: rendered XML differs from {}:\n{xml}",

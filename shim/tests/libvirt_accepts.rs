@@ -11,9 +11,9 @@ use std::process::Command;
 use virtkube_shim::render::HostFacts;
 
 fn run(cmd: &mut Command) -> String {
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (install libvirt-clients and libxml2-utils: scripts/libvirtd-up.sh)"));
+    let output = cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd:?}: {e} (install libvirt-clients and libxml2-utils: scripts/libvirtd-up.sh)")
+    });
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -34,10 +34,7 @@ fn define_dump_undefine(uri: &str, xml_path: &Path, domain: &str) -> String {
 }
 
 fn check_driver(uri: &str, host: HostFacts, expected_type: &str) {
-    let dir = std::env::temp_dir().join(format!(
-        "virtkube-accept-{}-{expected_type}",
-        std::process::id()
-    ));
+    let dir = std::env::temp_dir().join(format!("virtkube-accept-{}-{expected_type}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, path) in common::example_templates() {
         let xml = common::render_golden(&name, &path, &host);
@@ -51,8 +48,7 @@ fn check_driver(uri: &str, host: HostFacts, expected_type: &str) {
         let domain = common::golden_instance(&common::load(&path), &name).domain_name;
         let dumped = define_dump_undefine(uri, &file, &domain);
         assert!(
-            dumped.contains(virtkube_api::METADATA_XMLNS)
-                && dumped.contains(&format!("{name}-0</virtkube:pod>")),
+            dumped.contains(virtkube_api::METADATA_XMLNS) && dumped.contains(&format!("{name}-0</virtkube:pod>")),
             "{name} on {uri}: libvirt dropped virtkube's owner metadata:\n{dumped}"
         );
     }
@@ -86,10 +82,7 @@ fn libvirt_rejects_what_virtkube_must_not_emit() {
         .output()
         .unwrap()
         .status;
-    assert!(
-        !status.success(),
-        "virt-xml-validate accepted an invalid domain"
-    );
+    assert!(!status.success(), "virt-xml-validate accepted an invalid domain");
     let output = Command::new("virsh")
         .args([
             "-q",
@@ -99,9 +92,6 @@ fn libvirt_rejects_what_virtkube_must_not_emit() {
         ])
         .output()
         .unwrap();
-    assert!(
-        !output.status.success(),
-        "libvirtd accepted an invalid domain"
-    );
+    assert!(!output.status.success(), "libvirtd accepted an invalid domain");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -19,9 +19,7 @@ pub fn example_templates() -> Vec<(String, PathBuf)> {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .filter(|p| {
             // Only VirtTemplates are rendered; other examples (Deployments…) are not.
-            std::fs::read_to_string(p)
-                .unwrap()
-                .contains("kind: VirtTemplate")
+            std::fs::read_to_string(p).unwrap().contains("kind: VirtTemplate")
         })
         .map(|p| (p.file_stem().unwrap().to_string_lossy().into_owned(), p))
         .collect();

@@ -1,0 +1,48 @@
+#!/bin/bash
+# The test command: sets up everything the tests need on this machine (Debian
+# packages, libvirtd + virtlogd, a Kubernetes control plane from
+# ../shared/k8s-local), then checks formatting and lints and runs every test.
+# Idempotent; safe to run again. Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+log() { echo "[test.sh $(date -u +%T)] $*"; }
+
+log "libvirtd and virtlogd"
+bash scripts/libvirtd-up.sh
+
+K8S_LOCAL=${K8S_LOCAL:-$ROOT/../shared/k8s-local}
+K8S_LOCAL_DIR=${K8S_LOCAL_DIR:-/var/lib/k8s-local}
+if [ -z "${KUBECONFIG:-}" ]; then
+  if [ ! -x "$K8S_LOCAL/up.sh" ]; then
+    echo "no KUBECONFIG and no $K8S_LOCAL/up.sh: point KUBECONFIG at a cluster or K8S_LOCAL at k8s-local" >&2
+    exit 1
+  fi
+  log "Kubernetes control plane (k8s-local; the first build takes about 13 minutes)"
+  # Control plane only unless a kubelet is already running: the API tests need no node.
+  NO_KUBELET=${NO_KUBELET:-1} "$K8S_LOCAL/up.sh" 2>&1 | grep -E '^\[up.sh|error|Error' || true
+  export KUBECONFIG=$K8S_LOCAL_DIR/admin.kubeconfig
+  export KUBECTL=${KUBECTL:-$K8S_LOCAL_DIR/bin/kubectl}
+fi
+export KUBECTL=${KUBECTL:-kubectl}
+log "waiting for the API server ($KUBECONFIG)"
+for _ in $(seq 1 120); do
+  "$KUBECTL" get --raw /readyz >/dev/null 2>&1 && break
+  sleep 0.5
+done
+"$KUBECTL" get --raw /readyz >/dev/null || { echo "the API server at $KUBECONFIG is not ready" >&2; exit 1; }
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -q -- -D warnings
+log "cargo test"
+set +e
+cargo test --workspace "$@" 2>&1 | tee /tmp/virtkube-test.log | grep -vE '^test .* \.\.\. ok$'
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -oE '^test result: .*\. ([0-9]+) passed' /tmp/virtkube-test.log | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -oE '([0-9]+) failed;' /tmp/virtkube-test.log | awk '{s+=$1} END {print s+0}')
+echo
+echo "$passed passed, $failed failed"
+exit "$status"
