@@ -23,18 +23,29 @@ getent group kvm >/dev/null || groupadd --system kvm
 getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home -g kvm libvirt-qemu
 
 # No systemd here: libvirt cannot create per-VM cgroups through machined, and
-# root lacks CAP_SYS_RESOURCE; keep QEMU in libvirtd's cgroup.
+# root lacks CAP_SYS_RESOURCE; keep QEMU in libvirtd's cgroup. No private
+# /dev per QEMU (namespaces): it would try to move the hidden /dev/kvm below.
 QEMU_CONF=/etc/libvirt/qemu.conf
-if ! grep -q '^# virtkube settings' "$QEMU_CONF" 2>/dev/null; then
-  log "configuring $QEMU_CONF"
-  cat >> "$QEMU_CONF" <<'CONF'
-# virtkube settings (scripts/libvirtd-up.sh)
+SETTINGS='# virtkube settings begin (scripts/libvirtd-up.sh)
 cgroup_controllers = [ ]
 remember_owner = 0
-CONF
+namespaces = [ ]
+# virtkube settings end'
+current=$(sed -n '/^# virtkube settings begin/,/^# virtkube settings end/p' "$QEMU_CONF" 2>/dev/null)
+restart=0
+if [ "$current" != "$SETTINGS" ]; then
+  log "configuring $QEMU_CONF"
+  sed -i '/^# virtkube settings/,/^# virtkube settings end/d; /^cgroup_controllers = \[ \]$/d; /^remember_owner = 0$/d' "$QEMU_CONF"
+  printf '%s\n' "$SETTINGS" >> "$QEMU_CONF"
+  restart=1
 fi
 
 running() { pgrep -x "$1" >/dev/null 2>&1; }
+if [ "$restart" = 1 ] && running libvirtd; then
+  log "restarting libvirtd for the new settings"
+  pkill -x libvirtd || true
+  for _ in $(seq 1 100); do running libvirtd || break; sleep 0.1; done
+fi
 if ! running virtlogd; then
   log "starting virtlogd"
   virtlogd -d

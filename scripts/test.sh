@@ -10,6 +10,8 @@ log() { echo "[test.sh $(date -u +%T)] $*"; }
 
 log "libvirtd and virtlogd"
 bash scripts/libvirtd-up.sh
+log "the tiny guest (Debian cloud kernel + busybox initramfs)"
+bash scripts/build-tiny-guest.sh
 
 K8S_LOCAL=${K8S_LOCAL:-$ROOT/../shared/k8s-local}
 K8S_LOCAL_DIR=${K8S_LOCAL_DIR:-/var/lib/k8s-local}

@@ -1,0 +1,76 @@
+#!/bin/bash
+# Builds the tiny test/example guest from Debian's packages: a Debian cloud
+# kernel (vmlinuz) and a busybox-static initramfs (initrd.gz) whose /init
+# prints a banner, powers off on the ACPI power button, and runs a shell on
+# the serial console. Nothing is downloaded from outside Debian's archive.
+#
+# Usage: scripts/build-tiny-guest.sh [OUTPUT_DIR]   (default /var/lib/virtkube/images/tiny)
+# Idempotent: an existing kernel is kept; the initramfs is rebuilt when this
+# script changes.
+set -euo pipefail
+OUT=${1:-/var/lib/virtkube/images/tiny}
+HERE=$(cd "$(dirname "$0")" && pwd)
+log() { echo "[build-tiny-guest] $*"; }
+
+need=()
+for p in busybox-static cpio; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+mkdir -p "$OUT"
+chmod 755 "$OUT"
+if [ ! -s "$OUT/vmlinuz" ]; then
+  [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -qq
+  pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+  [ -n "$pkg" ] || { log "cannot resolve linux-image-cloud-amd64 to a kernel package"; exit 1; }
+  log "downloading $pkg"
+  work=$(mktemp -d)
+  (cd "$work" && apt-get download -q "$pkg" >/dev/null)
+  dpkg-deb -x "$work"/*.deb "$work/root"
+  install -m 0644 "$work"/root/boot/vmlinuz-* "$OUT/vmlinuz"
+  rm -rf "$work"
+fi
+
+stamp=$(sha256sum "$HERE/build-tiny-guest.sh" | cut -c1-16)
+if [ ! -s "$OUT/initrd.gz" ] || [ "$(cat "$OUT/initrd.stamp" 2>/dev/null)" != "$stamp" ]; then
+  log "building the busybox initramfs"
+  root=$(mktemp -d)
+  mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,root,usr/bin,usr/sbin,etc/acpi/PWRF}
+  cp /bin/busybox "$root/bin/busybox"
+  for applet in $("$root/bin/busybox" --list); do
+    [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
+  done
+  cat > "$root/init" <<'INIT'
+#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+# ACPI power button -> clean poweroff (busybox acpid reads the button's input device).
+printf '#!/bin/sh\necho "virtkube-tiny: power button pressed, powering off"\npoweroff -f\n' > /etc/acpi/PWRF/00-poweroff
+chmod +x /etc/acpi/PWRF/00-poweroff
+acpid -d >/dev/null 2>&1 &
+echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) cpu(s)"
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; poweroff -f ;;
+    virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; echo c > /proc/sysrq-trigger ;;
+    virtkube.ignore-acpi) echo "virtkube-tiny: ignoring ACPI"; kill %1 2>/dev/null; pkill acpid ;;
+  esac
+done
+echo "virtkube-tiny: ready"
+while true; do
+  setsid cttyhack sh -l
+  echo "virtkube-tiny: shell exited, starting another"
+done
+INIT
+  chmod +x "$root/init"
+  (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$OUT/initrd.gz.tmp"
+  mv "$OUT/initrd.gz.tmp" "$OUT/initrd.gz"
+  chmod 0644 "$OUT/initrd.gz"
+  echo "$stamp" > "$OUT/initrd.stamp"
+  rm -rf "$root"
+fi
+log "ready: $OUT/vmlinuz $OUT/initrd.gz"

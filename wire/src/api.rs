@@ -1,0 +1,533 @@
+//! The typed procedures virtkube uses, over a [`Connection`].
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::client::{Connection, Options, RawLifecycle, StreamEvent};
+use crate::error::{Error, Result};
+use crate::protocol::{DomainRef, STREAM_CHUNK, Status, procedure};
+use crate::uri::{self, Target, Transport};
+use crate::xdr::{Decoder, Encoder, XdrError};
+
+/// `virDomainCreateFlags` and friends.
+pub mod flags {
+    /// `VIR_DOMAIN_START_AUTODESTROY`: the domain dies with this connection.
+    pub const START_AUTODESTROY: u32 = 1 << 1;
+    /// `VIR_DOMAIN_START_VALIDATE`: validate the XML against the schema.
+    pub const START_VALIDATE: u32 = 1 << 4;
+    /// `VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN`.
+    pub const SHUTDOWN_ACPI_POWER_BTN: u32 = 1 << 0;
+    /// `VIR_DOMAIN_DESTROY_GRACEFUL`: SIGTERM only, no SIGKILL.
+    pub const DESTROY_GRACEFUL: u32 = 1 << 0;
+    /// `VIR_DOMAIN_CONSOLE_FORCE`: take the console from another client.
+    pub const CONSOLE_FORCE: u32 = 1 << 0;
+    /// `VIR_DOMAIN_CONSOLE_SAFE`: refuse if the driver cannot guard it.
+    pub const CONSOLE_SAFE: u32 = 1 << 1;
+}
+
+/// `VIR_DRV_FEATURE_PROGRAM_KEEPALIVE`.
+const FEATURE_PROGRAM_KEEPALIVE: i32 = 10;
+/// `VIR_DRV_FEATURE_REMOTE_EVENT_CALLBACK`.
+const FEATURE_REMOTE_EVENT_CALLBACK: i32 = 14;
+/// `VIR_DOMAIN_EVENT_ID_LIFECYCLE`.
+const EVENT_ID_LIFECYCLE: i32 = 0;
+const AUTH_NONE: i32 = 0;
+
+/// `virDomainState`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    /// No state.
+    NoState,
+    /// Running.
+    Running,
+    /// Blocked on a resource.
+    Blocked,
+    /// Paused.
+    Paused,
+    /// Being shut down.
+    ShuttingDown,
+    /// Shut off.
+    Shutoff,
+    /// Crashed.
+    Crashed,
+    /// Suspended by guest power management.
+    PmSuspended,
+    /// A value newer than this library.
+    Unknown(i32),
+}
+
+impl DomainState {
+    /// From libvirt's number.
+    pub fn from_raw(v: i32) -> DomainState {
+        match v {
+            0 => DomainState::NoState,
+            1 => DomainState::Running,
+            2 => DomainState::Blocked,
+            3 => DomainState::Paused,
+            4 => DomainState::ShuttingDown,
+            5 => DomainState::Shutoff,
+            6 => DomainState::Crashed,
+            7 => DomainState::PmSuspended,
+            other => DomainState::Unknown(other),
+        }
+    }
+}
+
+/// `virDomainEventType` with its detail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleEvent {
+    /// Defined (detail: added, updated…).
+    Defined(i32),
+    /// Undefined.
+    Undefined(i32),
+    /// Started (detail 0 booted).
+    Started(i32),
+    /// Paused.
+    Suspended(i32),
+    /// Resumed.
+    Resumed(i32),
+    /// Stopped, with why.
+    Stopped(StoppedReason),
+    /// Guest shutdown in progress or finished (detail).
+    Shutdown(i32),
+    /// Power-management suspend.
+    PmSuspended(i32),
+    /// Guest crashed (detail 0 panicked).
+    Crashed(i32),
+    /// A newer event type: (event, detail).
+    Unknown(i32, i32),
+}
+
+/// `virDomainEventStoppedDetailType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoppedReason {
+    /// The guest shut down (powered off).
+    Shutdown,
+    /// Destroyed (by someone calling destroy).
+    Destroyed,
+    /// The guest crashed.
+    Crashed,
+    /// Migrated away.
+    Migrated,
+    /// Saved to a file.
+    Saved,
+    /// The hypervisor failed (e.g. QEMU died).
+    Failed,
+    /// Restored from a snapshot.
+    FromSnapshot,
+    /// Newer detail.
+    Other(i32),
+}
+
+impl LifecycleEvent {
+    /// From libvirt's event and detail numbers.
+    pub fn from_raw(event: i32, detail: i32) -> LifecycleEvent {
+        match event {
+            0 => LifecycleEvent::Defined(detail),
+            1 => LifecycleEvent::Undefined(detail),
+            2 => LifecycleEvent::Started(detail),
+            3 => LifecycleEvent::Suspended(detail),
+            4 => LifecycleEvent::Resumed(detail),
+            5 => LifecycleEvent::Stopped(match detail {
+                0 => StoppedReason::Shutdown,
+                1 => StoppedReason::Destroyed,
+                2 => StoppedReason::Crashed,
+                3 => StoppedReason::Migrated,
+                4 => StoppedReason::Saved,
+                5 => StoppedReason::Failed,
+                6 => StoppedReason::FromSnapshot,
+                other => StoppedReason::Other(other),
+            }),
+            6 => LifecycleEvent::Shutdown(detail),
+            7 => LifecycleEvent::PmSuspended(detail),
+            8 => LifecycleEvent::Crashed(detail),
+            other => LifecycleEvent::Unknown(other, detail),
+        }
+    }
+}
+
+/// A client of libvirtd: the handshake and the typed procedures.
+#[derive(Debug, Clone)]
+pub struct Client {
+    conn: Connection,
+}
+
+fn decode<T>(procedure: i32, payload: &[u8], f: impl FnOnce(&mut Decoder<'_>) -> Result<T, XdrError>) -> Result<T> {
+    let mut d = Decoder::new(payload);
+    let value = f(&mut d).map_err(|source| Error::BadReply { procedure, source })?;
+    d.finish().map_err(|source| Error::BadReply { procedure, source })?;
+    Ok(value)
+}
+
+impl Client {
+    /// Connects to the daemon a URI names and opens the connection.
+    pub async fn connect(uri: &str, options: Options) -> Result<Client> {
+        let target = uri::parse(uri)?;
+        match &target.transport {
+            Transport::Unix(path) => {
+                let stream = UnixStream::connect(path).await.map_err(|source| Error::Connect {
+                    target: target.describe(),
+                    source,
+                })?;
+                Client::open(stream, &target, options).await
+            }
+            Transport::Tcp { host, port } => {
+                let stream = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|source| Error::Connect {
+                        target: target.describe(),
+                        source,
+                    })?;
+                stream.set_nodelay(true).map_err(|source| Error::Connect {
+                    target: target.describe(),
+                    source,
+                })?;
+                Client::open(stream, &target, options).await
+            }
+        }
+    }
+
+    /// The handshake over an established stream: AUTH_LIST (only `none` is
+    /// accepted), CONNECT_OPEN with the URI's name, then feature probing:
+    /// keepalive is started when the daemon supports it.
+    pub async fn open<S>(stream: S, target: &Target, options: Options) -> Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let client = Client {
+            conn: Connection::start(stream, options),
+        };
+        let auth = client.conn.call(procedure::AUTH_LIST, &[]).await?;
+        let types = decode(procedure::AUTH_LIST, &auth, |d| {
+            let n = d.array_len("auth types", 20, 4)?;
+            (0..n).map(|_| d.i32("auth type")).collect::<Result<Vec<i32>, _>>()
+        })?;
+        if !types.is_empty() && !types.contains(&AUTH_NONE) {
+            let names: Vec<&str> = types
+                .iter()
+                .map(|t| match t {
+                    1 => "sasl",
+                    2 => "polkit",
+                    _ => "unknown",
+                })
+                .collect();
+            return Err(Error::AuthUnsupported(names.join(", ")));
+        }
+        let mut args = Encoder::new();
+        args.opt_string(Some(&target.name)).u32(0);
+        client.conn.call(procedure::CONNECT_OPEN, &args.into_bytes()).await?;
+        if client.supports_feature(FEATURE_PROGRAM_KEEPALIVE).await? {
+            client.conn.start_keepalive();
+        }
+        Ok(client)
+    }
+
+    /// The underlying connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Waits until the connection ends and says why.
+    pub async fn closed(&self) -> Error {
+        self.conn.closed().await
+    }
+
+    /// CONNECT_CLOSE, then the connection ends.
+    pub async fn close(self) -> Result<()> {
+        let result = self.conn.call(procedure::CONNECT_CLOSE, &[]).await;
+        result.map(|_| ())
+    }
+
+    /// CONNECT_SUPPORTS_FEATURE.
+    pub async fn supports_feature(&self, feature: i32) -> Result<bool> {
+        let mut args = Encoder::new();
+        args.i32(feature);
+        let reply = self
+            .conn
+            .call(procedure::CONNECT_SUPPORTS_FEATURE, &args.into_bytes())
+            .await?;
+        decode(procedure::CONNECT_SUPPORTS_FEATURE, &reply, |d| d.i32("supported")).map(|v| v != 0)
+    }
+
+    /// CONNECT_GET_LIB_VERSION: libvirt's version as major × 1 000 000 + minor × 1000 + micro.
+    pub async fn lib_version(&self) -> Result<u64> {
+        let reply = self.conn.call(procedure::CONNECT_GET_LIB_VERSION, &[]).await?;
+        decode(procedure::CONNECT_GET_LIB_VERSION, &reply, |d| d.u64("lib_ver"))
+    }
+
+    /// CONNECT_GET_CAPABILITIES: the host capabilities XML.
+    pub async fn capabilities(&self) -> Result<String> {
+        let reply = self.conn.call(procedure::CONNECT_GET_CAPABILITIES, &[]).await?;
+        decode(procedure::CONNECT_GET_CAPABILITIES, &reply, |d| {
+            d.string("capabilities")
+        })
+    }
+
+    /// CONNECT_GET_DOMAIN_CAPABILITIES for an emulator/arch/machine/virt type
+    /// (each optional: libvirt picks defaults).
+    pub async fn domain_capabilities(
+        &self,
+        emulator: Option<&str>,
+        arch: Option<&str>,
+        machine: Option<&str>,
+        virt_type: Option<&str>,
+    ) -> Result<String> {
+        let mut args = Encoder::new();
+        args.opt_string(emulator)
+            .opt_string(arch)
+            .opt_string(machine)
+            .opt_string(virt_type)
+            .u32(0);
+        let reply = self
+            .conn
+            .call(procedure::CONNECT_GET_DOMAIN_CAPABILITIES, &args.into_bytes())
+            .await?;
+        decode(procedure::CONNECT_GET_DOMAIN_CAPABILITIES, &reply, |d| {
+            d.string("capabilities")
+        })
+    }
+
+    /// DOMAIN_CREATE_XML: creates and starts a transient domain.
+    pub async fn create_xml(&self, xml: &str, flags: u32) -> Result<DomainRef> {
+        let mut args = Encoder::new();
+        args.string(xml).u32(flags);
+        let reply = self.conn.call(procedure::DOMAIN_CREATE_XML, &args.into_bytes()).await?;
+        decode(procedure::DOMAIN_CREATE_XML, &reply, DomainRef::decode)
+    }
+
+    /// DOMAIN_LOOKUP_BY_UUID.
+    pub async fn lookup_by_uuid(&self, uuid: &[u8; 16]) -> Result<DomainRef> {
+        let mut args = Encoder::new();
+        args.fixed_opaque(uuid);
+        let reply = self
+            .conn
+            .call(procedure::DOMAIN_LOOKUP_BY_UUID, &args.into_bytes())
+            .await?;
+        decode(procedure::DOMAIN_LOOKUP_BY_UUID, &reply, DomainRef::decode)
+    }
+
+    /// DOMAIN_LOOKUP_BY_NAME.
+    pub async fn lookup_by_name(&self, name: &str) -> Result<DomainRef> {
+        let mut args = Encoder::new();
+        args.string(name);
+        let reply = self
+            .conn
+            .call(procedure::DOMAIN_LOOKUP_BY_NAME, &args.into_bytes())
+            .await?;
+        decode(procedure::DOMAIN_LOOKUP_BY_NAME, &reply, DomainRef::decode)
+    }
+
+    /// DOMAIN_GET_STATE: state and reason.
+    pub async fn get_state(&self, domain: &DomainRef) -> Result<(DomainState, i32)> {
+        let reply = self.domain_call(procedure::DOMAIN_GET_STATE, domain, 0).await?;
+        decode(procedure::DOMAIN_GET_STATE, &reply, |d| {
+            Ok((DomainState::from_raw(d.i32("state")?), d.i32("reason")?))
+        })
+    }
+
+    /// DOMAIN_GET_XML_DESC.
+    pub async fn xml_desc(&self, domain: &DomainRef, flags: u32) -> Result<String> {
+        let reply = self.domain_call(procedure::DOMAIN_GET_XML_DESC, domain, flags).await?;
+        decode(procedure::DOMAIN_GET_XML_DESC, &reply, |d| d.string("xml"))
+    }
+
+    /// DOMAIN_SHUTDOWN_FLAGS: asks the guest to shut down.
+    pub async fn shutdown(&self, domain: &DomainRef, flags: u32) -> Result<()> {
+        self.domain_call(procedure::DOMAIN_SHUTDOWN_FLAGS, domain, flags)
+            .await
+            .map(drop)
+    }
+
+    /// DOMAIN_DESTROY_FLAGS: stops the domain at once.
+    pub async fn destroy(&self, domain: &DomainRef, flags: u32) -> Result<()> {
+        self.domain_call(procedure::DOMAIN_DESTROY_FLAGS, domain, flags)
+            .await
+            .map(drop)
+    }
+
+    async fn domain_call(&self, proc_: i32, domain: &DomainRef, flags: u32) -> Result<Vec<u8>> {
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.u32(flags);
+        self.conn.call(proc_, &args.into_bytes()).await
+    }
+
+    /// Subscribes to lifecycle events of one domain
+    /// (CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY). Events of other domains
+    /// never reach this listener.
+    pub async fn lifecycle_events(&self, domain: &DomainRef) -> Result<LifecycleEvents> {
+        if !self.supports_feature(FEATURE_REMOTE_EVENT_CALLBACK).await? {
+            return Err(Error::InvalidRequest(
+                "this libvirtd does not support per-callback events (libvirt ≥ 1.3.3 needed)".into(),
+            ));
+        }
+        let mut args = Encoder::new();
+        args.i32(EVENT_ID_LIFECYCLE).bool(true);
+        domain.encode(&mut args);
+        let proc_ = procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY;
+        let serial = self.conn.next_serial();
+        let rx = self.conn.register_lifecycle_for_call(serial, Some(domain.uuid))?;
+        let reply = self.conn.call_with_serial(proc_, serial, &args.into_bytes()).await?;
+        let callback_id = decode(proc_, &reply, |d| d.i32("callbackID"))?;
+        Ok(LifecycleEvents {
+            client: self.clone(),
+            callback_id,
+            rx,
+        })
+    }
+
+    /// Opens a domain's console as a stream (DOMAIN_OPEN_CONSOLE). `device`
+    /// names a console alias; `None` is the first console.
+    pub async fn open_console(&self, domain: &DomainRef, device: Option<&str>, flags: u32) -> Result<Console> {
+        let serial = self.conn.next_serial();
+        let rx = self.conn.register_stream(serial)?;
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.opt_string(device).u32(flags);
+        if let Err(e) = self
+            .conn
+            .call_with_serial(procedure::DOMAIN_OPEN_CONSOLE, serial, &args.into_bytes())
+            .await
+        {
+            self.conn.unregister_stream(serial);
+            return Err(e);
+        }
+        Ok(Console {
+            reader: ConsoleReader { rx, done: false },
+            writer: ConsoleWriter {
+                conn: self.conn.clone(),
+                serial,
+            },
+        })
+    }
+}
+
+/// Lifecycle events of one domain.
+#[derive(Debug)]
+pub struct LifecycleEvents {
+    client: Client,
+    callback_id: i32,
+    rx: mpsc::Receiver<RawLifecycle>,
+}
+
+impl LifecycleEvents {
+    /// The next event; `None` once the connection has ended.
+    pub async fn next(&mut self) -> Option<LifecycleEvent> {
+        self.rx
+            .recv()
+            .await
+            .map(|raw| LifecycleEvent::from_raw(raw.event, raw.detail))
+    }
+
+    /// The callback id libvirtd assigned.
+    pub fn callback_id(&self) -> i32 {
+        self.callback_id
+    }
+
+    /// Unsubscribes (CONNECT_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY).
+    pub async fn deregister(self) -> Result<()> {
+        self.client.conn.unregister_lifecycle(self.callback_id);
+        let mut args = Encoder::new();
+        args.i32(self.callback_id);
+        self.client
+            .conn
+            .call(
+                procedure::CONNECT_DOMAIN_EVENT_CALLBACK_DEREGISTER_ANY,
+                &args.into_bytes(),
+            )
+            .await
+            .map(drop)
+    }
+}
+
+/// A domain console stream.
+#[derive(Debug)]
+pub struct Console {
+    reader: ConsoleReader,
+    writer: ConsoleWriter,
+}
+
+impl Console {
+    /// Separates reading and writing, for two tasks.
+    pub fn split(self) -> (ConsoleReader, ConsoleWriter) {
+        (self.reader, self.writer)
+    }
+
+    /// Next bytes from the guest; `Ok(None)` at the end of the stream.
+    pub async fn read(&mut self) -> Result<Option<Vec<u8>>> {
+        self.reader.read().await
+    }
+
+    /// Sends bytes to the guest.
+    pub async fn write(&self, data: &[u8]) -> Result<()> {
+        self.writer.write(data).await
+    }
+}
+
+/// The reading half of a console.
+#[derive(Debug)]
+pub struct ConsoleReader {
+    rx: mpsc::Receiver<StreamEvent>,
+    done: bool,
+}
+
+impl ConsoleReader {
+    /// Next bytes from the guest; `Ok(None)` once the stream has finished.
+    pub async fn read(&mut self) -> Result<Option<Vec<u8>>> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.rx.recv().await {
+            Some(StreamEvent::Data(data)) => Ok(Some(data)),
+            Some(StreamEvent::Finished) => {
+                self.done = true;
+                Ok(None)
+            }
+            Some(StreamEvent::Failed(e)) => {
+                self.done = true;
+                Err(e)
+            }
+            None => {
+                self.done = true;
+                Err(Error::ConnectionLost("console stream dropped".into()))
+            }
+        }
+    }
+}
+
+/// The writing half of a console.
+#[derive(Debug, Clone)]
+pub struct ConsoleWriter {
+    conn: Connection,
+    serial: u32,
+}
+
+impl ConsoleWriter {
+    /// Sends bytes to the guest, in chunks libvirt accepts.
+    pub async fn write(&self, data: &[u8]) -> Result<()> {
+        for chunk in data.chunks(STREAM_CHUNK) {
+            self.conn
+                .send_stream(procedure::DOMAIN_OPEN_CONSOLE, self.serial, Status::Continue, chunk)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the stream normally (the daemon confirms on the reading half).
+    pub async fn finish(&self) -> Result<()> {
+        self.conn
+            .send_stream(procedure::DOMAIN_OPEN_CONSOLE, self.serial, Status::Ok, &[])
+            .await
+    }
+
+    /// Aborts the stream.
+    pub async fn abort(&self) -> Result<()> {
+        let result = self
+            .conn
+            .send_stream(procedure::DOMAIN_OPEN_CONSOLE, self.serial, Status::Error, &[])
+            .await;
+        self.conn.unregister_stream(self.serial);
+        result
+    }
+}
