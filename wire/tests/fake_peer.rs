@@ -1,0 +1,573 @@
+//! libvirt-wire against a scripted fake daemon on an in-process socket pair:
+//! framing, multiplexing, keepalive, error decoding, event routing, and
+//! hostile peers (truncated frames, oversized lengths, garbage XDR, unknown
+//! procedures, replies nobody asked for).
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::time::Duration;
+
+use libvirt_wire::protocol::{
+    self, DomainRef, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, LifecycleMessage,
+    MessageType, Status, procedure,
+};
+use libvirt_wire::uri;
+use libvirt_wire::xdr::{Decoder, Encoder};
+use libvirt_wire::{Client, DomainState, Error, LibvirtError, LifecycleEvent, Options, StoppedReason};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+struct FakeDaemon {
+    io: DuplexStream,
+}
+
+impl FakeDaemon {
+    async fn read(&mut self) -> (Header, Vec<u8>) {
+        let mut len = [0u8; 4];
+        self.io.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        self.io.read_exact(&mut body).await.unwrap();
+        let (header, payload) = protocol::decode_packet(&body).unwrap();
+        (header, payload.to_vec())
+    }
+
+    /// Reads the next call, answering keepalive PINGs on the way.
+    async fn read_call(&mut self) -> (Header, Vec<u8>) {
+        loop {
+            let (header, payload) = self.read().await;
+            if header.program == KEEPALIVE_PROGRAM {
+                continue;
+            }
+            assert_eq!(header.kind, MessageType::Call);
+            return (header, payload);
+        }
+    }
+
+    async fn send(&mut self, header: Header, payload: &[u8]) {
+        self.io
+            .write_all(&protocol::encode_packet(&header, payload))
+            .await
+            .unwrap();
+    }
+
+    async fn reply(&mut self, call: &Header, payload: &[u8]) {
+        self.send(
+            Header::remote(call.procedure, MessageType::Reply, call.serial, Status::Ok),
+            payload,
+        )
+        .await;
+    }
+
+    async fn reply_error(&mut self, call: &Header, err: &LibvirtError) {
+        let header = Header::remote(call.procedure, MessageType::Reply, call.serial, Status::Error);
+        self.send(header, &protocol::encode_error(err)).await;
+    }
+
+    async fn handshake(&mut self, keepalive: bool) {
+        let (call, _) = self.read_call().await;
+        assert_eq!(call.procedure, procedure::AUTH_LIST);
+        let mut e = Encoder::new();
+        e.u32(1).i32(0);
+        self.reply(&call, &e.into_bytes()).await;
+        let (call, args) = self.read_call().await;
+        assert_eq!(call.procedure, procedure::CONNECT_OPEN);
+        let mut d = Decoder::new(&args);
+        assert_eq!(d.opt_string("name").unwrap().as_deref(), Some("qemu:///system"));
+        self.reply(&call, &[]).await;
+        let (call, args) = self.read_call().await;
+        assert_eq!(call.procedure, procedure::CONNECT_SUPPORTS_FEATURE);
+        assert_eq!(Decoder::new(&args).i32("feature").unwrap(), 10, "keepalive probe");
+        let mut e = Encoder::new();
+        e.i32(i32::from(keepalive));
+        self.reply(&call, &e.into_bytes()).await;
+    }
+}
+
+fn options() -> Options {
+    Options {
+        keepalive_interval: Duration::from_millis(50),
+        keepalive_count: 3,
+        call_timeout: Duration::from_secs(5),
+        channel_capacity: 8,
+    }
+}
+
+async fn pair(keepalive: bool) -> (Client, FakeDaemon) {
+    let (client_io, daemon_io) = tokio::io::duplex(1 << 20);
+    let mut daemon = FakeDaemon { io: daemon_io };
+    let target = uri::parse("qemu:///system").unwrap();
+    let (client, ()) = tokio::join!(
+        async { Client::open(client_io, &target, options()).await.unwrap() },
+        daemon.handshake(keepalive)
+    );
+    (client, daemon)
+}
+
+fn domain(name: &str, byte: u8) -> DomainRef {
+    DomainRef {
+        name: name.into(),
+        uuid: [byte; 16],
+        id: 1,
+    }
+}
+
+fn state_reply(state: i32, reason: i32) -> Vec<u8> {
+    let mut e = Encoder::new();
+    e.i32(state).i32(reason);
+    e.into_bytes()
+}
+
+#[tokio::test]
+async fn replies_out_of_order_reach_their_callers() {
+    let (client, mut daemon) = pair(false).await;
+    let a = domain("a", 1);
+    let b = domain("b", 2);
+    let (ca, cb) = (client.clone(), client.clone());
+    let (da, db) = (a.clone(), b.clone());
+    let first = tokio::spawn(async move { ca.get_state(&da).await });
+    let (call1, args1) = daemon.read_call().await;
+    let second = tokio::spawn(async move { cb.get_state(&db).await });
+    let (call2, args2) = daemon.read_call().await;
+    // The arguments name the right domains.
+    assert_eq!(DomainRef::decode(&mut Decoder::new(&args1)).unwrap(), a);
+    assert_eq!(DomainRef::decode(&mut Decoder::new(&args2)).unwrap(), b);
+    assert_ne!(call1.serial, call2.serial);
+    // Answer the second first.
+    daemon.reply(&call2, &state_reply(5, 1)).await;
+    daemon.reply(&call1, &state_reply(1, 1)).await;
+    assert_eq!(first.await.unwrap().unwrap(), (DomainState::Running, 1));
+    assert_eq!(second.await.unwrap().unwrap(), (DomainState::Shutoff, 1));
+}
+
+#[tokio::test]
+async fn libvirt_errors_decode_with_code_domain_and_message() {
+    let (client, mut daemon) = pair(false).await;
+    let task = tokio::spawn(async move { client.lookup_by_uuid(&[3; 16]).await });
+    let (call, _) = daemon.read_call().await;
+    let err = LibvirtError {
+        code: 42,
+        domain: 10,
+        level: 2,
+        message: "Domain not found: no domain with matching uuid".into(),
+    };
+    daemon.reply_error(&call, &err).await;
+    let got = task.await.unwrap().unwrap_err();
+    assert_eq!(got.libvirt(), Some(&err));
+    assert!(got.to_string().contains("Domain not found"), "{got}");
+}
+
+#[tokio::test]
+async fn events_reach_only_their_own_listener() {
+    let (client, mut daemon) = pair(false).await;
+    let a = domain("a", 1);
+    let b = domain("b", 2);
+    let mut listeners = Vec::new();
+    for (dom, id) in [(a.clone(), 7), (b.clone(), 8)] {
+        let c = client.clone();
+        let registered = dom.clone();
+        let task = tokio::spawn(async move { c.lifecycle_events(&registered).await.unwrap() });
+        let (call, _) = daemon.read_call().await;
+        assert_eq!(call.procedure, procedure::CONNECT_SUPPORTS_FEATURE);
+        let mut e = Encoder::new();
+        e.i32(1);
+        daemon.reply(&call, &e.into_bytes()).await;
+        let (call, args) = daemon.read_call().await;
+        assert_eq!(call.procedure, procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY);
+        let mut d = Decoder::new(&args);
+        assert_eq!(d.i32("eventID").unwrap(), 0);
+        assert!(d.bool("dom").unwrap());
+        assert_eq!(DomainRef::decode(&mut d).unwrap(), dom);
+        let mut e = Encoder::new();
+        e.i32(id);
+        daemon.reply(&call, &e.into_bytes()).await;
+        // An event right behind the reply must not be lost.
+        let started = LifecycleMessage {
+            callback_id: id,
+            domain: dom.clone(),
+            event: 2,
+            detail: 0,
+        };
+        daemon
+            .send(
+                Header::remote(
+                    procedure::DOMAIN_EVENT_CALLBACK_LIFECYCLE,
+                    MessageType::Message,
+                    0,
+                    Status::Ok,
+                ),
+                &started.encode(),
+            )
+            .await;
+        listeners.push(task.await.unwrap());
+    }
+    let event = |callback_id, domain: &DomainRef, event, detail| {
+        LifecycleMessage {
+            callback_id,
+            domain: domain.clone(),
+            event,
+            detail,
+        }
+        .encode()
+    };
+    let header = Header::remote(
+        procedure::DOMAIN_EVENT_CALLBACK_LIFECYCLE,
+        MessageType::Message,
+        0,
+        Status::Ok,
+    );
+    // For a: stopped/destroyed. An event on b's callback that names a (a confused
+    // daemon) and one for an unknown callback are both dropped.
+    daemon.send(header, &event(8, &a, 5, 1)).await;
+    daemon.send(header, &event(99, &a, 5, 1)).await;
+    daemon.send(header, &event(7, &a, 5, 1)).await;
+    let (mut la, mut lb) = (listeners.remove(0), listeners.remove(0));
+    assert_eq!(next(&mut la).await, Some(LifecycleEvent::Started(0)));
+    assert_eq!(
+        next(&mut la).await,
+        Some(LifecycleEvent::Stopped(StoppedReason::Destroyed))
+    );
+    assert_eq!(next(&mut lb).await, Some(LifecycleEvent::Started(0)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), lb.next())
+            .await
+            .is_err(),
+        "b got a's event"
+    );
+}
+
+async fn next(listener: &mut libvirt_wire::LifecycleEvents) -> Option<LifecycleEvent> {
+    tokio::time::timeout(Duration::from_secs(2), listener.next())
+        .await
+        .ok()
+        .flatten()
+}
+
+#[tokio::test]
+async fn pings_are_answered_with_pongs() {
+    let (_client, mut daemon) = pair(false).await;
+    let ping = Header {
+        program: KEEPALIVE_PROGRAM,
+        version: KEEPALIVE_VERSION,
+        procedure: KEEPALIVE_PING,
+        kind: MessageType::Message,
+        serial: 0,
+        status: Status::Ok,
+    };
+    daemon.send(ping, &[]).await;
+    let (header, payload) = daemon.read().await;
+    assert_eq!((header.program, header.procedure), (KEEPALIVE_PROGRAM, KEEPALIVE_PONG));
+    assert!(payload.is_empty());
+}
+
+#[tokio::test]
+async fn a_silent_daemon_is_declared_dead_and_calls_fail() {
+    let (client, mut daemon) = pair(true).await;
+    let c = client.clone();
+    let call = tokio::spawn(async move { c.capabilities().await });
+    // The daemon reads but never answers: after 3 × 50 ms of silence the client gives up.
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        loop {
+            let (header, _) = daemon.read().await;
+            if header.program == KEEPALIVE_PROGRAM && header.procedure == KEEPALIVE_PING {
+                pings += 1;
+            }
+            if pings >= 2 {
+                return (pings, daemon);
+            }
+        }
+    });
+    let err = tokio::time::timeout(Duration::from_secs(3), call)
+        .await
+        .expect("call hung")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::KeepaliveTimeout(_)), "{err}");
+    assert!(client.connection().is_closed());
+    let (pings, _daemon) = reader.await.unwrap();
+    assert!(pings >= 2, "the client should have pinged before giving up");
+    assert!(matches!(client.closed().await, Error::KeepaliveTimeout(_)));
+}
+
+#[tokio::test]
+async fn a_daemon_that_answers_pings_stays_alive() {
+    let (client, mut daemon) = pair(true).await;
+    let answering = tokio::spawn(async move {
+        loop {
+            let (header, _) = daemon.read().await;
+            if header.program == KEEPALIVE_PROGRAM && header.procedure == KEEPALIVE_PING {
+                daemon
+                    .send(
+                        Header {
+                            procedure: KEEPALIVE_PONG,
+                            ..header
+                        },
+                        &[],
+                    )
+                    .await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !client.connection().is_closed(),
+        "closed although the daemon answered every ping"
+    );
+    answering.abort();
+}
+
+async fn expect_connection_lost(client: &Client) -> Error {
+    tokio::time::timeout(Duration::from_secs(2), client.closed())
+        .await
+        .expect("connection did not close")
+}
+
+#[tokio::test]
+async fn oversized_length_closes_the_connection_without_allocating() {
+    let (client, mut daemon) = pair(false).await;
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.capabilities().await });
+    daemon.read_call().await;
+    daemon.io.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let err = expect_connection_lost(&client).await;
+    assert!(err.to_string().contains("exceeds the 16777216-byte limit"), "{err}");
+    let call_err = pending.await.unwrap().unwrap_err();
+    assert!(call_err.is_connection_lost(), "{call_err}");
+}
+
+#[tokio::test]
+async fn a_length_shorter_than_a_header_closes_the_connection() {
+    let (client, mut daemon) = pair(false).await;
+    daemon.io.write_all(&8u32.to_be_bytes()).await.unwrap();
+    let err = expect_connection_lost(&client).await;
+    assert!(err.to_string().contains("shorter than the 28-byte header"), "{err}");
+}
+
+#[tokio::test]
+async fn a_truncated_frame_fails_pending_calls_instead_of_hanging() {
+    let (client, mut daemon) = pair(false).await;
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.capabilities().await });
+    let (call, _) = daemon.read_call().await;
+    let full = protocol::encode_packet(
+        &Header::remote(call.procedure, MessageType::Reply, call.serial, Status::Ok),
+        &[0, 0, 0, 9, 1, 2],
+    );
+    daemon.io.write_all(&full[..full.len() - 3]).await.unwrap();
+    drop(daemon);
+    let err = tokio::time::timeout(Duration::from_secs(2), pending)
+        .await
+        .expect("hung")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("connection ended inside a"), "{err}");
+}
+
+#[tokio::test]
+async fn garbage_xdr_in_a_reply_fails_that_call_only() {
+    let (client, mut daemon) = pair(false).await;
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.capabilities().await });
+    let (call, _) = daemon.read_call().await;
+    // A string that claims 4 GiB.
+    daemon.reply(&call, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4]).await;
+    let err = pending.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::BadReply { procedure: 7, .. }), "{err}");
+    // An error reply whose error is garbage.
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.capabilities().await });
+    let (call, _) = daemon.read_call().await;
+    daemon
+        .send(
+            Header::remote(call.procedure, MessageType::Reply, call.serial, Status::Error),
+            &[0, 0],
+        )
+        .await;
+    assert!(matches!(pending.await.unwrap().unwrap_err(), Error::BadReply { .. }));
+    // The connection still works.
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.capabilities().await });
+    let (call, _) = daemon.read_call().await;
+    let mut e = Encoder::new();
+    e.string("<capabilities/>");
+    daemon.reply(&call, &e.into_bytes()).await;
+    assert_eq!(pending.await.unwrap().unwrap(), "<capabilities/>");
+}
+
+#[tokio::test]
+async fn strays_are_ignored_and_the_connection_goes_on() {
+    let (client, mut daemon) = pair(false).await;
+    // A reply to a serial nobody asked for, an event of an unknown procedure,
+    // a malformed lifecycle event, a stream packet for no stream, a packet of
+    // an unknown program and a call from the server.
+    daemon
+        .send(
+            Header::remote(
+                procedure::CONNECT_GET_CAPABILITIES,
+                MessageType::Reply,
+                9999,
+                Status::Ok,
+            ),
+            &[1, 2, 3],
+        )
+        .await;
+    daemon
+        .send(Header::remote(4242, MessageType::Message, 0, Status::Ok), &[0; 8])
+        .await;
+    daemon
+        .send(
+            Header::remote(
+                procedure::DOMAIN_EVENT_CALLBACK_LIFECYCLE,
+                MessageType::Message,
+                0,
+                Status::Ok,
+            ),
+            &[0xde, 0xad],
+        )
+        .await;
+    daemon
+        .send(
+            Header::remote(
+                procedure::DOMAIN_OPEN_CONSOLE,
+                MessageType::Stream,
+                555,
+                Status::Continue,
+            ),
+            b"hello",
+        )
+        .await;
+    daemon
+        .send(
+            Header {
+                program: 0x1234_5678,
+                ..Header::remote(1, MessageType::Message, 0, Status::Ok)
+            },
+            &[],
+        )
+        .await;
+    daemon
+        .send(Header::remote(1, MessageType::Call, 1, Status::Ok), &[])
+        .await;
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.get_state(&domain("a", 1)).await });
+    let (call, _) = daemon.read_call().await;
+    daemon.reply(&call, &state_reply(1, 1)).await;
+    assert_eq!(pending.await.unwrap().unwrap().0, DomainState::Running);
+    assert!(!client.connection().is_closed());
+}
+
+#[tokio::test]
+async fn a_bad_header_type_closes_the_connection() {
+    let (client, mut daemon) = pair(false).await;
+    let mut packet = protocol::encode_packet(&Header::remote(1, MessageType::Reply, 1, Status::Ok), &[]);
+    packet[19] = 77; // type
+    daemon.io.write_all(&packet).await.unwrap();
+    let err = expect_connection_lost(&client).await;
+    assert!(err.to_string().contains("invalid type 77"), "{err}");
+}
+
+#[tokio::test]
+async fn auth_other_than_none_is_a_clear_error() {
+    let (client_io, daemon_io) = tokio::io::duplex(1 << 16);
+    let mut daemon = FakeDaemon { io: daemon_io };
+    let target = uri::parse("qemu+tcp://node/system").unwrap();
+    let daemon_task = tokio::spawn(async move {
+        let (call, _) = daemon.read_call().await;
+        let mut e = Encoder::new();
+        e.u32(1).i32(1); // sasl
+        daemon.reply(&call, &e.into_bytes()).await;
+        daemon
+    });
+    let err = Client::open(client_io, &target, options()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("requires authentication (sasl)") && err.to_string().contains("auth_tcp"),
+        "{err}"
+    );
+    daemon_task.await.unwrap();
+}
+
+#[tokio::test]
+async fn console_stream_data_finish_and_error() {
+    let (client, mut daemon) = pair(false).await;
+    let dom = domain("a", 1);
+    let c = client.clone();
+    let d2 = dom.clone();
+    let open = tokio::spawn(async move { c.open_console(&d2, None, 0).await });
+    let (call, args) = daemon.read_call().await;
+    assert_eq!(call.procedure, procedure::DOMAIN_OPEN_CONSOLE);
+    let mut d = Decoder::new(&args);
+    assert_eq!(DomainRef::decode(&mut d).unwrap(), dom);
+    assert_eq!(d.opt_string("dev").unwrap(), None);
+    // Data may arrive before the reply wakes the caller; it must not be lost.
+    daemon.reply(&call, &[]).await;
+    let data = Header::remote(
+        procedure::DOMAIN_OPEN_CONSOLE,
+        MessageType::Stream,
+        call.serial,
+        Status::Continue,
+    );
+    daemon.send(data, b"boot ").await;
+    daemon.send(data, b"log").await;
+    let console = open.await.unwrap().unwrap();
+    let (mut reader, writer) = console.split();
+    assert_eq!(reader.read().await.unwrap().unwrap(), b"boot ");
+    assert_eq!(reader.read().await.unwrap().unwrap(), b"log");
+    writer.write(b"ls\n").await.unwrap();
+    let (header, payload) = daemon.read().await;
+    assert_eq!(
+        (header.kind, header.status, header.serial),
+        (MessageType::Stream, Status::Continue, call.serial)
+    );
+    assert_eq!(payload, b"ls\n");
+    writer.finish().await.unwrap();
+    let (header, payload) = daemon.read().await;
+    assert_eq!((header.kind, header.status), (MessageType::Stream, Status::Ok));
+    assert!(payload.is_empty());
+    daemon
+        .send(
+            Header {
+                status: Status::Ok,
+                ..data
+            },
+            &[],
+        )
+        .await;
+    assert_eq!(reader.read().await.unwrap(), None);
+    assert_eq!(reader.read().await.unwrap(), None);
+
+    // A second console that the daemon ends with an error.
+    let c = client.clone();
+    let open = tokio::spawn(async move { c.open_console(&dom, Some("serial0"), 0).await });
+    let (call, _) = daemon.read_call().await;
+    daemon.reply(&call, &[]).await;
+    let mut console = open.await.unwrap().unwrap();
+    let err = LibvirtError {
+        code: 1,
+        domain: 10,
+        level: 2,
+        message: "internal error: character device serial0 is not using a PTY".into(),
+    };
+    daemon
+        .send(
+            Header::remote(
+                procedure::DOMAIN_OPEN_CONSOLE,
+                MessageType::Stream,
+                call.serial,
+                Status::Error,
+            ),
+            &protocol::encode_error(&err),
+        )
+        .await;
+    assert_eq!(console.read().await.unwrap_err().libvirt(), Some(&err));
+}
+
+#[tokio::test]
+async fn the_daemon_closing_fails_every_waiter() {
+    let (client, mut daemon) = pair(false).await;
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.capabilities().await });
+    daemon.read_call().await;
+    drop(daemon);
+    let err = pending.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("libvirtd closed the connection"), "{err}");
+    let later = client.lib_version().await.unwrap_err();
+    assert!(later.is_connection_lost(), "{later}");
+}
