@@ -22,7 +22,7 @@ fi
 
 mkdir -p "$OUT"
 chmod 755 "$OUT"
-if [ ! -s "$OUT/vmlinuz" ]; then
+if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/button.ko" ]; then
   [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -qq
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$pkg" ] || { log "cannot resolve linux-image-cloud-amd64 to a kernel package"; exit 1; }
@@ -31,6 +31,12 @@ if [ ! -s "$OUT/vmlinuz" ]; then
   (cd "$work" && apt-get download -q "$pkg" >/dev/null)
   dpkg-deb -x "$work"/*.deb "$work/root"
   install -m 0644 "$work"/root/boot/vmlinuz-* "$OUT/vmlinuz"
+  # The ACPI power button and evdev are modules in the cloud kernel; busybox
+  # acpid needs both to see the button that `virsh shutdown` presses.
+  mkdir -p "$OUT/modules"
+  for m in drivers/acpi/button.ko drivers/input/evdev.ko; do
+    install -m 0644 "$work"/root/lib/modules/*/kernel/$m "$OUT/modules/"
+  done
   rm -rf "$work"
 fi
 
@@ -40,6 +46,8 @@ if [ ! -s "$OUT/initrd.gz" ] || [ "$(cat "$OUT/initrd.stamp" 2>/dev/null)" != "$
   root=$(mktemp -d)
   mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,root,usr/bin,usr/sbin,etc/acpi/PWRF}
   cp /bin/busybox "$root/bin/busybox"
+  mkdir -p "$root/lib/modules"
+  cp "$OUT"/modules/*.ko "$root/lib/modules/"
   for applet in $("$root/bin/busybox" --list); do
     [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
   done
@@ -48,16 +56,25 @@ if [ ! -s "$OUT/initrd.gz" ] || [ "$(cat "$OUT/initrd.stamp" 2>/dev/null)" != "$
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-# ACPI power button -> clean poweroff (busybox acpid reads the button's input device).
-printf '#!/bin/sh\necho "virtkube-tiny: power button pressed, powering off"\npoweroff -f\n' > /etc/acpi/PWRF/00-poweroff
-chmod +x /etc/acpi/PWRF/00-poweroff
-acpid -d >/dev/null 2>&1 &
+# ACPI power button -> clean poweroff: busybox acpid reads the button's
+# input device and runs /etc/acpi/PWRF/00000080.
+insmod /lib/modules/evdev.ko 2>/dev/null
+insmod /lib/modules/button.ko 2>/dev/null
+printf '#!/bin/sh\necho "virtkube-tiny: power button pressed, powering off"\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  grep -q "Power Button" /proc/bus/input/devices 2>/dev/null && break
+  sleep 0.1
+done
+sleep 0.1
+# -d: log to stderr; without it acpid exits for want of /var/log/acpid.log.
+acpid -d -c /etc/acpi >/dev/null 2>&1 &
 echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) cpu(s)"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; echo c > /proc/sysrq-trigger ;;
-    virtkube.ignore-acpi) echo "virtkube-tiny: ignoring ACPI"; kill %1 2>/dev/null; pkill acpid ;;
+    virtkube.ignore-acpi) echo "virtkube-tiny: ignoring ACPI"; pkill acpid ;;
   esac
 done
 echo "virtkube-tiny: ready"

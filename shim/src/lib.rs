@@ -1,4 +1,12 @@
-//! virtkube-shim's pure logic, separate from its I/O so it is testable without
-//! a daemon: rendering a resolved template into libvirt domain XML.
+//! virtkube-shim's logic. Pure parts (rendering, configuration, instance
+//! facts, the supervisor state machine, exit codes, PID 1 duties behind a
+//! syscall trait) are separate from the I/O in `runtime`.
 
+pub mod config;
+pub mod exit;
+pub mod host;
+pub mod instance;
+pub mod pid1;
 pub mod render;
+pub mod runtime;
+pub mod supervisor;

@@ -1,0 +1,181 @@
+//! The shim's configuration from its flags and environment (DESIGN.md's
+//! contract). Pure: the environment is passed in.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default template file baked into VM images.
+pub const DEFAULT_TEMPLATE_FILE: &str = "/etc/virtkube/template.yaml";
+/// Default libvirt URI.
+pub const DEFAULT_URI: &str = "qemu:///system";
+/// Default seconds between the ACPI request and destroy (under Kubernetes' 30 s grace).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 25;
+/// Where Kubernetes reads a container's termination message.
+pub const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
+/// Where a downward API volume puts the pod's annotations.
+pub const DEFAULT_ANNOTATIONS_FILE: &str = "/etc/podinfo/annotations";
+
+/// Usage text (`--help`).
+pub const USAGE: &str = "\
+virtkube-shim: runs the VM of this container image for as long as the container runs.
+
+usage: virtkube-shim [--print-xml] [--help] [--version]
+
+  --print-xml   render the domain XML and print it, without connecting to libvirtd
+  --help        this text
+  --version     the shim's version
+
+environment:
+  VIRTKUBE_TEMPLATE_FILE     template baked into the image (default /etc/virtkube/template.yaml)
+  VIRTKUBE_TEMPLATE          template name to read from the Kubernetes API instead
+  VIRTKUBE_LIBVIRT_URI       qemu:///system (default), qemu+unix:///system?socket=PATH,
+                             qemu+tcp://HOST[:PORT]/system, test+unix:///default
+  VIRTKUBE_SHUTDOWN_TIMEOUT  seconds between the ACPI shutdown request and destroy (default 25)
+  VIRTKUBE_AUTODESTROY       1 (default): the VM dies with the shim's connection;
+                             0: create without it (libvirt's test driver needs this) and
+                             destroy the domain on exit instead
+  VIRTKUBE_ANNOTATIONS_FILE  the pod's annotations from a downward API volume
+                             (default /etc/podinfo/annotations)
+  POD_NAME, POD_NAMESPACE, POD_UID  the pod, from the downward API
+
+exit codes: 0 guest stopped · 1 could not start · 2 configuration error · 3 guest crashed ·
+4 lost libvirtd · 5 destroyed by someone else · 6 destroyed after a stop timed out · 128+N signal N
+";
+
+/// What the shim was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Run the VM.
+    Run,
+    /// Print the domain XML and exit.
+    PrintXml,
+    /// Print usage.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// The shim's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// What to do.
+    pub mode: Mode,
+    /// Template file.
+    pub template_file: PathBuf,
+    /// Template name in the API (cluster mode).
+    pub template_name: Option<String>,
+    /// libvirt URI.
+    pub uri: String,
+    /// Grace period after the ACPI request.
+    pub shutdown_timeout: Duration,
+    /// Create with AUTODESTROY.
+    pub autodestroy: bool,
+    /// Termination message path.
+    pub termination_log: PathBuf,
+    /// Downward API annotations file.
+    pub annotations_file: PathBuf,
+}
+
+/// Reads the configuration. `env` looks up a variable; `args` excludes argv[0].
+pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<Config, String> {
+    let mut mode = Mode::Run;
+    for arg in args {
+        mode = match arg.as_str() {
+            "--print-xml" => Mode::PrintXml,
+            "--help" | "-h" => Mode::Help,
+            "--version" | "-V" => Mode::Version,
+            other => return Err(format!("unknown argument {other:?}; run with --help for usage")),
+        };
+    }
+    let non_empty = |key: &str| env(key).filter(|v| !v.trim().is_empty());
+    let shutdown_timeout = match non_empty("VIRTKUBE_SHUTDOWN_TIMEOUT") {
+        None => Duration::from_secs(DEFAULT_SHUTDOWN_TIMEOUT),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(secs) if secs <= 3600 => Duration::from_secs(secs),
+            _ => {
+                return Err(format!(
+                    "VIRTKUBE_SHUTDOWN_TIMEOUT={v:?} is not a number of seconds from 0 to 3600 (e.g. 25)"
+                ));
+            }
+        },
+    };
+    let autodestroy = match non_empty("VIRTKUBE_AUTODESTROY").as_deref().map(str::trim) {
+        None | Some("1" | "true" | "yes") => true,
+        Some("0" | "false" | "no") => false,
+        Some(other) => return Err(format!("VIRTKUBE_AUTODESTROY={other:?} is not a boolean; use 1 or 0")),
+    };
+    let uri = non_empty("VIRTKUBE_LIBVIRT_URI").unwrap_or_else(|| DEFAULT_URI.to_owned());
+    libvirt_wire::uri::parse(&uri).map_err(|e| format!("VIRTKUBE_LIBVIRT_URI: {e}"))?;
+    Ok(Config {
+        mode,
+        template_file: non_empty("VIRTKUBE_TEMPLATE_FILE")
+            .unwrap_or_else(|| DEFAULT_TEMPLATE_FILE.to_owned())
+            .into(),
+        template_name: non_empty("VIRTKUBE_TEMPLATE"),
+        uri,
+        shutdown_timeout,
+        autodestroy,
+        termination_log: non_empty("VIRTKUBE_TERMINATION_LOG")
+            .unwrap_or_else(|| DEFAULT_TERMINATION_LOG.to_owned())
+            .into(),
+        annotations_file: non_empty("VIRTKUBE_ANNOTATIONS_FILE")
+            .unwrap_or_else(|| DEFAULT_ANNOTATIONS_FILE.to_owned())
+            .into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)], args: &[&str]) -> Result<Config, String> {
+        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        from_env(|k| vars.get(k).cloned(), &args)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[], &[]).unwrap();
+        assert_eq!(c.mode, Mode::Run);
+        assert_eq!(c.template_file, PathBuf::from(DEFAULT_TEMPLATE_FILE));
+        assert_eq!(c.uri, "qemu:///system");
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
+        assert!(c.autodestroy);
+        assert_eq!(c.template_name, None);
+    }
+
+    #[test]
+    fn values_and_flags() {
+        let c = config(
+            &[
+                ("VIRTKUBE_LIBVIRT_URI", "test+unix:///default"),
+                ("VIRTKUBE_SHUTDOWN_TIMEOUT", "3"),
+                ("VIRTKUBE_AUTODESTROY", "0"),
+                ("VIRTKUBE_TEMPLATE", "tiny"),
+            ],
+            &["--print-xml"],
+        )
+        .unwrap();
+        assert_eq!(c.mode, Mode::PrintXml);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(3));
+        assert!(!c.autodestroy);
+        assert_eq!(c.template_name.as_deref(), Some("tiny"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_fix() {
+        let cases = [
+            (("VIRTKUBE_SHUTDOWN_TIMEOUT", "soon"), "VIRTKUBE_SHUTDOWN_TIMEOUT=\"soon\" is not a number of seconds"),
+            (("VIRTKUBE_SHUTDOWN_TIMEOUT", "99999"), "from 0 to 3600"),
+            (("VIRTKUBE_AUTODESTROY", "maybe"), "VIRTKUBE_AUTODESTROY=\"maybe\" is not a boolean"),
+            (("VIRTKUBE_LIBVIRT_URI", "xen:///"), "VIRTKUBE_LIBVIRT_URI: libvirt URI \"xen:///\""),
+        ];
+        for ((k, v), expected) in cases {
+            let err = config(&[(k, v)], &[]).unwrap_err();
+            assert!(err.contains(expected), "{k}={v}: {err}");
+        }
+        assert!(config(&[], &["--frobnicate"]).unwrap_err().contains("unknown argument \"--frobnicate\""));
+    }
+}

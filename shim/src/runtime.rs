@@ -1,0 +1,194 @@
+//! The shim's I/O: connect, create the domain, stream its console, and drive
+//! the [`Supervisor`] with lifecycle events, signals and timers until the VM
+//! is gone. Every libvirt call used is listed here, so a future filtering
+//! gate can allow exactly these: AUTH_LIST, CONNECT_OPEN,
+//! CONNECT_SUPPORTS_FEATURE, CONNECT_GET_CAPABILITIES, DOMAIN_CREATE_XML,
+//! CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY, DOMAIN_OPEN_CONSOLE,
+//! DOMAIN_GET_STATE, DOMAIN_SHUTDOWN_FLAGS, DOMAIN_DESTROY_FLAGS, CONNECT_CLOSE.
+
+use std::time::Duration;
+
+use libvirt_wire::{Client, ConsoleReader, ConsoleWriter, DomainRef, Options, flags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use virtkube_api::ResolvedTemplate;
+
+use crate::config::Config;
+use crate::exit::Exit;
+use crate::host;
+use crate::render::{self, Instance};
+use crate::supervisor::{Action, Input, Supervisor};
+
+/// A line of the shim's own log, on stderr, prefixed so it stands apart from
+/// the guest's console on stdout.
+pub fn log(message: impl AsRef<str>) {
+    eprintln!("[virtkube-shim] {}", message.as_ref());
+}
+
+/// How often the shim checks the domain still exists, in case an event is lost.
+const STATE_POLL: Duration = Duration::from_secs(5);
+
+/// Runs the VM until it is gone. `signals` delivers signal numbers.
+pub async fn run(config: &Config, template: &ResolvedTemplate, instance: &Instance, signals: &mut mpsc::Receiver<i32>) -> Exit {
+    let started = tokio::select! {
+        started = start(config, template, instance) => started,
+        Some(signal) = signals.recv() => {
+            log(format!("signal {signal} before the VM started: exiting"));
+            return Exit::Signal(signal);
+        }
+    };
+    let (client, domain) = match started {
+        Ok(started) => started,
+        Err(exit) => return exit,
+    };
+    let exit = supervise(config, &client, &domain, signals).await;
+    if !config.autodestroy && !matches!(exit, Exit::GuestStopped | Exit::DestroyedExternally | Exit::ForcedStop(_) | Exit::LostLibvirtd(_)) {
+        // Without AUTODESTROY nothing else would end the domain.
+        let _ = client.destroy(&domain, 0).await;
+    }
+    exit
+}
+
+async fn start(config: &Config, template: &ResolvedTemplate, instance: &Instance) -> Result<(Client, DomainRef), Exit> {
+    let client = Client::connect(&config.uri, Options::default())
+        .await
+        .map_err(|e| Exit::StartFailed(e.to_string()))?;
+    let caps = client
+        .capabilities()
+        .await
+        .map_err(|e| Exit::StartFailed(format!("cannot read the node's capabilities: {e}")))?;
+    let host = host::facts_from_capabilities(&caps, template.arch.as_str()).map_err(Exit::StartFailed)?;
+    let xml = render::render(template, instance, &host).map_err(|e| Exit::StartFailed(e.to_string()))?;
+    let mut create_flags = flags::START_VALIDATE;
+    if config.autodestroy {
+        create_flags |= flags::START_AUTODESTROY;
+    }
+    let domain = client
+        .create_xml(&xml, create_flags)
+        .await
+        .map_err(|e| Exit::StartFailed(format!("libvirt refused the domain: {e}")))?;
+    log(format!(
+        "started domain {} ({}) on {}{}",
+        domain.name,
+        domain.uuid_string(),
+        config.uri,
+        if config.autodestroy { "" } else { " without AUTODESTROY" }
+    ));
+    Ok((client, domain))
+}
+
+async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals: &mut mpsc::Receiver<i32>) -> Exit {
+    let mut events = match client.lifecycle_events(domain).await {
+        Ok(events) => events,
+        Err(e) => {
+            let _ = client.destroy(domain, 0).await;
+            return Exit::StartFailed(format!("cannot subscribe to the domain's events: {e}"));
+        }
+    };
+    let console_output = match client.open_console(domain, None, flags::CONSOLE_FORCE).await {
+        Ok(console) => {
+            let (reader, writer) = console.split();
+            tokio::spawn(copy_stdin_to_console(writer));
+            Some(tokio::spawn(copy_console_to_stdout(reader)))
+        }
+        Err(e) => {
+            log(format!("no serial console: {e}"));
+            None
+        }
+    };
+
+    let mut supervisor = Supervisor::new(config.shutdown_timeout);
+    let far_future = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    let shutdown_deadline = tokio::time::sleep_until(far_future);
+    tokio::pin!(shutdown_deadline);
+    let mut poll = tokio::time::interval(STATE_POLL);
+    poll.tick().await;
+
+    let exit = loop {
+        let input = tokio::select! {
+            event = events.next() => match event {
+                Some(event) => Input::Lifecycle(event),
+                None => Input::ConnectionLost(client.closed().await.to_string()),
+            },
+            Some(signal) = signals.recv() => Input::Signal(signal),
+            () = &mut shutdown_deadline => {
+                shutdown_deadline.as_mut().reset(far_future);
+                Input::ShutdownTimeout
+            }
+            error = client.closed() => Input::ConnectionLost(error.to_string()),
+            _ = poll.tick() => match client.get_state(domain).await {
+                Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain()) => Input::DomainGone,
+                Err(e) if e.is_connection_lost() => Input::ConnectionLost(e.to_string()),
+                _ => continue,
+            },
+        };
+        match supervisor.on(input) {
+            Action::None => {}
+            Action::Log(line) => log(line),
+            Action::Shutdown { timeout } => {
+                log(format!("stop requested: asking the guest to shut down (ACPI), destroying it after {}s", timeout.as_secs()));
+                if let Err(e) = client.shutdown(domain, flags::SHUTDOWN_ACPI_POWER_BTN).await {
+                    log(format!("the ACPI shutdown request failed: {e}"));
+                }
+                shutdown_deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+            Action::Destroy(exit) => {
+                log(format!("destroying the domain: {exit}"));
+                match client.destroy(domain, 0).await {
+                    Ok(()) => break exit,
+                    Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain() || l.code == libvirt_wire::LibvirtError::OPERATION_INVALID) => break exit,
+                    Err(e) if e.is_connection_lost() => break Exit::LostLibvirtd(e.to_string()),
+                    Err(e) => log(format!("destroy failed, waiting for the domain to stop: {e}")),
+                }
+            }
+            Action::Exit(exit) => break exit,
+        }
+    };
+    if let Some(output) = console_output {
+        flush_console(output).await;
+    }
+    exit
+}
+
+/// Gives the console a moment to deliver the guest's last words.
+async fn flush_console(output: JoinHandle<()>) {
+    if tokio::time::timeout(Duration::from_secs(1), output).await.is_err() {
+        // The stream did not end on its own (the domain may linger); stop waiting.
+    }
+}
+
+async fn copy_console_to_stdout(mut reader: ConsoleReader) {
+    let mut stdout = tokio::io::stdout();
+    loop {
+        match reader.read().await {
+            Ok(Some(bytes)) => {
+                if stdout.write_all(&bytes).await.is_err() || stdout.flush().await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                if !e.is_connection_lost() {
+                    log(format!("console stream ended: {e}"));
+                }
+                return;
+            }
+        }
+    }
+}
+
+async fn copy_stdin_to_console(writer: ConsoleWriter) {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        match stdin.read(&mut buf).await {
+            Ok(0) | Err(_) => return, // stdin closed (e.g. /dev/null): the console stays output-only.
+            Ok(n) => {
+                if writer.write(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
