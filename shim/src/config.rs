@@ -167,15 +167,28 @@ mod tests {
     #[test]
     fn bad_values_name_the_variable_and_the_fix() {
         let cases = [
-            (("VIRTKUBE_SHUTDOWN_TIMEOUT", "soon"), "VIRTKUBE_SHUTDOWN_TIMEOUT=\"soon\" is not a number of seconds"),
+            (
+                ("VIRTKUBE_SHUTDOWN_TIMEOUT", "soon"),
+                "VIRTKUBE_SHUTDOWN_TIMEOUT=\"soon\" is not a number of seconds",
+            ),
             (("VIRTKUBE_SHUTDOWN_TIMEOUT", "99999"), "from 0 to 3600"),
-            (("VIRTKUBE_AUTODESTROY", "maybe"), "VIRTKUBE_AUTODESTROY=\"maybe\" is not a boolean"),
-            (("VIRTKUBE_LIBVIRT_URI", "xen:///"), "VIRTKUBE_LIBVIRT_URI: libvirt URI \"xen:///\""),
+            (
+                ("VIRTKUBE_AUTODESTROY", "maybe"),
+                "VIRTKUBE_AUTODESTROY=\"maybe\" is not a boolean",
+            ),
+            (
+                ("VIRTKUBE_LIBVIRT_URI", "xen:///"),
+                "VIRTKUBE_LIBVIRT_URI: libvirt URI \"xen:///\"",
+            ),
         ];
         for ((k, v), expected) in cases {
             let err = config(&[(k, v)], &[]).unwrap_err();
             assert!(err.contains(expected), "{k}={v}: {err}");
         }
-        assert!(config(&[], &["--frobnicate"]).unwrap_err().contains("unknown argument \"--frobnicate\""));
+        assert!(
+            config(&[], &["--frobnicate"])
+                .unwrap_err()
+                .contains("unknown argument \"--frobnicate\"")
+        );
     }
 }

@@ -76,7 +76,10 @@ mod tests {
         assert_eq!(codes, [0, 1, 2, 3, 4, 5, 6, 143]);
         let readme = include_str!("../../README.md");
         for code in &codes[..7] {
-            assert!(readme.contains(&format!("| {code} |")), "README documents no exit code {code}");
+            assert!(
+                readme.contains(&format!("| {code} |")),
+                "README documents no exit code {code}"
+            );
         }
         assert!(readme.contains("| 128+N |"));
     }

@@ -33,12 +33,22 @@ pub fn gather(
     let pod_uid = non_empty("POD_UID");
     let domain_name = match (&namespace, &pod_name) {
         (Some(ns), Some(pod)) => format!("{ns}_{pod}"),
-        (None, Some(_)) => return Err("POD_NAME is set but POD_NAMESPACE is not; set both from the downward API (metadata.namespace)".into()),
-        (Some(_), None) => return Err("POD_NAMESPACE is set but POD_NAME is not; set both from the downward API (metadata.name)".into()),
+        (None, Some(_)) => {
+            return Err(
+                "POD_NAME is set but POD_NAMESPACE is not; set both from the downward API (metadata.namespace)".into(),
+            );
+        }
+        (Some(_), None) => {
+            return Err(
+                "POD_NAMESPACE is set but POD_NAME is not; set both from the downward API (metadata.name)".into(),
+            );
+        }
         (None, None) => {
             let host = hostname.trim();
             if host.is_empty() {
-                return Err("no pod identity (POD_NAME, POD_NAMESPACE) and no hostname to name the domain after".into());
+                return Err(
+                    "no pod identity (POD_NAME, POD_NAMESPACE) and no hostname to name the domain after".into(),
+                );
             }
             host.to_owned()
         }
@@ -46,7 +56,9 @@ pub fn gather(
     if let Some(uid) = &pod_uid
         && libvirt_wire::protocol::parse_uuid(uid).is_none()
     {
-        return Err(format!("POD_UID={uid:?} is not a UUID; set it from the downward API (metadata.uid)"));
+        return Err(format!(
+            "POD_UID={uid:?} is not a UUID; set it from the downward API (metadata.uid)"
+        ));
     }
     let template_name = template_name.or_else(|| annotations.get(virtkube_api::annotations::TEMPLATE).cloned());
     Ok(Facts {
@@ -73,7 +85,8 @@ pub fn parse_downward_annotations(text: &str) -> Result<BTreeMap<String, String>
         let (key, quoted) = line
             .split_once('=')
             .ok_or_else(|| format!("annotations file line {}: {line:?} is not key=\"value\"", n + 1))?;
-        let value = unquote(quoted).ok_or_else(|| format!("annotations file line {}: {quoted:?} is not a quoted string", n + 1))?;
+        let value = unquote(quoted)
+            .ok_or_else(|| format!("annotations file line {}: {quoted:?} is not a quoted string", n + 1))?;
         out.insert(key.to_owned(), value);
     }
     Ok(out)
@@ -135,7 +148,13 @@ mod tests {
     fn pod_mode_names_the_domain_namespace_pod_and_uses_the_uid() {
         let uid = "0b0e1d8a-1111-4222-8333-444455556666";
         let file = "kubernetes.io/config.seen=\"2026-11-22T10:00:00Z\"\nvirtkube.io/template=\"tiny\"\nvirtkube.io/cmdline=\"console=ttyS0 msg=\\\"hi\\\"\\n\"\n";
-        let facts = gather(env(&[("POD_NAME", "vm-0"), ("POD_NAMESPACE", "prod"), ("POD_UID", uid)]), Some(file), "vm-0", None).unwrap();
+        let facts = gather(
+            env(&[("POD_NAME", "vm-0"), ("POD_NAMESPACE", "prod"), ("POD_UID", uid)]),
+            Some(file),
+            "vm-0",
+            None,
+        )
+        .unwrap();
         assert_eq!(facts.instance.domain_name, "prod_vm-0");
         assert_eq!(facts.instance.uuid.as_deref(), Some(uid));
         assert_eq!(facts.instance.template_name.as_deref(), Some("tiny"));
@@ -144,9 +163,23 @@ mod tests {
 
     #[test]
     fn inconsistent_or_bad_identity_is_a_clear_error() {
-        assert!(gather(env(&[("POD_NAME", "a")]), None, "h", None).unwrap_err().contains("POD_NAMESPACE is not"));
-        assert!(gather(env(&[("POD_NAMESPACE", "a")]), None, "h", None).unwrap_err().contains("POD_NAME is not"));
-        let err = gather(env(&[("POD_NAME", "a"), ("POD_NAMESPACE", "b"), ("POD_UID", "nope")]), None, "h", None).unwrap_err();
+        assert!(
+            gather(env(&[("POD_NAME", "a")]), None, "h", None)
+                .unwrap_err()
+                .contains("POD_NAMESPACE is not")
+        );
+        assert!(
+            gather(env(&[("POD_NAMESPACE", "a")]), None, "h", None)
+                .unwrap_err()
+                .contains("POD_NAME is not")
+        );
+        let err = gather(
+            env(&[("POD_NAME", "a"), ("POD_NAMESPACE", "b"), ("POD_UID", "nope")]),
+            None,
+            "h",
+            None,
+        )
+        .unwrap_err();
         assert!(err.contains("POD_UID=\"nope\" is not a UUID"), "{err}");
         assert!(gather(env(&[]), None, " ", None).unwrap_err().contains("no hostname"));
         let err = gather(env(&[]), Some("garbage line"), "h", None).unwrap_err();

@@ -9,9 +9,9 @@ use virtkube_api::{Overrides, ResolvedTemplate, resolve};
 use virtkube_shim::config::{self, Config, Mode};
 use virtkube_shim::exit::Exit;
 use virtkube_shim::instance::{self, Facts};
+use virtkube_shim::pid1;
 use virtkube_shim::render::{self, HostFacts};
 use virtkube_shim::runtime::{self, log};
-use virtkube_shim::pid1;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,7 +32,10 @@ fn main() {
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => finish(Some(&config), Exit::StartFailed(format!("cannot start the async runtime: {e}"))),
+        Err(e) => finish(
+            Some(&config),
+            Exit::StartFailed(format!("cannot start the async runtime: {e}")),
+        ),
     };
     let exit = runtime.block_on(async_main(&config));
     finish(Some(&config), exit)
@@ -86,12 +89,20 @@ fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
         Ok(text) => Some(text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
-            return Err(Exit::Usage(format!("cannot read the annotations file {}: {e}", config.annotations_file.display())));
+            return Err(Exit::Usage(format!(
+                "cannot read the annotations file {}: {e}",
+                config.annotations_file.display()
+            )));
         }
     };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let facts = instance::gather(|k| std::env::var(k).ok(), annotations_text.as_deref(), &hostname, config.template_name.clone())
-        .map_err(Exit::Usage)?;
+    let facts = instance::gather(
+        |k| std::env::var(k).ok(),
+        annotations_text.as_deref(),
+        &hostname,
+        config.template_name.clone(),
+    )
+    .map_err(Exit::Usage)?;
     if let Some(name) = &facts.instance.template_name
         && !config.template_file.exists()
     {

@@ -28,7 +28,11 @@ impl Syscall for Linux {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument and touches
         // no memory of ours; the remaining arguments are ignored by the kernel.
         let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
-        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn wait_any_nohang(&self) -> io::Result<Option<(i32, i32)>> {
@@ -112,9 +116,20 @@ mod tests {
 
     #[test]
     fn reaps_until_no_child_has_exited() {
-        let sys = fake(1, vec![Ok(Some((10, 0))), Err(io::Error::from_raw_os_error(libc::EINTR)), Ok(Some((11, 9))), Ok(None)]);
+        let sys = fake(
+            1,
+            vec![
+                Ok(Some((10, 0))),
+                Err(io::Error::from_raw_os_error(libc::EINTR)),
+                Ok(Some((11, 9))),
+                Ok(None),
+            ],
+        );
         assert_eq!(reap_zombies(&sys), [(10, 0), (11, 9)]);
-        let sys = fake(1, vec![Ok(Some((12, 0))), Err(io::Error::from_raw_os_error(libc::ECHILD))]);
+        let sys = fake(
+            1,
+            vec![Ok(Some((12, 0))), Err(io::Error::from_raw_os_error(libc::ECHILD))],
+        );
         assert_eq!(reap_zombies(&sys), [(12, 0)]);
     }
 }

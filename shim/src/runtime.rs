@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use libvirt_wire::{Client, ConsoleReader, ConsoleWriter, DomainRef, Options, flags};
+use libvirt_wire::{Client, ConsoleReader, ConsoleWriter, DomainRef, LibvirtError, Options, flags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -30,7 +30,12 @@ pub fn log(message: impl AsRef<str>) {
 const STATE_POLL: Duration = Duration::from_secs(5);
 
 /// Runs the VM until it is gone. `signals` delivers signal numbers.
-pub async fn run(config: &Config, template: &ResolvedTemplate, instance: &Instance, signals: &mut mpsc::Receiver<i32>) -> Exit {
+pub async fn run(
+    config: &Config,
+    template: &ResolvedTemplate,
+    instance: &Instance,
+    signals: &mut mpsc::Receiver<i32>,
+) -> Exit {
     let started = tokio::select! {
         started = start(config, template, instance) => started,
         Some(signal) = signals.recv() => {
@@ -43,7 +48,12 @@ pub async fn run(config: &Config, template: &ResolvedTemplate, instance: &Instan
         Err(exit) => return exit,
     };
     let exit = supervise(config, &client, &domain, signals).await;
-    if !config.autodestroy && !matches!(exit, Exit::GuestStopped | Exit::DestroyedExternally | Exit::ForcedStop(_) | Exit::LostLibvirtd(_)) {
+    if !config.autodestroy
+        && !matches!(
+            exit,
+            Exit::GuestStopped | Exit::DestroyedExternally | Exit::ForcedStop(_) | Exit::LostLibvirtd(_)
+        )
+    {
         // Without AUTODESTROY nothing else would end the domain.
         let _ = client.destroy(&domain, 0).await;
     }
@@ -127,9 +137,20 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
             Action::None => {}
             Action::Log(line) => log(line),
             Action::Shutdown { timeout } => {
-                log(format!("stop requested: asking the guest to shut down (ACPI), destroying it after {}s", timeout.as_secs()));
-                if let Err(e) = client.shutdown(domain, flags::SHUTDOWN_ACPI_POWER_BTN).await {
-                    log(format!("the ACPI shutdown request failed: {e}"));
+                log(format!(
+                    "stop requested: asking the guest to shut down (ACPI), destroying it after {}s",
+                    timeout.as_secs()
+                ));
+                let mut request = client.shutdown(domain, flags::SHUTDOWN_ACPI_POWER_BTN).await;
+                if let Err(e) = &request
+                    && e.libvirt()
+                        .is_some_and(|l| l.code == LibvirtError::INVALID_ARG || l.code == LibvirtError::NO_SUPPORT)
+                {
+                    // Drivers without ACPI (libvirt's test driver) take the default method.
+                    request = client.shutdown(domain, 0).await;
+                }
+                if let Err(e) = request {
+                    log(format!("the shutdown request failed: {e}"));
                 }
                 shutdown_deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
             }
@@ -137,7 +158,12 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                 log(format!("destroying the domain: {exit}"));
                 match client.destroy(domain, 0).await {
                     Ok(()) => break exit,
-                    Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain() || l.code == libvirt_wire::LibvirtError::OPERATION_INVALID) => break exit,
+                    Err(e)
+                        if e.libvirt()
+                            .is_some_and(|l| l.is_no_domain() || l.code == LibvirtError::OPERATION_INVALID) =>
+                    {
+                        break exit;
+                    }
                     Err(e) if e.is_connection_lost() => break Exit::LostLibvirtd(e.to_string()),
                     Err(e) => log(format!("destroy failed, waiting for the domain to stop: {e}")),
                 }

@@ -115,7 +115,9 @@ impl Supervisor {
             }
             (State::Stopping, Signal(signals::TERM | signals::INT)) => {
                 self.state = State::Destroying;
-                Action::Destroy(Exit::ForcedStop("a second stop signal came before the guest shut down".into()))
+                Action::Destroy(Exit::ForcedStop(
+                    "a second stop signal came before the guest shut down".into(),
+                ))
             }
             (State::Running | State::Stopping, Signal(signals::QUIT)) => {
                 self.state = State::Destroying;
@@ -178,16 +180,30 @@ mod tests {
     #[test]
     fn guest_poweroff_exits_zero() {
         let mut s = running();
-        assert_eq!(exit_of(s.on(Input::Lifecycle(LifecycleEvent::Stopped(StoppedReason::Shutdown)))), 0);
+        assert_eq!(
+            exit_of(s.on(Input::Lifecycle(LifecycleEvent::Stopped(StoppedReason::Shutdown)))),
+            0
+        );
         assert_eq!(s.on(Input::Signal(signals::TERM)), Action::None, "nothing after exit");
     }
 
     #[test]
     fn sigterm_asks_acpi_then_clean_stop_exits_zero() {
         let mut s = running();
-        assert_eq!(s.on(Input::Signal(signals::TERM)), Action::Shutdown { timeout: Duration::from_secs(25) });
-        assert!(matches!(s.on(Input::Lifecycle(LifecycleEvent::Shutdown(0))), Action::Log(_)));
-        assert_eq!(exit_of(s.on(Input::Lifecycle(LifecycleEvent::Stopped(StoppedReason::Shutdown)))), 0);
+        assert_eq!(
+            s.on(Input::Signal(signals::TERM)),
+            Action::Shutdown {
+                timeout: Duration::from_secs(25)
+            }
+        );
+        assert!(matches!(
+            s.on(Input::Lifecycle(LifecycleEvent::Shutdown(0))),
+            Action::Log(_)
+        ));
+        assert_eq!(
+            exit_of(s.on(Input::Lifecycle(LifecycleEvent::Stopped(StoppedReason::Shutdown)))),
+            0
+        );
     }
 
     #[test]
@@ -200,16 +216,24 @@ mod tests {
     fn timeout_destroys_and_exits_six() {
         let mut s = running();
         s.on(Input::Signal(signals::TERM));
-        let Action::Destroy(exit) = s.on(Input::ShutdownTimeout) else { panic!() };
+        let Action::Destroy(exit) = s.on(Input::ShutdownTimeout) else {
+            panic!()
+        };
         assert_eq!(exit.code(), 6);
-        assert_eq!(exit_of(s.on(Input::Lifecycle(LifecycleEvent::Stopped(StoppedReason::Destroyed)))), 6);
+        assert_eq!(
+            exit_of(s.on(Input::Lifecycle(LifecycleEvent::Stopped(StoppedReason::Destroyed)))),
+            6
+        );
     }
 
     #[test]
     fn second_signal_destroys_at_once() {
         let mut s = running();
         s.on(Input::Signal(signals::TERM));
-        assert!(matches!(s.on(Input::Signal(signals::TERM)), Action::Destroy(Exit::ForcedStop(_))));
+        assert!(matches!(
+            s.on(Input::Signal(signals::TERM)),
+            Action::Destroy(Exit::ForcedStop(_))
+        ));
         assert_eq!(exit_of(s.on(Input::DomainGone)), 6);
     }
 
