@@ -71,7 +71,7 @@ fn sigterm_shuts_the_guest_down_and_exits_0() {
 
 #[test]
 fn losing_libvirtd_exits_4() {
-    let daemon = DisposableLibvirtd::start("lost");
+    let mut daemon = DisposableLibvirtd::start("lost");
     let uri = daemon.uri();
     let pod = unique("lost");
     let mut shim = Shim::start(&pod, TEMPLATE, &pod_env(&pod, &uri), &[], false);

@@ -172,7 +172,7 @@ pub fn domstate(uri: &str, domain: &str) -> Option<String> {
 /// it shares no state with the system one; for tests that kill libvirtd.
 pub struct DisposableLibvirtd {
     pub dir: PathBuf,
-    pid: i32,
+    child: Child,
 }
 
 impl DisposableLibvirtd {
@@ -200,10 +200,7 @@ impl DisposableLibvirtd {
             .stderr(log)
             .spawn()
             .unwrap();
-        let daemon = DisposableLibvirtd {
-            dir: dir.clone(),
-            pid: child.id() as i32,
-        };
+        let daemon = DisposableLibvirtd { dir: dir.clone(), child };
         let uri = daemon.uri();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !virsh(&uri, &["version"]).0 {
@@ -224,9 +221,9 @@ impl DisposableLibvirtd {
         )
     }
 
-    pub fn kill(&self) {
-        // SAFETY: kill(2) on the daemon we started.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
