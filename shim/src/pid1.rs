@@ -77,10 +77,12 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
 
+    type WaitResult = io::Result<Option<(i32, i32)>>;
+
     struct Fake {
         pid: i32,
         subreaper: RefCell<bool>,
-        waits: RefCell<Vec<io::Result<Option<(i32, i32)>>>>,
+        waits: RefCell<Vec<WaitResult>>,
     }
 
     impl Syscall for Fake {
@@ -96,7 +98,7 @@ mod tests {
         }
     }
 
-    fn fake(pid: i32, waits: Vec<io::Result<Option<(i32, i32)>>>) -> Fake {
+    fn fake(pid: i32, waits: Vec<WaitResult>) -> Fake {
         Fake {
             pid,
             subreaper: RefCell::new(false),
