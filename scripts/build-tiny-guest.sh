@@ -68,13 +68,15 @@ for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
 done
 sleep 0.1
 # -d: log to stderr; without it acpid exits for want of /var/log/acpid.log.
-acpid -d -c /etc/acpi >/dev/null 2>&1 &
+case " $(cat /proc/cmdline) " in
+  *" virtkube.ignore-acpi "*) echo "virtkube-tiny: ignoring ACPI (no acpid)" ;;
+  *) acpid -d -c /etc/acpi >/dev/null 2>&1 & ;;
+esac
 echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) cpu(s)"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
-    virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; poweroff -f ;;
+    virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 1; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; echo c > /proc/sysrq-trigger ;;
-    virtkube.ignore-acpi) echo "virtkube-tiny: ignoring ACPI"; pkill acpid ;;
   esac
 done
 echo "virtkube-tiny: ready"

@@ -200,7 +200,10 @@ impl DisposableLibvirtd {
             .stderr(log)
             .spawn()
             .unwrap();
-        let daemon = DisposableLibvirtd { dir: dir.clone(), child };
+        let daemon = DisposableLibvirtd {
+            dir: dir.clone(),
+            child,
+        };
         let uri = daemon.uri();
         let deadline = Instant::now() + Duration::from_secs(20);
         while !virsh(&uri, &["version"]).0 {
