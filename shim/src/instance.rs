@@ -14,20 +14,16 @@ pub struct Facts {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// Builds the instance facts. `env` looks up variables; `annotations_file`
-/// is the downward API file's content when it exists; `hostname` is the
+/// Builds the instance facts. `env` looks up variables; `annotations` are
+/// the pod's (from the downward API file or the API); `hostname` is the
 /// container's hostname.
 pub fn gather(
     env: impl Fn(&str) -> Option<String>,
-    annotations_file: Option<&str>,
+    annotations: BTreeMap<String, String>,
     hostname: &str,
     template_name: Option<String>,
 ) -> Result<Facts, String> {
     let non_empty = |key: &str| env(key).filter(|v| !v.trim().is_empty());
-    let annotations = match annotations_file {
-        Some(text) => parse_downward_annotations(text)?,
-        None => BTreeMap::new(),
-    };
     let pod_name = non_empty("POD_NAME");
     let namespace = non_empty("POD_NAMESPACE");
     let pod_uid = non_empty("POD_UID");
@@ -138,7 +134,7 @@ mod tests {
 
     #[test]
     fn docker_mode_uses_the_hostname() {
-        let facts = gather(env(&[]), None, "3f2a9c1d\n", None).unwrap();
+        let facts = gather(env(&[]), BTreeMap::new(), "3f2a9c1d\n", None).unwrap();
         assert_eq!(facts.instance.domain_name, "3f2a9c1d");
         assert_eq!(facts.instance.uuid, None);
         assert!(facts.annotations.is_empty());
@@ -150,7 +146,7 @@ mod tests {
         let file = "kubernetes.io/config.seen=\"2026-11-22T10:00:00Z\"\nvirtkube.io/template=\"tiny\"\nvirtkube.io/cmdline=\"console=ttyS0 msg=\\\"hi\\\"\\n\"\n";
         let facts = gather(
             env(&[("POD_NAME", "vm-0"), ("POD_NAMESPACE", "prod"), ("POD_UID", uid)]),
-            Some(file),
+            parse_downward_annotations(file).unwrap(),
             "vm-0",
             None,
         )
@@ -164,27 +160,31 @@ mod tests {
     #[test]
     fn inconsistent_or_bad_identity_is_a_clear_error() {
         assert!(
-            gather(env(&[("POD_NAME", "a")]), None, "h", None)
+            gather(env(&[("POD_NAME", "a")]), BTreeMap::new(), "h", None)
                 .unwrap_err()
                 .contains("POD_NAMESPACE is not")
         );
         assert!(
-            gather(env(&[("POD_NAMESPACE", "a")]), None, "h", None)
+            gather(env(&[("POD_NAMESPACE", "a")]), BTreeMap::new(), "h", None)
                 .unwrap_err()
                 .contains("POD_NAME is not")
         );
         let err = gather(
             env(&[("POD_NAME", "a"), ("POD_NAMESPACE", "b"), ("POD_UID", "nope")]),
-            None,
+            BTreeMap::new(),
             "h",
             None,
         )
         .unwrap_err();
         assert!(err.contains("POD_UID=\"nope\" is not a UUID"), "{err}");
-        assert!(gather(env(&[]), None, " ", None).unwrap_err().contains("no hostname"));
-        let err = gather(env(&[]), Some("garbage line"), "h", None).unwrap_err();
+        assert!(
+            gather(env(&[]), BTreeMap::new(), " ", None)
+                .unwrap_err()
+                .contains("no hostname")
+        );
+        let err = parse_downward_annotations("garbage line").unwrap_err();
         assert!(err.contains("line 1") && err.contains("key=\"value\""), "{err}");
-        let err = gather(env(&[]), Some("k=\"unterminated"), "h", None).unwrap_err();
+        let err = parse_downward_annotations("k=\"unterminated").unwrap_err();
         assert!(err.contains("not a quoted string"), "{err}");
     }
 

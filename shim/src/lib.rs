@@ -2,6 +2,8 @@
 //! facts, the supervisor state machine, exit codes, PID 1 duties behind a
 //! syscall trait) are separate from the I/O in `runtime`.
 
+#[cfg(feature = "kube")]
+pub mod cluster;
 pub mod config;
 pub mod exit;
 pub mod host;

@@ -1,6 +1,7 @@
 //! virtkube-shim: the VM's PID 1. See the README's "The shim" section for its
 //! contract: environment, flags and exit codes.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -67,7 +68,7 @@ async fn async_main(config: &Config) -> Exit {
     }
     tokio::spawn(reap_on_sigchld());
 
-    let (template, facts) = match load(config) {
+    let (template, facts) = match load(config).await {
         Ok(loaded) => loaded,
         Err(exit) => return exit,
     };
@@ -84,9 +85,9 @@ async fn async_main(config: &Config) -> Exit {
     runtime::run(config, &template, &facts.instance, &mut signals).await
 }
 
-fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
-    let annotations_text = match std::fs::read_to_string(&config.annotations_file) {
-        Ok(text) => Some(text),
+async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
+    let mut annotations = match std::fs::read_to_string(&config.annotations_file) {
+        Ok(text) => Some(instance::parse_downward_annotations(&text).map_err(Exit::Usage)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
             return Err(Exit::Usage(format!(
@@ -96,29 +97,48 @@ fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
         }
     };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut env: HashMap<String, String> = std::env::vars().collect();
+    #[cfg(feature = "kube")]
+    let api = cluster_inputs(&mut env, &mut annotations, &hostname).await?;
     let facts = instance::gather(
-        |k| std::env::var(k).ok(),
-        annotations_text.as_deref(),
+        |k| env.get(k).cloned(),
+        annotations.unwrap_or_default(),
         &hostname,
         config.template_name.clone(),
     )
     .map_err(Exit::Usage)?;
-    if let Some(name) = &facts.instance.template_name
-        && !config.template_file.exists()
-    {
-        return Err(Exit::StartFailed(format!(
-            "template {name:?} is to be read from the Kubernetes API, which this shim does not do yet; bake the template into the image at {}",
-            config.template_file.display()
-        )));
-    }
-    let text = std::fs::read_to_string(&config.template_file).map_err(|e| {
-        Exit::StartFailed(format!(
-            "cannot read the template file {}: {e} (bake a VirtTemplate into the image there, or set VIRTKUBE_TEMPLATE_FILE)",
-            config.template_file.display()
-        ))
-    })?;
-    let mut template = resolve::parse_yaml(&text)
-        .map_err(|e| Exit::StartFailed(format!("{}: {e}", config.template_file.display())))?;
+    let mut template = match &facts.instance.template_name {
+        #[cfg(feature = "kube")]
+        Some(name) if api.is_some() => {
+            let namespace = facts.instance.namespace.clone().unwrap_or_else(|| "default".into());
+            let client = api
+                .as_ref()
+                .map(|(c, _)| c.clone())
+                .ok_or_else(|| Exit::StartFailed("no API client".into()))?;
+            log(format!(
+                "reading VirtTemplate {namespace}/{name} from the Kubernetes API"
+            ));
+            virtkube_shim::cluster::fetch_template(&client, &namespace, name)
+                .await
+                .map_err(Exit::StartFailed)?
+        }
+        Some(name) if !config.template_file.exists() => {
+            return Err(Exit::StartFailed(format!(
+                "template {name:?} is to be read from the Kubernetes API, but this shim is not running in a pod with a service account; bake the template into the image at {}",
+                config.template_file.display()
+            )));
+        }
+        _ => {
+            let text = std::fs::read_to_string(&config.template_file).map_err(|e| {
+                Exit::StartFailed(format!(
+                    "cannot read the template file {}: {e} (bake a VirtTemplate into the image there, or set VIRTKUBE_TEMPLATE_FILE)",
+                    config.template_file.display()
+                ))
+            })?;
+            resolve::parse_yaml(&text)
+                .map_err(|e| Exit::StartFailed(format!("{}: {e}", config.template_file.display())))?
+        }
+    };
     Overrides::from_annotations(&facts.annotations)
         .and_then(|o| o.apply(&mut template))
         .map_err(|e| Exit::StartFailed(e.to_string()))?;
@@ -127,6 +147,47 @@ fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
         facts.instance.template_name = template.name.clone();
     }
     Ok((template, facts))
+}
+
+/// In a pod without downward API settings (bare `kubectl run`), asks the API
+/// for the pod's identity and annotations. Returns the client when in a cluster.
+#[cfg(feature = "kube")]
+async fn cluster_inputs(
+    env: &mut HashMap<String, String>,
+    annotations: &mut Option<BTreeMap<String, String>>,
+    hostname: &str,
+) -> Result<Option<(kube::Client, Option<String>)>, Exit> {
+    use virtkube_shim::cluster;
+    if !cluster::in_cluster() {
+        return Ok(None);
+    }
+    let client = cluster::client().await.map_err(Exit::StartFailed)?;
+    let mut host_ip = None;
+    if !env.contains_key("POD_NAME") || annotations.is_none() {
+        let namespace = match env.get("POD_NAMESPACE") {
+            Some(ns) => ns.clone(),
+            None => std::fs::read_to_string(cluster::NAMESPACE_FILE)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| Exit::Usage(format!("cannot read {}: {e}", cluster::NAMESPACE_FILE)))?,
+        };
+        let name = env
+            .get("POD_NAME")
+            .cloned()
+            .unwrap_or_else(|| hostname.trim().to_owned());
+        let pod = cluster::fetch_pod(&client, &namespace, &name)
+            .await
+            .map_err(Exit::StartFailed)?;
+        env.entry("POD_NAMESPACE".into()).or_insert(namespace);
+        env.entry("POD_NAME".into()).or_insert(name);
+        if let Some(uid) = pod.uid {
+            env.entry("POD_UID".into()).or_insert(uid);
+        }
+        if annotations.is_none() {
+            *annotations = Some(pod.annotations);
+        }
+        host_ip = pod.host_ip;
+    }
+    Ok(Some((client, host_ip)))
 }
 
 /// Delivers SIGTERM, SIGINT, SIGQUIT and SIGHUP as numbers.
