@@ -1,7 +1,7 @@
 //! virtkube-shim: the VM's PID 1. See the README's "The shim" section for its
 //! contract: environment, flags and exit codes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
@@ -86,6 +86,7 @@ async fn async_main(config: &Config) -> Exit {
 }
 
 async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
+    #[cfg_attr(not(feature = "kube"), allow(unused_mut))]
     let mut annotations = match std::fs::read_to_string(&config.annotations_file) {
         Ok(text) => Some(instance::parse_downward_annotations(&text).map_err(Exit::Usage)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -97,6 +98,7 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
         }
     };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    #[cfg_attr(not(feature = "kube"), allow(unused_mut))]
     let mut env: HashMap<String, String> = std::env::vars().collect();
     #[cfg(feature = "kube")]
     let api = cluster_inputs(&mut env, &mut annotations, &hostname).await?;
@@ -154,7 +156,7 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
 #[cfg(feature = "kube")]
 async fn cluster_inputs(
     env: &mut HashMap<String, String>,
-    annotations: &mut Option<BTreeMap<String, String>>,
+    annotations: &mut Option<std::collections::BTreeMap<String, String>>,
     hostname: &str,
 ) -> Result<Option<(kube::Client, Option<String>)>, Exit> {
     use virtkube_shim::cluster;
