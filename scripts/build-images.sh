@@ -1,0 +1,23 @@
+#!/bin/bash
+# Builds virtkube's images in the local Docker engine: virtkube/shim (FROM
+# scratch, the static shim), virtkube/tiny (the example VM) and
+# virtkube/virthost (libvirtd + QEMU), and the tiny guest's files on the host.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DOCKER=/usr/bin/docker DOCKER_BUILDKIT=0
+log() { echo "[build-images] $*"; }
+
+bash scripts/docker-up.sh
+bash scripts/build-tiny-guest.sh
+log "static shim"
+shim=$(bash scripts/build-shim.sh)
+log "virtkube/shim"
+$DOCKER build -q -f Dockerfile.shim --build-arg SHIM="$shim" -t virtkube/shim:latest . >/dev/null
+log "virtkube/tiny"
+$DOCKER build -q -t virtkube/tiny:latest images/tiny >/dev/null
+bash scripts/debian-base-image.sh debian:bookworm-slim
+log "virtkube/virthost"
+$DOCKER build -q -f Dockerfile.virthost -t virtkube/virthost:latest . >/dev/null
+shim_size=$(stat -c %s "$shim")
+image_size=$($DOCKER image inspect -f '{{.Size}}' virtkube/shim:latest)
+log "shim binary $shim_size bytes; virtkube/shim image $image_size bytes (+$((image_size - shim_size)))"
