@@ -12,6 +12,9 @@ log "libvirtd and virtlogd"
 bash scripts/libvirtd-up.sh
 log "the tiny guest (Debian cloud kernel + busybox initramfs)"
 bash scripts/build-tiny-guest.sh
+log "Docker, the images and the virthost container (for the Docker end-to-end tests)"
+bash scripts/build-images.sh
+bash scripts/virthost-up.sh
 
 K8S_LOCAL=${K8S_LOCAL:-$ROOT/../shared/k8s-local}
 K8S_LOCAL_DIR=${K8S_LOCAL_DIR:-/var/lib/k8s-local}

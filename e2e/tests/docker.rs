@@ -1,0 +1,317 @@
+//! virtkube on plain Docker, the way a user runs it: the FROM-scratch base
+//! image, a VM image built FROM it, the virthost container, `docker run`,
+//! `docker logs`, `docker stop`, `docker kill`.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DOCKER: &str = "/usr/bin/docker";
+const SOCKET_DIR: &str = "/var/run/virtkube";
+const BOOT: Duration = Duration::from_secs(90);
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new(DOCKER)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run docker: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let (ok, out) = docker(args);
+    assert!(ok, "docker {args:?} failed: {out}");
+    out
+}
+
+fn virthost_uri() -> String {
+    format!("qemu+unix:///system?socket={SOCKET_DIR}/libvirt-sock")
+}
+
+fn require_setup() {
+    for image in [
+        "virtkube/shim:latest",
+        "virtkube/tiny:latest",
+        "virtkube/virthost:latest",
+    ] {
+        assert!(
+            docker(&["image", "inspect", image]).0,
+            "image {image} is missing: run scripts/build-images.sh"
+        );
+    }
+    let (ok, _) = virsh(&["version"]);
+    assert!(ok, "the virthost container is not running: run scripts/virthost-up.sh");
+}
+
+fn virsh(args: &[&str]) -> (bool, String) {
+    let out = Command::new("virsh")
+        .arg("-c")
+        .arg(virthost_uri())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A VM container, removed when dropped.
+struct Vm {
+    name: String,
+}
+
+impl Vm {
+    fn run(name: &str, extra: &[&str], image: &str, args: &[&str]) -> Vm {
+        let name = format!("{name}-{}", std::process::id());
+        let _ = docker(&["rm", "-f", &name]);
+        let volume = format!("{SOCKET_DIR}:/var/run/libvirt");
+        let mut cmd = vec!["run", "-d", "--name", &name, "-v", &volume];
+        cmd.extend_from_slice(extra);
+        cmd.push(image);
+        cmd.extend_from_slice(args);
+        docker_ok(&cmd);
+        Vm { name }
+    }
+
+    fn logs(&self) -> String {
+        docker(&["logs", &self.name]).1
+    }
+
+    fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "waited {timeout:?} for {needle:?} in the logs:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn exit_code(&self, timeout: Duration) -> i32 {
+        let out = Command::new(DOCKER)
+            .args(["wait", &self.name])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut child = out;
+        loop {
+            if let Some(_status) = child.try_wait().unwrap() {
+                let mut s = String::new();
+                std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut s).unwrap();
+                return s.trim().parse().unwrap_or_else(|_| panic!("docker wait said {s:?}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not exit within {timeout:?}:\n{}", self.name, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The domain name: in Docker mode the container's hostname (its short id).
+    fn domain(&self) -> String {
+        docker_ok(&["inspect", "-f", "{{.Config.Hostname}}", &self.name])
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", &self.name]);
+    }
+}
+
+fn domain_exists(domain: &str) -> bool {
+    virsh(&["domstate", domain]).0
+}
+
+#[test]
+fn the_base_image_is_the_shim_and_nothing_else() {
+    require_setup();
+    let size: u64 = docker_ok(&["image", "inspect", "-f", "{{.Size}}", "virtkube/shim:latest"])
+        .trim()
+        .parse()
+        .unwrap();
+    let binary = std::fs::metadata(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/x86_64-unknown-linux-gnu/release/virtkube-shim"
+    ))
+    .map(|m| m.len())
+    .unwrap_or(size);
+    println!("virtkube/shim image: {size} bytes; shim binary: {binary} bytes");
+    assert!(
+        size <= binary + 100 * 1024,
+        "image {size} bytes > binary {binary} + 100 KiB"
+    );
+    // One layer, one file.
+    let history = docker_ok(&[
+        "history",
+        "--no-trunc",
+        "--format",
+        "{{.CreatedBy}}",
+        "virtkube/shim:latest",
+    ]);
+    let copies = history.lines().filter(|l| l.contains("COPY")).count();
+    assert_eq!(copies, 1, "{history}");
+    let entrypoint = docker_ok(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .Config.Entrypoint}}",
+        "virtkube/shim:latest",
+    ]);
+    assert_eq!(entrypoint.trim(), r#"["/virtkube-shim"]"#);
+}
+
+#[test]
+fn print_xml_shows_what_would_run_without_libvirtd() {
+    require_setup();
+    let out = docker_ok(&["run", "--rm", "virtkube/tiny:latest", "--print-xml"]);
+    assert!(
+        out.contains("<domain type=\"qemu\">") && out.contains("/var/lib/virtkube/images/tiny/vmlinuz"),
+        "{out}"
+    );
+}
+
+#[test]
+fn vm_boots_shows_its_console_in_docker_logs_and_docker_stop_powers_it_off() {
+    require_setup();
+    let vm = Vm::run("e2e-boot", &[], "virtkube/tiny:latest", &[]);
+    vm.wait_for_log("virtkube-tiny: ready", BOOT);
+    let domain = vm.domain();
+    assert!(domain_exists(&domain), "no domain {domain} on the virthost");
+    let asked = Instant::now();
+    docker_ok(&["stop", "-t", "30", &vm.name]);
+    assert_eq!(vm.exit_code(Duration::from_secs(5)), 0, "{}", vm.logs());
+    assert!(
+        asked.elapsed() < Duration::from_secs(25),
+        "docker stop took {:?}: no clean ACPI shutdown",
+        asked.elapsed()
+    );
+    assert!(
+        vm.logs().contains("[virtkube-shim] exit 0: the guest stopped"),
+        "{}",
+        vm.logs()
+    );
+    assert!(!domain_exists(&domain), "domain {domain} left behind");
+}
+
+#[test]
+fn docker_run_interactive_gives_a_console() {
+    require_setup();
+    let name = format!("e2e-interactive-{}", std::process::id());
+    let volume = format!("{SOCKET_DIR}:/var/run/libvirt");
+    let mut child = Command::new(DOCKER)
+        .args([
+            "run",
+            "--rm",
+            "-i",
+            "--name",
+            &name,
+            "-v",
+            &volume,
+            "virtkube/tiny:latest",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let mut wait_for = |needle: &str, seen: &mut String| {
+        let deadline = Instant::now() + BOOT;
+        while !seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "waited for {needle:?}; got:\n{seen}");
+            if let Ok(bytes) = rx.recv_timeout(left.min(Duration::from_millis(500))) {
+                seen.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    };
+    wait_for("virtkube-tiny: ready", &mut seen);
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin.write_all(b"echo hello-from-$((6*7))\n").unwrap();
+    stdin.flush().unwrap();
+    wait_for("hello-from-42", &mut seen);
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    stdin.flush().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen}");
+}
+
+#[test]
+fn docker_kill_takes_the_vm_with_it() {
+    require_setup();
+    let vm = Vm::run("e2e-kill", &[], "virtkube/tiny:latest", &[]);
+    vm.wait_for_log("started domain", BOOT);
+    let domain = vm.domain();
+    assert!(domain_exists(&domain));
+    docker_ok(&["kill", "-s", "KILL", &vm.name]);
+    let killed = Instant::now();
+    while domain_exists(&domain) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "domain {domain} outlived its container by 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_broken_template_fails_the_container_with_a_clear_message() {
+    require_setup();
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-broken-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("template.yaml"), "memory: 12 GB\n").unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM virtkube/shim:latest\nCOPY template.yaml /etc/virtkube/template.yaml\n",
+    )
+    .unwrap();
+    let tag = format!("virtkube/e2e-broken:{}", std::process::id());
+    let out = Command::new(DOCKER)
+        .args(["build", "-q", "-t", &tag])
+        .arg(&dir)
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vm = Vm::run("e2e-broken", &[], &tag, &[]);
+    assert_eq!(vm.exit_code(Duration::from_secs(30)), 1);
+    assert!(
+        vm.logs()
+            .contains(r#"spec.memory: "12 GB" is not a Kubernetes quantity"#),
+        "{}",
+        vm.logs()
+    );
+    drop(vm);
+    let _ = docker(&["rmi", &tag]);
+}

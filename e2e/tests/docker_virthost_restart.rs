@@ -1,0 +1,75 @@
+//! What happens to running VMs when the virthost container restarts (its own
+//! test binary: cargo runs test binaries one at a time, so no other test
+//! loses its libvirtd). Today's design: QEMU lives in the virthost container,
+//! so the VM dies with it, and the VM container must fail visibly with the
+//! "lost libvirtd" code (4), not hang.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const DOCKER: &str = "/usr/bin/docker";
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new(DOCKER).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn virthost_answers() -> bool {
+    Command::new("virsh")
+        .args([
+            "-c",
+            "qemu+unix:///system?socket=/var/run/virtkube/libvirt-sock",
+            "version",
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn restarting_the_virthost_fails_running_vm_containers_with_code_4() {
+    assert!(
+        virthost_answers(),
+        "the virthost container is not running: run scripts/virthost-up.sh"
+    );
+    let name = format!("e2e-virthost-restart-{}", std::process::id());
+    let _ = docker(&["rm", "-f", &name]);
+    let (ok, out) = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-v",
+        "/var/run/virtkube:/var/run/libvirt",
+        "virtkube/tiny:latest",
+    ]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !docker(&["logs", &name]).1.contains("started domain") {
+        assert!(Instant::now() < deadline, "{}", docker(&["logs", &name]).1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, out) = docker(&["restart", "-t", "10", "virtkube-virthost"]);
+    assert!(ok, "{out}");
+    let (ok, code) = docker(&["wait", &name]);
+    let logs = docker(&["logs", &name]).1;
+    let _ = docker(&["rm", "-f", &name]);
+    assert!(ok, "{code}");
+    assert_eq!(code.trim(), "4", "{logs}");
+    assert!(logs.contains("lost the connection to libvirtd"), "{logs}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !virthost_answers() {
+        assert!(
+            Instant::now() < deadline,
+            "the virthost did not come back after its restart"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
