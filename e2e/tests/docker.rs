@@ -246,7 +246,7 @@ fn docker_run_interactive_gives_a_console() {
         }
     });
     let mut seen = String::new();
-    let mut wait_for = |needle: &str, seen: &mut String| {
+    let wait_for = |needle: &str, seen: &mut String| {
         let deadline = Instant::now() + BOOT;
         while !seen.contains(needle) {
             let left = deadline.saturating_duration_since(Instant::now());
