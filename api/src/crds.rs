@@ -10,7 +10,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
     vec![VirtTemplate::crd(), VirtNode::crd(), VirtDomain::crd()]
 }
 
-/// The CRDs as one multi-document YAML file (what `deploy/crds.yaml` holds).
+/// The CRDs as one multi-document YAML file (what `deploy/01-crds.yaml` holds).
 pub fn yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::from(
         "# Generated from the types in api/ by `cargo run -p virtkube-api --bin virtkube-crds`; do not edit.\n",

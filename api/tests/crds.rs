@@ -1,6 +1,6 @@
 //! The CRDs under deploy/ are generated from the types, structural, and every
 //! field is documented (descriptions become `kubectl explain`).
-//! `UPDATE_CRDS=1 cargo test -p virtkube-api --test crds` regenerates deploy/crds.yaml.
+//! `UPDATE_CRDS=1 cargo test -p virtkube-api --test crds` regenerates deploy/01-crds.yaml.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use serde_json::{Value, json};
@@ -8,7 +8,7 @@ use virtkube_api::crds;
 
 #[test]
 fn checked_in_crds_match_the_types() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds.yaml");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/01-crds.yaml");
     let generated = crds::yaml().unwrap();
     if std::env::var_os("UPDATE_CRDS").is_some() {
         std::fs::write(&path, &generated).unwrap();
@@ -16,7 +16,7 @@ fn checked_in_crds_match_the_types() {
     let checked_in = std::fs::read_to_string(&path).unwrap();
     assert!(
         checked_in == generated,
-        "deploy/crds.yaml is out of date: run `cargo run -p virtkube-api --bin virtkube-crds > deploy/crds.yaml`"
+        "deploy/01-crds.yaml is out of date: run `cargo run -p virtkube-api --bin virtkube-crds > deploy/01-crds.yaml`"
     );
 }
 

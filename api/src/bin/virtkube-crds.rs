@@ -1,4 +1,4 @@
-//! Prints virtkube's CRDs as YAML: `cargo run -p virtkube-api --bin virtkube-crds > deploy/crds.yaml`.
+//! Prints virtkube's CRDs as YAML: `cargo run -p virtkube-api --bin virtkube-crds > deploy/01-crds.yaml`.
 
 fn main() {
     match virtkube_api::crds::yaml() {
