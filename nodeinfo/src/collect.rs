@@ -1,0 +1,229 @@
+//! Reading libvirt through the `virt` crate (libvirt.so; dynamic linking is
+//! fine in the virthost image), and lifecycle events from libvirt's default
+//! event loop running in its own thread.
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::sync::Once;
+
+use tokio::sync::mpsc::UnboundedSender;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use crate::facts::{self, DomainCapabilities};
+use crate::model::{self, DomainSnapshot, HostSnapshot};
+
+/// A libvirt error as text.
+pub type Error = String;
+
+fn err(what: &str) -> impl Fn(virt::error::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Reads the host's facts.
+pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
+    let caps =
+        facts::parse_capabilities(&conn.capabilities().map_err(err("capabilities"))?).map_err(|e| e.to_string())?;
+    for skipped in &caps.skipped {
+        eprintln!("[nodeinfo] capabilities: skipped {skipped}");
+    }
+    let virt_type = if caps.domain_types.iter().any(|t| t == "kvm") {
+        "kvm"
+    } else {
+        "qemu"
+    };
+    let domcaps = if caps.domain_types.iter().any(|t| t == virt_type) {
+        match conn.domain_capabilities(None, caps.arch.as_deref(), None, Some(virt_type), 0) {
+            Ok(xml) => facts::parse_domain_capabilities(&xml)
+                .map_err(|e| eprintln!("[nodeinfo] {e}"))
+                .ok(),
+            Err(e) => {
+                eprintln!("[nodeinfo] domain capabilities for {virt_type}: {e}");
+                None
+            }
+        }
+    } else {
+        None::<DomainCapabilities>
+    };
+    let info = conn.node_info().map_err(err("node info"))?;
+    let domains = conn.num_of_domains().map_err(err("number of domains"))?;
+    Ok(HostSnapshot {
+        caps,
+        domcaps,
+        cpus: info.cpus,
+        memory_kib: info.memory,
+        libvirt_version: conn.lib_version().map_err(err("libvirt version"))?,
+        hypervisor_version: conn.hyp_version().unwrap_or(0),
+        pci: pci_devices(conn),
+        domains,
+    })
+}
+
+fn pci_devices(conn: &Connect) -> Vec<virtkube_api::node::PciDevice> {
+    let devices = match conn.list_all_node_devices(sys::VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV) {
+        Ok(devices) => devices,
+        Err(e) => {
+            eprintln!("[nodeinfo] PCI devices not listed: {e}");
+            return Vec::new();
+        }
+    };
+    devices
+        .iter()
+        .filter_map(|d| d.xml_desc(0).ok())
+        .filter_map(|xml| match facts::parse_pci_device(&xml) {
+            Ok(dev) => dev,
+            Err(e) => {
+                eprintln!("[nodeinfo] skipped a PCI device: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Reads one domain; `None` when virtkube does not own it.
+pub fn domain(dom: &Domain) -> Result<Option<DomainSnapshot>, Error> {
+    let xml = dom.xml_desc(0).map_err(err("domain XML"))?;
+    let Some(owner) = facts::parse_owner(&xml).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let (state, reason) = raw_state(dom)?;
+    let info = dom.info().map_err(err("domain info"))?;
+    Ok(Some(DomainSnapshot {
+        name: dom.name().map_err(err("domain name"))?,
+        uuid: dom.uuid_string().map_err(err("domain uuid"))?,
+        owner,
+        state: model::state_name(state).to_owned(),
+        reason: model::reason_name(state, reason),
+        vcpus: info.nr_virt_cpu,
+        memory_kib: info.memory,
+        cpu_time_ns: info.cpu_time,
+    }))
+}
+
+/// The domain's state and reason as libvirt's numbers (the `virt` crate's
+/// nested enums add nothing here).
+fn raw_state(dom: &Domain) -> Result<(u32, i32), Error> {
+    let mut state: c_int = -1;
+    let mut reason: c_int = -1;
+    // SAFETY: `dom` wraps a valid domain pointer for the duration of the call,
+    // and both out-parameters point to live c_ints.
+    let rc = unsafe { sys::virDomainGetState(dom.as_ptr(), &mut state, &mut reason, 0) };
+    if rc < 0 {
+        return Err(format!("domain state: {}", virt::error::Error::last_error()));
+    }
+    Ok((u32::try_from(state).unwrap_or(0), reason))
+}
+
+/// Reads every running virtkube domain.
+pub fn domains(conn: &Connect) -> Result<Vec<DomainSnapshot>, Error> {
+    let all = conn
+        .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        .map_err(err("list domains"))?;
+    let mut out = Vec::new();
+    for dom in &all {
+        match domain(dom) {
+            Ok(Some(d)) => out.push(d),
+            Ok(None) => {}
+            // A domain that vanished between the listing and the read.
+            Err(e) => eprintln!("[nodeinfo] skipped a domain: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+static EVENT_LOOP: Once = Once::new();
+
+/// Starts libvirt's default event loop in its own thread (once per process).
+/// Must run before the connection that registers callbacks is opened.
+pub fn start_event_loop() -> Result<(), Error> {
+    let mut result = Ok(());
+    EVENT_LOOP.call_once(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            result = Err(format!("cannot register libvirt's event loop: {e}"));
+            return;
+        }
+        std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        eprintln!("[nodeinfo] libvirt event loop: {e}");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            })
+            .map(drop)
+            .unwrap_or_else(|e| result = Err(format!("cannot start the event thread: {e}")));
+    });
+    result
+}
+
+/// A domain lifecycle event: the domain's name.
+pub type DomainEvent = String;
+
+unsafe extern "C" fn on_lifecycle(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    _event: c_int,
+    _detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    // SAFETY: `opaque` is the Box<UnboundedSender> leaked in
+    // `register_lifecycle_events`; libvirt keeps it alive until `free_sender`
+    // runs, which happens only after the last callback.
+    let sender = unsafe { &*(opaque as *const UnboundedSender<DomainEvent>) };
+    // SAFETY: libvirt passes a valid domain for the duration of the callback;
+    // the returned name is owned by the domain object and not freed by us.
+    let name = unsafe { sys::virDomainGetName(dom) };
+    if !name.is_null() {
+        // SAFETY: a non-null name is a NUL-terminated C string (see above).
+        let name = unsafe { CStr::from_ptr(name as *const c_char) }
+            .to_string_lossy()
+            .into_owned();
+        let _ = sender.send(name);
+    }
+    0
+}
+
+unsafe extern "C" fn free_sender(opaque: *mut c_void) {
+    // SAFETY: `opaque` came from Box::into_raw in `register_lifecycle_events`
+    // and libvirt calls this free callback exactly once.
+    drop(unsafe { Box::from_raw(opaque as *mut UnboundedSender<DomainEvent>) });
+}
+
+/// Registers for lifecycle events of every domain; each event sends the
+/// domain's name. Returns the callback id.
+pub fn register_lifecycle_events(conn: &Connect, sender: UnboundedSender<DomainEvent>) -> Result<i32, Error> {
+    let opaque = Box::into_raw(Box::new(sender)) as *mut c_void;
+    // The lifecycle callback has more arguments than the generic type libvirt
+    // declares; libvirt calls it with the lifecycle signature for this event id.
+    // SAFETY: both are `unsafe extern "C" fn` pointers of the same ABI; libvirt
+    // documents casting via VIR_DOMAIN_EVENT_CALLBACK for exactly this use.
+    let callback: sys::virConnectDomainEventGenericCallback = Some(unsafe {
+        std::mem::transmute::<
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int,
+            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
+        >(on_lifecycle)
+    });
+    // SAFETY: `conn` is an open connection; a null domain means "all domains";
+    // `opaque` stays valid until libvirt calls `free_sender`.
+    let id = unsafe {
+        sys::virConnectDomainEventRegisterAny(
+            conn.as_ptr(),
+            std::ptr::null_mut(),
+            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
+            callback,
+            opaque,
+            Some(free_sender),
+        )
+    };
+    if id < 0 {
+        // SAFETY: registration failed, so libvirt did not take ownership.
+        unsafe { free_sender(opaque) };
+        return Err(format!(
+            "cannot register for lifecycle events: {}",
+            virt::error::Error::last_error()
+        ));
+    }
+    Ok(id)
+}

@@ -1,0 +1,374 @@
+//! Pure parsing of libvirt's XML into host facts. Malformed XML is an error;
+//! an unexpected or missing field is skipped (and reported in `skipped`),
+//! never a panic.
+
+use thiserror::Error;
+use virtkube_api::node::{HostCpu, HugePages, NumaCell, PciDevice};
+use virtkube_api::quantity::format_bytes;
+
+/// XML that does not parse at all.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{what} XML from libvirt does not parse: {message}")]
+pub struct XmlError {
+    /// Which document.
+    pub what: &'static str,
+    /// The parser's message.
+    pub message: String,
+}
+
+fn parse<'a>(what: &'static str, xml: &'a str) -> Result<roxmltree::Document<'a>, XmlError> {
+    roxmltree::Document::parse(xml).map_err(|e| XmlError {
+        what,
+        message: e.to_string(),
+    })
+}
+
+fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+    node.children().find(|c| c.has_tag_name(name))
+}
+
+fn text<'a>(node: roxmltree::Node<'a, '_>, name: &str) -> Option<&'a str> {
+    child(node, name).and_then(|c| c.text()).map(str::trim)
+}
+
+/// What the host capabilities say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Capabilities {
+    /// Host architecture.
+    pub arch: Option<String>,
+    /// Host CPU model, vendor and features.
+    pub cpu: HostCpu,
+    /// NUMA cells.
+    pub numa: Vec<NumaCell>,
+    /// Domain types offered for host-arch hvm guests (qemu, kvm, test).
+    pub domain_types: Vec<String>,
+    /// Machine types offered for host-arch hvm guests.
+    pub machine_types: Vec<String>,
+    /// Fields that were present but not understood.
+    pub skipped: Vec<String>,
+}
+
+/// Parses `virConnectGetCapabilities` XML.
+pub fn parse_capabilities(xml: &str) -> Result<Capabilities, XmlError> {
+    let doc = parse("capabilities", xml)?;
+    let mut caps = Capabilities::default();
+    let root = doc.root_element();
+    if let Some(host) = child(root, "host") {
+        if let Some(cpu) = child(host, "cpu") {
+            caps.arch = text(cpu, "arch").map(str::to_owned);
+            caps.cpu.model = text(cpu, "model").map(str::to_owned);
+            caps.cpu.vendor = text(cpu, "vendor").map(str::to_owned);
+            caps.cpu.features = cpu
+                .children()
+                .filter(|c| c.has_tag_name("feature"))
+                .filter_map(|c| c.attribute("name").map(str::to_owned))
+                .collect();
+        }
+        if let Some(cells) = child(host, "topology").and_then(|t| child(t, "cells")) {
+            for cell in cells.children().filter(|c| c.has_tag_name("cell")) {
+                let Some(id) = cell.attribute("id").and_then(|v| v.parse().ok()) else {
+                    caps.skipped.push("a NUMA cell without a numeric id".into());
+                    continue;
+                };
+                let memory = child(cell, "memory").and_then(|m| {
+                    let kib: u64 = m.text()?.trim().parse().ok()?;
+                    (m.attribute("unit").unwrap_or("KiB") == "KiB").then(|| format_bytes(kib * 1024))
+                });
+                let cpus = child(cell, "cpus")
+                    .and_then(|c| c.attribute("num"))
+                    .and_then(|n| n.parse().ok());
+                let hugepages = cell
+                    .children()
+                    .filter(|c| c.has_tag_name("pages"))
+                    .filter_map(|p| {
+                        let size_kib: u64 = p.attribute("size")?.parse().ok()?;
+                        let count: u64 = p.text()?.trim().parse().ok()?;
+                        // The base page size is not a huge page.
+                        (size_kib > 4).then_some(HugePages { size_kib, count })
+                    })
+                    .collect();
+                caps.numa.push(NumaCell {
+                    id,
+                    memory,
+                    cpus,
+                    hugepages,
+                });
+            }
+        }
+    } else {
+        caps.skipped.push("no <host> element".into());
+    }
+    let host_arch = caps.arch.clone();
+    for guest in root.children().filter(|c| c.has_tag_name("guest")) {
+        if text(guest, "os_type") != Some("hvm") {
+            continue;
+        }
+        for arch in guest.children().filter(|c| c.has_tag_name("arch")) {
+            if arch.attribute("name") != host_arch.as_deref() {
+                continue;
+            }
+            for node in arch.children() {
+                let value = if node.has_tag_name("domain") {
+                    node.attribute("type").map(|t| (&mut caps.domain_types, t.to_owned()))
+                } else if node.has_tag_name("machine") {
+                    node.text().map(|t| (&mut caps.machine_types, t.trim().to_owned()))
+                } else {
+                    None
+                };
+                if let Some((list, v)) = value
+                    && !list.contains(&v)
+                {
+                    list.push(v);
+                }
+            }
+        }
+    }
+    caps.machine_types.sort();
+    Ok(caps)
+}
+
+/// What the domain capabilities say for one virt type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainCapabilities {
+    /// The virt type they describe (`kvm`, `qemu`).
+    pub domain: Option<String>,
+    /// The default machine type.
+    pub machine: Option<String>,
+    /// The host-model CPU's model name.
+    pub host_model: Option<String>,
+    /// CPU models usable with mode custom.
+    pub usable_models: Vec<String>,
+}
+
+/// Parses `virConnectGetDomainCapabilities` XML.
+pub fn parse_domain_capabilities(xml: &str) -> Result<DomainCapabilities, XmlError> {
+    let doc = parse("domain capabilities", xml)?;
+    let root = doc.root_element();
+    let mut out = DomainCapabilities {
+        domain: text(root, "domain").map(str::to_owned),
+        machine: text(root, "machine").map(str::to_owned),
+        ..Default::default()
+    };
+    if let Some(cpu) = child(root, "cpu") {
+        for mode in cpu.children().filter(|c| c.has_tag_name("mode")) {
+            if mode.attribute("supported") != Some("yes") {
+                continue;
+            }
+            match mode.attribute("name") {
+                Some("host-model") => out.host_model = text(mode, "model").map(str::to_owned),
+                Some("custom") => {
+                    out.usable_models = mode
+                        .children()
+                        .filter(|m| m.has_tag_name("model") && m.attribute("usable") == Some("yes"))
+                        .filter_map(|m| m.text().map(|t| t.trim().to_owned()))
+                        .collect();
+                }
+                _ => {}
+            }
+        }
+    }
+    out.usable_models.sort();
+    out.usable_models.dedup();
+    Ok(out)
+}
+
+/// Parses one node device's XML; `None` when it is not a PCI device.
+pub fn parse_pci_device(xml: &str) -> Result<Option<PciDevice>, XmlError> {
+    let doc = parse("node device", xml)?;
+    let root = doc.root_element();
+    let Some(cap) = root
+        .children()
+        .find(|c| c.has_tag_name("capability") && c.attribute("type") == Some("pci"))
+    else {
+        return Ok(None);
+    };
+    let number = |name: &str| text(cap, name).and_then(|t| t.parse::<u32>().ok());
+    let (Some(domain), Some(bus), Some(slot), Some(function)) =
+        (number("domain"), number("bus"), number("slot"), number("function"))
+    else {
+        return Ok(None);
+    };
+    let id_and_name = |name: &str| {
+        child(cap, name).map(
+            |n| match (n.attribute("id"), n.text().map(str::trim).filter(|t| !t.is_empty())) {
+                (Some(id), Some(label)) => format!("{id} {label}"),
+                (Some(id), None) => id.to_owned(),
+                (None, Some(label)) => label.to_owned(),
+                (None, None) => String::new(),
+            },
+        )
+    };
+    Ok(Some(PciDevice {
+        address: format!("{domain:04x}:{bus:02x}:{slot:02x}.{function:x}"),
+        vendor: id_and_name("vendor"),
+        product: id_and_name("product"),
+        class: text(cap, "class").map(str::to_owned),
+        driver: child(root, "driver").and_then(|d| text(d, "name")).map(str::to_owned),
+        iommu_group: child(cap, "iommuGroup")
+            .and_then(|g| g.attribute("number"))
+            .and_then(|n| n.parse().ok()),
+    }))
+}
+
+/// virtkube's owner metadata of a domain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Pod UID.
+    pub uid: Option<String>,
+    /// Template name.
+    pub template: Option<String>,
+}
+
+/// Reads virtkube's `<metadata>` from a domain's XML; `None` for domains
+/// virtkube did not create (or that lack a namespace and pod).
+pub fn parse_owner(domain_xml: &str) -> Result<Option<Owner>, XmlError> {
+    let doc = parse("domain", domain_xml)?;
+    let Some(instance) = doc
+        .descendants()
+        .find(|n| n.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS) && n.tag_name().name() == "instance")
+    else {
+        return Ok(None);
+    };
+    let field = |name: &str| {
+        instance
+            .children()
+            .find(|c| c.tag_name().name() == name && c.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS))
+            .and_then(|c| c.text())
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    };
+    let (Some(namespace), Some(pod)) = (field("namespace"), field("pod")) else {
+        return Ok(None);
+    };
+    Ok(Some(Owner {
+        namespace,
+        pod,
+        uid: field("uid"),
+        template: field("template"),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QEMU_CAPS: &str = include_str!("../tests/fixtures/qemu-capabilities.xml");
+    const TEST_CAPS: &str = include_str!("../tests/fixtures/test-capabilities.xml");
+    const QEMU_DOMCAPS: &str = include_str!("../tests/fixtures/qemu-domcapabilities.xml");
+
+    #[test]
+    fn qemu_capabilities_fixture() {
+        let caps = parse_capabilities(QEMU_CAPS).unwrap();
+        assert_eq!(caps.arch.as_deref(), Some("x86_64"));
+        assert!(caps.cpu.model.is_some() && !caps.cpu.features.is_empty());
+        assert_eq!(caps.domain_types, ["qemu"], "KVM is hidden from the test libvirtd");
+        assert!(caps.machine_types.iter().any(|m| m == "q35") && caps.machine_types.iter().any(|m| m == "pc"));
+        assert_eq!(caps.numa.len(), 1);
+        assert_eq!(caps.numa[0].cpus, Some(2));
+        assert!(
+            caps.numa[0]
+                .memory
+                .as_deref()
+                .is_some_and(|m| m.ends_with("Ki") || m.ends_with("Mi") || m.ends_with("Gi"))
+        );
+        assert!(caps.numa[0].hugepages.iter().any(|h| h.size_kib == 2048));
+        assert!(caps.numa[0].hugepages.iter().all(|h| h.size_kib > 4));
+    }
+
+    #[test]
+    fn test_driver_capabilities_fixture() {
+        let caps = parse_capabilities(TEST_CAPS).unwrap();
+        assert_eq!(caps.arch.as_deref(), Some("i686"));
+        assert_eq!(caps.domain_types, ["test"]);
+    }
+
+    #[test]
+    fn domain_capabilities_fixture() {
+        let d = parse_domain_capabilities(QEMU_DOMCAPS).unwrap();
+        assert_eq!(d.domain.as_deref(), Some("qemu"));
+        assert!(d.machine.is_some());
+        assert!(d.usable_models.iter().any(|m| m == "qemu64"), "{:?}", d.usable_models);
+    }
+
+    #[test]
+    fn pci_fixtures() {
+        let dev = parse_pci_device(include_str!("../tests/fixtures/qemu-nodedev-pci-driver.xml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(dev.address, "0000:00:01.0");
+        assert_eq!(dev.vendor.as_deref(), Some("0x1af4"));
+        assert_eq!(dev.driver.as_deref(), Some("virtio-pci"));
+        assert_eq!(dev.class.as_deref(), Some("0xffff00"));
+        let bridge = parse_pci_device(include_str!("../tests/fixtures/qemu-nodedev-pci.xml"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(bridge.driver, None);
+        let vendor_named = "<device><name>x</name><capability type='pci'><domain>0</domain><bus>3</bus><slot>0</slot><function>1</function><vendor id='0x8086'>Intel Corporation</vendor><iommuGroup number='12'/></capability></device>";
+        let dev = parse_pci_device(vendor_named).unwrap().unwrap();
+        assert_eq!(
+            (dev.address.as_str(), dev.vendor.as_deref(), dev.iommu_group),
+            ("0000:03:00.1", Some("0x8086 Intel Corporation"), Some(12))
+        );
+        assert_eq!(
+            parse_pci_device("<device><capability type='usb_device'/></device>").unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_pci_device("<device><capability type='pci'><bus>x</bus></capability></device>").unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn owner_metadata() {
+        let xml = format!(
+            "<domain type='qemu'><name>ns_vm</name><metadata><virtkube:instance xmlns:virtkube='{}'><virtkube:namespace>ns</virtkube:namespace><virtkube:pod>vm</virtkube:pod><virtkube:uid>u-1</virtkube:uid></virtkube:instance></metadata></domain>",
+            virtkube_api::METADATA_XMLNS
+        );
+        let owner = parse_owner(&xml).unwrap().unwrap();
+        assert_eq!(
+            (
+                owner.namespace.as_str(),
+                owner.pod.as_str(),
+                owner.uid.as_deref(),
+                owner.template
+            ),
+            ("ns", "vm", Some("u-1"), None)
+        );
+        assert_eq!(parse_owner("<domain><name>other</name></domain>").unwrap(), None);
+        let foreign = "<domain><metadata><x:instance xmlns:x='urn:other'><x:namespace>a</x:namespace><x:pod>b</x:pod></x:instance></metadata></domain>";
+        assert_eq!(parse_owner(foreign).unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_xml_is_an_error_and_odd_xml_is_skipped() {
+        for bad in ["", "<capabilities", "<<>>"] {
+            let err = parse_capabilities(bad).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("capabilities XML from libvirt does not parse"),
+                "{err}"
+            );
+        }
+        assert!(parse_domain_capabilities("<x").is_err());
+        assert!(parse_pci_device("nope").is_err());
+        assert!(parse_owner("<domain>").is_err());
+        let odd = parse_capabilities("<capabilities><guest><os_type>hvm</os_type></guest></capabilities>").unwrap();
+        assert_eq!(odd.skipped, ["no <host> element"]);
+        let cells = parse_capabilities("<capabilities><host><cpu><arch>x86_64</arch></cpu><topology><cells><cell id='x'/><cell id='1'><memory unit='KiB'>nope</memory></cell></cells></topology></host></capabilities>").unwrap();
+        assert_eq!(cells.skipped, ["a NUMA cell without a numeric id"]);
+        assert_eq!(
+            cells.numa,
+            [NumaCell {
+                id: 1,
+                memory: None,
+                cpus: None,
+                hugepages: vec![]
+            }]
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Pure construction of what nodeinfo publishes: the VirtNode status, the Node
+//! labels, and VirtDomain objects, from facts gathered from libvirt.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+use virtkube_api::labels as keys;
+use virtkube_api::node::{Condition, PciDevice, VirtNodeStatus};
+use virtkube_api::quantity::format_bytes;
+
+use crate::facts::{Capabilities, DomainCapabilities, Owner};
+
+/// Label on each VirtDomain naming the node that published it, so a node's
+/// nodeinfo finds (and deletes) only its own stale VirtDomains.
+pub const NODE_LABEL: &str = "virtkube.io/node";
+
+/// Everything read from libvirt about the host.
+#[derive(Debug, Clone, Default)]
+pub struct HostSnapshot {
+    /// Capabilities.
+    pub caps: Capabilities,
+    /// Domain capabilities of the best virt type (kvm if offered, else qemu).
+    pub domcaps: Option<DomainCapabilities>,
+    /// Logical CPUs.
+    pub cpus: u32,
+    /// Memory in KiB.
+    pub memory_kib: u64,
+    /// libvirt version number (major·10⁶ + minor·10³ + micro).
+    pub libvirt_version: u32,
+    /// Hypervisor version number.
+    pub hypervisor_version: u32,
+    /// PCI devices.
+    pub pci: Vec<PciDevice>,
+    /// Running domains.
+    pub domains: u32,
+}
+
+/// One domain as read from libvirt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSnapshot {
+    /// Domain name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// virtkube owner metadata.
+    pub owner: Owner,
+    /// State name (`Running`, …).
+    pub state: String,
+    /// Reason name.
+    pub reason: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in KiB.
+    pub memory_kib: u64,
+    /// CPU time in ns.
+    pub cpu_time_ns: u64,
+}
+
+/// `9000000` → `9.0.0`.
+pub fn version_string(v: u32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
+}
+
+/// The VirtNode status. `now` is the heartbeat time (RFC 3339).
+pub fn node_status(host: &HostSnapshot, now: &str) -> VirtNodeStatus {
+    let kvm = host.caps.domain_types.iter().any(|t| t == "kvm");
+    let mut cpu = host.caps.cpu.clone();
+    if let Some(model) = host.domcaps.as_ref().and_then(|d| d.host_model.clone()) {
+        cpu.model = Some(model);
+    }
+    VirtNodeStatus {
+        arch: host.caps.arch.clone(),
+        kvm: Some(kvm),
+        cpus: Some(host.cpus),
+        memory: Some(format_bytes(host.memory_kib * 1024)),
+        domains: Some(host.domains),
+        libvirt_version: Some(version_string(host.libvirt_version)),
+        hypervisor_version: Some(version_string(host.hypervisor_version)),
+        host_cpu: Some(cpu),
+        machine_types: host.caps.machine_types.clone(),
+        cpu_models: host
+            .domcaps
+            .as_ref()
+            .map(|d| d.usable_models.clone())
+            .unwrap_or_default(),
+        numa: host.caps.numa.clone(),
+        pci_devices: host.pci.clone(),
+        conditions: vec![Condition {
+            kind: "Ready".into(),
+            status: "True".into(),
+            reason: Some("LibvirtReachable".into()),
+            message: Some("nodeinfo reads libvirtd".into()),
+            last_heartbeat_time: Some(now.to_owned()),
+            last_transition_time: None,
+        }],
+    }
+}
+
+/// A label name part from a libvirt name: characters a label may not hold
+/// become `-`, leading and trailing non-alphanumerics are dropped, and the
+/// result is cut to 63 characters. `None` when nothing is left.
+pub fn label_name(raw: &str) -> Option<String> {
+    let mapped: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed = mapped.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    let mut cut: String = trimmed.chars().take(63).collect();
+    while cut.ends_with(|c: char| !c.is_ascii_alphanumeric()) {
+        cut.pop();
+    }
+    (!cut.is_empty()).then_some(cut)
+}
+
+/// The scheduling labels of the Node.
+pub fn node_labels(status: &VirtNodeStatus) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    labels.insert(keys::KVM.to_owned(), status.kvm.unwrap_or(false).to_string());
+    if let Some(arch) = status.arch.as_deref().and_then(label_name) {
+        labels.insert(keys::ARCH.to_owned(), arch);
+    }
+    let groups: [(&str, Vec<&String>); 3] = [
+        (keys::CPU_MODEL_DOMAIN, status.cpu_models.iter().collect()),
+        (
+            keys::CPU_FEATURE_DOMAIN,
+            status.host_cpu.iter().flat_map(|c| c.features.iter()).collect(),
+        ),
+        (keys::MACHINE_TYPE_DOMAIN, status.machine_types.iter().collect()),
+    ];
+    for (domain, names) in groups {
+        for name in names.into_iter().filter_map(|n| label_name(n)) {
+            labels.insert(format!("{domain}/{name}"), "true".to_owned());
+        }
+    }
+    labels
+}
+
+/// The VirtDomain object (for server-side apply), owned by its pod.
+pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> Option<Value> {
+    let uid = d.owner.uid.as_deref()?;
+    let mut status = json!({
+        "state": d.state,
+        "reason": d.reason,
+        "vcpus": d.vcpus,
+        "memory": format_bytes(d.memory_kib * 1024),
+        "cpuTimeNs": d.cpu_time_ns,
+    });
+    if let Some(t) = start_time {
+        status["startTime"] = json!(t);
+    }
+    Some(json!({
+        "apiVersion": "virtkube.io/v1alpha1",
+        "kind": "VirtDomain",
+        "metadata": {
+            "name": d.owner.pod,
+            "namespace": d.owner.namespace,
+            "labels": {NODE_LABEL: node},
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Pod", "name": d.owner.pod, "uid": uid,
+                "blockOwnerDeletion": false, "controller": false
+            }]
+        },
+        "spec": {
+            "node": node,
+            "domainName": d.name,
+            "uuid": d.uuid,
+            "pod": d.owner.pod,
+            "template": d.owner.template,
+        },
+        "status": status,
+    }))
+}
+
+/// libvirt's state number as a name.
+pub fn state_name(state: u32) -> &'static str {
+    match state {
+        1 => "Running",
+        2 => "Blocked",
+        3 => "Paused",
+        4 => "ShuttingDown",
+        5 => "Shutoff",
+        6 => "Crashed",
+        7 => "PMSuspended",
+        _ => "NoState",
+    }
+}
+
+/// A reason number of a state as a name (the common ones).
+pub fn reason_name(state: u32, reason: i32) -> String {
+    let name = match (state, reason) {
+        (1, 1) => "Booted",
+        (1, 2) => "Migrated",
+        (1, 3) => "Restored",
+        (1, 5) => "Unpaused",
+        (3, 2) => "User",
+        (5, 1) => "Shutdown",
+        (5, 2) => "Destroyed",
+        (5, 3) => "Crashed",
+        (_, 0) => "Unknown",
+        _ => return format!("Reason{reason}"),
+    };
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::facts;
+
+    #[test]
+    fn label_names_are_label_safe() {
+        assert_eq!(
+            label_name("Skylake-Client-IBRS").as_deref(),
+            Some("Skylake-Client-IBRS")
+        );
+        assert_eq!(label_name("sse4.2").as_deref(), Some("sse4.2"));
+        assert_eq!(label_name("pc-i440fx-7.2").as_deref(), Some("pc-i440fx-7.2"));
+        assert_eq!(label_name("Opteron_G5").as_deref(), Some("Opteron_G5"));
+        assert_eq!(label_name("a+b/c d").as_deref(), Some("a-b-c-d"));
+        assert_eq!(label_name("-x-").as_deref(), Some("x"));
+        assert_eq!(label_name("+++"), None);
+        let long = "a".repeat(70) + "-b";
+        assert_eq!(label_name(&long).unwrap().len(), 63);
+        assert_eq!(
+            label_name(&("a".repeat(62) + "-b")).as_deref(),
+            Some("a".repeat(62).as_str())
+        );
+    }
+
+    fn host() -> HostSnapshot {
+        HostSnapshot {
+            caps: facts::parse_capabilities(include_str!("../tests/fixtures/qemu-capabilities.xml")).unwrap(),
+            domcaps: Some(
+                facts::parse_domain_capabilities(include_str!("../tests/fixtures/qemu-domcapabilities.xml")).unwrap(),
+            ),
+            cpus: 2,
+            memory_kib: 24 << 20,
+            libvirt_version: 9_000_000,
+            hypervisor_version: 7_002_022,
+            pci: vec![],
+            domains: 3,
+        }
+    }
+
+    #[test]
+    fn node_status_from_the_fixtures() {
+        let s = node_status(&host(), "2026-11-22T10:00:00Z");
+        assert_eq!(
+            (s.arch.as_deref(), s.kvm, s.cpus, s.memory.as_deref(), s.domains),
+            (Some("x86_64"), Some(false), Some(2), Some("24Gi"), Some(3))
+        );
+        assert_eq!(s.libvirt_version.as_deref(), Some("9.0.0"));
+        assert_eq!(s.hypervisor_version.as_deref(), Some("7.2.22"));
+        assert!(s.cpu_models.iter().any(|m| m == "qemu64"));
+        assert_eq!(
+            s.conditions[0].last_heartbeat_time.as_deref(),
+            Some("2026-11-22T10:00:00Z")
+        );
+    }
+
+    #[test]
+    fn labels_from_the_fixtures() {
+        let labels = node_labels(&node_status(&host(), "t"));
+        assert_eq!(labels["virtkube.io/kvm"], "false");
+        assert_eq!(labels["virtkube.io/arch"], "x86_64");
+        assert_eq!(
+            labels.get("cpu-model.virtkube.io/qemu64").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            labels.get("machine-type.virtkube.io/q35").map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(
+            labels.get("cpu-feature.virtkube.io/sse4.2").map(String::as_str),
+            Some("true")
+        );
+        for key in labels.keys() {
+            let (prefix, name) = key.split_once('/').unwrap();
+            assert!(prefix.len() <= 253 && name.len() <= 63, "{key}");
+        }
+    }
+
+    #[test]
+    fn virt_domains_need_an_owner_pod_uid() {
+        let mut d = DomainSnapshot {
+            name: "ns_vm".into(),
+            uuid: "u".into(),
+            owner: Owner {
+                namespace: "ns".into(),
+                pod: "vm".into(),
+                uid: Some("pod-uid".into()),
+                template: Some("tiny".into()),
+            },
+            state: "Running".into(),
+            reason: "Booted".into(),
+            vcpus: 1,
+            memory_kib: 131072,
+            cpu_time_ns: 5,
+        };
+        let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z")).unwrap();
+        assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "pod-uid");
+        assert_eq!(v["metadata"]["labels"][NODE_LABEL], "node-1");
+        assert_eq!(v["status"]["memory"], "128Mi");
+        assert_eq!(v["spec"]["template"], "tiny");
+        d.owner.uid = None;
+        assert_eq!(virt_domain("node-1", &d, None), None);
+    }
+}

@@ -1,0 +1,169 @@
+//! Publishing by server-side apply, each kind of data under its own field
+//! manager, so what nodeinfo stops saying (a label, a field) disappears.
+//! Conflicts (409), server errors (5xx) and transport errors are retried
+//! with backoff; other errors are returned.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use virtkube_api::node::VirtNodeStatus;
+use virtkube_api::{VirtDomain, VirtNode};
+
+use crate::model::NODE_LABEL;
+
+/// Field manager of VirtNode and VirtDomain.
+pub const MANAGER: &str = "virtkube-nodeinfo";
+/// Field manager of the Node labels (separate, so labels and nothing else are owned).
+pub const LABELS_MANAGER: &str = "virtkube-nodeinfo-labels";
+
+/// Publishes one node's data.
+#[derive(Clone)]
+pub struct Publisher {
+    client: Client,
+    node: String,
+    attempts: u32,
+    backoff: Duration,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("node", &self.node).finish()
+    }
+}
+
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => s.code == 409 || s.code == 429 || s.code >= 500,
+        kube::Error::Service(_) | kube::Error::HyperError(_) => true,
+        _ => false,
+    }
+}
+
+impl Publisher {
+    /// A publisher for `node`.
+    pub fn new(client: Client, node: impl Into<String>) -> Publisher {
+        Publisher {
+            client,
+            node: node.into(),
+            attempts: 5,
+            backoff: Duration::from_millis(200),
+        }
+    }
+
+    /// Sets the retry policy (tests use a short one).
+    pub fn with_retry(mut self, attempts: u32, backoff: Duration) -> Publisher {
+        self.attempts = attempts.max(1);
+        self.backoff = backoff;
+        self
+    }
+
+    async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, kube::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, kube::Error>>,
+    {
+        let mut delay = self.backoff;
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(e) if transient(&e) && attempt < self.attempts => {
+                    eprintln!("[nodeinfo] {what}: {e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn apply(manager: &str) -> PatchParams {
+        PatchParams::apply(manager).force()
+    }
+
+    /// Applies the VirtNode (spec, then status).
+    pub async fn apply_node(&self, status: &VirtNodeStatus) -> Result<(), kube::Error> {
+        let api: Api<VirtNode> = Api::all(self.client.clone());
+        let name = self.node.as_str();
+        let object = json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "VirtNode",
+                            "metadata": {"name": name}, "spec": {"nodeName": name}});
+        let params = Self::apply(MANAGER);
+        let patch = Patch::Apply(&object);
+        self.retry("apply VirtNode", || api.patch(name, &params, &patch))
+            .await?;
+        let status = json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "VirtNode",
+                            "metadata": {"name": name}, "status": status});
+        let patch = Patch::Apply(&status);
+        self.retry("apply VirtNode status", || api.patch_status(name, &params, &patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Applies the Node's virtkube labels; labels left out are removed.
+    pub async fn apply_labels(&self, labels: &BTreeMap<String, String>) -> Result<(), kube::Error> {
+        let api: Api<Node> = Api::all(self.client.clone());
+        let object = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node, "labels": labels}});
+        let params = Self::apply(LABELS_MANAGER);
+        let patch = Patch::Apply(&object);
+        self.retry("apply Node labels", || api.patch(&self.node, &params, &patch))
+            .await?;
+        Ok(())
+    }
+
+    /// Applies a VirtDomain (from [`crate::model::virt_domain`]).
+    pub async fn apply_domain(&self, object: &Value) -> Result<(), kube::Error> {
+        let (Some(namespace), Some(name)) = (
+            object["metadata"]["namespace"].as_str(),
+            object["metadata"]["name"].as_str(),
+        ) else {
+            return Ok(());
+        };
+        let api: Api<VirtDomain> = Api::namespaced(self.client.clone(), namespace);
+        let mut main = object.clone();
+        let status = main.as_object_mut().and_then(|o| o.remove("status"));
+        let params = Self::apply(MANAGER);
+        let patch = Patch::Apply(&main);
+        self.retry("apply VirtDomain", || api.patch(name, &params, &patch))
+            .await?;
+        if let Some(status) = status {
+            let body = json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "VirtDomain",
+                              "metadata": {"name": name, "namespace": namespace}, "status": status});
+            let patch = Patch::Apply(&body);
+            self.retry("apply VirtDomain status", || api.patch_status(name, &params, &patch))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes one VirtDomain (its domain is gone); absent is fine.
+    pub async fn delete_domain(&self, namespace: &str, name: &str) -> Result<(), kube::Error> {
+        let api: Api<VirtDomain> = Api::namespaced(self.client.clone(), namespace);
+        let params = DeleteParams::default();
+        match self.retry("delete VirtDomain", || api.delete(name, &params)).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes this node's VirtDomains that are not in `keep` (namespace, name).
+    pub async fn delete_stale(&self, keep: &BTreeSet<(String, String)>) -> Result<Vec<(String, String)>, kube::Error> {
+        let api: Api<VirtDomain> = Api::all(self.client.clone());
+        let selector = format!("{NODE_LABEL}={}", self.node);
+        let params = ListParams::default().labels(&selector);
+        let list = self.retry("list VirtDomains", || api.list(&params)).await?;
+        let mut deleted = Vec::new();
+        for domain in list {
+            let key = (domain.namespace().unwrap_or_default(), domain.name_any());
+            if !keep.contains(&key) {
+                self.delete_domain(&key.0, &key.1).await?;
+                deleted.push(key);
+            }
+        }
+        Ok(deleted)
+    }
+}
