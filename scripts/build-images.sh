@@ -16,6 +16,8 @@ $DOCKER build -q -f Dockerfile.shim --build-arg SHIM="$shim" -t virtkube/shim:la
 log "virtkube/tiny"
 $DOCKER build -q -t virtkube/tiny:latest images/tiny >/dev/null
 bash scripts/debian-base-image.sh debian:bookworm-slim
+log "virtkube-nodeinfo (links Debian 12's libvirt.so, like the virthost image)"
+cargo build -q --release --locked -p virtkube-nodeinfo
 log "virtkube/virthost"
 $DOCKER build -q -f Dockerfile.virthost -t virtkube/virthost:latest . >/dev/null
 shim_size=$(stat -c %s "$shim")

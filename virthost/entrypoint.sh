@@ -23,8 +23,16 @@ fi
 libvirtd $listen &
 libvirtd_pid=$!
 
+for _ in $(seq 1 100); do
+  [ -S /run/virtkube/libvirt-sock ] && break
+  sleep 0.1
+done
+log "libvirtd is up: socket /run/virtkube/libvirt-sock"
+
+# nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no API).
 nodeinfo_pid=""
-if command -v virtkube-nodeinfo >/dev/null 2>&1 && [ "${VIRTHOST_NODEINFO:-1}" = 1 ]; then
+if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ "${VIRTHOST_NODEINFO:-1}" = 1 ]; then
+  log "starting virtkube-nodeinfo for node ${NODE_NAME:-?}"
   virtkube-nodeinfo &
   nodeinfo_pid=$!
 fi
@@ -37,12 +45,6 @@ stop() {
   exit 0
 }
 trap stop TERM INT
-
-for _ in $(seq 1 100); do
-  [ -S /run/virtkube/libvirt-sock ] && break
-  sleep 0.1
-done
-log "libvirtd is up: socket /run/virtkube/libvirt-sock"
 
 rc=0
 wait "$libvirtd_pid" || rc=$?

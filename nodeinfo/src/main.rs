@@ -13,6 +13,9 @@ use virtkube_nodeinfo::collect;
 use virtkube_nodeinfo::model::{self, DomainSnapshot};
 use virtkube_nodeinfo::publish::Publisher;
 
+/// VirtDomains published at once during a full sync.
+const PUBLISH_CONCURRENCY: usize = 16;
+
 const USAGE: &str = "\
 usage: virtkube-nodeinfo [--once [--output yaml|json]] [--node NAME] [--uri URI] [--resync SECONDS]
 
@@ -216,19 +219,29 @@ async fn full_sync(
     }
     let mut keep = BTreeSet::new();
     let mut seen = BTreeMap::new();
+    // Publish in parallel (bounded): each VirtDomain is two API calls, and a
+    // thousand of them one by one takes too long.
+    let mut tasks = tokio::task::JoinSet::new();
     for d in &domains {
         let start = published.get(&d.name).map(|p| p.2.clone()).unwrap_or_else(now);
         if let Some(object) = model::virt_domain(&args.node, d, Some(&start)) {
             keep.insert((d.owner.namespace.clone(), d.owner.pod.clone()));
             seen.insert(d.name.clone(), (d.owner.namespace.clone(), d.owner.pod.clone(), start));
-            if let Err(e) = publisher.apply_domain(&object).await {
-                eprintln!(
-                    "[nodeinfo] VirtDomain {}/{} not published: {e}",
-                    d.owner.namespace, d.owner.pod
-                );
+            if tasks.len() >= PUBLISH_CONCURRENCY {
+                tasks.join_next().await;
             }
+            let publisher = publisher.clone();
+            tasks.spawn(async move {
+                if let Err(e) = publisher.apply_domain(&object).await {
+                    eprintln!(
+                        "[nodeinfo] VirtDomain {}/{} not published: {e}",
+                        object["metadata"]["namespace"], object["metadata"]["name"]
+                    );
+                }
+            });
         }
     }
+    while tasks.join_next().await.is_some() {}
     *published = seen;
     match publisher.delete_stale(&keep).await {
         Ok(deleted) => deleted
