@@ -5,6 +5,7 @@
 //!   - nodeinfo's RSS (goal ≤ 30 MiB) and idle CPU.
 //!
 //!     KUBECONFIG=… cargo bench -p virtkube-nodeinfo --bench publish [-- DOMAINS]
+#![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
