@@ -73,3 +73,39 @@ fn restarting_the_virthost_fails_running_vm_containers_with_code_4() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+fn virthost_on_its_own(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("{name}-sock"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = docker(&["rm", "-f", name]);
+    let volume = format!("{}:/run/virtkube", dir.display());
+    let (ok, out) = docker(&["run", "-d", "--name", name, "-v", &volume, "virtkube/virthost:latest"]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !docker(&["logs", name]).1.contains("libvirtd is up") {
+        assert!(Instant::now() < deadline, "{}", docker(&["logs", name]).1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    name.to_owned()
+}
+
+#[test]
+fn the_virthost_exits_non_zero_when_libvirtd_dies_and_zero_on_sigterm() {
+    let name = virthost_on_its_own(&format!("virtkube-virthost-die-{}", std::process::id()));
+    let (ok, out) = docker(&["exec", &name, "sh", "-c", "kill -KILL $(cat /run/libvirtd.pid)"]);
+    assert!(ok, "{out}");
+    let (_, code) = docker(&["wait", &name]);
+    let logs = docker(&["logs", &name]).1;
+    let _ = docker(&["rm", "-f", &name]);
+    assert_ne!(code.trim(), "0", "{logs}");
+    assert!(logs.contains("libvirtd exited"), "{logs}");
+
+    let name = virthost_on_its_own(&format!("virtkube-virthost-term-{}", std::process::id()));
+    let (ok, out) = docker(&["stop", "-t", "20", &name]);
+    assert!(ok, "{out}");
+    let (_, code) = docker(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
+    let logs = docker(&["logs", &name]).1;
+    let _ = docker(&["rm", "-f", &name]);
+    assert_eq!(code.trim(), "0", "{logs}");
+    assert!(logs.contains("[virthost] stopping"), "{logs}");
+}
