@@ -15,8 +15,8 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::{
-    self, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, LEN_SIZE, LifecycleMessage,
-    MessageType, REMOTE_PROGRAM, Status, procedure,
+    self, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM, LEN_SIZE, LifecycleMessage, MessageType,
+    REMOTE_PROGRAM, Status, procedure,
 };
 
 /// Connection settings.
@@ -252,15 +252,7 @@ impl Connection {
                     return;
                 }
                 if silence >= interval {
-                    let ping = Header {
-                        program: KEEPALIVE_PROGRAM,
-                        version: KEEPALIVE_VERSION,
-                        procedure: KEEPALIVE_PING,
-                        kind: MessageType::Message,
-                        serial: 0,
-                        status: Status::Ok,
-                    };
-                    let _ = inner.send(&ping, &[]).await;
+                    let _ = inner.send(&Header::keepalive(KEEPALIVE_PING), &[]).await;
                 }
             }
         });
@@ -417,11 +409,7 @@ async fn dispatch(inner: &Arc<Inner>, body: &[u8]) -> std::result::Result<(), St
     match header.program {
         KEEPALIVE_PROGRAM => {
             if header.procedure == KEEPALIVE_PING {
-                let pong = Header {
-                    procedure: KEEPALIVE_PONG,
-                    ..header
-                };
-                let _ = inner.send(&pong, &[]).await;
+                let _ = inner.send(&Header::keepalive(KEEPALIVE_PONG), &[]).await;
             }
             Ok(())
         }

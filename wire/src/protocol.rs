@@ -171,6 +171,18 @@ pub struct Header {
 }
 
 impl Header {
+    /// A keepalive message (PING or PONG).
+    pub fn keepalive(procedure: i32) -> Header {
+        Header {
+            program: KEEPALIVE_PROGRAM,
+            version: KEEPALIVE_VERSION,
+            procedure,
+            kind: MessageType::Message,
+            serial: 0,
+            status: Status::Ok,
+        }
+    }
+
     /// A header of the remote program.
     pub fn remote(procedure: i32, kind: MessageType, serial: u32, status: Status) -> Header {
         Header {

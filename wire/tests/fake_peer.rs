@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use libvirt_wire::protocol::{
-    self, DomainRef, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM, KEEPALIVE_VERSION, LifecycleMessage,
-    MessageType, Status, procedure,
+    self, DomainRef, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM, LifecycleMessage, MessageType, Status,
+    procedure,
 };
 use libvirt_wire::uri;
 use libvirt_wire::xdr::{Decoder, Encoder};
@@ -243,14 +243,7 @@ async fn next(listener: &mut libvirt_wire::LifecycleEvents) -> Option<LifecycleE
 #[tokio::test]
 async fn pings_are_answered_with_pongs() {
     let (_client, mut daemon) = pair(false).await;
-    let ping = Header {
-        program: KEEPALIVE_PROGRAM,
-        version: KEEPALIVE_VERSION,
-        procedure: KEEPALIVE_PING,
-        kind: MessageType::Message,
-        serial: 0,
-        status: Status::Ok,
-    };
+    let ping = Header::keepalive(KEEPALIVE_PING);
     daemon.send(ping, &[]).await;
     let (header, payload) = daemon.read().await;
     assert_eq!((header.program, header.procedure), (KEEPALIVE_PROGRAM, KEEPALIVE_PONG));
@@ -314,6 +307,12 @@ async fn a_daemon_that_answers_pings_stays_alive() {
     answering.abort();
 }
 
+/// A CONNECT_GET_CAPABILITIES call in flight.
+fn spawn_capabilities(client: &Client) -> tokio::task::JoinHandle<libvirt_wire::Result<String>> {
+    let c = client.clone();
+    tokio::spawn(async move { c.capabilities().await })
+}
+
 async fn expect_connection_lost(client: &Client) -> Error {
     tokio::time::timeout(Duration::from_secs(2), client.closed())
         .await
@@ -323,8 +322,7 @@ async fn expect_connection_lost(client: &Client) -> Error {
 #[tokio::test]
 async fn oversized_length_closes_the_connection_without_allocating() {
     let (client, mut daemon) = pair(false).await;
-    let c = client.clone();
-    let pending = tokio::spawn(async move { c.capabilities().await });
+    let pending = spawn_capabilities(&client);
     daemon.read_call().await;
     daemon.io.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     let err = expect_connection_lost(&client).await;
@@ -344,8 +342,7 @@ async fn a_length_shorter_than_a_header_closes_the_connection() {
 #[tokio::test]
 async fn a_truncated_frame_fails_pending_calls_instead_of_hanging() {
     let (client, mut daemon) = pair(false).await;
-    let c = client.clone();
-    let pending = tokio::spawn(async move { c.capabilities().await });
+    let pending = spawn_capabilities(&client);
     let (call, _) = daemon.read_call().await;
     let full = protocol::encode_packet(
         &Header::remote(call.procedure, MessageType::Reply, call.serial, Status::Ok),
@@ -364,16 +361,14 @@ async fn a_truncated_frame_fails_pending_calls_instead_of_hanging() {
 #[tokio::test]
 async fn garbage_xdr_in_a_reply_fails_that_call_only() {
     let (client, mut daemon) = pair(false).await;
-    let c = client.clone();
-    let pending = tokio::spawn(async move { c.capabilities().await });
+    let pending = spawn_capabilities(&client);
     let (call, _) = daemon.read_call().await;
     // A string that claims 4 GiB.
     daemon.reply(&call, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4]).await;
     let err = pending.await.unwrap().unwrap_err();
     assert!(matches!(err, Error::BadReply { procedure: 7, .. }), "{err}");
     // An error reply whose error is garbage.
-    let c = client.clone();
-    let pending = tokio::spawn(async move { c.capabilities().await });
+    let pending = spawn_capabilities(&client);
     let (call, _) = daemon.read_call().await;
     daemon
         .send(
@@ -383,8 +378,7 @@ async fn garbage_xdr_in_a_reply_fails_that_call_only() {
         .await;
     assert!(matches!(pending.await.unwrap().unwrap_err(), Error::BadReply { .. }));
     // The connection still works.
-    let c = client.clone();
-    let pending = tokio::spawn(async move { c.capabilities().await });
+    let pending = spawn_capabilities(&client);
     let (call, _) = daemon.read_call().await;
     let mut e = Encoder::new();
     e.string("<capabilities/>");
@@ -562,8 +556,7 @@ async fn console_stream_data_finish_and_error() {
 #[tokio::test]
 async fn the_daemon_closing_fails_every_waiter() {
     let (client, mut daemon) = pair(false).await;
-    let c = client.clone();
-    let pending = tokio::spawn(async move { c.capabilities().await });
+    let pending = spawn_capabilities(&client);
     daemon.read_call().await;
     drop(daemon);
     let err = pending.await.unwrap().unwrap_err();
