@@ -23,9 +23,10 @@ if [ -z "${KUBECONFIG:-}" ]; then
     echo "no KUBECONFIG and no $K8S_LOCAL/up.sh: point KUBECONFIG at a cluster or K8S_LOCAL at k8s-local" >&2
     exit 1
   fi
-  log "Kubernetes control plane (k8s-local; the first build takes about 13 minutes)"
-  # Control plane only unless a kubelet is already running: the API tests need no node.
-  NO_KUBELET=${NO_KUBELET:-1} "$K8S_LOCAL/up.sh" 2>&1 | grep -E '^\[up.sh|error|Error' || true
+  log "Kubernetes (k8s-local; the first build takes about 13 minutes)"
+  # With the kubelet (pods on the local Docker engine) for the cluster end-to-end tests;
+  # NO_KUBELET=1 gives the control plane only.
+  NO_KUBELET=${NO_KUBELET:-0} "$K8S_LOCAL/up.sh" 2>&1 | grep -E '^\[up.sh|error|Error' || true
   export KUBECONFIG=$K8S_LOCAL_DIR/admin.kubeconfig
   export KUBECTL=${KUBECTL:-$K8S_LOCAL_DIR/bin/kubectl}
 fi

@@ -1,0 +1,348 @@
+//! The VM lifecycle through kubectl on a real cluster (KUBECONFIG; in CI the
+//! k8s-local single-node cluster with its kubelet on the local Docker engine,
+//! where the images are already present).
+//!
+//! Adaptations to the cluster under test, applied to the manifests here and
+//! nowhere else: the node's socket directory is /var/run/virtkube-e2e (so the
+//! Docker end-to-end tests' virthost container keeps /var/run/virtkube), and
+//! where the API server listens only on 127.0.0.1 (k8s-local: no kube-proxy,
+//! Service IPs do not route) the hostNetwork virthost is told to reach it there.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SOCKET_DIR: &str = "/var/run/virtkube-e2e";
+
+fn kubectl(args: &[&str]) -> (bool, String) {
+    kubectl_stdin(args, None)
+}
+
+fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    assert!(
+        std::env::var_os("KUBECONFIG").is_some(),
+        "KUBECONFIG is not set: run scripts/test.sh or point it at a cluster"
+    );
+    let mut child = Command::new(&kubectl)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {kubectl}: {e}"));
+    if let Some(text) = stdin {
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (success, out) = kubectl(args);
+    assert!(success, "kubectl {args:?}: {out}");
+    out
+}
+
+fn apply(manifest: &str) {
+    let (success, out) = kubectl_stdin(&["apply", "-f", "-"], Some(manifest));
+    assert!(success, "kubectl apply: {out}\n{manifest}");
+}
+
+/// Pods' logs and events, for a failure report.
+fn diagnostics(namespace: &str) -> String {
+    let pods = kubectl(&["-n", namespace, "get", "pods", "-o", "wide"]).1;
+    let events = kubectl(&["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]).1;
+    let mut logs = String::new();
+    for pod in kubectl(&["-n", namespace, "get", "pods", "-o", "name"]).1.lines() {
+        logs.push_str(&format!(
+            "--- {pod}\n{}\n",
+            kubectl(&["-n", namespace, "logs", pod, "--tail=30"]).1
+        ));
+    }
+    format!("pods:\n{pods}\nevents:\n{events}\nlogs:\n{logs}")
+}
+
+fn eventually(what: &str, namespace: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            diagnostics(namespace)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+fn virsh_list() -> String {
+    let out = Command::new("virsh")
+        .args([
+            "-c",
+            &format!("qemu+unix:///system?socket={SOCKET_DIR}/libvirt-sock"),
+            "list",
+            "--name",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn deploy_virtkube() {
+    for file in ["deploy/00-namespace.yaml", "deploy/01-crds.yaml", "deploy/02-rbac.yaml"] {
+        let (success, out) = kubectl_stdin(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&repo_file(file)),
+        );
+        assert!(success, "{file}: {out}");
+    }
+    let mut virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
+    let server = ok(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]);
+    if let Some(port) = server.trim().strip_prefix("https://127.0.0.1:") {
+        virthost = virthost.replace(
+            "            - name: VIRTHOST_TCP\n",
+            &format!("            - name: KUBERNETES_SERVICE_HOST\n              value: \"127.0.0.1\"\n            - name: KUBERNETES_SERVICE_PORT\n              value: \"{port}\"\n            - name: VIRTHOST_TCP\n"),
+        );
+    }
+    apply(&virthost);
+    let (success, out) = kubectl(&[
+        "-n",
+        "virtkube-system",
+        "rollout",
+        "status",
+        "ds/virthost",
+        "--timeout=180s",
+    ]);
+    assert!(
+        success,
+        "the virthost DaemonSet did not become ready: {out}\n{}",
+        diagnostics("virtkube-system")
+    );
+}
+
+fn vm_manifests(namespace: &str) -> String {
+    repo_file("deploy/examples/tiny-deployment.yaml")
+        .replace("/var/run/virtkube", SOCKET_DIR)
+        .replace(
+            "metadata:\n  name: tiny-vm\n",
+            &format!("metadata:\n  name: tiny-vm\n  namespace: {namespace}\n"),
+        )
+}
+
+/// The example Deployment turned into a Job named `name` with `annotations`
+/// (YAML lines) instead of the memory override.
+fn vm_job(namespace: &str, name: &str, annotations: &str) -> String {
+    vm_manifests(namespace)
+        .replace(
+            "apiVersion: apps/v1\nkind: Deployment",
+            "apiVersion: batch/v1\nkind: Job",
+        )
+        .replace(
+            "  replicas: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: tiny-vm\n",
+            "  backoffLimit: 0\n",
+        )
+        .replace("tiny-vm", name)
+        .replace("        virtkube.io/memory: 160Mi\n", annotations)
+        .replace(
+            "    spec:\n      # Under",
+            "    spec:\n      restartPolicy: Never\n      # Under",
+        )
+}
+
+fn pods_of(namespace: &str, selector: &str) -> Vec<String> {
+    ok(&[
+        "-n",
+        namespace,
+        "get",
+        "pods",
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .filter(|l| !l.is_empty())
+    .map(str::to_owned)
+    .collect()
+}
+
+#[test]
+fn vm_lifecycle_through_kubectl() {
+    deploy_virtkube();
+    let nodes = ok(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+    ]);
+    let node = nodes
+        .lines()
+        .find_map(|l| l.strip_suffix(" True"))
+        .unwrap_or_else(|| panic!("no Ready node: {nodes}"))
+        .to_owned();
+
+    // The VirtNode and the Node labels.
+    eventually("the VirtNode", "virtkube-system", Duration::from_secs(60), || {
+        kubectl(&["get", "virtnode", &node, "-o", "jsonpath={.status.arch}"])
+            .1
+            .trim()
+            == "x86_64"
+    });
+    let cpus = ok(&["get", "virtnode", &node, "-o", "jsonpath={.status.cpus}"]);
+    assert!(cpus.trim().parse::<u32>().unwrap() > 0);
+    eventually("the Node labels", "virtkube-system", Duration::from_secs(60), || {
+        kubectl(&[
+            "get",
+            "node",
+            &node,
+            "-o",
+            "jsonpath={.metadata.labels.virtkube\\.io/arch}",
+        ])
+        .1
+        .trim()
+            == "x86_64"
+    });
+
+    let ns = format!("virtkube-e2e-{}", std::process::id());
+    ok(&["create", "namespace", &ns]);
+
+    // A Deployment of the tiny VM: a VirtDomain reaches Running, with the
+    // pod's annotation override (160Mi) applied; kubectl logs shows the guest.
+    apply(&vm_manifests(&ns));
+    eventually("a Running VirtDomain", &ns, Duration::from_secs(120), || {
+        kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "virtdomains",
+            "-o",
+            "jsonpath={.items[*].status.state}",
+        ])
+        .1
+        .contains("Running")
+    });
+    assert_eq!(
+        ok(&[
+            "-n",
+            &ns,
+            "get",
+            "virtdomains",
+            "-o",
+            "jsonpath={.items[0].status.memory}"
+        ])
+        .trim(),
+        "160Mi"
+    );
+    let pod = pods_of(&ns, "app.kubernetes.io/name=tiny-vm").remove(0);
+    eventually(
+        "the guest console in kubectl logs",
+        &ns,
+        Duration::from_secs(120),
+        || kubectl(&["-n", &ns, "logs", &pod]).1.contains("virtkube-tiny: ready"),
+    );
+    let domain = format!("{ns}_{pod}");
+    assert!(virsh_list().contains(&domain), "{}", virsh_list());
+
+    // kubectl delete pod: the guest shuts down, the domain and the VirtDomain go.
+    let asked = Instant::now();
+    ok(&["-n", &ns, "delete", "pod", &pod, "--wait=true", "--timeout=60s"]);
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "deleting the pod took {:?}",
+        asked.elapsed()
+    );
+    eventually("the domain to go", &ns, Duration::from_secs(10), || {
+        !virsh_list().contains(&domain)
+    });
+    eventually("its VirtDomain to go", &ns, Duration::from_secs(30), || {
+        !kubectl(&["-n", &ns, "get", "virtdomain", &pod]).0
+    });
+
+    // Scale to 3, then to 1: two domains go.
+    ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=3"]);
+    eventually("3 running VirtDomains", &ns, Duration::from_secs(180), || {
+        kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "virtdomains",
+            "-o",
+            "jsonpath={.items[*].status.state}",
+        ])
+        .1
+        .matches("Running")
+        .count()
+            == 3
+    });
+    ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=1"]);
+    eventually("one domain left", &ns, Duration::from_secs(90), || {
+        virsh_list().matches(&format!("{ns}_tiny-vm")).count() == 1
+    });
+
+    // A Job whose VM powers off completes.
+    let job = vm_job(
+        &ns,
+        "tiny-job",
+        "        virtkube.io/cmdline: console=ttyS0 panic=-1 quiet virtkube.poweroff\n",
+    );
+    apply(&job);
+    eventually("the Job to complete", &ns, Duration::from_secs(180), || {
+        kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "job",
+            "tiny-job",
+            "-o",
+            "jsonpath={.status.succeeded}",
+        ])
+        .1
+        .trim()
+            == "1"
+    });
+
+    // A bad annotation: the pod fails, and describe shows why (termination message).
+    let broken = vm_job(&ns, "tiny-broken", "        virtkube.io/cpus: lots\n");
+    apply(&broken);
+    eventually("the broken pod to fail", &ns, Duration::from_secs(120), || {
+        kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=tiny-broken",
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ])
+        .1
+        .contains("Failed")
+    });
+    let broken_pod = pods_of(&ns, "app.kubernetes.io/name=tiny-broken").remove(0);
+    let describe = ok(&["-n", &ns, "describe", "pod", &broken_pod]);
+    assert!(
+        describe.contains("annotation virtkube.io/cpus: \"lots\" is not a whole number of vCPUs"),
+        "{describe}"
+    );
+    assert!(describe.contains("Exit Code:    1"), "{describe}");
+
+    let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+}
