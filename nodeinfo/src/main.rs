@@ -214,8 +214,13 @@ async fn full_sync(
     if let Err(e) = publisher.apply_node(&status).await {
         eprintln!("[nodeinfo] VirtNode not published: {e}");
     }
-    if let Err(e) = publisher.apply_labels(&model::node_labels(&status)).await {
-        eprintln!("[nodeinfo] Node labels not published: {e}");
+    match publisher.apply_labels(&model::node_labels(&status)).await {
+        Ok(true) => {}
+        Ok(false) => eprintln!(
+            "[nodeinfo] no Node {} in the API: labels not published (is NODE_NAME right?)",
+            args.node
+        ),
+        Err(e) => eprintln!("[nodeinfo] Node labels not published: {e}"),
     }
     let mut keep = BTreeSet::new();
     let mut seen = BTreeMap::new();

@@ -103,15 +103,19 @@ impl Publisher {
         Ok(())
     }
 
-    /// Applies the Node's virtkube labels; labels left out are removed.
-    pub async fn apply_labels(&self, labels: &BTreeMap<String, String>) -> Result<(), kube::Error> {
+    /// Applies the Node's virtkube labels; labels left out are removed. A
+    /// Node that does not exist is not created (apply would): returns false.
+    pub async fn apply_labels(&self, labels: &BTreeMap<String, String>) -> Result<bool, kube::Error> {
         let api: Api<Node> = Api::all(self.client.clone());
+        if self.retry("get Node", || api.get_opt(&self.node)).await?.is_none() {
+            return Ok(false);
+        }
         let object = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node, "labels": labels}});
         let params = Self::apply(LABELS_MANAGER);
         let patch = Patch::Apply(&object);
         self.retry("apply Node labels", || api.patch(&self.node, &params, &patch))
             .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Applies a VirtDomain (from [`crate::model::virt_domain`]).

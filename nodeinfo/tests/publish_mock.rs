@@ -114,6 +114,13 @@ async fn labels_have_their_own_field_manager_and_a_conflict_is_retried() {
         ("cpu-model.virtkube.io/qemu64".to_owned(), "true".to_owned()),
     ]);
     let task = tokio::spawn(async move { publisher.apply_labels(&labels).await });
+    let get = expect(
+        &mut handle,
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}),
+    )
+    .await;
+    assert_eq!((get.method, get.path.as_str()), (Method::GET, "/api/v1/nodes/node-1"));
     let first = expect(&mut handle, StatusCode::CONFLICT, status(409, "Conflict")).await;
     assert_eq!(first.path, "/api/v1/nodes/node-1");
     assert!(
@@ -139,13 +146,31 @@ async fn labels_have_their_own_field_manager_and_a_conflict_is_retried() {
     )
     .await;
     assert_eq!(third.body, first.body);
-    task.await.unwrap().unwrap();
+    assert!(task.await.unwrap().unwrap());
+}
+
+#[tokio::test]
+async fn labels_never_create_a_missing_node() {
+    let (publisher, mut handle) = mock();
+    let task = tokio::spawn(async move { publisher.apply_labels(&BTreeMap::new()).await });
+    let get = expect(&mut handle, StatusCode::NOT_FOUND, status(404, "NotFound")).await;
+    assert_eq!(get.method, Method::GET);
+    assert!(
+        !task.await.unwrap().unwrap(),
+        "reported labels as published on a missing Node"
+    );
 }
 
 #[tokio::test]
 async fn a_forbidden_patch_is_not_retried() {
     let (publisher, mut handle) = mock();
     let task = tokio::spawn(async move { publisher.apply_labels(&BTreeMap::new()).await });
+    expect(
+        &mut handle,
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}),
+    )
+    .await;
     expect(&mut handle, StatusCode::FORBIDDEN, status(403, "Forbidden")).await;
     let err = task.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("Forbidden"), "{err}");
