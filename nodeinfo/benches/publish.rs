@@ -228,6 +228,10 @@ async fn main() {
     let _ = daemon.kill();
     let _ = daemon.wait();
     let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    let virtnodes: Api<virtkube_api::VirtNode> = Api::all(client.clone());
+    for name in [&node, &node2] {
+        let _ = virtnodes.delete(name, &DeleteParams::default()).await;
+    }
     let _ = std::fs::remove_file(&path);
 }
 
