@@ -100,6 +100,43 @@ fn virsh_list() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `kubectl attach -i`, typing `input` after a moment, reading until `needle`
+/// (or 30 s); returns what it read.
+fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> String {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let mut child = Command::new(kubectl)
+        .args(["-n", namespace, "attach", "-i", pod, "-c", "vm"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.contains(needle) && Instant::now() < deadline {
+        if let Ok(bytes) = rx.recv_timeout(Duration::from_millis(500)) {
+            seen.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
 fn deploy_virtkube() {
     for file in ["deploy/00-namespace.yaml", "deploy/01-crds.yaml", "deploy/02-rbac.yaml"] {
         let (success, out) = kubectl_stdin(
@@ -260,6 +297,14 @@ fn vm_lifecycle_through_kubectl() {
     );
     let domain = format!("{ns}_{pod}");
     assert!(virsh_list().contains(&domain), "{}", virsh_list());
+
+    // kubectl attach -i types into the guest's shell and sees the answer.
+    let answer = attach_and_type(&ns, &pod, "echo attach-sum=$((40+2))\n", "attach-sum=42");
+    assert!(
+        answer.contains("attach-sum=42"),
+        "kubectl attach saw:\n{answer}\n{}",
+        diagnostics(&ns)
+    );
 
     // kubectl delete pod: the guest shuts down, the domain and the VirtDomain go.
     let asked = Instant::now();
