@@ -389,5 +389,59 @@ fn vm_lifecycle_through_kubectl() {
     );
     assert!(describe.contains("Exit Code:    1"), "{describe}");
 
+    // The virthost pod is deleted and recreated by its DaemonSet while a VM
+    // runs. Today QEMU lives in the virthost pod, so the VM dies with it; its
+    // pod must fail visibly (exit 4, reason in the termination message), and
+    // the restarted container brings the VM back on the new virthost.
+    let survivor = pods_of(&ns, "app.kubernetes.io/name=tiny-vm").remove(0);
+    ok(&[
+        "-n",
+        "virtkube-system",
+        "delete",
+        "pod",
+        "-l",
+        "app.kubernetes.io/name=virthost",
+        "--wait=false",
+    ]);
+    eventually("the VM container to exit 4", &ns, Duration::from_secs(90), || {
+        kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "pod",
+            &survivor,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].lastState.terminated.exitCode}",
+        ])
+        .1
+        .trim()
+            == "4"
+    });
+    let message = ok(&[
+        "-n",
+        &ns,
+        "get",
+        "pod",
+        &survivor,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].lastState.terminated.message}",
+    ]);
+    assert!(
+        message.contains("lost the connection to libvirtd"),
+        "termination message: {message}"
+    );
+    let (success, out) = kubectl(&[
+        "-n",
+        "virtkube-system",
+        "rollout",
+        "status",
+        "ds/virthost",
+        "--timeout=120s",
+    ]);
+    assert!(success, "{out}");
+    eventually("the VM back on the new virthost", &ns, Duration::from_secs(180), || {
+        virsh_list().contains(&format!("{ns}_{survivor}"))
+    });
+
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
