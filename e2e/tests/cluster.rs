@@ -100,6 +100,75 @@ fn virsh_list() -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+fn template_from_the_api(ns: &str) {
+    let template = repo_file("images/tiny/template.yaml")
+        .replace("  name: tiny\n", &format!("  name: tiny-api\n  namespace: {ns}\n"))
+        .replace("memory: 128Mi", "memory: 144Mi");
+    apply(&template);
+    apply(&repo_file("deploy/examples/vm-rolebinding.yaml").replace("namespace: default", &format!("namespace: {ns}")));
+    let server = ok(&[
+        "config",
+        "view",
+        "--minify",
+        "-o",
+        "jsonpath={.clusters[0].cluster.server}",
+    ]);
+    // On k8s-local only host-network processes reach the API server (127.0.0.1).
+    let api_env = match server.trim().strip_prefix("https://127.0.0.1:") {
+        Some(port) => format!(
+            "        - {{name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}}\n        - {{name: KUBERNETES_SERVICE_PORT, value: \"{port}\"}}\n"
+        ),
+        None => String::new(),
+    };
+    let host_network = if api_env.is_empty() { "false" } else { "true" };
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: vm-api\n  namespace: {ns}\n  annotations:\n    virtkube.io/template: tiny-api\n    virtkube.io/cpus: \"2\"\nspec:\n  hostNetwork: {host_network}\n  restartPolicy: Never\n  containers:\n    - name: vm\n      image: virtkube/shim:latest\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n{api_env}      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
+    );
+    // A new namespace's service account token can take a moment to exist.
+    eventually("the pod to be accepted", ns, Duration::from_secs(30), || {
+        kubectl_stdin(&["apply", "-f", "-"], Some(&pod)).0
+    });
+    eventually(
+        "the VirtDomain of the API-templated VM",
+        ns,
+        Duration::from_secs(120),
+        || {
+            kubectl(&[
+                "-n",
+                ns,
+                "get",
+                "virtdomain",
+                "vm-api",
+                "-o",
+                "jsonpath={.status.state}",
+            ])
+            .1
+            .trim()
+                == "Running"
+        },
+    );
+    let vd = ok(&[
+        "-n",
+        ns,
+        "get",
+        "virtdomain",
+        "vm-api",
+        "-o",
+        "jsonpath={.spec.template} {.status.memory} {.status.vcpus}",
+    ]);
+    assert_eq!(
+        vd.trim(),
+        "tiny-api 144Mi 2",
+        "template, memory from the API template, vCPUs from the annotation"
+    );
+    let logs = ok(&["-n", ns, "logs", "vm-api"]);
+    assert!(
+        logs.contains(&format!("reading VirtTemplate {ns}/tiny-api from the Kubernetes API")),
+        "{logs}"
+    );
+    ok(&["-n", ns, "delete", "pod", "vm-api", "--wait=true", "--timeout=60s"]);
+}
+
 /// `kubectl attach -i`, typing `input` after a moment, reading until `needle`
 /// (or 30 s); returns what it read.
 fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> String {
@@ -388,6 +457,11 @@ fn vm_lifecycle_through_kubectl() {
         "{describe}"
     );
     assert!(describe.contains("Exit Code:    1"), "{describe}");
+
+    // The template by name from the API: the bare base image (no baked
+    // template), a VirtTemplate in the namespace, the pod's annotation naming
+    // it, and the virtkube-vm role for the pod's service account.
+    template_from_the_api(&ns);
 
     // The virthost pod is deleted and recreated by its DaemonSet while a VM
     // runs. Today QEMU lives in the virthost pod, so the VM dies with it; its
