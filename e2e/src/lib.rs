@@ -1,4 +1,120 @@
-//! End-to-end tests live in `tests/`; they drive the real images with the
-//! `docker` CLI (and later `kubectl`), as users do. Prepare the images with
+//! Helpers for the end-to-end tests in `tests/`, which drive the real images
+//! with the `docker` and `kubectl` CLIs, as users do. Prepare the images with
 //! `scripts/build-images.sh` and the virthost with `scripts/virthost-up.sh`
 //! (scripts/test.sh does both).
+
+use std::io::{Read, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+/// Runs a command to completion, optionally feeding `stdin`; returns whether
+/// it succeeded and its stdout followed by its stderr.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    if let Some(text) = stdin
+        && let Some(mut pipe) = child.stdin.take()
+    {
+        pipe.write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("writing to {program}: {e}"));
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {program}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A running command whose stdin we type into and whose stdout we watch
+/// (`docker run -i`, `kubectl attach -i`). Killed when dropped.
+#[derive(Debug)]
+pub struct Interactive {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    output: Receiver<Vec<u8>>,
+    seen: String,
+}
+
+impl Interactive {
+    /// Starts `program args` with piped stdin and stdout (stderr discarded).
+    pub fn spawn(program: &str, args: &[&str]) -> Interactive {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let mut stdout = child
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("{program}: no stdout pipe"));
+        let (tx, output) = channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Interactive {
+            stdin: child.stdin.take(),
+            child,
+            output,
+            seen: String::new(),
+        }
+    }
+
+    /// Types `text`.
+    pub fn send(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().unwrap_or_else(|| panic!("stdin already closed"));
+        stdin
+            .write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("typing {text:?}: {e}"));
+        stdin.flush().unwrap_or_else(|e| panic!("typing {text:?}: {e}"));
+    }
+
+    /// Reads until the output contains `needle`; false after `timeout`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if let Ok(bytes) = self.output.recv_timeout(left.min(Duration::from_millis(500))) {
+                self.seen.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+        true
+    }
+
+    /// All output read so far.
+    pub fn seen(&self) -> &str {
+        &self.seen
+    }
+
+    /// Closes stdin and waits for the command to exit.
+    pub fn wait(mut self) -> ExitStatus {
+        self.stdin = None;
+        self.child.wait().unwrap_or_else(|e| panic!("waiting: {e}"))
+    }
+}
+
+impl Drop for Interactive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

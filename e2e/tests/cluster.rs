@@ -9,9 +9,10 @@
 //! Service IPs do not route) the hostNetwork virthost is told to reach it there.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use virtkube_e2e::{Interactive, run};
 
 const SOCKET_DIR: &str = "/var/run/virtkube-e2e";
 
@@ -25,25 +26,7 @@ fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> (bool, String) {
         std::env::var_os("KUBECONFIG").is_some(),
         "KUBECONFIG is not set: run scripts/test.sh or point it at a cluster"
     );
-    let mut child = Command::new(&kubectl)
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {kubectl}: {e}"));
-    if let Some(text) = stdin {
-        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    run(&kubectl, args, stdin)
 }
 
 fn ok(args: &[&str]) -> String {
@@ -173,37 +156,11 @@ fn template_from_the_api(ns: &str) {
 /// (or 30 s); returns what it read.
 fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> String {
     let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-    let mut child = Command::new(kubectl)
-        .args(["-n", namespace, "attach", "-i", pod, "-c", "vm"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
+    let mut attached = Interactive::spawn(&kubectl, &["-n", namespace, "attach", "-i", pod, "-c", "vm"]);
     std::thread::sleep(Duration::from_secs(2));
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).unwrap();
-    stdin.flush().unwrap();
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !seen.contains(needle) && Instant::now() < deadline {
-        if let Ok(bytes) = rx.recv_timeout(Duration::from_millis(500)) {
-            seen.push_str(&String::from_utf8_lossy(&bytes));
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    seen
+    attached.send(input);
+    attached.wait_for(needle, Duration::from_secs(30));
+    attached.seen().to_owned()
 }
 
 fn deploy_virtkube() {

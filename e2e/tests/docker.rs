@@ -3,27 +3,17 @@
 //! `docker logs`, `docker stop`, `docker kill`.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::io::Write;
 use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
+use virtkube_e2e::{Interactive, run};
 
 const DOCKER: &str = "/usr/bin/docker";
 const SOCKET_DIR: &str = "/var/run/virtkube";
 const BOOT: Duration = Duration::from_secs(90);
 
 fn docker(args: &[&str]) -> (bool, String) {
-    let out = Command::new(DOCKER)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run docker: {e}"));
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    run(DOCKER, args, None)
 }
 
 fn docker_ok(args: &[&str]) -> String {
@@ -219,8 +209,9 @@ fn docker_run_interactive_gives_a_console() {
     require_setup();
     let name = format!("e2e-interactive-{}", std::process::id());
     let volume = format!("{SOCKET_DIR}:/var/run/libvirt");
-    let mut child = Command::new(DOCKER)
-        .args([
+    let mut console = Interactive::spawn(
+        DOCKER,
+        &[
             "run",
             "--rm",
             "-i",
@@ -229,42 +220,14 @@ fn docker_run_interactive_gives_a_console() {
             "-v",
             &volume,
             "virtkube/tiny:latest",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let wait_for = |needle: &str, seen: &mut String| {
-        let deadline = Instant::now() + BOOT;
-        while !seen.contains(needle) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "waited for {needle:?}; got:\n{seen}");
-            if let Ok(bytes) = rx.recv_timeout(left.min(Duration::from_millis(500))) {
-                seen.push_str(&String::from_utf8_lossy(&bytes));
-            }
-        }
-    };
-    wait_for("virtkube-tiny: ready", &mut seen);
-    let stdin = child.stdin.as_mut().unwrap();
-    stdin.write_all(b"echo hello-from-$((6*7))\n").unwrap();
-    stdin.flush().unwrap();
-    wait_for("hello-from-42", &mut seen);
-    stdin.write_all(b"poweroff -f\n").unwrap();
-    stdin.flush().unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{seen}");
+        ],
+    );
+    assert!(console.wait_for("virtkube-tiny: ready", BOOT), "{}", console.seen());
+    console.send("echo hello-from-$((6*7))\n");
+    assert!(console.wait_for("hello-from-42", BOOT), "{}", console.seen());
+    console.send("poweroff -f\n");
+    let seen = console.seen().to_owned();
+    assert_eq!(console.wait().code(), Some(0), "{seen}");
 }
 
 #[test]
