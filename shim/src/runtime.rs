@@ -28,6 +28,8 @@ pub fn log(message: impl AsRef<str>) {
 
 /// How often the shim checks the domain still exists, in case an event is lost.
 const STATE_POLL: Duration = Duration::from_secs(5);
+/// How long a poll that finds the domain gone waits for its STOPPED event.
+const LATE_EVENT_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs the VM until it is gone. `signals` delivers signal numbers.
 pub async fn run(
@@ -128,7 +130,15 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
             }
             error = client.closed() => Input::ConnectionLost(error.to_string()),
             _ = poll.tick() => match client.get_state(domain).await {
-                Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain()) => Input::DomainGone,
+                // The poll only stands in for a lost event: a STOPPED event may
+                // still be on its way (the domain can vanish before it is sent),
+                // and it says why the domain stopped.
+                Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain()) => {
+                    match tokio::time::timeout(LATE_EVENT_GRACE, events.next()).await {
+                        Ok(Some(event)) => Input::Lifecycle(event),
+                        _ => Input::DomainGone,
+                    }
+                }
                 Err(e) if e.is_connection_lost() => Input::ConnectionLost(e.to_string()),
                 _ => continue,
             },

@@ -71,6 +71,9 @@ pub enum State {
 pub struct Supervisor {
     state: State,
     shutdown_timeout: Duration,
+    /// The guest announced its own shutdown (a SHUTDOWN event): if the domain
+    /// is then found gone without a STOPPED event, it powered off.
+    guest_shutting_down: bool,
 }
 
 impl Supervisor {
@@ -79,6 +82,7 @@ impl Supervisor {
         Supervisor {
             state: State::Running,
             shutdown_timeout,
+            guest_shutting_down: false,
         }
     }
 
@@ -100,9 +104,13 @@ impl Supervisor {
             (_, Lifecycle(E::Undefined(_))) | (_, DomainGone) => Action::Exit(match self.state {
                 State::Destroying => Exit::ForcedStop("the guest did not stop in time".into()),
                 State::Stopping => Exit::GuestStopped,
+                _ if self.guest_shutting_down => Exit::GuestStopped,
                 _ => Exit::DestroyedExternally,
             }),
-            (_, Lifecycle(E::Shutdown(_))) => Action::Log("the guest is shutting down".into()),
+            (_, Lifecycle(E::Shutdown(_))) => {
+                self.guest_shutting_down = true;
+                Action::Log("the guest is shutting down".into())
+            }
             (_, Lifecycle(E::Suspended(_))) => Action::Log("the domain was paused".into()),
             (_, Lifecycle(E::Resumed(_))) => Action::Log("the domain was resumed".into()),
             (_, Lifecycle(other)) => Action::Log(format!("lifecycle event {other:?}")),
@@ -266,6 +274,21 @@ mod tests {
         for (input, code) in cases {
             assert_eq!(exit_of(running().on(input.clone())), code, "{input:?}");
         }
+    }
+
+    #[test]
+    fn a_guest_that_announced_its_shutdown_and_is_gone_powered_off() {
+        // Seen in the cluster tests: the SHUTDOWN event arrives, then the domain is
+        // gone before (or without) the STOPPED event.
+        let mut s = running();
+        assert!(matches!(
+            s.on(Input::Lifecycle(LifecycleEvent::Shutdown(1))),
+            Action::Log(_)
+        ));
+        assert_eq!(exit_of(s.on(Input::DomainGone)), 0);
+        let mut s = running();
+        s.on(Input::Lifecycle(LifecycleEvent::Shutdown(1)));
+        assert_eq!(exit_of(s.on(Input::Lifecycle(LifecycleEvent::Undefined(0)))), 0);
     }
 
     #[test]
