@@ -75,7 +75,7 @@ esac
 echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) cpu(s)"
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
-    virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 1; poweroff -f ;;
+    virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 3; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; echo c > /proc/sysrq-trigger ;;
   esac
 done

@@ -55,7 +55,12 @@ fn console_reaches_stdout_and_stdin_reaches_the_guest_shell() {
 fn guest_poweroff_exits_0() {
     let (mut shim, domain) = start("poweroff", "virtkube.poweroff", "10", false);
     shim.expect_exit(0, BOOT);
-    assert!(shim.stdout().contains("powering off as asked"), "{}", shim.stdout());
+    assert!(
+        shim.stdout().contains("powering off as asked"),
+        "stdout: {}\nstderr: {}",
+        shim.stdout(),
+        shim.stderr()
+    );
     assert!(shim.stderr().contains("exit 0: the guest stopped"), "{}", shim.stderr());
     assert_eq!(domstate(URI, &domain), None, "domain left behind");
 }
