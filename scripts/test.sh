@@ -26,7 +26,15 @@ if [ -z "${KUBECONFIG:-}" ]; then
   log "Kubernetes (k8s-local; the first build takes about 13 minutes)"
   # With the kubelet (pods on the local Docker engine) for the cluster end-to-end tests;
   # NO_KUBELET=1 gives the control plane only.
-  NO_KUBELET=${NO_KUBELET:-0} "$K8S_LOCAL/up.sh" 2>&1 | grep -E '^\[up.sh|error|Error' || true
+  # up.sh skips the kubelet whenever NO_KUBELET is set at all, even to 0.
+  up_env=(env -u NO_KUBELET)
+  [ "${NO_KUBELET:-0}" = 1 ] && up_env=(env NO_KUBELET=1)
+  if ! "${up_env[@]}" "$K8S_LOCAL/up.sh" > /tmp/virtkube-k8s-local-up.log 2>&1; then
+    tail -40 /tmp/virtkube-k8s-local-up.log >&2
+    echo "k8s-local's up.sh failed (whole log: /tmp/virtkube-k8s-local-up.log)" >&2
+    exit 1
+  fi
+  grep -E '^\[up.sh' /tmp/virtkube-k8s-local-up.log || true
   export KUBECONFIG=$K8S_LOCAL_DIR/admin.kubeconfig
   export KUBECTL=${KUBECTL:-$K8S_LOCAL_DIR/bin/kubectl}
 fi
@@ -37,6 +45,17 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 "$KUBECTL" get --raw /readyz >/dev/null || { echo "the API server at $KUBECONFIG is not ready" >&2; exit 1; }
+if [ "${NO_KUBELET:-0}" != 1 ]; then
+  # A kubelet just (re)started posts its Ready status after a while; the cluster
+  # tests need it, and a node left "Unknown" by an earlier run must recover first.
+  log "waiting for a Ready node"
+  for _ in $(seq 1 180); do
+    "$KUBECTL" get nodes -o 'jsonpath={.items[*].status.conditions[?(@.type=="Ready")].status}' 2>/dev/null \
+      | grep -qw True && break
+    sleep 1
+  done
+  "$KUBECTL" get nodes -o wide || true
+fi
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -44,7 +63,7 @@ log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -q -- -D warnings
 log "cargo test"
 set +e
-cargo test --workspace "$@" 2>&1 | tee /tmp/virtkube-test.log | grep -vE '^test .* \.\.\. ok$'
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee /tmp/virtkube-test.log | grep -vE '^test .* \.\.\. ok$'
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -oE '^test result: .*\. ([0-9]+) passed' /tmp/virtkube-test.log | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')

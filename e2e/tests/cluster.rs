@@ -250,17 +250,25 @@ fn pods_of(namespace: &str, selector: &str) -> Vec<String> {
 #[test]
 fn vm_lifecycle_through_kubectl() {
     deploy_virtkube();
-    let nodes = ok(&[
-        "get",
-        "nodes",
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-    ]);
-    let node = nodes
-        .lines()
-        .find_map(|l| l.strip_suffix(" True"))
-        .unwrap_or_else(|| panic!("no Ready node: {nodes}"))
-        .to_owned();
+    // A kubelet that just started (or restarted against old cluster state) takes a
+    // while to post a Ready status.
+    let mut node = String::new();
+    eventually("a Ready node", "virtkube-system", Duration::from_secs(180), || {
+        let nodes = kubectl(&[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+        ])
+        .1;
+        match nodes.lines().find_map(|l| l.strip_suffix(" True")) {
+            Some(ready) => {
+                node = ready.to_owned();
+                true
+            }
+            None => false,
+        }
+    });
 
     // The VirtNode and the Node labels.
     eventually("the VirtNode", "virtkube-system", Duration::from_secs(60), || {
