@@ -22,7 +22,7 @@ fi
 
 mkdir -p "$OUT"
 chmod 755 "$OUT"
-if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/button.ko" ]; then
+if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/pvpanic-mmio.ko" ]; then
   [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -qq
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$pkg" ] || { log "cannot resolve linux-image-cloud-amd64 to a kernel package"; exit 1; }
@@ -32,9 +32,12 @@ if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/button.ko" ]; then
   dpkg-deb -x "$work"/*.deb "$work/root"
   install -m 0644 "$work"/root/boot/vmlinuz-* "$OUT/vmlinuz"
   # The ACPI power button and evdev are modules in the cloud kernel; busybox
-  # acpid needs both to see the button that `virsh shutdown` presses.
+  # acpid needs both to see the button that `virsh shutdown` presses. pvpanic
+  # reports a kernel panic to QEMU (ACPI device QEMU0001, the template's
+  # features.pvpanic), so a crash is seen as one.
   mkdir -p "$OUT/modules"
-  for m in drivers/acpi/button.ko drivers/input/evdev.ko; do
+  for m in drivers/acpi/button.ko drivers/input/evdev.ko \
+    drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko; do
     install -m 0644 "$work"/root/lib/modules/*/kernel/$m "$OUT/modules/"
   done
   rm -rf "$work"
@@ -60,6 +63,8 @@ mount -t devtmpfs dev /dev 2>/dev/null
 # input device and runs /etc/acpi/PWRF/00000080.
 insmod /lib/modules/evdev.ko 2>/dev/null
 insmod /lib/modules/button.ko 2>/dev/null
+insmod /lib/modules/pvpanic.ko 2>/dev/null
+insmod /lib/modules/pvpanic-mmio.ko 2>/dev/null
 printf '#!/bin/sh\necho "virtkube-tiny: power button pressed, powering off"\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod +x /etc/acpi/PWRF/00000080
 for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
@@ -76,7 +81,7 @@ echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) c
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 3; poweroff -f ;;
-    virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; echo c > /proc/sysrq-trigger ;;
+    virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; sleep 3; echo c > /proc/sysrq-trigger ;;
   esac
 done
 echo "virtkube-tiny: ready"

@@ -193,6 +193,8 @@ pub struct ResolvedTemplate {
     pub acpi: bool,
     /// APIC on.
     pub apic: bool,
+    /// A pvpanic device (x86 only).
+    pub pvpanic: bool,
     /// Action on guest poweroff.
     pub on_poweroff: LifecycleAction,
     /// Action on guest reboot.
@@ -457,12 +459,24 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
     }
 
     let features = spec.features.clone().unwrap_or_default();
+    let arch = spec.arch.unwrap_or(Arch::X86_64);
+    let pvpanic = match (features.pvpanic, arch) {
+        (Some(true), Arch::Aarch64) => {
+            problems.add(
+                "spec.features.pvpanic",
+                "true is not available for aarch64 guests yet (x86_64 only); remove it or set it false",
+            );
+            false
+        }
+        (requested, Arch::X86_64) => requested.unwrap_or(true),
+        (_, Arch::Aarch64) => false,
+    };
     if !problems.0.is_empty() {
         return Err(TemplateError::Invalid(problems.0));
     }
     Ok(ResolvedTemplate {
         name,
-        arch: spec.arch.unwrap_or(Arch::X86_64),
+        arch,
         machine: spec.machine.clone(),
         domain_type: spec.domain_type.unwrap_or(DomainType::Auto),
         vcpus,
@@ -481,6 +495,7 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
         vnc_listen,
         acpi: features.acpi.unwrap_or(true),
         apic: features.apic.unwrap_or(true),
+        pvpanic,
         on_poweroff,
         on_reboot,
         on_crash,

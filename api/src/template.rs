@@ -429,6 +429,12 @@ pub struct FeaturesSpec {
     /// APIC. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub apic: Option<bool>,
+    /// A pvpanic device, so that a guest kernel panic reaches libvirt as a crash (the
+    /// `onCrash` action runs and the shim exits 3) instead of a silent reboot or hang.
+    /// The guest kernel needs its pvpanic driver. Default true on x86_64; aarch64
+    /// has no panic device here yet, so true is refused there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvpanic: Option<bool>,
 }
 
 // What happens when the guest powers off, reboots or crashes.

@@ -35,7 +35,7 @@ fn defaults_are_applied_explicitly() {
     assert_eq!(t.cpu_mode, None);
     assert_eq!(t.memory_bytes, 256 << 20);
     assert_eq!(t.firmware, Firmware::Bios);
-    assert!(t.serial && t.acpi && t.apic);
+    assert!(t.serial && t.acpi && t.apic && t.pvpanic);
     assert_eq!(t.vnc_listen, None);
     assert_eq!(
         (t.on_poweroff, t.on_reboot, t.on_crash),
@@ -44,6 +44,17 @@ fn defaults_are_applied_explicitly() {
             LifecycleAction::Restart,
             LifecycleAction::Destroy
         )
+    );
+}
+
+#[test]
+fn the_panic_device_is_x86_only() {
+    assert!(!parse_yaml("features: {pvpanic: false}").unwrap().pvpanic);
+    assert!(!parse_yaml("arch: aarch64").unwrap().pvpanic);
+    assert!(!parse_yaml("arch: aarch64\nfeatures: {pvpanic: false}").unwrap().pvpanic);
+    assert_error(
+        "arch: aarch64\nfeatures: {pvpanic: true}",
+        "spec.features.pvpanic: true is not available for aarch64 guests yet",
     );
 }
 

@@ -310,6 +310,13 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
                     Ok(())
                 })?;
         }
+        if t.pvpanic {
+            // QEMU's ISA pvpanic device (ACPI id QEMU0001): a panicking guest kernel
+            // writes to it and libvirt reports a crash instead of a silent reboot.
+            w.create_element("panic")
+                .with_attribute(("model", "isa"))
+                .write_empty()?;
+        }
         if let Some(listen) = &t.vnc_listen {
             w.create_element("graphics")
                 .with_attributes([("type", "vnc"), ("autoport", "yes")])

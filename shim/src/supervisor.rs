@@ -155,7 +155,7 @@ impl Supervisor {
                 Exit::ForcedStop("the guest did not shut down in time".into())
             }
             (StoppedReason::Destroyed, _) => Exit::DestroyedExternally,
-            (StoppedReason::Crashed, _) => Exit::GuestCrashed("the guest crashed".into()),
+            (StoppedReason::Crashed, _) => Exit::GuestCrashed("libvirt stopped it after a crash".into()),
             (StoppedReason::Failed, _) => Exit::GuestCrashed("the QEMU process failed".into()),
             (other, _) => Exit::GuestCrashed(format!("the domain stopped unexpectedly ({other:?})")),
         }
@@ -164,8 +164,8 @@ impl Supervisor {
 
 fn crash_detail(detail: i32) -> String {
     match detail {
-        0 => "the guest panicked".into(),
-        1 => "the guest crashed (hypervisor reported)".into(),
+        0 => "its kernel panicked (reported through the pvpanic device)".into(),
+        1 => "the hypervisor reported a crash".into(),
         other => format!("crash detail {other}"),
     }
 }

@@ -1,7 +1,7 @@
 //! The shim binary with a real TCG guest on libvirtd's qemu driver (the tiny
 //! guest of scripts/build-tiny-guest.sh): the console on stdout and from
-//! stdin, poweroff, ACPI shutdown on SIGTERM, a guest that ignores ACPI, and
-//! AUTODESTROY when the shim is SIGKILLed.
+//! stdin, poweroff, ACPI shutdown on SIGTERM, a guest that ignores ACPI, a
+//! guest kernel panic (pvpanic), and AUTODESTROY when the shim is SIGKILLed.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod support;
@@ -62,6 +62,24 @@ fn guest_poweroff_exits_0() {
         shim.stderr()
     );
     assert!(shim.stderr().contains("exit 0: the guest stopped"), "{}", shim.stderr());
+    assert_eq!(domstate(URI, &domain), None, "domain left behind");
+}
+
+#[test]
+fn a_guest_kernel_panic_exits_3_and_says_so() {
+    let (mut shim, domain) = start("panic", "virtkube.panic", "10", false);
+    shim.expect_exit(3, BOOT);
+    assert!(
+        shim.stdout().contains("panicking as asked"),
+        "stdout: {}\nstderr: {}",
+        shim.stdout(),
+        shim.stderr()
+    );
+    assert!(
+        shim.stderr().contains("exit 3: the guest crashed: its kernel panicked"),
+        "stderr: {}",
+        shim.stderr()
+    );
     assert_eq!(domstate(URI, &domain), None, "domain left behind");
 }
 
