@@ -14,7 +14,11 @@ shim=$(bash scripts/build-shim.sh)
 log "virtkube/shim"
 $DOCKER build -q -f Dockerfile.shim --build-arg SHIM="$shim" -t virtkube/shim:latest . >/dev/null
 log "virtkube/tiny"
-$DOCKER build -q -t virtkube/tiny:latest images/tiny >/dev/null
+# Also tagged with the version: an image that is not :latest defaults to
+# imagePullPolicy IfNotPresent, so a bare `kubectl run --image=virtkube/tiny:0.1.0`
+# uses the local image where no registry has it.
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+$DOCKER build -q -t virtkube/tiny:latest -t "virtkube/tiny:$version" images/tiny >/dev/null
 bash scripts/debian-base-image.sh debian:bookworm-slim
 log "virtkube-nodeinfo (links Debian 12's libvirt.so, like the virthost image)"
 cargo build -q --release --locked -p virtkube-nodeinfo

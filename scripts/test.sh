@@ -35,6 +35,7 @@ if [ -z "${KUBECONFIG:-}" ]; then
     exit 1
   fi
   grep -E '^\[up.sh' /tmp/virtkube-k8s-local-up.log || true
+  using_k8s_local=1
   export KUBECONFIG=$K8S_LOCAL_DIR/admin.kubeconfig
   export KUBECTL=${KUBECTL:-$K8S_LOCAL_DIR/bin/kubectl}
 fi
@@ -45,6 +46,10 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 "$KUBECTL" get --raw /readyz >/dev/null || { echo "the API server at $KUBECONFIG is not ready" >&2; exit 1; }
+if [ -n "${using_k8s_local:-}" ]; then
+  # k8s-local has no kube-proxy: route the kubernetes Service to its API server.
+  bash scripts/k8s-local-service-route.sh
+fi
 if [ "${NO_KUBELET:-0}" != 1 ]; then
   # A kubelet just (re)started posts its Ready status after a while; the cluster
   # tests need it, and a node left "Unknown" by an earlier run must recover first.

@@ -2,11 +2,12 @@
 //! k8s-local single-node cluster with its kubelet on the local Docker engine,
 //! where the images are already present).
 //!
-//! Adaptations to the cluster under test, applied to the manifests here and
+//! One adaptation to the cluster under test, applied to the manifests here and
 //! nowhere else: the node's socket directory is /var/run/virtkube-e2e (so the
-//! Docker end-to-end tests' virthost container keeps /var/run/virtkube), and
-//! where the API server listens only on 127.0.0.1 (k8s-local: no kube-proxy,
-//! Service IPs do not route) the hostNetwork virthost is told to reach it there.
+//! Docker end-to-end tests' virthost container keeps /var/run/virtkube). Pods
+//! reach the API server through the `kubernetes` Service, as on any cluster
+//! (on k8s-local, which has no kube-proxy, scripts/k8s-local-service-route.sh
+//! routes it; scripts/test.sh runs it).
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::process::Command;
@@ -89,23 +90,8 @@ fn template_from_the_api(ns: &str) {
         .replace("memory: 128Mi", "memory: 144Mi");
     apply(&template);
     apply(&repo_file("deploy/examples/vm-rolebinding.yaml").replace("namespace: default", &format!("namespace: {ns}")));
-    let server = ok(&[
-        "config",
-        "view",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ]);
-    // On k8s-local only host-network processes reach the API server (127.0.0.1).
-    let api_env = match server.trim().strip_prefix("https://127.0.0.1:") {
-        Some(port) => format!(
-            "        - {{name: KUBERNETES_SERVICE_HOST, value: \"127.0.0.1\"}}\n        - {{name: KUBERNETES_SERVICE_PORT, value: \"{port}\"}}\n"
-        ),
-        None => String::new(),
-    };
-    let host_network = if api_env.is_empty() { "false" } else { "true" };
     let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: vm-api\n  namespace: {ns}\n  annotations:\n    virtkube.io/template: tiny-api\n    virtkube.io/cpus: \"2\"\nspec:\n  hostNetwork: {host_network}\n  restartPolicy: Never\n  containers:\n    - name: vm\n      image: virtkube/shim:latest\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n{api_env}      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: vm-api\n  namespace: {ns}\n  annotations:\n    virtkube.io/template: tiny-api\n    virtkube.io/cpus: \"2\"\nspec:\n  restartPolicy: Never\n  containers:\n    - name: vm\n      image: virtkube/shim:latest\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
     );
     // A new namespace's service account token can take a moment to exist.
     eventually("the pod to be accepted", ns, Duration::from_secs(30), || {
@@ -171,20 +157,7 @@ fn deploy_virtkube() {
         );
         assert!(success, "{file}: {out}");
     }
-    let mut virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
-    let server = ok(&[
-        "config",
-        "view",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ]);
-    if let Some(port) = server.trim().strip_prefix("https://127.0.0.1:") {
-        virthost = virthost.replace(
-            "            - name: VIRTHOST_TCP\n",
-            &format!("            - name: KUBERNETES_SERVICE_HOST\n              value: \"127.0.0.1\"\n            - name: KUBERNETES_SERVICE_PORT\n              value: \"{port}\"\n            - name: VIRTHOST_TCP\n"),
-        );
-    }
+    let virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
     apply(&virthost);
     let (success, out) = kubectl(&[
         "-n",
@@ -399,29 +372,24 @@ fn vm_lifecycle_through_kubectl() {
     });
 
     // A bad annotation: the pod fails, and describe shows why (termination message).
-    let broken = vm_job(&ns, "tiny-broken", "        virtkube.io/cpus: lots\n");
-    apply(&broken);
-    eventually("the broken pod to fail", &ns, Duration::from_secs(120), || {
-        kubectl(&[
-            "-n",
-            &ns,
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=tiny-broken",
-            "-o",
-            "jsonpath={.items[*].status.phase}",
-        ])
-        .1
-        .contains("Failed")
-    });
-    let broken_pod = pods_of(&ns, "app.kubernetes.io/name=tiny-broken").remove(0);
-    let describe = ok(&["-n", &ns, "describe", "pod", &broken_pod]);
+    let describe = failed_vm_job(&ns, "tiny-broken", "        virtkube.io/cpus: lots\n");
     assert!(
         describe.contains("annotation virtkube.io/cpus: \"lots\" is not a whole number of vCPUs"),
         "{describe}"
     );
     assert!(describe.contains("Exit Code:    1"), "{describe}");
+
+    // A guest kernel panic (pvpanic): the pod fails with exit 3, and says so.
+    let describe = failed_vm_job(
+        &ns,
+        "tiny-panic",
+        "        virtkube.io/cmdline: console=ttyS0 panic=-1 quiet virtkube.panic\n",
+    );
+    assert!(
+        describe.contains("exit 3: the guest crashed: its kernel panicked"),
+        "{describe}"
+    );
+    assert!(describe.contains("Exit Code:    3"), "{describe}");
 
     // The template by name from the API: the bare base image (no baked
     // template), a VirtTemplate in the namespace, the pod's annotation naming
@@ -485,5 +453,97 @@ fn vm_lifecycle_through_kubectl() {
     ]);
     assert!(success, "{out}");
 
+    bare_kubectl_run(&ns);
+
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+}
+
+/// A Job of the tiny VM with `annotations` that must fail; returns `kubectl describe` of its pod.
+fn failed_vm_job(ns: &str, name: &str, annotations: &str) -> String {
+    apply(&vm_job(ns, name, annotations));
+    let selector = format!("app.kubernetes.io/name={name}");
+    eventually(&format!("pod {name} to fail"), ns, Duration::from_secs(180), || {
+        kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-l",
+            &selector,
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ])
+        .1
+        .contains("Failed")
+    });
+    let pod = pods_of(ns, &selector).remove(0);
+    ok(&["-n", ns, "describe", "pod", &pod])
+}
+
+/// Bare `kubectl run IMAGE`: no volumes, no downward API. The shim reads its pod
+/// from the API (the namespace's default service account has the virtkube-vm
+/// role, bound by `template_from_the_api`) and reaches its node's virthost over
+/// TCP, which is off until the virthost is deployed with VIRTHOST_TCP=1.
+fn bare_kubectl_run(ns: &str) {
+    let image = format!("--image=virtkube/tiny:{}", env!("CARGO_PKG_VERSION"));
+    // TCP off (the default): the pod fails and says how to fix it.
+    ok(&["-n", ns, "run", "vm-bare-off", &image, "--restart=Never"]);
+    eventually("the bare pod without TCP to fail", ns, Duration::from_secs(90), || {
+        kubectl(&["-n", ns, "get", "pod", "vm-bare-off", "-o", "jsonpath={.status.phase}"])
+            .1
+            .trim()
+            == "Failed"
+    });
+    let describe = ok(&["-n", ns, "describe", "pod", "vm-bare-off"]);
+    assert!(
+        describe.contains("tried the virthost of its node") && describe.contains("VIRTHOST_TCP=1"),
+        "{describe}"
+    );
+
+    // The opt-in, as the README gives it; the virthost restarts with it.
+    ok(&["-n", "virtkube-system", "set", "env", "ds/virthost", "VIRTHOST_TCP=1"]);
+    let rollout = |what: &str| {
+        let (success, out) = kubectl(&[
+            "-n",
+            "virtkube-system",
+            "rollout",
+            "status",
+            "ds/virthost",
+            "--timeout=180s",
+        ]);
+        assert!(success, "{what}: {out}\n{}", diagnostics("virtkube-system"));
+    };
+    rollout("the virthost with TCP");
+    ok(&["-n", ns, "run", "vm-bare", &image]);
+    eventually("the bare pod's VirtDomain", ns, Duration::from_secs(120), || {
+        kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "virtdomain",
+            "vm-bare",
+            "-o",
+            "jsonpath={.status.state}",
+        ])
+        .1
+        .trim()
+            == "Running"
+    });
+    eventually("the bare pod's console", ns, Duration::from_secs(120), || {
+        kubectl(&["-n", ns, "logs", "vm-bare"])
+            .1
+            .contains("virtkube-tiny: ready")
+    });
+    let logs = ok(&["-n", ns, "logs", "vm-bare"]);
+    assert!(logs.contains("over TCP (qemu+tcp://"), "{logs}");
+    let domain = format!("{ns}_vm-bare");
+    assert!(virsh_list().contains(&domain), "{}", virsh_list());
+    ok(&["-n", ns, "delete", "pod", "vm-bare", "--wait=true", "--timeout=60s"]);
+    eventually("the bare pod's domain to go", ns, Duration::from_secs(10), || {
+        !virsh_list().contains(&domain)
+    });
+
+    // Back to the safe default.
+    ok(&["-n", "virtkube-system", "set", "env", "ds/virthost", "VIRTHOST_TCP=0"]);
+    rollout("the virthost without TCP");
 }

@@ -40,7 +40,7 @@ fn explain(e: kube::Error, what: &str, namespace: &str, fix_missing: &str) -> St
             format!("{what} not found in namespace {namespace}: {fix_missing}")
         }
         kube::Error::Api(status) if status.code == 403 => format!(
-            "the pod's service account may not read {what} in namespace {namespace} ({}): bind it to the virtkube-vm role (deploy/rbac.yaml)",
+            "the pod's service account may not read {what} in namespace {namespace} ({}): bind it to the virtkube-vm ClusterRole of deploy/02-rbac.yaml (kubectl create rolebinding virtkube-vm --clusterrole=virtkube-vm --serviceaccount={namespace}:default -n {namespace})",
             status.message
         ),
         _ => format!("cannot read {what} from the Kubernetes API: {e}"),

@@ -28,15 +28,19 @@ usage: virtkube-shim [--print-xml] [--help] [--version]
 environment:
   VIRTKUBE_TEMPLATE_FILE     template baked into the image (default /etc/virtkube/template.yaml)
   VIRTKUBE_TEMPLATE          template name to read from the Kubernetes API instead
-  VIRTKUBE_LIBVIRT_URI       qemu:///system (default), qemu+unix:///system?socket=PATH,
-                             qemu+tcp://HOST[:PORT]/system, test+unix:///default
+  VIRTKUBE_LIBVIRT_URI       qemu:///system, qemu+unix:///system?socket=PATH,
+                             qemu+tcp://HOST[:PORT]/system, test+unix:///default;
+                             unset: qemu:///system when its socket is mounted, else in a
+                             pod the node's virthost over TCP (HOST_IP:16509, opt-in,
+                             unauthenticated)
   VIRTKUBE_SHUTDOWN_TIMEOUT  seconds between the ACPI shutdown request and destroy (default 25)
   VIRTKUBE_AUTODESTROY       1 (default): the VM dies with the shim's connection;
                              0: create without it (libvirt's test driver needs this) and
                              destroy the domain on exit instead
   VIRTKUBE_ANNOTATIONS_FILE  the pod's annotations from a downward API volume
                              (default /etc/podinfo/annotations)
-  POD_NAME, POD_NAMESPACE, POD_UID  the pod, from the downward API
+  POD_NAME, POD_NAMESPACE, POD_UID  the pod, from the downward API (else read from the API)
+  HOST_IP                    the node's IP, from the downward API (else read from the API)
 
 exit codes: 0 guest stopped · 1 could not start · 2 configuration error · 3 guest crashed ·
 4 lost libvirtd · 5 destroyed by someone else · 6 destroyed after a stop timed out · 128+N signal N
@@ -64,8 +68,8 @@ pub struct Config {
     pub template_file: PathBuf,
     /// Template name in the API (cluster mode).
     pub template_name: Option<String>,
-    /// libvirt URI.
-    pub uri: String,
+    /// `VIRTKUBE_LIBVIRT_URI`; `None`: found by [`crate::endpoint::choose`].
+    pub uri: Option<String>,
     /// Grace period after the ACPI request.
     pub shutdown_timeout: Duration,
     /// Create with AUTODESTROY.
@@ -104,8 +108,10 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
         Some("0" | "false" | "no") => false,
         Some(other) => return Err(format!("VIRTKUBE_AUTODESTROY={other:?} is not a boolean; use 1 or 0")),
     };
-    let uri = non_empty("VIRTKUBE_LIBVIRT_URI").unwrap_or_else(|| DEFAULT_URI.to_owned());
-    libvirt_wire::uri::parse(&uri).map_err(|e| format!("VIRTKUBE_LIBVIRT_URI: {e}"))?;
+    let uri = non_empty("VIRTKUBE_LIBVIRT_URI");
+    if let Some(uri) = &uri {
+        libvirt_wire::uri::parse(uri).map_err(|e| format!("VIRTKUBE_LIBVIRT_URI: {e}"))?;
+    }
     Ok(Config {
         mode,
         template_file: non_empty("VIRTKUBE_TEMPLATE_FILE")
@@ -140,7 +146,7 @@ mod tests {
         let c = config(&[], &[]).unwrap();
         assert_eq!(c.mode, Mode::Run);
         assert_eq!(c.template_file, PathBuf::from(DEFAULT_TEMPLATE_FILE));
-        assert_eq!(c.uri, "qemu:///system");
+        assert_eq!(c.uri, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
         assert!(c.autodestroy);
         assert_eq!(c.template_name, None);

@@ -8,6 +8,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use virtkube_api::{Overrides, ResolvedTemplate, resolve};
 use virtkube_shim::config::{self, Config, Mode};
+use virtkube_shim::endpoint::{self, Endpoint};
 use virtkube_shim::exit::Exit;
 use virtkube_shim::instance::{self, Facts};
 use virtkube_shim::pid1;
@@ -68,7 +69,7 @@ async fn async_main(config: &Config) -> Exit {
     }
     tokio::spawn(reap_on_sigchld());
 
-    let (template, facts) = match load(config).await {
+    let (template, facts, endpoint) = match load(config).await {
         Ok(loaded) => loaded,
         Err(exit) => return exit,
     };
@@ -82,10 +83,10 @@ async fn async_main(config: &Config) -> Exit {
             Err(e) => Exit::StartFailed(e.to_string()),
         };
     }
-    runtime::run(config, &template, &facts.instance, &mut signals).await
+    runtime::run(config, &endpoint, &template, &facts.instance, &mut signals).await
 }
 
-async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
+async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts, Endpoint), Exit> {
     #[cfg_attr(not(feature = "kube"), allow(unused_mut))]
     let mut annotations = match std::fs::read_to_string(&config.annotations_file) {
         Ok(text) => Some(instance::parse_downward_annotations(&text).map_err(Exit::Usage)?),
@@ -100,8 +101,24 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     #[cfg_attr(not(feature = "kube"), allow(unused_mut))]
     let mut env: HashMap<String, String> = std::env::vars().collect();
+    let socket_mounted = std::path::Path::new(endpoint::DEFAULT_SOCKET).exists();
+    #[cfg_attr(not(feature = "kube"), allow(unused_variables))]
+    let need_node = config.uri.is_none() && !socket_mounted && !env.contains_key("HOST_IP");
     #[cfg(feature = "kube")]
-    let api = cluster_inputs(&mut env, &mut annotations, &hostname).await?;
+    let api = cluster_inputs(&mut env, &mut annotations, &hostname, need_node).await?;
+    let endpoint = endpoint::choose(&endpoint::Clues {
+        explicit_uri: config.uri.as_deref(),
+        socket_mounted,
+        host_ip: env.get("HOST_IP").map(String::as_str),
+    })
+    .map_err(|e| Exit::StartFailed(e.to_string()))?;
+    if let endpoint::Source::NodeTcp { host_ip } = &endpoint.source {
+        log(format!(
+            "no libvirt socket at {}: using the virthost of node {host_ip} over TCP ({}, unauthenticated)",
+            endpoint::DEFAULT_SOCKET,
+            endpoint.uri
+        ));
+    }
     let facts = instance::gather(
         |k| env.get(k).cloned(),
         annotations.unwrap_or_default(),
@@ -113,10 +130,7 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
         #[cfg(feature = "kube")]
         Some(name) if api.is_some() => {
             let namespace = facts.instance.namespace.clone().unwrap_or_else(|| "default".into());
-            let client = api
-                .as_ref()
-                .map(|(c, _)| c.clone())
-                .ok_or_else(|| Exit::StartFailed("no API client".into()))?;
+            let client = api.clone().ok_or_else(|| Exit::StartFailed("no API client".into()))?;
             log(format!(
                 "reading VirtTemplate {namespace}/{name} from the Kubernetes API"
             ));
@@ -148,24 +162,25 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts), Exit> {
     if facts.instance.template_name.is_none() {
         facts.instance.template_name = template.name.clone();
     }
-    Ok((template, facts))
+    Ok((template, facts, endpoint))
 }
 
 /// In a pod without downward API settings (bare `kubectl run`), asks the API
-/// for the pod's identity and annotations. Returns the client when in a cluster.
+/// for the pod's identity and annotations, and for its node's IP when `need_node`
+/// (no libvirt socket mounted). Returns the client when in a cluster.
 #[cfg(feature = "kube")]
 async fn cluster_inputs(
     env: &mut HashMap<String, String>,
     annotations: &mut Option<std::collections::BTreeMap<String, String>>,
     hostname: &str,
-) -> Result<Option<(kube::Client, Option<String>)>, Exit> {
+    need_node: bool,
+) -> Result<Option<kube::Client>, Exit> {
     use virtkube_shim::cluster;
     if !cluster::in_cluster() {
         return Ok(None);
     }
     let client = cluster::client().await.map_err(Exit::StartFailed)?;
-    let mut host_ip = None;
-    if !env.contains_key("POD_NAME") || annotations.is_none() {
+    if !env.contains_key("POD_NAME") || annotations.is_none() || need_node {
         let namespace = match env.get("POD_NAMESPACE") {
             Some(ns) => ns.clone(),
             None => std::fs::read_to_string(cluster::NAMESPACE_FILE)
@@ -176,9 +191,17 @@ async fn cluster_inputs(
             .get("POD_NAME")
             .cloned()
             .unwrap_or_else(|| hostname.trim().to_owned());
-        let pod = cluster::fetch_pod(&client, &namespace, &name)
+        let mut pod = cluster::fetch_pod(&client, &namespace, &name)
             .await
             .map_err(Exit::StartFailed)?;
+        // The kubelet can start the container before the API has its status.hostIP.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while need_node && pod.host_ip.is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            pod = cluster::fetch_pod(&client, &namespace, &name)
+                .await
+                .map_err(Exit::StartFailed)?;
+        }
         env.entry("POD_NAMESPACE".into()).or_insert(namespace);
         env.entry("POD_NAME".into()).or_insert(name);
         if let Some(uid) = pod.uid {
@@ -187,9 +210,11 @@ async fn cluster_inputs(
         if annotations.is_none() {
             *annotations = Some(pod.annotations);
         }
-        host_ip = pod.host_ip;
+        if let Some(host_ip) = pod.host_ip {
+            env.entry("HOST_IP".into()).or_insert(host_ip);
+        }
     }
-    Ok(Some((client, host_ip)))
+    Ok(Some(client))
 }
 
 /// Delivers SIGTERM, SIGINT, SIGQUIT and SIGHUP as numbers.

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use virtkube_api::ResolvedTemplate;
 
 use crate::config::Config;
+use crate::endpoint::Endpoint;
 use crate::exit::Exit;
 use crate::host;
 use crate::render::{self, Instance};
@@ -34,12 +35,13 @@ const LATE_EVENT_GRACE: Duration = Duration::from_secs(2);
 /// Runs the VM until it is gone. `signals` delivers signal numbers.
 pub async fn run(
     config: &Config,
+    endpoint: &Endpoint,
     template: &ResolvedTemplate,
     instance: &Instance,
     signals: &mut mpsc::Receiver<i32>,
 ) -> Exit {
     let started = tokio::select! {
-        started = start(config, template, instance) => started,
+        started = start(config, endpoint, template, instance) => started,
         Some(signal) = signals.recv() => {
             log(format!("signal {signal} before the VM started: exiting"));
             return Exit::Signal(signal);
@@ -62,10 +64,18 @@ pub async fn run(
     exit
 }
 
-async fn start(config: &Config, template: &ResolvedTemplate, instance: &Instance) -> Result<(Client, DomainRef), Exit> {
-    let client = Client::connect(&config.uri, Options::default())
+async fn start(
+    config: &Config,
+    endpoint: &Endpoint,
+    template: &ResolvedTemplate,
+    instance: &Instance,
+) -> Result<(Client, DomainRef), Exit> {
+    let client = Client::connect(&endpoint.uri, Options::default())
         .await
-        .map_err(|e| Exit::StartFailed(e.to_string()))?;
+        .map_err(|e| match endpoint.advice() {
+            Some(advice) => Exit::StartFailed(format!("{e}; {advice}")),
+            None => Exit::StartFailed(e.to_string()),
+        })?;
     let caps = client
         .capabilities()
         .await
@@ -84,7 +94,7 @@ async fn start(config: &Config, template: &ResolvedTemplate, instance: &Instance
         "started domain {} ({}) on {}{}",
         domain.name,
         domain.uuid_string(),
-        config.uri,
+        endpoint.uri,
         if config.autodestroy { "" } else { " without AUTODESTROY" }
     ));
     Ok((client, domain))
