@@ -10,6 +10,9 @@ pub const DEFAULT_TEMPLATE_FILE: &str = "/etc/virtkube/template.yaml";
 pub const DEFAULT_URI: &str = "qemu:///system";
 /// Default seconds between the ACPI request and destroy (under Kubernetes' 30 s grace).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 25;
+/// Default seconds to keep trying to reach libvirtd: long enough for a virthost
+/// pod that is (re)starting, so a VM pod does not crash-loop meanwhile.
+pub const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
 /// Where Kubernetes reads a container's termination message.
 pub const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
 /// Where a downward API volume puts the pod's annotations.
@@ -34,6 +37,7 @@ environment:
                              pod the node's virthost over TCP (HOST_IP:16509, opt-in,
                              unauthenticated)
   VIRTKUBE_SHUTDOWN_TIMEOUT  seconds between the ACPI shutdown request and destroy (default 25)
+  VIRTKUBE_CONNECT_TIMEOUT   seconds to keep trying to reach libvirtd (default 30)
   VIRTKUBE_AUTODESTROY       1 (default): the VM dies with the shim's connection;
                              0: create without it (libvirt's test driver needs this) and
                              destroy the domain on exit instead
@@ -72,6 +76,8 @@ pub struct Config {
     pub uri: Option<String>,
     /// Grace period after the ACPI request.
     pub shutdown_timeout: Duration,
+    /// How long to keep trying to reach libvirtd before giving up (exit 1).
+    pub connect_timeout: Duration,
     /// Create with AUTODESTROY.
     pub autodestroy: bool,
     /// Termination message path.
@@ -92,17 +98,16 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
         };
     }
     let non_empty = |key: &str| env(key).filter(|v| !v.trim().is_empty());
-    let shutdown_timeout = match non_empty("VIRTKUBE_SHUTDOWN_TIMEOUT") {
-        None => Duration::from_secs(DEFAULT_SHUTDOWN_TIMEOUT),
-        Some(v) => match v.trim().parse::<u64>() {
-            Ok(secs) if secs <= 3600 => Duration::from_secs(secs),
-            _ => {
-                return Err(format!(
-                    "VIRTKUBE_SHUTDOWN_TIMEOUT={v:?} is not a number of seconds from 0 to 3600 (e.g. 25)"
-                ));
-            }
-        },
-    };
+    let shutdown_timeout = seconds(
+        non_empty("VIRTKUBE_SHUTDOWN_TIMEOUT"),
+        "VIRTKUBE_SHUTDOWN_TIMEOUT",
+        DEFAULT_SHUTDOWN_TIMEOUT,
+    )?;
+    let connect_timeout = seconds(
+        non_empty("VIRTKUBE_CONNECT_TIMEOUT"),
+        "VIRTKUBE_CONNECT_TIMEOUT",
+        DEFAULT_CONNECT_TIMEOUT,
+    )?;
     let autodestroy = match non_empty("VIRTKUBE_AUTODESTROY").as_deref().map(str::trim) {
         None | Some("1" | "true" | "yes") => true,
         Some("0" | "false" | "no") => false,
@@ -120,6 +125,7 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
         template_name: non_empty("VIRTKUBE_TEMPLATE"),
         uri,
         shutdown_timeout,
+        connect_timeout,
         autodestroy,
         termination_log: non_empty("VIRTKUBE_TERMINATION_LOG")
             .unwrap_or_else(|| DEFAULT_TERMINATION_LOG.to_owned())
@@ -128,6 +134,19 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
             .unwrap_or_else(|| DEFAULT_ANNOTATIONS_FILE.to_owned())
             .into(),
     })
+}
+
+/// A duration variable: whole seconds from 0 to 3600.
+fn seconds(value: Option<String>, name: &str, default: u64) -> Result<Duration, String> {
+    match value {
+        None => Ok(Duration::from_secs(default)),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(secs) if secs <= 3600 => Ok(Duration::from_secs(secs)),
+            _ => Err(format!(
+                "{name}={v:?} is not a number of seconds from 0 to 3600 (e.g. {default})"
+            )),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +167,7 @@ mod tests {
         assert_eq!(c.template_file, PathBuf::from(DEFAULT_TEMPLATE_FILE));
         assert_eq!(c.uri, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
+        assert_eq!(c.connect_timeout, Duration::from_secs(30));
         assert!(c.autodestroy);
         assert_eq!(c.template_name, None);
     }
@@ -178,6 +198,10 @@ mod tests {
                 "VIRTKUBE_SHUTDOWN_TIMEOUT=\"soon\" is not a number of seconds",
             ),
             (("VIRTKUBE_SHUTDOWN_TIMEOUT", "99999"), "from 0 to 3600"),
+            (
+                ("VIRTKUBE_CONNECT_TIMEOUT", "-1"),
+                "VIRTKUBE_CONNECT_TIMEOUT=\"-1\" is not a number of seconds from 0 to 3600 (e.g. 30)",
+            ),
             (
                 ("VIRTKUBE_AUTODESTROY", "maybe"),
                 "VIRTKUBE_AUTODESTROY=\"maybe\" is not a boolean",

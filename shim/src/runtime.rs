@@ -70,12 +70,16 @@ async fn start(
     template: &ResolvedTemplate,
     instance: &Instance,
 ) -> Result<(Client, DomainRef), Exit> {
-    let client = Client::connect(&endpoint.uri, Options::default())
-        .await
-        .map_err(|e| match endpoint.advice() {
-            Some(advice) => Exit::StartFailed(format!("{e}; {advice}")),
-            None => Exit::StartFailed(e.to_string()),
-        })?;
+    let client = connect(endpoint, config.connect_timeout).await.map_err(|e| {
+        let waited = match config.connect_timeout.as_secs() {
+            0 => String::new(),
+            secs => format!(" (tried for {secs} s)"),
+        };
+        match endpoint.advice() {
+            Some(advice) => Exit::StartFailed(format!("{e}{waited}; {advice}")),
+            None => Exit::StartFailed(format!("{e}{waited}")),
+        }
+    })?;
     let caps = client
         .capabilities()
         .await
@@ -99,6 +103,43 @@ async fn start(
     ));
     Ok((client, domain))
 }
+
+/// Connects, trying again while libvirtd is not there yet (its socket missing,
+/// the connection refused) for up to `patience`: a virthost that is starting or
+/// restarting. Other errors (a refused handshake, a bad URI) fail at once.
+async fn connect(endpoint: &Endpoint, patience: Duration) -> Result<Client, libvirt_wire::Error> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut said_so = false;
+    loop {
+        let attempt = tokio::time::timeout(
+            CONNECT_ATTEMPT_TIMEOUT,
+            Client::connect(&endpoint.uri, Options::default()),
+        );
+        let error = match attempt.await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => e,
+            Err(_) => libvirt_wire::Error::Connect {
+                target: endpoint.uri.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", CONNECT_ATTEMPT_TIMEOUT.as_secs()),
+                ),
+            },
+        };
+        let retryable = matches!(error, libvirt_wire::Error::Connect { .. });
+        if !retryable || tokio::time::Instant::now() + CONNECT_RETRY_INTERVAL > deadline {
+            return Err(error);
+        }
+        if !said_so {
+            log(format!("{error}; trying again for up to {} s", patience.as_secs()));
+            said_so = true;
+        }
+        tokio::time::sleep(CONNECT_RETRY_INTERVAL).await;
+    }
+}
+
+const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(500);
+const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals: &mut mpsc::Receiver<i32>) -> Exit {
     let mut events = match client.lifecycle_events(domain).await {

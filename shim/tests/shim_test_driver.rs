@@ -140,17 +140,44 @@ fn configuration_errors_exit_2() {
 }
 
 #[test]
-fn an_unreachable_libvirtd_exits_1_and_says_where_it_looked() {
+fn an_unreachable_libvirtd_exits_1_after_the_connect_timeout_and_says_where_it_looked() {
     let pod = unique("unreachable");
     let uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
-    let mut shim = Shim::start(&pod, TEMPLATE, &pod_env(&pod, uri), &[], false);
+    let mut env = pod_env(&pod, uri);
+    env.push(("VIRTKUBE_CONNECT_TIMEOUT", "2"));
+    let started = std::time::Instant::now();
+    let mut shim = Shim::start(&pod, TEMPLATE, &env, &[], false);
     shim.expect_exit(1, Duration::from_secs(10));
     assert!(
-        shim.stderr()
-            .contains("cannot connect to libvirtd at unix socket /nonexistent/libvirt-sock"),
-        "{}",
-        shim.stderr()
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up before trying again"
     );
+    let stderr = shim.stderr();
+    assert!(
+        stderr.contains("cannot connect to libvirtd at unix socket /nonexistent/libvirt-sock"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("trying again for up to 2 s"), "{stderr}");
+    assert!(stderr.contains("(tried for 2 s)"), "{stderr}");
+}
+
+#[test]
+fn a_libvirtd_that_comes_up_late_is_waited_for() {
+    let pod = unique("late-daemon");
+    // Where DisposableLibvirtd::start("late") will put its socket.
+    let socket = std::env::temp_dir()
+        .join(format!("virtkube-shim-libvirtd-late-{}", std::process::id()))
+        .join("libvirt-sock");
+    let uri = format!("test+unix:///default?socket={}", socket.display());
+    let mut env = pod_env(&pod, &uri);
+    env.push(("VIRTKUBE_CONNECT_TIMEOUT", "30"));
+    let mut shim = Shim::start(&pod, TEMPLATE, &env, &[], false);
+    shim.wait_for_stderr("trying again for up to 30 s", Duration::from_secs(10));
+    let daemon = DisposableLibvirtd::start("late");
+    assert_eq!(daemon.uri(), uri);
+    shim.wait_for_stderr("started domain", Duration::from_secs(20));
+    shim.signal(libc::SIGTERM);
+    shim.expect_exit(0, Duration::from_secs(15));
 }
 
 #[test]
