@@ -3,6 +3,8 @@
 //! `scripts/build-images.sh` and the virthost with `scripts/virthost-up.sh`
 //! (scripts/test.sh does both).
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, channel};

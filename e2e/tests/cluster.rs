@@ -10,79 +10,10 @@
 //! routes it; scripts/test.sh runs it).
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use virtkube_e2e::{Interactive, run};
-
-const SOCKET_DIR: &str = "/var/run/virtkube-e2e";
-
-fn kubectl(args: &[&str]) -> (bool, String) {
-    kubectl_stdin(args, None)
-}
-
-fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-    assert!(
-        std::env::var_os("KUBECONFIG").is_some(),
-        "KUBECONFIG is not set: run scripts/test.sh or point it at a cluster"
-    );
-    run(&kubectl, args, stdin)
-}
-
-fn ok(args: &[&str]) -> String {
-    let (success, out) = kubectl(args);
-    assert!(success, "kubectl {args:?}: {out}");
-    out
-}
-
-fn apply(manifest: &str) {
-    let (success, out) = kubectl_stdin(&["apply", "-f", "-"], Some(manifest));
-    assert!(success, "kubectl apply: {out}\n{manifest}");
-}
-
-/// Pods' logs and events, for a failure report.
-fn diagnostics(namespace: &str) -> String {
-    let pods = kubectl(&["-n", namespace, "get", "pods", "-o", "wide"]).1;
-    let events = kubectl(&["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]).1;
-    let mut logs = String::new();
-    for pod in kubectl(&["-n", namespace, "get", "pods", "-o", "name"]).1.lines() {
-        logs.push_str(&format!(
-            "--- {pod}\n{}\n",
-            kubectl(&["-n", namespace, "logs", pod, "--tail=30"]).1
-        ));
-    }
-    format!("pods:\n{pods}\nevents:\n{events}\nlogs:\n{logs}")
-}
-
-fn eventually(what: &str, namespace: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}\n{}",
-            diagnostics(namespace)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn repo_file(path: &str) -> String {
-    std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-}
-
-fn virsh_list() -> String {
-    let out = Command::new("virsh")
-        .args([
-            "-c",
-            &format!("qemu+unix:///system?socket={SOCKET_DIR}/libvirt-sock"),
-            "list",
-            "--name",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use virtkube_e2e::Interactive;
+use virtkube_e2e::cluster::*;
 
 fn template_from_the_api(ns: &str) {
     let template = repo_file("images/tiny/template.yaml")
@@ -147,77 +78,6 @@ fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> Str
     attached.send(input);
     attached.wait_for(needle, Duration::from_secs(30));
     attached.seen().to_owned()
-}
-
-fn deploy_virtkube() {
-    for file in ["deploy/00-namespace.yaml", "deploy/01-crds.yaml", "deploy/02-rbac.yaml"] {
-        let (success, out) = kubectl_stdin(
-            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
-            Some(&repo_file(file)),
-        );
-        assert!(success, "{file}: {out}");
-    }
-    let virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
-    apply(&virthost);
-    let (success, out) = kubectl(&[
-        "-n",
-        "virtkube-system",
-        "rollout",
-        "status",
-        "ds/virthost",
-        "--timeout=180s",
-    ]);
-    assert!(
-        success,
-        "the virthost DaemonSet did not become ready: {out}\n{}",
-        diagnostics("virtkube-system")
-    );
-}
-
-fn vm_manifests(namespace: &str) -> String {
-    repo_file("deploy/examples/tiny-deployment.yaml")
-        .replace("/var/run/virtkube", SOCKET_DIR)
-        .replace(
-            "metadata:\n  name: tiny-vm\n",
-            &format!("metadata:\n  name: tiny-vm\n  namespace: {namespace}\n"),
-        )
-}
-
-/// The example Deployment turned into a Job named `name` with `annotations`
-/// (YAML lines) instead of the memory override.
-fn vm_job(namespace: &str, name: &str, annotations: &str) -> String {
-    vm_manifests(namespace)
-        .replace(
-            "apiVersion: apps/v1\nkind: Deployment",
-            "apiVersion: batch/v1\nkind: Job",
-        )
-        .replace(
-            "  replicas: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: tiny-vm\n",
-            "  backoffLimit: 0\n",
-        )
-        .replace("tiny-vm", name)
-        .replace("        virtkube.io/memory: 160Mi\n", annotations)
-        .replace(
-            "    spec:\n      # Under",
-            "    spec:\n      restartPolicy: Never\n      # Under",
-        )
-}
-
-fn pods_of(namespace: &str, selector: &str) -> Vec<String> {
-    ok(&[
-        "-n",
-        namespace,
-        "get",
-        "pods",
-        "-l",
-        selector,
-        "-o",
-        "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
-    ])
-    .lines()
-    .filter(|l| !l.is_empty())
-    .map(str::to_owned)
-    .collect()
 }
 
 #[test]
@@ -407,6 +267,9 @@ fn vm_lifecycle_through_kubectl() {
             .contains("tiny-survivor")
     });
     let survivor = pods_of(&ns, "app.kubernetes.io/name=tiny-survivor").remove(0);
+    // The Deployment's remaining VM pod dies too, and its restarted container
+    // waits for the new virthost (VIRTKUBE_CONNECT_TIMEOUT) instead of crash-looping.
+    let deployed = pods_of(&ns, "app.kubernetes.io/name=tiny-vm").remove(0);
     ok(&[
         "-n",
         "virtkube-system",
@@ -452,6 +315,39 @@ fn vm_lifecycle_through_kubectl() {
         "--timeout=120s",
     ]);
     assert!(success, "{out}");
+    eventually(
+        "the Deployment's VM back, after exactly one restart",
+        &ns,
+        Duration::from_secs(120),
+        || {
+            let status = kubectl(&[
+                "-n",
+                &ns,
+                "get",
+                "pod",
+                &deployed,
+                "-o",
+                "jsonpath={.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].lastState.terminated.exitCode}",
+            ])
+            .1;
+            let state = kubectl(&[
+                "-n",
+                &ns,
+                "get",
+                "virtdomain",
+                &deployed,
+                "-o",
+                "jsonpath={.status.state}",
+            ])
+            .1;
+            assert!(
+                !status.starts_with('2'),
+                "the VM pod restarted twice: {status}\n{}",
+                diagnostics(&ns)
+            );
+            status.trim() == "1 4" && state.trim() == "Running"
+        },
+    );
 
     bare_kubectl_run(&ns);
 

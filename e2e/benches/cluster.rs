@@ -1,0 +1,257 @@
+//! The VM lifecycle's speed on a real cluster (`KUBECONFIG`; scripts/test.sh's
+//! set-up brings up k8s-local): prints numbers, asserts none.
+//!
+//! 1. Ten VM pods one after another: pod created → its VirtDomain Running, and
+//!    → the first guest console line in `kubectl logs` (p50 and max).
+//! 2. Memory: the VM pod's container (the shim) next to its QEMU process (RSS).
+//! 3. Twenty VM pods created at once → all twenty VirtDomains Running.
+//!
+//! Run: `KUBECONFIG=… cargo bench -p virtkube-e2e --bench cluster`. Times are
+//! polled with kubectl every 50 ms (each poll costs a kubectl start), so they
+//! are accurate to about 0.2 s.
+#![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use virtkube_e2e::cluster::{
+    SOCKET_DIR, apply, deploy_virtkube, diagnostics, eventually, kubectl, ok, virsh_list, vm_manifests,
+};
+
+const SEQUENTIAL: usize = 10;
+const AT_ONCE: usize = 20;
+const TIMEOUT: Duration = Duration::from_secs(300);
+const SHIM_PREFIX: &str = "[virtkube-shim]";
+
+fn main() {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!("this benchmark needs a cluster: set KUBECONFIG (scripts/test.sh brings up k8s-local)");
+        std::process::exit(2);
+    }
+    deploy_virtkube();
+    let ns = format!("virtkube-bench-{}", std::process::id());
+    ok(&["create", "namespace", &ns]);
+    println!("virtkube cluster benchmark (namespace {ns}; the tiny TCG guest, 128Mi)");
+
+    let mut to_running = Vec::new();
+    let mut to_console = Vec::new();
+    let mut memory = None;
+    for i in 0..SEQUENTIAL {
+        let name = format!("bench-{i}");
+        let created = Instant::now();
+        apply(&vm_pod(&ns, &name));
+        let (running, console) = wait_running_and_console(&ns, &name, created);
+        println!(
+            "  run {:2}: VirtDomain Running {:5.2} s, first console line {:5.2} s",
+            i + 1,
+            running.as_secs_f64(),
+            console.as_secs_f64()
+        );
+        to_running.push(running);
+        to_console.push(console);
+        if memory.is_none() {
+            memory = Some(rss_of_pod(&ns, &name));
+        }
+        ok(&["-n", &ns, "delete", "pod", &name, "--wait=true", "--timeout=60s"]);
+    }
+    println!(
+        "pod created → VirtDomain Running:     p50 {:5.2} s   max {:5.2} s   ({SEQUENTIAL} runs)",
+        p50(&to_running),
+        max(&to_running)
+    );
+    println!(
+        "pod created → first line of console:  p50 {:5.2} s   max {:5.2} s   ({SEQUENTIAL} runs)",
+        p50(&to_console),
+        max(&to_console)
+    );
+    let virsh_create = virsh_create_baseline(&ns);
+    println!(
+        "baseline, the same domain by `virsh create` on the virthost's socket: p50 {:5.2} s   max {:5.2} s   ({SEQUENTIAL} runs)",
+        p50(&virsh_create),
+        max(&virsh_create)
+    );
+    println!("KubeVirt's published figure for comparison: VMI create → Running p50 16–19 s");
+    if let Some((shim, qemu)) = memory {
+        println!(
+            "memory (RSS): the VM pod's container (shim) {:.1} MiB, its QEMU process {:.1} MiB",
+            kib_to_mib(shim),
+            kib_to_mib(qemu)
+        );
+    }
+
+    let started = Instant::now();
+    let pods: Vec<String> = (0..AT_ONCE).map(|i| vm_pod(&ns, &format!("many-{i}"))).collect();
+    apply(&pods.join("---\n"));
+    let applied = started.elapsed();
+    let mut first_all = None;
+    eventually(&format!("{AT_ONCE} running VirtDomains"), &ns, TIMEOUT, || {
+        let states = kubectl(&[
+            "-n",
+            &ns,
+            "get",
+            "virtdomains",
+            "-o",
+            "jsonpath={.items[*].status.state}",
+        ])
+        .1;
+        let running = states.matches("Running").count();
+        if running >= AT_ONCE {
+            first_all = Some(started.elapsed());
+        }
+        running >= AT_ONCE
+    });
+    println!(
+        "{AT_ONCE} VM pods created at once (kubectl apply took {:.2} s) → all Running: {:.2} s",
+        applied.as_secs_f64(),
+        first_all.unwrap().as_secs_f64()
+    );
+    let domains = virsh_list().lines().filter(|l| l.starts_with(&ns)).count();
+    println!("  domains of this namespace on the virthost: {domains} (socket dir {SOCKET_DIR})");
+
+    let _ = kubectl(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"]);
+}
+
+/// A bare VM Pod: the example Deployment's pod template, named `name`, without
+/// the memory override (the template's 128Mi).
+fn vm_pod(ns: &str, name: &str) -> String {
+    let deployment: serde_yaml::Value = serde_yaml::from_str(&vm_manifests(ns)).unwrap();
+    let mut template = deployment["spec"]["template"].clone();
+    let metadata = template["metadata"].as_mapping_mut().unwrap();
+    metadata.insert("name".into(), name.into());
+    metadata.insert("namespace".into(), ns.into());
+    metadata.remove("annotations");
+    let pod = template.as_mapping_mut().unwrap();
+    pod.insert("apiVersion".into(), "v1".into());
+    pod.insert("kind".into(), "Pod".into());
+    pod["spec"]
+        .as_mapping_mut()
+        .unwrap()
+        .insert("restartPolicy".into(), "Never".into());
+    serde_yaml::to_string(&template).unwrap()
+}
+
+/// Times `virsh create` (the command returns once the domain runs) of the
+/// domain the shim renders for the tiny image, with no Kubernetes and no shim.
+fn virsh_create_baseline(ns: &str) -> Vec<Duration> {
+    let uri = format!("qemu+unix:///system?socket={SOCKET_DIR}/libvirt-sock");
+    let dir = std::env::temp_dir().join(format!("virtkube-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    (0..SEQUENTIAL)
+        .map(|i| {
+            let name = format!("virsh-{i}");
+            let env_ns = format!("POD_NAMESPACE={ns}");
+            let env_name = format!("POD_NAME={name}");
+            let (success, xml) = virtkube_e2e::run(
+                "/usr/bin/docker",
+                &[
+                    "run",
+                    "--rm",
+                    "-e",
+                    &env_ns,
+                    "-e",
+                    &env_name,
+                    "virtkube/tiny:latest",
+                    "--print-xml",
+                ],
+                None,
+            );
+            assert!(success, "--print-xml: {xml}");
+            // The shim's log lines (stderr) may surround the XML.
+            let (Some(start), Some(end)) = (xml.find("<domain"), xml.find("</domain>")) else {
+                panic!("no domain XML in: {xml}");
+            };
+            let file = dir.join(format!("{name}.xml"));
+            std::fs::write(&file, &xml[start..end + "</domain>".len()]).unwrap();
+            let started = Instant::now();
+            let (success, out) = virtkube_e2e::run("virsh", &["-c", &uri, "create", file.to_str().unwrap()], None);
+            let took = started.elapsed();
+            assert!(success, "virsh create: {out}");
+            let domain = format!("{ns}_{name}");
+            let (success, out) = virtkube_e2e::run("virsh", &["-c", &uri, "destroy", &domain], None);
+            assert!(success, "virsh destroy {domain}: {out}");
+            took
+        })
+        .collect()
+}
+
+/// Polls until the pod's VirtDomain is Running and its logs hold a guest line.
+fn wait_running_and_console(ns: &str, name: &str, created: Instant) -> (Duration, Duration) {
+    let (mut running, mut console) = (None, None);
+    while running.is_none() || console.is_none() {
+        assert!(
+            created.elapsed() < TIMEOUT,
+            "{name} did not start within {TIMEOUT:?}\n{}",
+            diagnostics(ns)
+        );
+        if running.is_none() {
+            let state = kubectl(&["-n", ns, "get", "virtdomain", name, "-o", "jsonpath={.status.state}"]).1;
+            if state.trim() == "Running" {
+                running = Some(created.elapsed());
+            }
+        }
+        if console.is_none() {
+            let (success, logs) = kubectl(&["-n", ns, "logs", name]);
+            // The shim's own lines (stderr, prefixed) share the log with the console.
+            if success
+                && logs
+                    .lines()
+                    .any(|l| !l.trim().is_empty() && !l.starts_with(SHIM_PREFIX))
+            {
+                console = Some(created.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (running.unwrap(), console.unwrap())
+}
+
+/// VmRSS (KiB) of the pod's container process (the shim) and of its QEMU.
+fn rss_of_pod(ns: &str, name: &str) -> (u64, u64) {
+    let container = ok(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        name,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].containerID}",
+    ]);
+    let id = container.trim().trim_start_matches("docker://");
+    let (success, pid) = virtkube_e2e::run("/usr/bin/docker", &["inspect", "-f", "{{.State.Pid}}", id], None);
+    assert!(success, "docker inspect {id}: {pid}");
+    let shim_pid: u32 = pid.trim().parse().unwrap();
+    let guest = format!("guest={ns}_{name},");
+    let qemu_pid = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&guest))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no QEMU process with {guest} on this host"));
+    (vm_rss_kib(shim_pid), vm_rss_kib(qemu_pid))
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}"))
+}
+
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn p50(samples: &[Duration]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let n = sorted.len();
+    (sorted[(n - 1) / 2] + sorted[n / 2]).as_secs_f64() / 2.0
+}
+
+fn max(samples: &[Duration]) -> f64 {
+    samples.iter().max().unwrap().as_secs_f64()
+}

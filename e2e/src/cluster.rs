@@ -1,0 +1,160 @@
+//! Helpers for tests and benchmarks against a real cluster (`KUBECONFIG`):
+//! kubectl, polling with diagnostics, and virtkube's manifests as deployed there.
+#![allow(clippy::unwrap_used)] // test support: a panic is the failure report
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::run;
+
+/// The node directory of the virthost's socket in these tests (the Docker
+/// end-to-end tests' virthost container keeps /var/run/virtkube).
+pub const SOCKET_DIR: &str = "/var/run/virtkube-e2e";
+
+/// Runs kubectl (`$KUBECTL`, else `kubectl`) on `$KUBECONFIG`: success and output.
+pub fn kubectl(args: &[&str]) -> (bool, String) {
+    kubectl_stdin(args, None)
+}
+
+/// [`kubectl`] with `stdin`.
+pub fn kubectl_stdin(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    assert!(
+        std::env::var_os("KUBECONFIG").is_some(),
+        "KUBECONFIG is not set: run scripts/test.sh or point it at a cluster"
+    );
+    run(&kubectl, args, stdin)
+}
+
+/// kubectl that must succeed; its output.
+pub fn ok(args: &[&str]) -> String {
+    let (success, out) = kubectl(args);
+    assert!(success, "kubectl {args:?}: {out}");
+    out
+}
+
+/// `kubectl apply` of a manifest that must succeed.
+pub fn apply(manifest: &str) {
+    let (success, out) = kubectl_stdin(&["apply", "-f", "-"], Some(manifest));
+    assert!(success, "kubectl apply: {out}\n{manifest}");
+}
+
+/// Pods' logs and events, for a failure report.
+pub fn diagnostics(namespace: &str) -> String {
+    let pods = kubectl(&["-n", namespace, "get", "pods", "-o", "wide"]).1;
+    let events = kubectl(&["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]).1;
+    let mut logs = String::new();
+    for pod in kubectl(&["-n", namespace, "get", "pods", "-o", "name"]).1.lines() {
+        logs.push_str(&format!(
+            "--- {pod}\n{}\n",
+            kubectl(&["-n", namespace, "logs", pod, "--tail=30"]).1
+        ));
+    }
+    format!("pods:\n{pods}\nevents:\n{events}\nlogs:\n{logs}")
+}
+
+/// Polls `check` every 0.5 s until it holds; fails with diagnostics after `timeout`.
+pub fn eventually(what: &str, namespace: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            diagnostics(namespace)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A file of this repository.
+pub fn repo_file(path: &str) -> String {
+    std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// Names of the domains running on the cluster's virthost.
+pub fn virsh_list() -> String {
+    let out = Command::new("virsh")
+        .args([
+            "-c",
+            &format!("qemu+unix:///system?socket={SOCKET_DIR}/libvirt-sock"),
+            "list",
+            "--name",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Applies deploy/ (socket dir adapted) and waits for the virthost DaemonSet.
+pub fn deploy_virtkube() {
+    for file in ["deploy/00-namespace.yaml", "deploy/01-crds.yaml", "deploy/02-rbac.yaml"] {
+        let (success, out) = kubectl_stdin(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&repo_file(file)),
+        );
+        assert!(success, "{file}: {out}");
+    }
+    let virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
+    apply(&virthost);
+    let (success, out) = kubectl(&[
+        "-n",
+        "virtkube-system",
+        "rollout",
+        "status",
+        "ds/virthost",
+        "--timeout=180s",
+    ]);
+    assert!(
+        success,
+        "the virthost DaemonSet did not become ready: {out}\n{}",
+        diagnostics("virtkube-system")
+    );
+}
+
+/// The example Deployment of the tiny VM, in `namespace`.
+pub fn vm_manifests(namespace: &str) -> String {
+    repo_file("deploy/examples/tiny-deployment.yaml")
+        .replace("/var/run/virtkube", SOCKET_DIR)
+        .replace(
+            "metadata:\n  name: tiny-vm\n",
+            &format!("metadata:\n  name: tiny-vm\n  namespace: {namespace}\n"),
+        )
+}
+
+/// The example Deployment turned into a Job named `name` with `annotations`
+/// (YAML lines) instead of the memory override.
+pub fn vm_job(namespace: &str, name: &str, annotations: &str) -> String {
+    vm_manifests(namespace)
+        .replace(
+            "apiVersion: apps/v1\nkind: Deployment",
+            "apiVersion: batch/v1\nkind: Job",
+        )
+        .replace(
+            "  replicas: 1\n  selector:\n    matchLabels:\n      app.kubernetes.io/name: tiny-vm\n",
+            "  backoffLimit: 0\n",
+        )
+        .replace("tiny-vm", name)
+        .replace("        virtkube.io/memory: 160Mi\n", annotations)
+        .replace(
+            "    spec:\n      # Under",
+            "    spec:\n      restartPolicy: Never\n      # Under",
+        )
+}
+
+/// Names of the pods in `namespace` matching `selector`.
+pub fn pods_of(namespace: &str, selector: &str) -> Vec<String> {
+    ok(&[
+        "-n",
+        namespace,
+        "get",
+        "pods",
+        "-l",
+        selector,
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+    ])
+    .lines()
+    .filter(|l| !l.is_empty())
+    .map(str::to_owned)
+    .collect()
+}
