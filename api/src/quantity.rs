@@ -104,6 +104,50 @@ pub fn format_bytes(bytes: u64) -> String {
     format!("{value}{suffix}")
 }
 
+/// Deserializes a quantity written as a string (`512Mi`) or, as Kubernetes
+/// also accepts, a plain number of bytes (`536870912`), into its text.
+pub(crate) fn string_or_integer<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a Kubernetes quantity such as 512Mi or 2Gi, or a number of bytes")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_owned()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            // Negative numbers reach the quantity parser, which names them.
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    deserializer.deserialize_any(Text)
+}
+
+/// The CRD schema of such a quantity: Kubernetes' int-or-string.
+pub(crate) fn int_or_string_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    // No anyOf of integer and string: kube's structural rewrite strips its types anyway.
+    schemars::json_schema!({
+        "nullable": true,
+        "x-kubernetes-int-or-string": true
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

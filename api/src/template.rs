@@ -42,8 +42,14 @@ pub struct VirtTemplateSpec {
     /// Guest CPU: count, topology, and how its model relates to the host's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuSpec>,
-    /// Guest memory as a Kubernetes quantity (`256Mi`, `2Gi`, `1G`). Default `256Mi`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Guest memory as a Kubernetes quantity (`256Mi`, `2Gi`, `1G`, or a number
+    /// of bytes). Default `256Mi`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::quantity::string_or_integer"
+    )]
+    #[schemars(schema_with = "crate::quantity::int_or_string_schema")]
     pub memory: Option<String>,
     /// How the guest boots: a kernel (direct kernel boot) or firmware.
     #[serde(default, skip_serializing_if = "Option::is_none")]

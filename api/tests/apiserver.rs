@@ -176,6 +176,19 @@ async fn crds_install_and_serve_each_kind_on_a_real_api_server() {
     let err = templates.patch("bad", &apply, &Patch::Apply(&bad)).await.unwrap_err();
     assert!(err.to_string().contains("domainType"), "{err}");
 
+    // Memory as a plain number of bytes (int-or-string, like Kubernetes' own quantities)
+    // is stored as a number and read back as the same quantity.
+    let numeric = json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "VirtTemplate", "metadata": {"name": "numeric"}, "spec": {"memory": 536870912}});
+    templates
+        .patch("numeric", &apply, &Patch::Apply(&numeric))
+        .await
+        .unwrap();
+    let back = templates.get("numeric").await.unwrap();
+    assert_eq!(back.spec.memory.as_deref(), Some("536870912"));
+    let resolved = virtkube_api::resolve::resolve(Some("numeric".into()), &back.spec).unwrap();
+    assert_eq!(resolved.memory_bytes, 512 << 20);
+    templates.delete("numeric", &DeleteParams::default()).await.unwrap();
+
     templates.delete("tiny", &DeleteParams::default()).await.unwrap();
     domains.delete("vm-0", &DeleteParams::default()).await.unwrap();
     nodes.delete(&node_name, &DeleteParams::default()).await.unwrap();
