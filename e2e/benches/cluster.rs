@@ -14,7 +14,8 @@
 use std::time::{Duration, Instant};
 
 use virtkube_e2e::cluster::{
-    SOCKET_DIR, apply, deploy_virtkube, diagnostics, eventually, kubectl, ok, virsh_list, vm_manifests,
+    SOCKET_DIR, apply, deploy_virtkube, diagnostics, eventually, kubectl, ok, virsh_list, virtdomain_states,
+    vm_manifests,
 };
 
 const SEQUENTIAL: usize = 10;
@@ -84,15 +85,7 @@ fn main() {
     let applied = started.elapsed();
     let mut first_all = None;
     eventually(&format!("{AT_ONCE} running VirtDomains"), &ns, TIMEOUT, || {
-        let states = kubectl(&[
-            "-n",
-            &ns,
-            "get",
-            "virtdomains",
-            "-o",
-            "jsonpath={.items[*].status.state}",
-        ])
-        .1;
+        let states = virtdomain_states(&ns);
         let running = states.matches("Running").count();
         if running >= AT_ONCE {
             first_all = Some(started.elapsed());

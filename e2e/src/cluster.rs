@@ -96,6 +96,11 @@ pub fn deploy_virtkube() {
     }
     let virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
     apply(&virthost);
+    wait_for_virthost("the virthost DaemonSet");
+}
+
+/// Waits for the virthost DaemonSet's rollout (3 minutes); `what` names the moment.
+pub fn wait_for_virthost(what: &str) {
     let (success, out) = kubectl(&[
         "-n",
         "virtkube-system",
@@ -106,9 +111,22 @@ pub fn deploy_virtkube() {
     ]);
     assert!(
         success,
-        "the virthost DaemonSet did not become ready: {out}\n{}",
+        "{what} did not become ready: {out}\n{}",
         diagnostics("virtkube-system")
     );
+}
+
+/// The states of the VirtDomains in `namespace`, space-separated.
+pub fn virtdomain_states(namespace: &str) -> String {
+    kubectl(&[
+        "-n",
+        namespace,
+        "get",
+        "virtdomains",
+        "-o",
+        "jsonpath={.items[*].status.state}",
+    ])
+    .1
 }
 
 /// The example Deployment of the tiny VM, in `namespace`.

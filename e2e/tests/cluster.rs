@@ -132,16 +132,7 @@ fn vm_lifecycle_through_kubectl() {
     // pod's annotation override (160Mi) applied; kubectl logs shows the guest.
     apply(&vm_manifests(&ns));
     eventually("a Running VirtDomain", &ns, Duration::from_secs(120), || {
-        kubectl(&[
-            "-n",
-            &ns,
-            "get",
-            "virtdomains",
-            "-o",
-            "jsonpath={.items[*].status.state}",
-        ])
-        .1
-        .contains("Running")
+        virtdomain_states(&ns).contains("Running")
     });
     assert_eq!(
         ok(&[
@@ -191,18 +182,7 @@ fn vm_lifecycle_through_kubectl() {
     // Scale to 3, then to 1: two domains go.
     ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=3"]);
     eventually("3 running VirtDomains", &ns, Duration::from_secs(180), || {
-        kubectl(&[
-            "-n",
-            &ns,
-            "get",
-            "virtdomains",
-            "-o",
-            "jsonpath={.items[*].status.state}",
-        ])
-        .1
-        .matches("Running")
-        .count()
-            == 3
+        virtdomain_states(&ns).matches("Running").count() == 3
     });
     ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=1"]);
     eventually("one domain left", &ns, Duration::from_secs(90), || {
@@ -306,15 +286,7 @@ fn vm_lifecycle_through_kubectl() {
         message.contains("lost the connection to libvirtd"),
         "termination message: {message}"
     );
-    let (success, out) = kubectl(&[
-        "-n",
-        "virtkube-system",
-        "rollout",
-        "status",
-        "ds/virthost",
-        "--timeout=120s",
-    ]);
-    assert!(success, "{out}");
+    wait_for_virthost("the recreated virthost");
     eventually(
         "the Deployment's VM back, after exactly one restart",
         &ns,
@@ -398,18 +370,7 @@ fn bare_kubectl_run(ns: &str) {
 
     // The opt-in, as the README gives it; the virthost restarts with it.
     ok(&["-n", "virtkube-system", "set", "env", "ds/virthost", "VIRTHOST_TCP=1"]);
-    let rollout = |what: &str| {
-        let (success, out) = kubectl(&[
-            "-n",
-            "virtkube-system",
-            "rollout",
-            "status",
-            "ds/virthost",
-            "--timeout=180s",
-        ]);
-        assert!(success, "{what}: {out}\n{}", diagnostics("virtkube-system"));
-    };
-    rollout("the virthost with TCP");
+    wait_for_virthost("the virthost with TCP");
     ok(&["-n", ns, "run", "vm-bare", &image]);
     eventually("the bare pod's VirtDomain", ns, Duration::from_secs(120), || {
         kubectl(&[
@@ -441,5 +402,5 @@ fn bare_kubectl_run(ns: &str) {
 
     // Back to the safe default.
     ok(&["-n", "virtkube-system", "set", "env", "ds/virthost", "VIRTHOST_TCP=0"]);
-    rollout("the virthost without TCP");
+    wait_for_virthost("the virthost without TCP");
 }
