@@ -87,6 +87,15 @@ pub fn choose(clues: &Clues<'_>) -> Result<Endpoint, BadHostIp> {
 }
 
 impl Endpoint {
+    /// The URI to try now. A socket that has appeared since the choice (the
+    /// virthost was starting, or recreating its socket) wins over a fallback.
+    pub fn uri_now(&self, socket_mounted: bool) -> &str {
+        match self.source {
+            Source::NodeTcp { .. } | Source::NothingFound if socket_mounted => crate::config::DEFAULT_URI,
+            _ => &self.uri,
+        }
+    }
+
     /// What to tell the user when connecting to this endpoint failed.
     pub fn advice(&self) -> Option<Advice<'_>> {
         match self.source {
@@ -170,6 +179,25 @@ mod tests {
                 port: 16509
             }
         );
+    }
+
+    #[test]
+    fn a_socket_that_appears_later_wins_over_a_fallback() {
+        let tcp = choose(&Clues {
+            host_ip: Some("192.0.2.2"),
+            ..Clues::default()
+        })
+        .unwrap();
+        assert_eq!(tcp.uri_now(false), "qemu+tcp://192.0.2.2:16509/system");
+        assert_eq!(tcp.uri_now(true), "qemu:///system");
+        let nothing = choose(&Clues::default()).unwrap();
+        assert_eq!(nothing.uri_now(true), "qemu:///system");
+        let explicit = choose(&Clues {
+            explicit_uri: Some("qemu+tcp://10.0.0.1/system"),
+            ..Clues::default()
+        })
+        .unwrap();
+        assert_eq!(explicit.uri_now(true), "qemu+tcp://10.0.0.1/system");
     }
 
     #[test]

@@ -180,7 +180,8 @@ async fn cluster_inputs(
         return Ok(None);
     }
     let client = cluster::client().await.map_err(Exit::StartFailed)?;
-    if !env.contains_key("POD_NAME") || annotations.is_none() || need_node {
+    let identity_known = env.contains_key("POD_NAME") && annotations.is_some();
+    if !identity_known || need_node {
         let namespace = match env.get("POD_NAMESPACE") {
             Some(ns) => ns.clone(),
             None => std::fs::read_to_string(cluster::NAMESPACE_FILE)
@@ -191,16 +192,26 @@ async fn cluster_inputs(
             .get("POD_NAME")
             .cloned()
             .unwrap_or_else(|| hostname.trim().to_owned());
-        let mut pod = cluster::fetch_pod(&client, &namespace, &name)
-            .await
-            .map_err(Exit::StartFailed)?;
+        let mut pod = match cluster::fetch_pod(&client, &namespace, &name).await {
+            Ok(pod) => pod,
+            // Only the node's IP was wanted: without it the shim waits for the socket.
+            Err(e) if identity_known => {
+                log(format!("cannot look up the node for the TCP fallback: {e}"));
+                return Ok(Some(client));
+            }
+            Err(e) => return Err(Exit::StartFailed(e)),
+        };
         // The kubelet can start the container before the API has its status.hostIP.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while need_node && pod.host_ip.is_none() && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            pod = cluster::fetch_pod(&client, &namespace, &name)
-                .await
-                .map_err(Exit::StartFailed)?;
+            match cluster::fetch_pod(&client, &namespace, &name).await {
+                Ok(again) => pod = again,
+                Err(e) => {
+                    log(format!("cannot read the pod's hostIP: {e}"));
+                    break;
+                }
+            }
         }
         env.entry("POD_NAMESPACE".into()).or_insert(namespace);
         env.entry("POD_NAME".into()).or_insert(name);

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use virtkube_api::ResolvedTemplate;
 
 use crate::config::Config;
-use crate::endpoint::Endpoint;
+use crate::endpoint::{DEFAULT_SOCKET, Endpoint};
 use crate::exit::Exit;
 use crate::host;
 use crate::render::{self, Instance};
@@ -70,7 +70,7 @@ async fn start(
     template: &ResolvedTemplate,
     instance: &Instance,
 ) -> Result<(Client, DomainRef), Exit> {
-    let client = connect(endpoint, config.connect_timeout).await.map_err(|e| {
+    let (client, uri) = connect(endpoint, config.connect_timeout).await.map_err(|e| {
         let waited = match config.connect_timeout.as_secs() {
             0 => String::new(),
             secs => format!(" (tried for {secs} s)"),
@@ -98,7 +98,7 @@ async fn start(
         "started domain {} ({}) on {}{}",
         domain.name,
         domain.uuid_string(),
-        endpoint.uri,
+        uri,
         if config.autodestroy { "" } else { " without AUTODESTROY" }
     ));
     Ok((client, domain))
@@ -107,19 +107,17 @@ async fn start(
 /// Connects, trying again while libvirtd is not there yet (its socket missing,
 /// the connection refused) for up to `patience`: a virthost that is starting or
 /// restarting. Other errors (a refused handshake, a bad URI) fail at once.
-async fn connect(endpoint: &Endpoint, patience: Duration) -> Result<Client, libvirt_wire::Error> {
+async fn connect(endpoint: &Endpoint, patience: Duration) -> Result<(Client, String), libvirt_wire::Error> {
     let deadline = tokio::time::Instant::now() + patience;
     let mut said_so = false;
     loop {
-        let attempt = tokio::time::timeout(
-            CONNECT_ATTEMPT_TIMEOUT,
-            Client::connect(&endpoint.uri, Options::default()),
-        );
+        let uri = endpoint.uri_now(std::path::Path::new(DEFAULT_SOCKET).exists());
+        let attempt = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, Client::connect(uri, Options::default()));
         let error = match attempt.await {
-            Ok(Ok(client)) => return Ok(client),
+            Ok(Ok(client)) => return Ok((client, uri.to_owned())),
             Ok(Err(e)) => e,
             Err(_) => libvirt_wire::Error::Connect {
-                target: endpoint.uri.clone(),
+                target: uri.to_owned(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     format!("no answer within {} s", CONNECT_ATTEMPT_TIMEOUT.as_secs()),
