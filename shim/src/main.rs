@@ -128,9 +128,12 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts, Endpoint), Ex
     .map_err(Exit::Usage)?;
     let mut template = match &facts.instance.template_name {
         #[cfg(feature = "kube")]
-        Some(name) if api.is_some() => {
+        Some(name) if virtkube_shim::cluster::in_cluster() => {
             let namespace = facts.instance.namespace.clone().unwrap_or_else(|| "default".into());
-            let client = api.clone().ok_or_else(|| Exit::StartFailed("no API client".into()))?;
+            let client = match api {
+                Some(client) => client,
+                None => virtkube_shim::cluster::client().await.map_err(Exit::StartFailed)?,
+            };
             log(format!(
                 "reading VirtTemplate {namespace}/{name} from the Kubernetes API"
             ));
@@ -167,7 +170,7 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts, Endpoint), Ex
 
 /// In a pod without downward API settings (bare `kubectl run`), asks the API
 /// for the pod's identity and annotations, and for its node's IP when `need_node`
-/// (no libvirt socket mounted). Returns the client when in a cluster.
+/// (no libvirt socket mounted). Returns the client when it made one.
 #[cfg(feature = "kube")]
 async fn cluster_inputs(
     env: &mut HashMap<String, String>,
@@ -176,54 +179,53 @@ async fn cluster_inputs(
     need_node: bool,
 ) -> Result<Option<kube::Client>, Exit> {
     use virtkube_shim::cluster;
-    if !cluster::in_cluster() {
+    let identity_known = env.contains_key("POD_NAME") && annotations.is_some();
+    // A client costs memory and time (TLS set-up): only made when something is to be read.
+    if !cluster::in_cluster() || (identity_known && !need_node) {
         return Ok(None);
     }
     let client = cluster::client().await.map_err(Exit::StartFailed)?;
-    let identity_known = env.contains_key("POD_NAME") && annotations.is_some();
-    if !identity_known || need_node {
-        let namespace = match env.get("POD_NAMESPACE") {
-            Some(ns) => ns.clone(),
-            None => std::fs::read_to_string(cluster::NAMESPACE_FILE)
-                .map(|s| s.trim().to_owned())
-                .map_err(|e| Exit::Usage(format!("cannot read {}: {e}", cluster::NAMESPACE_FILE)))?,
-        };
-        let name = env
-            .get("POD_NAME")
-            .cloned()
-            .unwrap_or_else(|| hostname.trim().to_owned());
-        let mut pod = match cluster::fetch_pod(&client, &namespace, &name).await {
-            Ok(pod) => pod,
-            // Only the node's IP was wanted: without it the shim waits for the socket.
-            Err(e) if identity_known => {
-                log(format!("cannot look up the node for the TCP fallback: {e}"));
-                return Ok(Some(client));
-            }
-            Err(e) => return Err(Exit::StartFailed(e)),
-        };
-        // The kubelet can start the container before the API has its status.hostIP.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while need_node && pod.host_ip.is_none() && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            match cluster::fetch_pod(&client, &namespace, &name).await {
-                Ok(again) => pod = again,
-                Err(e) => {
-                    log(format!("cannot read the pod's hostIP: {e}"));
-                    break;
-                }
+    let namespace = match env.get("POD_NAMESPACE") {
+        Some(ns) => ns.clone(),
+        None => std::fs::read_to_string(cluster::NAMESPACE_FILE)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| Exit::Usage(format!("cannot read {}: {e}", cluster::NAMESPACE_FILE)))?,
+    };
+    let name = env
+        .get("POD_NAME")
+        .cloned()
+        .unwrap_or_else(|| hostname.trim().to_owned());
+    let mut pod = match cluster::fetch_pod(&client, &namespace, &name).await {
+        Ok(pod) => pod,
+        // Only the node's IP was wanted: without it the shim waits for the socket.
+        Err(e) if identity_known => {
+            log(format!("cannot look up the node for the TCP fallback: {e}"));
+            return Ok(Some(client));
+        }
+        Err(e) => return Err(Exit::StartFailed(e)),
+    };
+    // The kubelet can start the container before the API has its status.hostIP.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while need_node && pod.host_ip.is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match cluster::fetch_pod(&client, &namespace, &name).await {
+            Ok(again) => pod = again,
+            Err(e) => {
+                log(format!("cannot read the pod's hostIP: {e}"));
+                break;
             }
         }
-        env.entry("POD_NAMESPACE".into()).or_insert(namespace);
-        env.entry("POD_NAME".into()).or_insert(name);
-        if let Some(uid) = pod.uid {
-            env.entry("POD_UID".into()).or_insert(uid);
-        }
-        if annotations.is_none() {
-            *annotations = Some(pod.annotations);
-        }
-        if let Some(host_ip) = pod.host_ip {
-            env.entry("HOST_IP".into()).or_insert(host_ip);
-        }
+    }
+    env.entry("POD_NAMESPACE".into()).or_insert(namespace);
+    env.entry("POD_NAME".into()).or_insert(name);
+    if let Some(uid) = pod.uid {
+        env.entry("POD_UID".into()).or_insert(uid);
+    }
+    if annotations.is_none() {
+        *annotations = Some(pod.annotations);
+    }
+    if let Some(host_ip) = pod.host_ip {
+        env.entry("HOST_IP".into()).or_insert(host_ip);
     }
     Ok(Some(client))
 }
