@@ -17,6 +17,7 @@ use virtkube_e2e::cluster::{
     SOCKET_DIR, apply, deploy_virtkube, diagnostics, eventually, kubectl, ok, virsh_list, virtdomain_states,
     vm_manifests,
 };
+use virtkube_e2e::{max_secs, p50_secs};
 
 const SEQUENTIAL: usize = 10;
 const AT_ONCE: usize = 20;
@@ -56,19 +57,19 @@ fn main() {
     }
     println!(
         "pod created → VirtDomain Running:     p50 {:5.2} s   max {:5.2} s   ({SEQUENTIAL} runs)",
-        p50(&to_running),
-        max(&to_running)
+        p50_secs(&to_running),
+        max_secs(&to_running)
     );
     println!(
         "pod created → first line of console:  p50 {:5.2} s   max {:5.2} s   ({SEQUENTIAL} runs)",
-        p50(&to_console),
-        max(&to_console)
+        p50_secs(&to_console),
+        max_secs(&to_console)
     );
     let virsh_create = virsh_create_baseline(&ns);
     println!(
         "baseline, the same domain by `virsh create` on the virthost's socket: p50 {:5.2} s   max {:5.2} s   ({SEQUENTIAL} runs)",
-        p50(&virsh_create),
-        max(&virsh_create)
+        p50_secs(&virsh_create),
+        max_secs(&virsh_create)
     );
     println!("KubeVirt's published figure for comparison: VMI create → Running p50 16–19 s");
     if let Some((shim, qemu)) = memory {
@@ -236,15 +237,4 @@ fn vm_rss_kib(pid: u32) -> u64 {
 
 fn kib_to_mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
-}
-
-fn p50(samples: &[Duration]) -> f64 {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let n = sorted.len();
-    (sorted[(n - 1) / 2] + sorted[n / 2]).as_secs_f64() / 2.0
-}
-
-fn max(samples: &[Duration]) -> f64 {
-    samples.iter().max().unwrap().as_secs_f64()
 }

@@ -120,3 +120,19 @@ impl Drop for Interactive {
         let _ = self.child.wait();
     }
 }
+
+/// The median of `samples` in seconds (the mean of the middle two for an even count).
+pub fn p50_secs(samples: &[Duration]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let n = sorted.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    (sorted[(n - 1) / 2] + sorted[n / 2]).as_secs_f64() / 2.0
+}
+
+/// The largest of `samples` in seconds.
+pub fn max_secs(samples: &[Duration]) -> f64 {
+    samples.iter().max().map_or(f64::NAN, Duration::as_secs_f64)
+}

@@ -1,0 +1,80 @@
+//! The Docker path's speed (the virthost container of scripts/virthost-up.sh,
+//! the images of scripts/build-images.sh): prints numbers, asserts none.
+//!
+//! For ten runs of `virtkube/tiny`: `docker run -d` → the first guest console
+//! line in `docker logs`, and `docker stop` → the container gone (ACPI
+//! shutdown of the guest). Logs are polled every 20 ms.
+//!
+//! Run: `cargo bench -p virtkube-e2e --bench docker`.
+#![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use virtkube_e2e::{max_secs, p50_secs, run};
+
+const DOCKER: &str = "/usr/bin/docker";
+const SOCKET_DIR: &str = "/var/run/virtkube";
+const RUNS: usize = 10;
+const SHIM_PREFIX: &str = "[virtkube-shim]";
+
+fn docker(args: &[&str]) -> (bool, String) {
+    run(DOCKER, args, None)
+}
+
+fn main() {
+    assert!(
+        std::path::Path::new(&format!("{SOCKET_DIR}/libvirt-sock")).exists(),
+        "no virthost socket in {SOCKET_DIR}: run scripts/build-images.sh and scripts/virthost-up.sh"
+    );
+    let volume = format!("{SOCKET_DIR}:/var/run/libvirt");
+    let (mut to_console, mut to_stopped) = (Vec::new(), Vec::new());
+    println!("docker run of virtkube/tiny (TCG), {RUNS} runs");
+    for i in 0..RUNS {
+        let name = format!("virtkube-bench-{}-{i}", std::process::id());
+        let _ = docker(&["rm", "-f", &name]);
+        let started = Instant::now();
+        let (success, out) = docker(&["run", "-d", "--name", &name, "-v", &volume, "virtkube/tiny:latest"]);
+        assert!(success, "docker run: {out}");
+        let console = loop {
+            let (_, logs) = docker(&["logs", &name]);
+            if logs
+                .lines()
+                .any(|l| !l.trim().is_empty() && !l.starts_with(SHIM_PREFIX))
+            {
+                break started.elapsed();
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "no console:\n{logs}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the guest reach its shell, so that the stop is a real ACPI shutdown.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !docker(&["logs", &name]).1.contains("virtkube-tiny: ready") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let stopping = Instant::now();
+        let (success, out) = docker(&["stop", "-t", "30", &name]);
+        let stopped = stopping.elapsed();
+        assert!(success, "docker stop: {out}");
+        let (_, code) = docker(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
+        println!(
+            "  run {:2}: first console line {:5.2} s, docker stop {:5.2} s (exit code {})",
+            i + 1,
+            console.as_secs_f64(),
+            stopped.as_secs_f64(),
+            code.trim()
+        );
+        to_console.push(console);
+        to_stopped.push(stopped);
+        let _ = docker(&["rm", "-f", &name]);
+    }
+    println!(
+        "docker run → first line of guest console: p50 {:5.2} s   max {:5.2} s",
+        p50_secs(&to_console),
+        max_secs(&to_console)
+    );
+    println!(
+        "docker stop → container exited (ACPI):     p50 {:5.2} s   max {:5.2} s",
+        p50_secs(&to_stopped),
+        max_secs(&to_stopped)
+    );
+}
