@@ -81,7 +81,10 @@ async fn forbidden_template_names_the_role() {
     let err = cluster::fetch_template(&client, "prod", "tiny").await.unwrap_err();
     server.await.unwrap();
     assert!(
-        err.contains("may not read VirtTemplate \"tiny\" in namespace prod") && err.contains("virtkube-vm role"),
+        err.contains("may not read VirtTemplate \"tiny\" in namespace prod")
+            && err.contains(
+                "kubectl create rolebinding virtkube-vm --clusterrole=virtkube-vm --serviceaccount=prod:default -n prod"
+            ),
         "{err}"
     );
 }
