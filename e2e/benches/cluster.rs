@@ -14,8 +14,8 @@
 use std::time::{Duration, Instant};
 
 use virtkube_e2e::cluster::{
-    SOCKET_DIR, apply, deploy_virtkube, diagnostics, eventually, kubectl, ok, virsh_list, virtdomain_states,
-    vm_manifests,
+    RunNamespace, SOCKET_DIR, apply, deploy_virtkube, diagnostics, eventually, kubectl, ok, virsh_list,
+    virtdomain_states, vm_manifests,
 };
 use virtkube_e2e::{max_secs, p50_secs};
 
@@ -30,8 +30,8 @@ fn main() {
         std::process::exit(2);
     }
     deploy_virtkube();
-    let ns = format!("virtkube-bench-{}", std::process::id());
-    ok(&["create", "namespace", &ns]);
+    let namespace = RunNamespace::create("virtkube-bench");
+    let ns = namespace.name().to_owned();
     println!("virtkube cluster benchmark (namespace {ns}; the tiny TCG guest, 128Mi)");
 
     let mut to_running = Vec::new();
@@ -101,7 +101,9 @@ fn main() {
     let domains = virsh_list().lines().filter(|l| l.starts_with(&ns)).count();
     println!("  domains of this namespace on the virthost: {domains} (socket dir {SOCKET_DIR})");
 
+    // Waits here, so that the next run does not share the node with these VMs.
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"]);
+    drop(namespace);
 }
 
 /// A bare VM Pod: the example Deployment's pod template, named `name`, without

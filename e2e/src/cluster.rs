@@ -176,3 +176,28 @@ pub fn pods_of(namespace: &str, selector: &str) -> Vec<String> {
     .map(str::to_owned)
     .collect()
 }
+
+/// A namespace of one test or benchmark run, deleted when dropped (also when
+/// the run fails), so that a failed run leaves no VMs running behind it.
+#[derive(Debug)]
+pub struct RunNamespace(String);
+
+impl RunNamespace {
+    /// Creates `<prefix>-<pid>`.
+    pub fn create(prefix: &str) -> RunNamespace {
+        let name = format!("{prefix}-{}", std::process::id());
+        ok(&["create", "namespace", &name]);
+        RunNamespace(name)
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for RunNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.0, "--wait=false"]);
+    }
+}

@@ -125,8 +125,8 @@ fn vm_lifecycle_through_kubectl() {
             == "x86_64"
     });
 
-    let ns = format!("virtkube-e2e-{}", std::process::id());
-    ok(&["create", "namespace", &ns]);
+    let namespace = RunNamespace::create("virtkube-e2e");
+    let ns = namespace.name().to_owned();
 
     // A Deployment of the tiny VM: a VirtDomain reaches Running, with the
     // pod's annotation override (160Mi) applied; kubectl logs shows the guest.
@@ -323,7 +323,7 @@ fn vm_lifecycle_through_kubectl() {
 
     bare_kubectl_run(&ns);
 
-    let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+    drop(namespace);
 }
 
 /// A Job of the tiny VM with `annotations` that must fail; returns `kubectl describe` of its pod.
