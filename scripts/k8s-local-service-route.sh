@@ -9,8 +9,14 @@ set -euo pipefail
 log() { echo "[service-route] $*"; }
 KUBECTL=${KUBECTL:-kubectl}
 
-service_ip=$("$KUBECTL" get service kubernetes -n default -o 'jsonpath={.spec.clusterIP}')
-service_port=$("$KUBECTL" get service kubernetes -n default -o 'jsonpath={.spec.ports[0].port}')
+# A new API server creates the Service a moment after it is ready.
+service_ip="" service_port=""
+for _ in $(seq 1 60); do
+  service_ip=$("$KUBECTL" get service kubernetes -n default -o 'jsonpath={.spec.clusterIP}' 2>/dev/null || true)
+  service_port=$("$KUBECTL" get service kubernetes -n default -o 'jsonpath={.spec.ports[0].port}' 2>/dev/null || true)
+  [ -n "$service_ip" ] && [ -n "$service_port" ] && break
+  sleep 0.5
+done
 server=$("$KUBECTL" config view --minify -o 'jsonpath={.clusters[0].cluster.server}')
 target=${server#https://}
 case "$target" in
