@@ -27,11 +27,60 @@ pub fn in_cluster() -> bool {
     std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() && std::path::Path::new(NAMESPACE_FILE).exists()
 }
 
-/// A client from the in-cluster service account.
+/// Where the service account's token is mounted.
+pub const TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+/// Where the cluster's CA certificate is mounted.
+pub const CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
+
+/// A client from the in-cluster service account, and only that: kube's own
+/// TLS and auth set-up also carries kubeconfig and exec-plugin support (a YAML
+/// parser, JSONPath, regex), about 1 MiB more in the static shim and more of it
+/// resident. The shim reads the API only while it starts, so the token and CA
+/// are read once.
 pub async fn client() -> Result<Client, String> {
-    Client::try_default()
-        .await
-        .map_err(|e| format!("cannot use the pod's service account to reach the Kubernetes API: {e}"))
+    use kube::client::ConfigExt;
+    use tower::ServiceExt;
+    let failed =
+        |e: &dyn std::fmt::Display| format!("cannot use the pod's service account to reach the Kubernetes API: {e}");
+    let config = kube::Config::incluster().map_err(|e| failed(&e))?;
+    let token = std::fs::read_to_string(TOKEN_FILE).map_err(|e| failed(&format!("{TOKEN_FILE}: {e}")))?;
+    let mut bearer = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+        .map_err(|_| failed(&format!("{TOKEN_FILE} does not hold a usable token")))?;
+    bearer.set_sensitive(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_config().map_err(|e| failed(&e))?)
+        .https_only()
+        .enable_http1()
+        .build();
+    let http_client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .map_request(move |mut request: http::Request<kube::client::Body>| {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, bearer.clone());
+            request
+        })
+        .service(http_client)
+        .map_err(tower::BoxError::from);
+    Ok(Client::new(service, config.default_namespace))
+}
+
+/// TLS that trusts the cluster's CA only.
+fn tls_config() -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(CA_FILE).map_err(|e| format!("{CA_FILE}: {e}"))? {
+        let cert = cert.map_err(|e| format!("{CA_FILE}: {e}"))?;
+        roots.add(cert).map_err(|e| format!("{CA_FILE}: {e}"))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 fn explain(e: kube::Error, what: &str, namespace: &str, fix_missing: &str) -> String {
@@ -43,7 +92,25 @@ fn explain(e: kube::Error, what: &str, namespace: &str, fix_missing: &str) -> St
             "the pod's service account may not read {what} in namespace {namespace} ({}): bind it to the virtkube-vm ClusterRole of deploy/02-rbac.yaml (kubectl create rolebinding virtkube-vm --clusterrole=virtkube-vm --serviceaccount={namespace}:default -n {namespace})",
             status.message
         ),
-        _ => format!("cannot read {what} from the Kubernetes API: {e}"),
+        _ => format!("cannot read {what} from the Kubernetes API: {}", describe(&e)),
+    }
+}
+
+/// The errors a GET through [`client`]'s stack can give, described without
+/// `kube::Error`'s own Display: that one also formats kubeconfig and exec-auth
+/// errors, whose code (a YAML parser's error reports, JSONPath, regex) would
+/// otherwise stay in the static shim although this client never makes them.
+fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => format!("{} ({}, HTTP {})", status.message, status.reason, status.code),
+        kube::Error::HyperError(e) => format!("HTTP: {e}"),
+        kube::Error::Service(e) => format!("connection: {e}"),
+        kube::Error::HttpError(e) => format!("HTTP request: {e}"),
+        kube::Error::SerdeError(e) => format!("unexpected reply: {e}"),
+        kube::Error::BuildRequest(e) => format!("request: {e}"),
+        kube::Error::RustlsTls(e) => format!("TLS: {e}"),
+        kube::Error::ReadEvents(e) => format!("reading the reply: {e}"),
+        _ => "an error this client does not make (kubeconfig, auth plugin or discovery)".to_owned(),
     }
 }
 
