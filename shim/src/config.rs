@@ -98,16 +98,8 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
         };
     }
     let non_empty = |key: &str| env(key).filter(|v| !v.trim().is_empty());
-    let shutdown_timeout = seconds(
-        non_empty("VIRTKUBE_SHUTDOWN_TIMEOUT"),
-        "VIRTKUBE_SHUTDOWN_TIMEOUT",
-        DEFAULT_SHUTDOWN_TIMEOUT,
-    )?;
-    let connect_timeout = seconds(
-        non_empty("VIRTKUBE_CONNECT_TIMEOUT"),
-        "VIRTKUBE_CONNECT_TIMEOUT",
-        DEFAULT_CONNECT_TIMEOUT,
-    )?;
+    let shutdown_timeout = seconds(non_empty, "VIRTKUBE_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)?;
+    let connect_timeout = seconds(non_empty, "VIRTKUBE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)?;
     let autodestroy = match non_empty("VIRTKUBE_AUTODESTROY").as_deref().map(str::trim) {
         None | Some("1" | "true" | "yes") => true,
         Some("0" | "false" | "no") => false,
@@ -136,9 +128,9 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
     })
 }
 
-/// A duration variable: whole seconds from 0 to 3600.
-fn seconds(value: Option<String>, name: &str, default: u64) -> Result<Duration, String> {
-    match value {
+/// The duration variable `name`: whole seconds from 0 to 3600.
+fn seconds(lookup: impl Fn(&str) -> Option<String>, name: &str, default: u64) -> Result<Duration, String> {
+    match lookup(name) {
         None => Ok(Duration::from_secs(default)),
         Some(v) => match v.trim().parse::<u64>() {
             Ok(secs) if secs <= 3600 => Ok(Duration::from_secs(secs)),
