@@ -71,9 +71,10 @@ async fn start(
     instance: &Instance,
 ) -> Result<(Client, DomainRef), Exit> {
     let (client, uri) = connect(endpoint, config.connect_timeout).await.map_err(|e| {
+        // Only a missing or refusing libvirtd is retried; other errors end the first try.
         let waited = match config.connect_timeout.as_secs() {
-            0 => String::new(),
-            secs => format!(" (tried for {secs} s)"),
+            secs if secs > 0 && is_retryable(&e) => format!(" (tried for {secs} s)"),
+            _ => String::new(),
         };
         match endpoint.advice() {
             Some(advice) => Exit::StartFailed(format!("{e}{waited}; {advice}")),
@@ -124,8 +125,7 @@ async fn connect(endpoint: &Endpoint, patience: Duration) -> Result<(Client, Str
                 ),
             },
         };
-        let retryable = matches!(error, libvirt_wire::Error::Connect { .. });
-        if !retryable || tokio::time::Instant::now() + CONNECT_RETRY_INTERVAL > deadline {
+        if !is_retryable(&error) || tokio::time::Instant::now() + CONNECT_RETRY_INTERVAL > deadline {
             return Err(error);
         }
         if !said_so {
@@ -134,6 +134,12 @@ async fn connect(endpoint: &Endpoint, patience: Duration) -> Result<(Client, Str
         }
         tokio::time::sleep(CONNECT_RETRY_INTERVAL).await;
     }
+}
+
+/// Whether libvirtd is merely not there yet (socket missing, connection refused
+/// or unanswered), as opposed to there and refusing us.
+fn is_retryable(error: &libvirt_wire::Error) -> bool {
+    matches!(error, libvirt_wire::Error::Connect { .. })
 }
 
 const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(500);
