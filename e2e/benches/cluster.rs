@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use virtkube_e2e::cluster::{
     RunNamespace, SOCKET_DIR, apply, deploy_virtkube, diagnostics, eventually, kubectl, ok, virsh_list,
-    virtdomain_states, vm_manifests,
+    virtdomain_state, virtdomain_states, vm_manifests,
 };
 use virtkube_e2e::{max_secs, p50_secs};
 
@@ -178,11 +178,8 @@ fn wait_running_and_console(ns: &str, name: &str, created: Instant) -> (Duration
             "{name} did not start within {TIMEOUT:?}\n{}",
             diagnostics(ns)
         );
-        if running.is_none() {
-            let state = kubectl(&["-n", ns, "get", "virtdomain", name, "-o", "jsonpath={.status.state}"]).1;
-            if state.trim() == "Running" {
-                running = Some(created.elapsed());
-            }
+        if running.is_none() && virtdomain_state(ns, name) == "Running" {
+            running = Some(created.elapsed());
         }
         if console.is_none() {
             let (success, logs) = kubectl(&["-n", ns, "logs", name]);

@@ -116,6 +116,22 @@ pub fn wait_for_virthost(what: &str) {
     );
 }
 
+/// The state of VirtDomain `name` (trimmed; empty while it does not exist).
+pub fn virtdomain_state(namespace: &str, name: &str) -> String {
+    kubectl(&[
+        "-n",
+        namespace,
+        "get",
+        "virtdomain",
+        name,
+        "-o",
+        "jsonpath={.status.state}",
+    ])
+    .1
+    .trim()
+    .to_owned()
+}
+
 /// The states of the VirtDomains in `namespace`, space-separated.
 pub fn virtdomain_states(namespace: &str) -> String {
     kubectl(&[

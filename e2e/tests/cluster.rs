@@ -32,20 +32,7 @@ fn template_from_the_api(ns: &str) {
         "the VirtDomain of the API-templated VM",
         ns,
         Duration::from_secs(120),
-        || {
-            kubectl(&[
-                "-n",
-                ns,
-                "get",
-                "virtdomain",
-                "vm-api",
-                "-o",
-                "jsonpath={.status.state}",
-            ])
-            .1
-            .trim()
-                == "Running"
-        },
+        || virtdomain_state(ns, "vm-api") == "Running",
     );
     let vd = ok(&[
         "-n",
@@ -302,22 +289,13 @@ fn vm_lifecycle_through_kubectl() {
                 "jsonpath={.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].lastState.terminated.exitCode}",
             ])
             .1;
-            let state = kubectl(&[
-                "-n",
-                &ns,
-                "get",
-                "virtdomain",
-                &deployed,
-                "-o",
-                "jsonpath={.status.state}",
-            ])
-            .1;
+            let state = virtdomain_state(&ns, &deployed);
             assert!(
                 !status.starts_with('2'),
                 "the VM pod restarted twice: {status}\n{}",
                 diagnostics(&ns)
             );
-            status.trim() == "1 4" && state.trim() == "Running"
+            status.trim() == "1 4" && state == "Running"
         },
     );
 
@@ -373,18 +351,7 @@ fn bare_kubectl_run(ns: &str) {
     wait_for_virthost("the virthost with TCP");
     ok(&["-n", ns, "run", "vm-bare", &image]);
     eventually("the bare pod's VirtDomain", ns, Duration::from_secs(120), || {
-        kubectl(&[
-            "-n",
-            ns,
-            "get",
-            "virtdomain",
-            "vm-bare",
-            "-o",
-            "jsonpath={.status.state}",
-        ])
-        .1
-        .trim()
-            == "Running"
+        virtdomain_state(ns, "vm-bare") == "Running"
     });
     eventually("the bare pod's console", ns, Duration::from_secs(120), || {
         kubectl(&["-n", ns, "logs", "vm-bare"])
