@@ -231,7 +231,7 @@ async fn cluster_inputs(
 }
 
 /// Delivers SIGTERM, SIGINT, SIGQUIT and SIGHUP as numbers.
-fn forward_signals() -> std::io::Result<mpsc::Receiver<i32>> {
+fn forward_signals() -> std::io::Result<mpsc::Receiver<runtime::Signal>> {
     let (tx, rx) = mpsc::channel(16);
     for (kind, number) in [
         (SignalKind::terminate(), 15),
@@ -243,7 +243,7 @@ fn forward_signals() -> std::io::Result<mpsc::Receiver<i32>> {
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
-                if tx.send(number).await.is_err() {
+                if tx.send((number, tokio::time::Instant::now())).await.is_err() {
                     return;
                 }
             }

@@ -8,7 +8,11 @@
 
 use std::time::Duration;
 
-use libvirt_wire::{Client, ConsoleReader, ConsoleWriter, DomainRef, LibvirtError, Options, flags};
+use libvirt_wire::protocol::procedure;
+use libvirt_wire::{
+    Client, ConsoleOutput, ConsoleReader, ConsoleWriter, DomainRef, DomainState, LibvirtError, LifecycleEvent, Options,
+    flags,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -38,11 +42,11 @@ pub async fn run(
     endpoint: &Endpoint,
     template: &ResolvedTemplate,
     instance: &Instance,
-    signals: &mut mpsc::Receiver<i32>,
+    signals: &mut mpsc::Receiver<Signal>,
 ) -> Exit {
     let started = tokio::select! {
         started = start(config, endpoint, template, instance) => started,
-        Some(signal) = signals.recv() => {
+        Some((signal, _)) = signals.recv() => {
             log(format!("signal {signal} before the VM started: exiting"));
             return Exit::Signal(signal);
         }
@@ -59,7 +63,12 @@ pub async fn run(
         )
     {
         // Without AUTODESTROY nothing else would end the domain.
-        let _ = client.destroy(&domain, 0).await;
+        let _ = timed(
+            DESTROY_TIMEOUT,
+            procedure::DOMAIN_DESTROY_FLAGS,
+            client.destroy(&domain, 0),
+        )
+        .await;
     }
     exit
 }
@@ -70,15 +79,14 @@ async fn start(
     template: &ResolvedTemplate,
     instance: &Instance,
 ) -> Result<(Client, DomainRef), Exit> {
-    let (client, uri) = connect(endpoint, config.connect_timeout).await.map_err(|e| {
-        // Only a missing or refusing libvirtd is retried; other errors end the first try.
-        let waited = match config.connect_timeout.as_secs() {
-            secs if secs > 0 && is_retryable(&e) => format!(" (tried for {secs} s)"),
-            _ => String::new(),
+    let (client, uri) = connect(endpoint, config.connect_timeout).await.map_err(|failed| {
+        let waited = match failed.attempts {
+            1 => String::new(),
+            n => format!(" ({n} attempts over {:.0} s)", failed.waited.as_secs_f64()),
         };
         match endpoint.advice() {
-            Some(advice) => Exit::StartFailed(format!("{e}{waited}; {advice}")),
-            None => Exit::StartFailed(format!("{e}{waited}")),
+            Some(advice) => Exit::StartFailed(format!("{}{waited}; {advice}", failed.error)),
+            None => Exit::StartFailed(format!("{}{waited}", failed.error)),
         }
     })?;
     let caps = client
@@ -91,10 +99,13 @@ async fn start(
     if config.autodestroy {
         create_flags |= flags::START_AUTODESTROY;
     }
-    let domain = client
-        .create_xml(&xml, create_flags)
-        .await
-        .map_err(|e| Exit::StartFailed(format!("libvirt refused the domain: {e}")))?;
+    let domain = client.create_xml(&xml, create_flags).await.map_err(|e| {
+        Exit::StartFailed(match e {
+            libvirt_wire::Error::Libvirt(e) => format!("libvirt refused the domain: {e}"),
+            libvirt_wire::Error::InvalidRequest(why) => format!("the domain cannot be sent to libvirt: {why}"),
+            other => format!("creating the domain failed: {other}"),
+        })
+    })?;
     log(format!(
         "started domain {} ({}) on {}{}",
         domain.name,
@@ -105,28 +116,56 @@ async fn start(
     Ok((client, domain))
 }
 
+/// Why connecting failed, after how many attempts and how long.
+struct ConnectFailed {
+    error: libvirt_wire::Error,
+    attempts: u32,
+    waited: Duration,
+}
+
+/// The shim's connection settings: a console whose stdout is slow keeps at
+/// most 256 KiB of guest output (the rest is dropped and reported), so the
+/// shim's memory stays small whatever the guest or libvirtd sends.
+pub fn wire_options() -> Options {
+    Options {
+        stream_budget: 256 * 1024,
+        ..Options::default()
+    }
+}
+
 /// Connects, trying again while libvirtd is not there yet (its socket missing,
 /// the connection refused) for up to `patience`: a virthost that is starting or
 /// restarting. Other errors (a refused handshake, a bad URI) fail at once.
-async fn connect(endpoint: &Endpoint, patience: Duration) -> Result<(Client, String), libvirt_wire::Error> {
-    let deadline = tokio::time::Instant::now() + patience;
+async fn connect(endpoint: &Endpoint, patience: Duration) -> Result<(Client, String), ConnectFailed> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + patience;
     let mut said_so = false;
+    let mut attempts = 0;
     loop {
+        attempts += 1;
         let uri = endpoint.uri_now(std::path::Path::new(DEFAULT_SOCKET).exists());
-        let attempt = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, Client::connect(uri, Options::default()));
+        let attempt = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, Client::connect(uri, wire_options()));
         let error = match attempt.await {
             Ok(Ok(client)) => return Ok((client, uri.to_owned())),
             Ok(Err(e)) => e,
+            // The socket accepted, but the handshake was not answered.
             Err(_) => libvirt_wire::Error::Connect {
                 target: uri.to_owned(),
                 source: std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("no answer within {} s", CONNECT_ATTEMPT_TIMEOUT.as_secs()),
+                    format!(
+                        "the connection was accepted but the handshake got no answer within {} s",
+                        CONNECT_ATTEMPT_TIMEOUT.as_secs()
+                    ),
                 ),
             },
         };
         if !is_retryable(&error) || tokio::time::Instant::now() + CONNECT_RETRY_INTERVAL > deadline {
-            return Err(error);
+            return Err(ConnectFailed {
+                error,
+                attempts,
+                waited: started.elapsed(),
+            });
         }
         if !said_so {
             log(format!("{error}; trying again for up to {} s", patience.as_secs()));
@@ -145,15 +184,110 @@ fn is_retryable(error: &libvirt_wire::Error) -> bool {
 const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals: &mut mpsc::Receiver<i32>) -> Exit {
-    let mut events = match client.lifecycle_events(domain).await {
+/// Longest the shim waits for libvirtd to answer a call while the VM runs
+/// (a state check, the ACPI request). Liveness is the keepalive's to judge:
+/// a call that times out is logged, not fatal.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest the shim waits for libvirtd to confirm a destroy before it exits
+/// anyway, so a stop always ends within the shutdown timeout plus this.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A signal and when it arrived: a stop's deadline runs from the signal, not
+/// from when the shim got round to it.
+pub type Signal = (i32, tokio::time::Instant);
+
+/// The result of a libvirt call made in the background, so no call ever
+/// delays a signal, a timer or an event.
+enum Done {
+    StateChecked(Result<(DomainState, i32), libvirt_wire::Error>),
+    ShutdownRequested {
+        result: Result<(), libvirt_wire::Error>,
+        acpi: bool,
+    },
+    Destroyed(Result<(), libvirt_wire::Error>),
+}
+
+async fn timed<T>(
+    limit: Duration,
+    procedure: i32,
+    call: impl Future<Output = Result<T, libvirt_wire::Error>>,
+) -> Result<T, libvirt_wire::Error> {
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or(Err(libvirt_wire::Error::Timeout {
+            procedure,
+            timeout: limit,
+        }))
+}
+
+fn spawn_call(done: &mpsc::UnboundedSender<Done>, call: impl Future<Output = Done> + Send + 'static) {
+    let done = done.clone();
+    tokio::spawn(async move {
+        let _ = done.send(call.await);
+    });
+}
+
+fn request_shutdown(client: &Client, domain: &DomainRef, done: &mpsc::UnboundedSender<Done>, acpi: bool) {
+    let (client, domain) = (client.clone(), domain.clone());
+    let flags = if acpi { flags::SHUTDOWN_ACPI_POWER_BTN } else { 0 };
+    spawn_call(done, async move {
+        let result = timed(
+            CALL_TIMEOUT,
+            procedure::DOMAIN_SHUTDOWN_FLAGS,
+            client.shutdown(&domain, flags),
+        )
+        .await;
+        Done::ShutdownRequested { result, acpi }
+    });
+}
+
+fn check_state(client: &Client, domain: &DomainRef, done: &mpsc::UnboundedSender<Done>) {
+    let (client, domain) = (client.clone(), domain.clone());
+    spawn_call(done, async move {
+        Done::StateChecked(timed(CALL_TIMEOUT, procedure::DOMAIN_GET_STATE, client.get_state(&domain)).await)
+    });
+}
+
+fn destroy(client: &Client, domain: &DomainRef, done: &mpsc::UnboundedSender<Done>) {
+    let (client, domain) = (client.clone(), domain.clone());
+    spawn_call(done, async move {
+        Done::Destroyed(
+            timed(
+                DESTROY_TIMEOUT,
+                procedure::DOMAIN_DESTROY_FLAGS,
+                client.destroy(&domain, 0),
+            )
+            .await,
+        )
+    });
+}
+
+async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals: &mut mpsc::Receiver<Signal>) -> Exit {
+    let mut events = match timed(
+        CALL_TIMEOUT,
+        procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
+        client.lifecycle_events(domain),
+    )
+    .await
+    {
         Ok(events) => events,
         Err(e) => {
-            let _ = client.destroy(domain, 0).await;
+            let _ = timed(
+                DESTROY_TIMEOUT,
+                procedure::DOMAIN_DESTROY_FLAGS,
+                client.destroy(domain, 0),
+            )
+            .await;
             return Exit::StartFailed(format!("cannot subscribe to the domain's events: {e}"));
         }
     };
-    let console_output = match client.open_console(domain, None, flags::CONSOLE_FORCE).await {
+    let console = timed(
+        CALL_TIMEOUT,
+        procedure::DOMAIN_OPEN_CONSOLE,
+        client.open_console(domain, None, flags::CONSOLE_FORCE),
+    )
+    .await;
+    let console_output = match console {
         Ok(console) => {
             let (reader, writer) = console.split();
             tokio::spawn(copy_stdin_to_console(writer));
@@ -166,36 +300,111 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
     };
 
     let mut supervisor = Supervisor::new(config.shutdown_timeout);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let far_future = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    // Each timer is one sleep re-armed as needed: the shutdown grace period,
+    // the wait for a STOPPED event after a poll found the domain gone, and
+    // the wait for libvirtd to confirm a destroy.
     let shutdown_deadline = tokio::time::sleep_until(far_future);
-    tokio::pin!(shutdown_deadline);
+    let gone_deadline = tokio::time::sleep_until(far_future);
+    let destroy_deadline = tokio::time::sleep_until(far_future);
+    tokio::pin!(shutdown_deadline, gone_deadline, destroy_deadline);
     let mut poll = tokio::time::interval(STATE_POLL);
     poll.tick().await;
+    let mut poll_in_flight = false;
+    // The exit a requested destroy ends in, once libvirtd confirms it.
+    let mut destroying: Option<Exit> = None;
+    let mut signal_time = tokio::time::Instant::now();
 
     let exit = loop {
         let input = tokio::select! {
             event = events.next() => match event {
+                Some(LifecycleEvent::Missed(n)) => {
+                    log(format!("{n} lifecycle events were dropped (the shim fell behind): re-reading the domain's state"));
+                    if !poll_in_flight {
+                        poll_in_flight = true;
+                        check_state(client, domain, &done_tx);
+                    }
+                    continue;
+                }
                 Some(event) => Input::Lifecycle(event),
                 None => Input::ConnectionLost(client.closed().await.to_string()),
             },
-            Some(signal) = signals.recv() => Input::Signal(signal),
+            Some((signal, at)) = signals.recv() => {
+                signal_time = at;
+                Input::Signal(signal)
+            }
             () = &mut shutdown_deadline => {
                 shutdown_deadline.as_mut().reset(far_future);
                 Input::ShutdownTimeout
             }
+            () = &mut gone_deadline => {
+                gone_deadline.as_mut().reset(far_future);
+                Input::DomainGone
+            }
+            () = &mut destroy_deadline => {
+                let exit = destroying.take().unwrap_or(Exit::ForcedStop("a destroy was requested".into()));
+                log(format!(
+                    "libvirtd did not confirm the destroy within {} s; exiting anyway{}",
+                    DESTROY_TIMEOUT.as_secs(),
+                    if config.autodestroy { " (closing the connection ends an AUTODESTROY domain)" } else { ": the domain may be left running" }
+                ));
+                break exit;
+            }
             error = client.closed() => Input::ConnectionLost(error.to_string()),
-            _ = poll.tick() => match client.get_state(domain).await {
-                // The poll only stands in for a lost event: a STOPPED event may
-                // still be on its way (the domain can vanish before it is sent),
-                // and it says why the domain stopped.
-                Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain()) => {
-                    match tokio::time::timeout(LATE_EVENT_GRACE, events.next()).await {
-                        Ok(Some(event)) => Input::Lifecycle(event),
-                        _ => Input::DomainGone,
+            _ = poll.tick() => {
+                if !poll_in_flight {
+                    poll_in_flight = true;
+                    check_state(client, domain, &done_tx);
+                }
+                continue;
+            }
+            Some(done) = done_rx.recv() => match done {
+                Done::StateChecked(result) => {
+                    poll_in_flight = false;
+                    match result {
+                        // The poll only stands in for a lost event: a STOPPED event
+                        // may still be on its way (the domain can vanish before it is
+                        // sent), and it says why the domain stopped.
+                        Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain()) => {
+                            if gone_deadline.deadline() == far_future {
+                                gone_deadline.as_mut().reset(tokio::time::Instant::now() + LATE_EVENT_GRACE);
+                            }
+                            continue;
+                        }
+                        Err(e) if e.is_connection_lost() => Input::ConnectionLost(e.to_string()),
+                        Err(e) => {
+                            log(format!("state check failed: {e}"));
+                            continue;
+                        }
+                        Ok(_) => continue,
                     }
                 }
-                Err(e) if e.is_connection_lost() => Input::ConnectionLost(e.to_string()),
-                _ => continue,
+                Done::ShutdownRequested { result: Err(e), acpi: true }
+                    if e.libvirt().is_some_and(|l| l.code == LibvirtError::INVALID_ARG || l.code == LibvirtError::NO_SUPPORT) =>
+                {
+                    // Drivers without ACPI (libvirt's test driver) take the default method.
+                    request_shutdown(client, domain, &done_tx, false);
+                    continue;
+                }
+                Done::ShutdownRequested { result: Err(e), .. } => {
+                    log(format!("the shutdown request failed: {e}"));
+                    continue;
+                }
+                Done::ShutdownRequested { result: Ok(()), .. } => continue,
+                Done::Destroyed(result) => {
+                    let Some(exit) = destroying.take() else { continue };
+                    match result {
+                        Ok(()) => break exit,
+                        Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain() || l.code == LibvirtError::OPERATION_INVALID) => break exit,
+                        Err(e) if e.is_connection_lost() => break Exit::LostLibvirtd(e.to_string()),
+                        Err(e) => {
+                            log(format!("destroy failed, waiting for the domain to stop: {e}"));
+                            destroying = Some(exit);
+                            continue;
+                        }
+                    }
+                }
             },
         };
         match supervisor.on(input) {
@@ -206,32 +415,16 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                     "stop requested: asking the guest to shut down (ACPI), destroying it after {}s",
                     timeout.as_secs()
                 ));
-                let mut request = client.shutdown(domain, flags::SHUTDOWN_ACPI_POWER_BTN).await;
-                if let Err(e) = &request
-                    && e.libvirt()
-                        .is_some_and(|l| l.code == LibvirtError::INVALID_ARG || l.code == LibvirtError::NO_SUPPORT)
-                {
-                    // Drivers without ACPI (libvirt's test driver) take the default method.
-                    request = client.shutdown(domain, 0).await;
-                }
-                if let Err(e) = request {
-                    log(format!("the shutdown request failed: {e}"));
-                }
-                shutdown_deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+                shutdown_deadline.as_mut().reset(signal_time + timeout);
+                request_shutdown(client, domain, &done_tx, true);
             }
             Action::Destroy(exit) => {
                 log(format!("destroying the domain: {exit}"));
-                match client.destroy(domain, 0).await {
-                    Ok(()) => break exit,
-                    Err(e)
-                        if e.libvirt()
-                            .is_some_and(|l| l.is_no_domain() || l.code == LibvirtError::OPERATION_INVALID) =>
-                    {
-                        break exit;
-                    }
-                    Err(e) if e.is_connection_lost() => break Exit::LostLibvirtd(e.to_string()),
-                    Err(e) => log(format!("destroy failed, waiting for the domain to stop: {e}")),
-                }
+                destroying = Some(exit);
+                destroy_deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + DESTROY_TIMEOUT);
+                destroy(client, domain, &done_tx);
             }
             Action::Exit(exit) => break exit,
         }
@@ -253,11 +446,14 @@ async fn copy_console_to_stdout(mut reader: ConsoleReader) {
     let mut stdout = tokio::io::stdout();
     loop {
         match reader.read().await {
-            Ok(Some(bytes)) => {
+            Ok(Some(ConsoleOutput::Data(bytes))) => {
                 if stdout.write_all(&bytes).await.is_err() || stdout.flush().await.is_err() {
                     return;
                 }
             }
+            Ok(Some(ConsoleOutput::Lost(n))) => log(format!(
+                "{n} bytes of guest console output were dropped: stdout was not being read fast enough"
+            )),
             Ok(None) => return,
             Err(e) => {
                 if !e.is_connection_lost() {

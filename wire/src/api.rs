@@ -2,11 +2,11 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::mpsc;
 
-use crate::client::{Connection, Options, RawLifecycle, StreamEvent};
+use crate::client::{Connection, LARGE_REPLY, Options, RawLifecycle, StreamEvent};
 use crate::error::{Error, Result};
 use crate::protocol::{DomainRef, STREAM_CHUNK, Status, procedure};
+use crate::queue::{self, Popped};
 use crate::uri::{self, Target, Transport};
 use crate::xdr::{Decoder, Encoder, XdrError};
 
@@ -97,6 +97,9 @@ pub enum LifecycleEvent {
     Crashed(i32),
     /// A newer event type: (event, detail).
     Unknown(i32, i32),
+    /// This many events were dropped because the listener fell behind (the
+    /// connection never waits for a listener): re-read the domain's state.
+    Missed(u64),
 }
 
 /// `virDomainEventStoppedDetailType`.
@@ -145,6 +148,20 @@ impl LifecycleEvent {
             other => LifecycleEvent::Unknown(other, detail),
         }
     }
+}
+
+/// libvirt's limit on one string argument (`VIR_NET_MESSAGE_STRING_MAX`).
+pub const STRING_MAX: usize = 4 * 1024 * 1024;
+
+/// Refuses, before anything is sent, a string libvirtd would refuse anyway.
+fn check_string(what: &str, s: &str) -> Result<()> {
+    if s.len() > STRING_MAX {
+        return Err(Error::InvalidRequest(format!(
+            "{what} is {} bytes; libvirt accepts at most {STRING_MAX} bytes in one string",
+            s.len()
+        )));
+    }
+    Ok(())
 }
 
 /// A client of libvirtd: the handshake and the typed procedures.
@@ -258,7 +275,10 @@ impl Client {
 
     /// CONNECT_GET_CAPABILITIES: the host capabilities XML.
     pub async fn capabilities(&self) -> Result<String> {
-        let reply = self.conn.call(procedure::CONNECT_GET_CAPABILITIES, &[]).await?;
+        let reply = self
+            .conn
+            .call_large(procedure::CONNECT_GET_CAPABILITIES, &[], LARGE_REPLY)
+            .await?;
         decode(procedure::CONNECT_GET_CAPABILITIES, &reply, |d| {
             d.string("capabilities")
         })
@@ -281,7 +301,11 @@ impl Client {
             .u32(0);
         let reply = self
             .conn
-            .call(procedure::CONNECT_GET_DOMAIN_CAPABILITIES, &args.into_bytes())
+            .call_large(
+                procedure::CONNECT_GET_DOMAIN_CAPABILITIES,
+                &args.into_bytes(),
+                LARGE_REPLY,
+            )
             .await?;
         decode(procedure::CONNECT_GET_DOMAIN_CAPABILITIES, &reply, |d| {
             d.string("capabilities")
@@ -290,6 +314,7 @@ impl Client {
 
     /// DOMAIN_CREATE_XML: creates and starts a transient domain.
     pub async fn create_xml(&self, xml: &str, flags: u32) -> Result<DomainRef> {
+        check_string("the domain XML", xml)?;
         let mut args = Encoder::new();
         args.string(xml).u32(flags);
         let reply = self.conn.call(procedure::DOMAIN_CREATE_XML, &args.into_bytes()).await?;
@@ -309,6 +334,7 @@ impl Client {
 
     /// DOMAIN_LOOKUP_BY_NAME.
     pub async fn lookup_by_name(&self, name: &str) -> Result<DomainRef> {
+        check_string("the domain name", name)?;
         let mut args = Encoder::new();
         args.string(name);
         let reply = self
@@ -328,7 +354,13 @@ impl Client {
 
     /// DOMAIN_GET_XML_DESC.
     pub async fn xml_desc(&self, domain: &DomainRef, flags: u32) -> Result<String> {
-        let reply = self.domain_call(procedure::DOMAIN_GET_XML_DESC, domain, flags).await?;
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.u32(flags);
+        let reply = self
+            .conn
+            .call_large(procedure::DOMAIN_GET_XML_DESC, &args.into_bytes(), LARGE_REPLY)
+            .await?;
         decode(procedure::DOMAIN_GET_XML_DESC, &reply, |d| d.string("xml"))
     }
 
@@ -368,7 +400,10 @@ impl Client {
         let proc_ = procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY;
         let serial = self.conn.next_serial();
         let rx = self.conn.register_lifecycle_for_call(serial, Some(domain.uuid))?;
-        let reply = self.conn.call_with_serial(proc_, serial, &args.into_bytes()).await?;
+        let reply = self
+            .conn
+            .call_with_serial(proc_, serial, &args.into_bytes(), self.conn.max_reply())
+            .await?;
         let callback_id = decode(proc_, &reply, |d| d.i32("callbackID"))?;
         Ok(LifecycleEvents {
             client: self.clone(),
@@ -387,7 +422,12 @@ impl Client {
         args.opt_string(device).u32(flags);
         if let Err(e) = self
             .conn
-            .call_with_serial(procedure::DOMAIN_OPEN_CONSOLE, serial, &args.into_bytes())
+            .call_with_serial(
+                procedure::DOMAIN_OPEN_CONSOLE,
+                serial,
+                &args.into_bytes(),
+                self.conn.max_reply(),
+            )
             .await
         {
             self.conn.unregister_stream(serial);
@@ -408,16 +448,17 @@ impl Client {
 pub struct LifecycleEvents {
     client: Client,
     callback_id: i32,
-    rx: mpsc::Receiver<RawLifecycle>,
+    rx: queue::Receiver<RawLifecycle>,
 }
 
 impl LifecycleEvents {
     /// The next event; `None` once the connection has ended.
     pub async fn next(&mut self) -> Option<LifecycleEvent> {
-        self.rx
-            .recv()
-            .await
-            .map(|raw| LifecycleEvent::from_raw(raw.event, raw.detail))
+        match self.rx.pop().await {
+            Popped::Item(raw) => Some(LifecycleEvent::from_raw(raw.event, raw.detail)),
+            Popped::Lost(n) => Some(LifecycleEvent::Missed(n)),
+            Popped::Closed => None,
+        }
     }
 
     /// The callback id libvirtd assigned.
@@ -454,8 +495,8 @@ impl Console {
         (self.reader, self.writer)
     }
 
-    /// Next bytes from the guest; `Ok(None)` at the end of the stream.
-    pub async fn read(&mut self) -> Result<Option<Vec<u8>>> {
+    /// Next output from the guest; `Ok(None)` at the end of the stream.
+    pub async fn read(&mut self) -> Result<Option<ConsoleOutput>> {
         self.reader.read().await
     }
 
@@ -465,30 +506,42 @@ impl Console {
     }
 }
 
+/// What a console read yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// Bytes from the guest.
+    Data(Vec<u8>),
+    /// This many bytes of guest output were dropped here because the reader
+    /// fell behind by more than [`Options::stream_budget`] (the connection
+    /// never waits for a console reader).
+    Lost(u64),
+}
+
 /// The reading half of a console.
 #[derive(Debug)]
 pub struct ConsoleReader {
-    rx: mpsc::Receiver<StreamEvent>,
+    rx: queue::Receiver<StreamEvent>,
     done: bool,
 }
 
 impl ConsoleReader {
-    /// Next bytes from the guest; `Ok(None)` once the stream has finished.
-    pub async fn read(&mut self) -> Result<Option<Vec<u8>>> {
+    /// Next output from the guest; `Ok(None)` once the stream has finished.
+    pub async fn read(&mut self) -> Result<Option<ConsoleOutput>> {
         if self.done {
             return Ok(None);
         }
-        match self.rx.recv().await {
-            Some(StreamEvent::Data(data)) => Ok(Some(data)),
-            Some(StreamEvent::Finished) => {
+        match self.rx.pop().await {
+            Popped::Item(StreamEvent::Data(data)) => Ok(Some(ConsoleOutput::Data(data))),
+            Popped::Lost(n) => Ok(Some(ConsoleOutput::Lost(n))),
+            Popped::Item(StreamEvent::Finished) => {
                 self.done = true;
                 Ok(None)
             }
-            Some(StreamEvent::Failed(e)) => {
+            Popped::Item(StreamEvent::Failed(e)) => {
                 self.done = true;
                 Err(e)
             }
-            None => {
+            Popped::Closed => {
                 self.done = true;
                 Err(Error::ConnectionLost("console stream dropped".into()))
             }

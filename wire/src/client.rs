@@ -2,22 +2,30 @@
 //! their callers by serial, lifecycle events to their listener by callback id,
 //! stream packets to their stream by serial, keepalive PINGs to a PONG — and a
 //! keepalive task declares the daemon dead after a configurable silence.
+//!
+//! The reader never waits for anyone: consumers get byte-budgeted queues that
+//! drop (and count) what a slow consumer cannot take, PONGs are written by a
+//! task of their own, and a packet is only buffered whole when its receiver
+//! accepts that size; anything larger is read past in small pieces. So a
+//! console whose stdout nobody reads cannot silence the connection, and a
+//! peer's 16 MiB frame costs the client no more than its limits allow.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::protocol::{
-    self, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM, LEN_SIZE, LifecycleMessage, MessageType,
-    REMOTE_PROGRAM, Status, procedure,
+    self, HEADER_SIZE, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM, LEN_SIZE, LifecycleMessage,
+    MessageType, REMOTE_PROGRAM, STREAM_CHUNK, Status, procedure,
 };
+use crate::queue::{self, Pushed};
 
 /// Connection settings.
 #[derive(Debug, Clone)]
@@ -29,9 +37,19 @@ pub struct Options {
     pub keepalive_count: u32,
     /// Longest a call may wait for its reply.
     pub call_timeout: Duration,
-    /// Packets buffered per stream or event listener before the reader waits
-    /// for the consumer (back-pressure instead of unbounded memory).
-    pub channel_capacity: usize,
+    /// Bytes of data buffered per stream (a console) for a consumer that
+    /// falls behind; past it, incoming data is dropped and the consumer is
+    /// told how much ([`crate::ConsoleOutput::Lost`]). The connection itself
+    /// never waits for a consumer.
+    pub stream_budget: usize,
+    /// Events buffered per event listener; past it, events are dropped and
+    /// the listener is told how many ([`crate::LifecycleEvent::Missed`]).
+    pub event_budget: usize,
+    /// The largest reply payload an ordinary call accepts. Calls that return
+    /// XML documents (capabilities, domain XML) accept up to libvirt's own
+    /// packet limit. A larger reply fails its call with
+    /// [`Error::ReplyTooLarge`] without being buffered; the connection goes on.
+    pub max_reply: usize,
 }
 
 impl Default for Options {
@@ -40,10 +58,18 @@ impl Default for Options {
             keepalive_interval: Duration::from_secs(5),
             keepalive_count: 5,
             call_timeout: Duration::from_secs(120),
-            channel_capacity: 64,
+            stream_budget: 1024 * 1024,
+            event_budget: 1024,
+            max_reply: 64 * 1024,
         }
     }
 }
+
+/// Reply limit for calls that return whole XML documents.
+pub(crate) const LARGE_REPLY: usize = protocol::MAX_PACKET;
+
+/// What a lifecycle event costs of an event budget: one unit each.
+const EVENT_COST: usize = 1;
 
 /// What happens on a stream.
 #[derive(Debug)]
@@ -63,15 +89,24 @@ pub(crate) struct RawLifecycle {
 
 type Reply = std::result::Result<Vec<u8>, Error>;
 
+/// A call waiting for its reply.
+struct Pending {
+    reply: oneshot::Sender<Reply>,
+    /// The largest reply payload it accepts.
+    limit: usize,
+}
+
+type Listener = (Option<[u8; 16]>, queue::Sender<RawLifecycle>);
+
 #[derive(Default)]
 struct Routes {
-    pending: HashMap<u32, oneshot::Sender<Reply>>,
-    streams: HashMap<u32, mpsc::Sender<StreamEvent>>,
-    lifecycle: HashMap<i32, (Option<[u8; 16]>, mpsc::Sender<RawLifecycle>)>,
+    pending: HashMap<u32, Pending>,
+    streams: HashMap<u32, queue::Sender<StreamEvent>>,
+    lifecycle: HashMap<i32, Listener>,
     /// Listeners waiting for their REGISTER_ANY reply (by call serial): the
     /// reader installs them under the callback id before routing any later
     /// packet, so no event between the reply and the caller waking is lost.
-    lifecycle_pending: HashMap<u32, (Option<[u8; 16]>, mpsc::Sender<RawLifecycle>)>,
+    lifecycle_pending: HashMap<u32, Listener>,
     /// Why the connection ended, once it has.
     closed: Option<ClosedReason>,
 }
@@ -96,6 +131,10 @@ type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 pub(crate) struct Inner {
     writer: tokio::sync::Mutex<Writer>,
     serial: AtomicU32,
+    /// A PONG is queued or being written: the reader never queues a second.
+    pong_owed: AtomicBool,
+    /// A PING is being written: the keepalive task never waits for it.
+    ping_in_flight: AtomicBool,
     routes: Mutex<Routes>,
     last_heard: Mutex<Instant>,
     closed_tx: watch::Sender<bool>,
@@ -126,13 +165,16 @@ impl Inner {
         }
         log::debug!("libvirt connection closed: {reason:?}");
         for (_, waiter) in routes.pending.drain() {
-            let _ = waiter.send(Err(reason.to_error()));
+            let _ = waiter.reply.send(Err(reason.to_error()));
         }
         for (_, stream) in routes.streams.drain() {
-            let _ = stream.try_send(StreamEvent::Failed(reason.to_error()));
+            stream.push_final(StreamEvent::Failed(reason.to_error()));
         }
-        routes.lifecycle.clear();
-        routes.lifecycle_pending.clear();
+        let maps = &mut *routes;
+        let listeners = maps.lifecycle.drain().map(|(_, l)| l);
+        for (_, listener) in listeners.chain(maps.lifecycle_pending.drain().map(|(_, l)| l)) {
+            listener.close();
+        }
         routes.closed = Some(reason);
         drop(routes);
         let _ = self.closed_tx.send(true);
@@ -215,6 +257,8 @@ impl Connection {
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(Box::new(writer)),
             serial: AtomicU32::new(1),
+            pong_owed: AtomicBool::new(false),
+            ping_in_flight: AtomicBool::new(false),
             routes: Mutex::new(Routes::default()),
             last_heard: Mutex::new(Instant::now()),
             closed_tx,
@@ -231,7 +275,9 @@ impl Connection {
 
     /// Starts sending PINGs after silence and declaring the daemon dead after
     /// `interval × count` of it. Call once the daemon has said it supports
-    /// keepalive.
+    /// keepalive. Any byte from the daemon counts as hearing it, and the
+    /// check never waits behind a write: a daemon that does not read its
+    /// socket is as dead as one that does not write.
     pub fn start_keepalive(&self) {
         let inner = Arc::downgrade(&self.inner);
         let interval = self.inner.options.keepalive_interval;
@@ -251,8 +297,12 @@ impl Connection {
                     inner.close(ClosedReason::Keepalive(silence));
                     return;
                 }
-                if silence >= interval {
-                    let _ = inner.send(&Header::keepalive(KEEPALIVE_PING), &[]).await;
+                if silence >= interval && !inner.ping_in_flight.swap(true, Ordering::AcqRel) {
+                    let pinger = inner.clone();
+                    tokio::spawn(async move {
+                        let _ = pinger.send(&Header::keepalive(KEEPALIVE_PING), &[]).await;
+                        pinger.ping_in_flight.store(false, Ordering::Release);
+                    });
                 }
             }
         });
@@ -277,41 +327,53 @@ impl Connection {
         }
     }
 
+    pub(crate) fn max_reply(&self) -> usize {
+        self.inner.options.max_reply
+    }
+
     pub(crate) fn next_serial(&self) -> u32 {
         self.inner.serial.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Calls a remote procedure and returns the reply payload.
+    /// Calls a remote procedure and returns the reply payload, which may be
+    /// at most [`Options::max_reply`] bytes.
     pub async fn call(&self, proc_: i32, args: &[u8]) -> Result<Vec<u8>> {
         let serial = self.next_serial();
-        self.call_with_serial(proc_, serial, args).await
+        self.call_with_serial(proc_, serial, args, self.inner.options.max_reply)
+            .await
     }
 
-    pub(crate) async fn call_with_serial(&self, proc_: i32, serial: u32, args: &[u8]) -> Result<Vec<u8>> {
+    /// Calls a remote procedure whose reply may be up to `limit` bytes.
+    pub(crate) async fn call_large(&self, proc_: i32, args: &[u8], limit: usize) -> Result<Vec<u8>> {
+        let serial = self.next_serial();
+        self.call_with_serial(proc_, serial, args, limit).await
+    }
+
+    pub(crate) async fn call_with_serial(&self, proc_: i32, serial: u32, args: &[u8], limit: usize) -> Result<Vec<u8>> {
         let (tx, rx) = oneshot::channel();
         {
             let mut routes = self.inner.routes();
             if let Some(reason) = &routes.closed {
                 return Err(reason.to_error());
             }
-            routes.pending.insert(serial, tx);
+            routes.pending.insert(serial, Pending { reply: tx, limit });
         }
+        // A caller that gives up (its own timeout, a dropped future) leaves no
+        // route behind; the late reply is then recognised and ignored.
+        let _forget = ForgetOnDrop {
+            inner: &self.inner,
+            serial,
+        };
         let header = Header::remote(proc_, MessageType::Call, serial, Status::Ok);
-        if let Err(e) = self.inner.send(&header, args).await {
-            self.inner.routes().pending.remove(&serial);
-            return Err(e);
-        }
+        self.inner.send(&header, args).await?;
         let timeout = self.inner.options.call_timeout;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Err(self.closed_error()),
-            Err(_) => {
-                self.inner.routes().pending.remove(&serial);
-                Err(Error::Timeout {
-                    procedure: proc_,
-                    timeout,
-                })
-            }
+            Err(_) => Err(Error::Timeout {
+                procedure: proc_,
+                timeout,
+            }),
         }
     }
 
@@ -324,8 +386,8 @@ impl Connection {
 
     /// Registers a stream for `serial` before the call that opens it, so no
     /// early packet is lost.
-    pub(crate) fn register_stream(&self, serial: u32) -> Result<mpsc::Receiver<StreamEvent>> {
-        let (tx, rx) = mpsc::channel(self.inner.options.channel_capacity);
+    pub(crate) fn register_stream(&self, serial: u32) -> Result<queue::Receiver<StreamEvent>> {
+        let (tx, rx) = queue::queue(self.inner.options.stream_budget);
         let mut routes = self.inner.routes();
         if let Some(reason) = &routes.closed {
             return Err(reason.to_error());
@@ -349,8 +411,8 @@ impl Connection {
         &self,
         serial: u32,
         uuid: Option<[u8; 16]>,
-    ) -> Result<mpsc::Receiver<RawLifecycle>> {
-        let (tx, rx) = mpsc::channel(self.inner.options.channel_capacity);
+    ) -> Result<queue::Receiver<RawLifecycle>> {
+        let (tx, rx) = queue::queue(self.inner.options.event_budget.saturating_mul(EVENT_COST));
         let mut routes = self.inner.routes();
         if let Some(reason) = &routes.closed {
             return Err(reason.to_error());
@@ -364,71 +426,222 @@ impl Connection {
     }
 }
 
+struct ForgetOnDrop<'a> {
+    inner: &'a Inner,
+    serial: u32,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut routes = self.inner.routes();
+        routes.pending.remove(&self.serial);
+        routes.lifecycle_pending.remove(&self.serial);
+    }
+}
+
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 
 async fn read_loop(inner: Arc<Inner>, mut reader: Reader) {
     let reason = loop {
-        match read_packet(&mut reader).await {
-            Ok(body) => {
-                inner.heard();
-                if let Err(reason) = dispatch(&inner, &body).await {
-                    break reason;
-                }
-            }
-            Err(reason) => break reason,
+        if let Err(reason) = read_and_route(&inner, &mut reader).await {
+            break reason;
         }
     };
     log::debug!("libvirt reader stopping: {reason}");
     inner.close(ClosedReason::Lost(reason));
 }
 
-/// Reads one packet body (header + payload). The length is checked before
-/// anything is allocated.
-async fn read_packet(reader: &mut Reader) -> std::result::Result<Vec<u8>, String> {
+/// Reads exactly `buf.len()` bytes; every byte counts as hearing the daemon.
+async fn read_full(inner: &Inner, reader: &mut Reader, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = reader.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        inner.heard();
+        filled += n;
+    }
+    Ok(())
+}
+
+/// Reads past `len` bytes in small pieces, keeping none of them.
+async fn skip(inner: &Inner, reader: &mut Reader, mut len: usize) -> std::io::Result<()> {
+    let mut scratch = [0u8; 4096];
+    while len > 0 {
+        let piece = len.min(scratch.len());
+        read_full(inner, reader, &mut scratch[..piece]).await?;
+        len -= piece;
+    }
+    Ok(())
+}
+
+/// What to do with a packet's payload, decided from its header alone.
+enum Take {
+    /// Buffer it (at most this many bytes) and route it.
+    Keep,
+    /// Read past it; `then` says whom to tell.
+    Skip(Skipped),
+}
+
+enum Skipped {
+    /// Nobody wants it (an unknown program, an event nobody listens for).
+    Unwanted,
+    /// A reply larger than its call accepts.
+    ReplyTooLarge { limit: usize },
+    /// A stream packet larger than libvirt ever sends.
+    ChunkTooLarge,
+}
+
+/// Reads one packet and routes it. An error ends the connection (the framing
+/// can no longer be trusted, or the peer broke the protocol); anything merely
+/// unexpected is logged and ignored.
+async fn read_and_route(inner: &Arc<Inner>, reader: &mut Reader) -> std::result::Result<(), String> {
     let mut len_word = [0u8; LEN_SIZE];
-    match reader.read_exact(&mut len_word).await {
-        Ok(_) => {}
+    match read_full(inner, reader, &mut len_word).await {
+        Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             return Err("libvirtd closed the connection".into());
         }
         Err(e) => return Err(format!("read failed: {e}")),
     }
     let len = protocol::check_length(u32::from_be_bytes(len_word)).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len - LEN_SIZE];
-    reader
-        .read_exact(&mut body)
+    let mut header_bytes = [0u8; HEADER_SIZE];
+    read_full(inner, reader, &mut header_bytes)
         .await
         .map_err(|e| format!("connection ended inside a {len}-byte packet: {e}"))?;
-    Ok(body)
+    let (header, _) = protocol::decode_packet(&header_bytes).map_err(|e| e.to_string())?;
+    let payload_len = len - LEN_SIZE - HEADER_SIZE;
+    let ended = |e: std::io::Error| format!("connection ended inside a {len}-byte packet: {e}");
+    match take(inner, &header, payload_len)? {
+        Take::Keep => {
+            let mut payload = vec![0u8; payload_len];
+            read_full(inner, reader, &mut payload).await.map_err(ended)?;
+            dispatch(inner, &header, &payload);
+        }
+        Take::Skip(why) => {
+            skip(inner, reader, payload_len).await.map_err(ended)?;
+            skipped(inner, &header, payload_len, why);
+        }
+    }
+    Ok(())
 }
 
-/// Routes one packet. An error ends the connection (the framing can no longer
-/// be trusted); anything merely unexpected is logged and ignored.
-async fn dispatch(inner: &Arc<Inner>, body: &[u8]) -> std::result::Result<(), String> {
-    let (header, payload) = protocol::decode_packet(body).map_err(|e| e.to_string())?;
-    match header.program {
-        KEEPALIVE_PROGRAM => {
-            if header.procedure == KEEPALIVE_PING {
-                let _ = inner.send(&Header::keepalive(KEEPALIVE_PONG), &[]).await;
+/// Decides from the header whether the payload is wanted and affordable.
+fn take(inner: &Inner, header: &Header, payload_len: usize) -> std::result::Result<Take, String> {
+    let routes = inner.routes();
+    Ok(match (header.program, header.kind) {
+        (KEEPALIVE_PROGRAM, _) => Take::Skip(Skipped::Unwanted),
+        (REMOTE_PROGRAM, MessageType::Reply | MessageType::ReplyWithFds) => match routes.pending.get(&header.serial) {
+            Some(call) if payload_len > call.limit => Take::Skip(Skipped::ReplyTooLarge { limit: call.limit }),
+            Some(_) => Take::Keep,
+            // A refused stream finish/abort: an error small enough to read.
+            None if routes.streams.contains_key(&header.serial) => {
+                if payload_len > inner.options.max_reply {
+                    Take::Skip(Skipped::ReplyTooLarge {
+                        limit: inner.options.max_reply,
+                    })
+                } else {
+                    Take::Keep
+                }
             }
-            Ok(())
-        }
-        REMOTE_PROGRAM => {
-            match header.kind {
-                MessageType::Reply | MessageType::ReplyWithFds => route_reply(inner, &header, payload).await,
-                MessageType::Message => route_event(inner, &header, payload).await,
-                MessageType::Stream => route_stream(inner, &header, payload).await,
-                other => log::warn!(
-                    "ignoring unexpected {other:?} packet from libvirtd (procedure {})",
-                    header.procedure
-                ),
+            None if header.serial == 0 || header.serial >= inner.serial.load(Ordering::Relaxed) => {
+                return Err(format!(
+                    "libvirtd sent a reply to serial {} (procedure {}), but no call with that serial was ever made: it does not speak libvirt's protocol as expected",
+                    header.serial, header.procedure
+                ));
             }
-            Ok(())
+            // The reply to a call that gave up (timed out or was cancelled).
+            None => Take::Skip(Skipped::Unwanted),
+        },
+        (REMOTE_PROGRAM, MessageType::Stream) => match routes.streams.contains_key(&header.serial) {
+            true if header.status == Status::Continue && payload_len > STREAM_CHUNK => {
+                Take::Skip(Skipped::ChunkTooLarge)
+            }
+            true if payload_len > STREAM_CHUNK.max(inner.options.max_reply) => Take::Skip(Skipped::ChunkTooLarge),
+            true => Take::Keep,
+            false => Take::Skip(Skipped::Unwanted),
+        },
+        (REMOTE_PROGRAM, MessageType::Message)
+            if header.procedure == procedure::DOMAIN_EVENT_CALLBACK_LIFECYCLE
+                && !routes.lifecycle.is_empty()
+                && payload_len <= inner.options.max_reply =>
+        {
+            Take::Keep
         }
-        other => {
-            log::warn!("ignoring a packet of unknown program {other:#x}");
-            Ok(())
+        _ => Take::Skip(Skipped::Unwanted),
+    })
+}
+
+/// Tells the intended receiver of a payload that was read past.
+fn skipped(inner: &Arc<Inner>, header: &Header, payload_len: usize, why: Skipped) {
+    match why {
+        Skipped::Unwanted => match (header.program, header.kind) {
+            (KEEPALIVE_PROGRAM, _) if header.procedure == KEEPALIVE_PING => pong(inner),
+            (KEEPALIVE_PROGRAM, _) => {}
+            (REMOTE_PROGRAM, MessageType::Reply | MessageType::ReplyWithFds) => log::debug!(
+                "ignoring a late reply to serial {} (procedure {}): its caller gave up",
+                header.serial,
+                header.procedure
+            ),
+            (REMOTE_PROGRAM, MessageType::Stream) => {
+                log::debug!("ignoring a stream packet for unknown serial {}", header.serial)
+            }
+            (REMOTE_PROGRAM, MessageType::Message) => {
+                log::debug!("ignoring event procedure {} ({payload_len} bytes)", header.procedure)
+            }
+            (REMOTE_PROGRAM, other) => log::warn!(
+                "ignoring unexpected {other:?} packet from libvirtd (procedure {})",
+                header.procedure
+            ),
+            (other, _) => log::warn!("ignoring a packet of unknown program {other:#x}"),
+        },
+        Skipped::ReplyTooLarge { limit } => {
+            let error = Error::ReplyTooLarge {
+                procedure: header.procedure,
+                size: payload_len,
+                limit,
+            };
+            let mut routes = inner.routes();
+            if let Some(call) = routes.pending.remove(&header.serial) {
+                let _ = call.reply.send(Err(error));
+            } else if let Some(stream) = routes.streams.remove(&header.serial) {
+                stream.push_final(StreamEvent::Failed(error));
+            }
         }
+        Skipped::ChunkTooLarge => {
+            if let Some(stream) = inner.routes().streams.remove(&header.serial) {
+                stream.push_final(StreamEvent::Failed(Error::ChunkTooLarge {
+                    size: payload_len,
+                    limit: STREAM_CHUNK,
+                }));
+            }
+        }
+    }
+}
+
+/// Answers a PING without the reader waiting for the write.
+fn pong(inner: &Arc<Inner>) {
+    if inner.pong_owed.swap(true, Ordering::AcqRel) {
+        return; // One PONG answers every PING that came before it is sent.
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        inner.pong_owed.store(false, Ordering::Release);
+        let _ = inner.send(&Header::keepalive(KEEPALIVE_PONG), &[]).await;
+    });
+}
+
+/// Routes one wanted payload. Never waits.
+fn dispatch(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
+    match header.kind {
+        MessageType::Reply | MessageType::ReplyWithFds => route_reply(inner, header, payload),
+        MessageType::Message => route_event(inner, header, payload),
+        MessageType::Stream => route_stream(inner, header, payload),
+        other => log::warn!(
+            "ignoring unexpected {other:?} packet from libvirtd (procedure {})",
+            header.procedure
+        ),
     }
 }
 
@@ -439,7 +652,7 @@ fn decode_failure(procedure: i32, payload: &[u8]) -> Error {
     }
 }
 
-async fn route_reply(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
+fn route_reply(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
     let waiter = {
         let mut routes = inner.routes();
         if let Some(listener) = routes.lifecycle_pending.remove(&header.serial)
@@ -455,30 +668,16 @@ async fn route_reply(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
             Status::Ok => Ok(payload.to_vec()),
             _ => Err(decode_failure(header.procedure, payload)),
         };
-        let _ = waiter.send(reply);
+        let _ = waiter.reply.send(reply);
         return;
     }
     // A stream's finish/abort may be refused with an error reply on its serial.
-    let stream = inner.routes().streams.remove(&header.serial);
-    match stream {
-        Some(stream) => {
-            let _ = stream
-                .send(StreamEvent::Failed(decode_failure(header.procedure, payload)))
-                .await;
-        }
-        None => log::warn!(
-            "ignoring a reply to serial {} (procedure {}) that nobody is waiting for",
-            header.serial,
-            header.procedure
-        ),
+    if let Some(stream) = inner.routes().streams.remove(&header.serial) {
+        stream.push_final(StreamEvent::Failed(decode_failure(header.procedure, payload)));
     }
 }
 
-async fn route_event(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
-    if header.procedure != procedure::DOMAIN_EVENT_CALLBACK_LIFECYCLE {
-        log::debug!("ignoring event procedure {}", header.procedure);
-        return;
-    }
+fn route_event(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
     let message = match LifecycleMessage::decode(payload) {
         Ok(m) => m,
         Err(e) => {
@@ -487,33 +686,40 @@ async fn route_event(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
         }
     };
     let listener = inner.routes().lifecycle.get(&message.callback_id).cloned();
-    match listener {
-        Some((filter, tx)) => {
-            if filter.is_some_and(|uuid| uuid != message.domain.uuid) {
-                log::warn!(
-                    "ignoring a lifecycle event for {:?} on callback {} registered for another domain",
-                    message.domain,
-                    message.callback_id
-                );
-                return;
-            }
-            let event = RawLifecycle {
-                domain: message.domain,
-                event: message.event,
-                detail: message.detail,
-            };
-            if tx.send(event).await.is_err() {
-                inner.routes().lifecycle.remove(&message.callback_id);
-            }
-        }
-        None => log::debug!(
-            "ignoring a lifecycle event for unknown callback {}",
+    let Some((filter, tx)) = listener else {
+        log::debug!(
+            "ignoring a lifecycle event for unknown callback {} (procedure {})",
+            message.callback_id,
+            header.procedure
+        );
+        return;
+    };
+    if filter.is_some_and(|uuid| uuid != message.domain.uuid) {
+        log::warn!(
+            "ignoring a lifecycle event for {:?} on callback {} registered for another domain",
+            message.domain,
+            message.callback_id
+        );
+        return;
+    }
+    let event = RawLifecycle {
+        domain: message.domain,
+        event: message.event,
+        detail: message.detail,
+    };
+    match tx.push(event, EVENT_COST, 1) {
+        Pushed::Queued => {}
+        Pushed::Dropped => log::warn!(
+            "lifecycle listener {} is not keeping up: an event was dropped",
             message.callback_id
         ),
+        Pushed::ReceiverGone => {
+            inner.routes().lifecycle.remove(&message.callback_id);
+        }
     }
 }
 
-async fn route_stream(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
+fn route_stream(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
     let stream = {
         let mut routes = inner.routes();
         if header.status == Status::Continue {
@@ -523,15 +729,23 @@ async fn route_stream(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
         }
     };
     let Some(stream) = stream else {
-        log::warn!("ignoring a stream packet for unknown serial {}", header.serial);
+        log::debug!("ignoring a stream packet for unknown serial {}", header.serial);
         return;
     };
-    let event = match header.status {
-        Status::Continue => StreamEvent::Data(payload.to_vec()),
-        Status::Ok => StreamEvent::Finished,
-        Status::Error => StreamEvent::Failed(decode_failure(header.procedure, payload)),
-    };
-    if stream.send(event).await.is_err() {
-        inner.routes().streams.remove(&header.serial);
+    match header.status {
+        Status::Continue => match stream.push(StreamEvent::Data(payload.to_vec()), payload.len(), payload.len() as u64)
+        {
+            Pushed::Queued => {}
+            Pushed::Dropped => log::debug!(
+                "stream {} is not keeping up: {} bytes dropped",
+                header.serial,
+                payload.len()
+            ),
+            Pushed::ReceiverGone => {
+                inner.routes().streams.remove(&header.serial);
+            }
+        },
+        Status::Ok => stream.push_final(StreamEvent::Finished),
+        Status::Error => stream.push_final(StreamEvent::Failed(decode_failure(header.procedure, payload))),
     }
 }

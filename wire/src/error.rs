@@ -88,6 +88,26 @@ pub enum Error {
         /// The limit.
         timeout: Duration,
     },
+    /// A reply larger than the call accepts (it was read past, not kept).
+    #[error(
+        "libvirtd's reply to procedure {procedure} is {size} bytes, more than the {limit} bytes this call accepts: refused without reading it into memory"
+    )]
+    ReplyTooLarge {
+        /// The procedure.
+        procedure: i32,
+        /// The payload's size.
+        size: usize,
+        /// The call's limit.
+        limit: usize,
+    },
+    /// A stream packet larger than libvirt ever sends; the stream is ended.
+    #[error("libvirtd sent a {size}-byte stream packet; libvirt's streams carry at most {limit} bytes per packet")]
+    ChunkTooLarge {
+        /// The packet's payload size.
+        size: usize,
+        /// libvirt's stream chunk size.
+        limit: usize,
+    },
     /// A request libvirt-wire refuses to send.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

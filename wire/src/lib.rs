@@ -14,7 +14,7 @@
 //! let domain = client.create_xml("<domain>…</domain>", flags::START_AUTODESTROY).await?;
 //! let mut events = client.lifecycle_events(&domain).await?;
 //! let mut console = client.open_console(&domain, None, flags::CONSOLE_FORCE).await?;
-//! while let Some(bytes) = console.read().await? { /* guest output */ }
+//! while let Some(output) = console.read().await? { /* guest output, or a gap */ }
 //! # Ok(()) }
 //! ```
 
@@ -22,11 +22,13 @@ pub mod api;
 pub mod client;
 pub mod error;
 pub mod protocol;
+mod queue;
 pub mod uri;
 pub mod xdr;
 
 pub use api::{
-    Client, Console, ConsoleReader, ConsoleWriter, DomainState, LifecycleEvent, LifecycleEvents, StoppedReason, flags,
+    Client, Console, ConsoleOutput, ConsoleReader, ConsoleWriter, DomainState, LifecycleEvent, LifecycleEvents,
+    StoppedReason, flags,
 };
 pub use client::{Connection, Options};
 pub use error::{Error, LibvirtError, Result};

@@ -12,7 +12,7 @@ use libvirt_wire::protocol::{
 };
 use libvirt_wire::uri;
 use libvirt_wire::xdr::{Decoder, Encoder};
-use libvirt_wire::{Client, DomainState, Error, LibvirtError, LifecycleEvent, Options, StoppedReason};
+use libvirt_wire::{Client, ConsoleOutput, DomainState, Error, LibvirtError, LifecycleEvent, Options, StoppedReason};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 struct FakeDaemon {
@@ -86,7 +86,9 @@ fn options() -> Options {
         keepalive_interval: Duration::from_millis(50),
         keepalive_count: 3,
         call_timeout: Duration::from_secs(5),
-        channel_capacity: 8,
+        stream_budget: 64 * 1024,
+        event_budget: 8,
+        max_reply: 64 * 1024,
     }
 }
 
@@ -99,6 +101,10 @@ async fn pair(keepalive: bool) -> (Client, FakeDaemon) {
         daemon.handshake(keepalive)
     );
     (client, daemon)
+}
+
+fn data_of(bytes: &[u8]) -> ConsoleOutput {
+    ConsoleOutput::Data(bytes.to_vec())
 }
 
 fn domain(name: &str, byte: u8) -> DomainRef {
@@ -389,17 +395,13 @@ async fn garbage_xdr_in_a_reply_fails_that_call_only() {
 #[tokio::test]
 async fn strays_are_ignored_and_the_connection_goes_on() {
     let (client, mut daemon) = pair(false).await;
-    // A reply to a serial nobody asked for, an event of an unknown procedure,
+    // A late reply nobody waits for any more, an event of an unknown procedure,
     // a malformed lifecycle event, a stream packet for no stream, a packet of
     // an unknown program and a call from the server.
+    // A reply to a call that gave up waiting (serial 1 was the handshake's).
     daemon
         .send(
-            Header::remote(
-                procedure::CONNECT_GET_CAPABILITIES,
-                MessageType::Reply,
-                9999,
-                Status::Ok,
-            ),
+            Header::remote(procedure::CONNECT_GET_CAPABILITIES, MessageType::Reply, 1, Status::Ok),
             &[1, 2, 3],
         )
         .await;
@@ -502,8 +504,8 @@ async fn console_stream_data_finish_and_error() {
     daemon.send(data, b"log").await;
     let console = open.await.unwrap().unwrap();
     let (mut reader, writer) = console.split();
-    assert_eq!(reader.read().await.unwrap().unwrap(), b"boot ");
-    assert_eq!(reader.read().await.unwrap().unwrap(), b"log");
+    assert_eq!(reader.read().await.unwrap().unwrap(), data_of(b"boot "));
+    assert_eq!(reader.read().await.unwrap().unwrap(), data_of(b"log"));
     writer.write(b"ls\n").await.unwrap();
     let (header, payload) = daemon.read().await;
     assert_eq!(
@@ -563,4 +565,241 @@ async fn the_daemon_closing_fails_every_waiter() {
     assert!(err.to_string().contains("libvirtd closed the connection"), "{err}");
     let later = client.lib_version().await.unwrap_err();
     assert!(later.is_connection_lost(), "{later}");
+}
+
+/// The console-stream header for `serial`.
+fn console_data(serial: u32) -> Header {
+    Header::remote(
+        procedure::DOMAIN_OPEN_CONSOLE,
+        MessageType::Stream,
+        serial,
+        Status::Continue,
+    )
+}
+
+async fn open_console(client: &Client, daemon: &mut FakeDaemon) -> (libvirt_wire::Console, u32) {
+    let c = client.clone();
+    let open = tokio::spawn(async move { c.open_console(&domain("a", 1), None, 0).await });
+    let (call, _) = daemon.read_call().await;
+    daemon.reply(&call, &[]).await;
+    (open.await.unwrap().unwrap(), call.serial)
+}
+
+/// Answers one GET_STATE call while the test checks the connection still works.
+async fn state_round_trip(client: &Client, daemon: &mut FakeDaemon) -> libvirt_wire::Result<(DomainState, i32)> {
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.get_state(&domain("a", 1)).await });
+    let (call, _) = daemon.read_call().await;
+    daemon.reply(&call, &state_reply(1, 1)).await;
+    tokio::time::timeout(Duration::from_secs(2), pending)
+        .await
+        .expect("the reply never reached its caller: the reader is stalled")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_console_nobody_reads_never_stalls_replies_pings_or_events() {
+    let (client, mut daemon) = pair(false).await;
+    let (mut console, serial) = open_console(&client, &mut daemon).await;
+    // 4 MiB of guest output that nobody reads: 64× the stream budget.
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..64 {
+        daemon.send(console_data(serial), &chunk).await;
+    }
+    // The connection still hears and answers.
+    daemon.send(Header::keepalive(KEEPALIVE_PING), &[]).await;
+    let (header, _) = tokio::time::timeout(Duration::from_secs(2), daemon.read())
+        .await
+        .expect("no PONG: the reader is stalled behind the console");
+    assert_eq!((header.program, header.procedure), (KEEPALIVE_PROGRAM, KEEPALIVE_PONG));
+    assert_eq!(
+        state_round_trip(&client, &mut daemon).await.unwrap().0,
+        DomainState::Running
+    );
+    // The reader gets what fit in the budget, then how much was dropped, and
+    // data sent after the reader caught up again.
+    let mut kept = 0;
+    let lost = loop {
+        match console.read().await.unwrap().unwrap() {
+            ConsoleOutput::Data(bytes) => kept += bytes.len(),
+            ConsoleOutput::Lost(n) => break n as usize,
+        }
+    };
+    assert!(kept <= 64 * 1024 + chunk.len(), "kept {kept} bytes, over the budget");
+    assert_eq!(
+        kept + lost,
+        64 * chunk.len(),
+        "every byte is either kept or counted as lost"
+    );
+    daemon.send(console_data(serial), b"after").await;
+    assert_eq!(console.read().await.unwrap().unwrap(), data_of(b"after"));
+}
+
+#[tokio::test]
+async fn a_listener_that_falls_behind_is_told_how_many_events_it_missed() {
+    let (client, mut daemon) = pair(false).await;
+    let dom = domain("a", 1);
+    let c = client.clone();
+    let registered = dom.clone();
+    let task = tokio::spawn(async move { c.lifecycle_events(&registered).await.unwrap() });
+    let (call, _) = daemon.read_call().await;
+    let mut e = Encoder::new();
+    e.i32(1);
+    daemon.reply(&call, &e.into_bytes()).await;
+    let (call, _) = daemon.read_call().await;
+    let mut e = Encoder::new();
+    e.i32(7);
+    daemon.reply(&call, &e.into_bytes()).await;
+    let mut listener = task.await.unwrap();
+    let header = Header::remote(
+        procedure::DOMAIN_EVENT_CALLBACK_LIFECYCLE,
+        MessageType::Message,
+        0,
+        Status::Ok,
+    );
+    for detail in 0..20 {
+        let message = LifecycleMessage {
+            callback_id: 7,
+            domain: dom.clone(),
+            event: 3,
+            detail,
+        };
+        daemon.send(header, &message.encode()).await;
+    }
+    assert_eq!(
+        state_round_trip(&client, &mut daemon).await.unwrap().0,
+        DomainState::Running
+    );
+    for detail in 0..8 {
+        assert_eq!(next(&mut listener).await, Some(LifecycleEvent::Suspended(detail)));
+    }
+    assert_eq!(next(&mut listener).await, Some(LifecycleEvent::Missed(12)));
+}
+
+#[tokio::test]
+async fn an_oversized_stream_packet_ends_that_stream_only() {
+    let (client, mut daemon) = pair(false).await;
+    let (mut console, serial) = open_console(&client, &mut daemon).await;
+    daemon.send(console_data(serial), &vec![0u8; 1024 * 1024]).await;
+    let err = console.read().await.unwrap_err();
+    assert!(matches!(err, Error::ChunkTooLarge { size: 1_048_576, .. }), "{err}");
+    assert!(err.to_string().contains("at most 262120 bytes"), "{err}");
+    assert_eq!(
+        state_round_trip(&client, &mut daemon).await.unwrap().0,
+        DomainState::Running
+    );
+}
+
+#[tokio::test]
+async fn a_reply_larger_than_its_call_accepts_fails_that_call_only() {
+    let (client, mut daemon) = pair(false).await;
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.get_state(&domain("a", 1)).await });
+    let (call, _) = daemon.read_call().await;
+    daemon.reply(&call, &vec![0u8; 8 * 1024 * 1024]).await;
+    let err = pending.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ReplyTooLarge {
+                size: 8_388_608,
+                limit: 65_536,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        state_round_trip(&client, &mut daemon).await.unwrap().0,
+        DomainState::Running
+    );
+    // A document-returning call accepts a large reply.
+    let pending = spawn_capabilities(&client);
+    let (call, _) = daemon.read_call().await;
+    let big = "c".repeat(2 * 1024 * 1024);
+    let mut e = Encoder::new();
+    e.string(&big);
+    daemon.reply(&call, &e.into_bytes()).await;
+    assert_eq!(pending.await.unwrap().unwrap().len(), big.len());
+}
+
+#[tokio::test]
+async fn a_slowly_arriving_packet_keeps_the_connection_alive() {
+    // Keepalive: 50 ms × 3. A 256 KiB reply that trickles in over 600 ms, with
+    // no PONG, is a daemon that is alive: every byte counts as hearing it.
+    let (client, mut daemon) = pair(true).await;
+    let pending = spawn_capabilities(&client);
+    let (call, _) = daemon.read_call().await;
+    let mut e = Encoder::new();
+    e.string(&"t".repeat(256 * 1024));
+    let packet = protocol::encode_packet(
+        &Header::remote(call.procedure, MessageType::Reply, call.serial, Status::Ok),
+        &e.into_bytes(),
+    );
+    let pieces = packet
+        .chunks(packet.len() / 12 + 1)
+        .map(<[u8]>::to_vec)
+        .collect::<Vec<_>>();
+    let (mut daemon_read, mut daemon_write) = tokio::io::split(daemon.io);
+    let drain = tokio::spawn(async move {
+        let mut sink = [0u8; 1024];
+        while daemon_read.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    });
+    for piece in pieces {
+        daemon_write.write_all(&piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let caps = pending.await.unwrap();
+    assert!(caps.is_ok(), "a daemon sending bytes was declared dead: {caps:?}");
+    drain.abort();
+}
+
+#[tokio::test]
+async fn the_keepalive_never_waits_behind_a_blocked_write() {
+    // The daemon neither reads nor writes. A console write fills the socket and
+    // blocks, holding the writer; the keepalive must still declare the daemon
+    // dead after 3 × 50 ms instead of waiting to send its PING.
+    let (client_io, daemon_io) = tokio::io::duplex(64 * 1024);
+    let mut daemon = FakeDaemon { io: daemon_io };
+    let target = uri::parse("qemu:///system").unwrap();
+    let (client, ()) = tokio::join!(
+        async { Client::open(client_io, &target, options()).await.unwrap() },
+        daemon.handshake(true)
+    );
+    let (console, _) = open_console(&client, &mut daemon).await;
+    let writer = tokio::spawn(async move { console.write(&vec![0u8; 1024 * 1024]).await });
+    let closed = tokio::time::timeout(Duration::from_secs(2), client.closed())
+        .await
+        .expect("the keepalive waited behind a blocked write");
+    assert!(matches!(closed, Error::KeepaliveTimeout(_)), "{closed}");
+    writer.abort();
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn a_reply_to_a_serial_never_called_closes_the_connection_and_says_so() {
+    let (client, mut daemon) = pair(false).await;
+    let pending = spawn_capabilities(&client);
+    let (call, _) = daemon.read_call().await;
+    let wrong = Header::remote(call.procedure, MessageType::Reply, call.serial + 1000, Status::Ok);
+    daemon.send(wrong, &[]).await;
+    let err = pending.await.unwrap().unwrap_err();
+    assert!(err.is_connection_lost(), "{err}");
+    assert!(
+        err.to_string().contains("reply to serial") && err.to_string().contains("no call with that serial"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_string_libvirt_would_refuse_is_refused_before_sending() {
+    let (client, mut daemon) = pair(false).await;
+    let err = client.create_xml(&"x".repeat(5 * 1024 * 1024), 0).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidRequest(_)), "{err}");
+    assert!(err.to_string().contains("at most 4194304 bytes"), "{err}");
+    // Nothing was sent: the next packet the daemon reads is the next call.
+    assert_eq!(
+        state_round_trip(&client, &mut daemon).await.unwrap().0,
+        DomainState::Running
+    );
 }

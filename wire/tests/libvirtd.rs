@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use libvirt_wire::{Client, DomainState, LifecycleEvent, Options, StoppedReason, flags};
+use libvirt_wire::{Client, ConsoleOutput, DomainState, LifecycleEvent, Options, StoppedReason, flags};
 
 fn test_domain_xml(name: &str) -> String {
     format!("<domain type='test'><name>{name}</name><memory>65536</memory><os><type>hvm</type></os></domain>")
@@ -171,7 +171,10 @@ async fn qemu_guest_console_is_read_through_a_stream() {
     let mut console = client.open_console(&domain, None, flags::CONSOLE_FORCE).await.unwrap();
     let mut seen = Vec::new();
     let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(bytes) = console.read().await.unwrap() {
+        while let Some(output) = console.read().await.unwrap() {
+            let ConsoleOutput::Data(bytes) = output else {
+                panic!("{output:?}: the test reads as fast as it can")
+            };
             seen.extend_from_slice(&bytes);
             if String::from_utf8_lossy(&seen).contains("virtkube-tiny: ready") {
                 return true;
@@ -191,7 +194,10 @@ async fn qemu_guest_console_is_read_through_a_stream() {
     console.write(b"echo sum=$((40+2))\n").await.unwrap();
     let answered = tokio::time::timeout(Duration::from_secs(20), async {
         let mut out = Vec::new();
-        while let Some(bytes) = console.read().await.unwrap() {
+        while let Some(output) = console.read().await.unwrap() {
+            let ConsoleOutput::Data(bytes) = output else {
+                panic!("{output:?}: the test reads as fast as it can")
+            };
             out.extend_from_slice(&bytes);
             if String::from_utf8_lossy(&out).contains("sum=42") {
                 return true;

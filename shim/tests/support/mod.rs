@@ -1,6 +1,8 @@
 //! Runs the real shim binary and watches it like a container runtime would.
 #![allow(clippy::unwrap_used, dead_code)] // test helpers: a panic is the failure report
 
+pub mod fake_libvirtd;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -42,6 +44,19 @@ impl Shim {
     /// Starts the shim with a template (YAML text), extra environment, and
     /// optionally a stdin pipe.
     pub fn start(name: &str, template: &str, env: &[(&str, &str)], args: &[&str], piped_stdin: bool) -> Shim {
+        Shim::start_with(name, template, env, args, piped_stdin, true)
+    }
+
+    /// As [`Shim::start`]; with `read_stdout` false, stdout is a pipe nobody
+    /// reads (a stalled log collector, a terminal paused with Ctrl-S).
+    pub fn start_with(
+        name: &str,
+        template: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+        piped_stdin: bool,
+        read_stdout: bool,
+    ) -> Shim {
         let dir = scratch(name);
         let template_file = dir.join("template.yaml");
         std::fs::write(&template_file, template).unwrap();
@@ -60,7 +75,11 @@ impl Shim {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().unwrap();
-        let stdout = pump(child.stdout.take().unwrap());
+        let stdout = match read_stdout {
+            true => pump(child.stdout.take().unwrap()),
+            // Keep the read end open in the child handle, unread.
+            false => Arc::new(Mutex::new(Vec::new())),
+        };
         let stderr = pump(child.stderr.take().unwrap());
         Shim {
             stdin: child.stdin.take(),

@@ -1,0 +1,125 @@
+//! The shim against a libvirtd that misbehaves (calls it never answers, a
+//! console flood) and a stdout nobody reads: a stop must still go ACPI →
+//! destroy → the documented exit code within the shutdown timeout plus a few
+//! seconds, and a healthy daemon must never be declared dead.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use libvirt_wire::protocol::procedure;
+use support::Shim;
+use support::fake_libvirtd::{FakeLibvirtd, Script};
+
+const TEMPLATE: &str = "memory: 64Mi\n";
+/// The shim's own state poll interval (runtime::STATE_POLL) plus slack.
+const FIRST_POLL: Duration = Duration::from_secs(8);
+
+fn env<'a>(uri: &'a str, pod: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("VIRTKUBE_LIBVIRT_URI", uri),
+        ("VIRTKUBE_SHUTDOWN_TIMEOUT", "2"),
+        ("VIRTKUBE_CONNECT_TIMEOUT", "0"),
+        ("POD_NAMESPACE", "stuck"),
+        ("POD_NAME", pod),
+    ]
+}
+
+#[test]
+fn a_stop_is_not_held_up_by_calls_libvirtd_never_answers() {
+    let dir = support::scratch("fake-stuck-calls");
+    let fake = FakeLibvirtd::start(
+        &dir,
+        Script {
+            ignore_get_state: true,
+            ignore_destroy: true,
+            ..Script::default()
+        },
+    );
+    let uri = fake.uri();
+    let mut shim = Shim::start("stuck-calls", TEMPLATE, &env(&uri, "stuck-calls"), &[], false);
+    shim.wait_for_stderr("started domain", Duration::from_secs(10));
+    // A state check is now pending and will never be answered.
+    assert!(
+        fake.wait_call(procedure::DOMAIN_GET_STATE, FIRST_POLL).is_some(),
+        "the shim never polled the domain's state"
+    );
+    let stop = Instant::now();
+    shim.signal(libc::SIGTERM);
+    let acpi = fake
+        .wait_call(procedure::DOMAIN_SHUTDOWN_FLAGS, Duration::from_secs(2))
+        .expect("SIGTERM waited behind the unanswered state check: no ACPI request");
+    assert!(
+        acpi - stop < Duration::from_secs(1),
+        "ACPI request {:?} after SIGTERM",
+        acpi - stop
+    );
+    // The guest ignores ACPI: after the 2 s timeout the shim destroys it; the
+    // destroy is never confirmed, and the shim exits anyway.
+    let destroy = fake
+        .wait_call(procedure::DOMAIN_DESTROY_FLAGS, Duration::from_secs(5))
+        .expect("no destroy after the shutdown timeout");
+    assert!(
+        destroy - stop >= Duration::from_secs(2) && destroy - stop < Duration::from_secs(3),
+        "destroy {:?} after SIGTERM; the timeout is 2 s",
+        destroy - stop
+    );
+    shim.expect_exit(6, Duration::from_secs(8));
+    assert!(
+        stop.elapsed() < Duration::from_secs(2 + 5 + 2),
+        "the stop took {:?}",
+        stop.elapsed()
+    );
+    assert!(
+        shim.stderr().contains("did not confirm the destroy"),
+        "{}",
+        shim.stderr()
+    );
+}
+
+#[test]
+fn a_console_nobody_reads_neither_stalls_a_stop_nor_kills_a_healthy_vm() {
+    let dir = support::scratch("fake-unread-stdout");
+    let fake = FakeLibvirtd::start(
+        &dir,
+        Script {
+            guest_obeys_shutdown: true,
+            // 64 MiB: far more than the stdout pipe (64 KiB) and the shim's
+            // console budget hold.
+            console_flood: 64 * 1024 * 1024,
+            ..Script::default()
+        },
+    );
+    let uri = fake.uri();
+    let mut shim = Shim::start_with(
+        "unread-stdout",
+        TEMPLATE,
+        &env(&uri, "unread-stdout"),
+        &[],
+        false,
+        false,
+    );
+    shim.wait_for_stderr("started domain", Duration::from_secs(10));
+    assert!(
+        fake.wait_call(procedure::DOMAIN_OPEN_CONSOLE, Duration::from_secs(5))
+            .is_some()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // The shim still hears libvirtd while its stdout is full.
+    assert!(
+        fake.ping(Duration::from_secs(2)),
+        "no PONG: the shim stopped reading libvirtd because nobody reads its stdout\n{}",
+        shim.stderr()
+    );
+    // A state poll is answered and does not end anything.
+    assert!(fake.wait_call(procedure::DOMAIN_GET_STATE, FIRST_POLL).is_some());
+    let stop = Instant::now();
+    shim.signal(libc::SIGTERM);
+    let acpi = fake
+        .wait_call(procedure::DOMAIN_SHUTDOWN_FLAGS, Duration::from_secs(2))
+        .expect("SIGTERM waited behind the blocked stdout: no ACPI request");
+    assert!(acpi - stop < Duration::from_secs(1));
+    shim.expect_exit(0, Duration::from_secs(5));
+    assert!(shim.stderr().contains("exit 0:"), "{}", shim.stderr());
+}
