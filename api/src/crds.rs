@@ -11,13 +11,13 @@ pub fn all() -> Vec<CustomResourceDefinition> {
 }
 
 /// The CRDs as one multi-document YAML file (what `deploy/01-crds.yaml` holds).
-pub fn yaml() -> Result<String, serde_yaml::Error> {
+pub fn yaml() -> Result<String, serde_saphyr::ser_error::Error> {
     let mut out = String::from(
         "# Generated from the types in api/ by `cargo run -p virtkube-api --bin virtkube-crds`; do not edit.\n",
     );
     for crd in all() {
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&crd)?);
+        out.push_str(&serde_saphyr::to_string(&crd)?);
     }
     Ok(out)
 }

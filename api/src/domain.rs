@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
     kind = "VirtDomain",
     plural = "virtdomains",
     shortname = "vd",
-    shortname = "vm",
     namespaced,
     status = "VirtDomainStatus",
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,

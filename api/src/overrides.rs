@@ -121,6 +121,15 @@ impl Overrides {
                 ));
             };
             first.mac = Some(mac);
+            if let Some(index) = template.interfaces.iter().skip(1).position(|nic| nic.mac == Some(mac)) {
+                return Err(err(
+                    annotations::MAC,
+                    format!(
+                        "\"{mac}\" is already the MAC of spec.interfaces[{}]; each NIC needs its own",
+                        index + 1
+                    ),
+                ));
+            }
         }
         Ok(())
     }

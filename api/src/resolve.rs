@@ -20,6 +20,10 @@ use crate::template::{
 pub const MAX_VCPUS: u32 = 1024;
 /// Least memory a template may ask for.
 pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+/// Most memory a template may ask for: 4 PiB, the 52-bit physical address
+/// space of x86_64 and aarch64 (libvirt's KiB field would take more, and
+/// then overflow when QEMU is asked for it in bytes).
+pub const MAX_MEMORY_BYTES: u64 = 1 << 52;
 /// Memory when the template says nothing.
 pub const DEFAULT_MEMORY: &str = "256Mi";
 
@@ -203,22 +207,71 @@ pub struct ResolvedTemplate {
     pub on_crash: LifecycleAction,
 }
 
+/// Largest template text accepted, in bytes: a VM's template is a page of
+/// YAML; anything near this limit is a mistake or an attack.
+pub const MAX_TEMPLATE_BYTES: usize = 1024 * 1024;
+
+/// Limits on the YAML parser's work, far above any real template: nesting
+/// depth, parser events and nodes (so a small document cannot cost seconds of
+/// CPU), and aliases (so an alias bomb cannot expand).
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = 32;
+    budget.max_events = 200_000;
+    budget.max_nodes = 100_000;
+    budget.max_total_scalar_bytes = MAX_TEMPLATE_BYTES;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.with_snippet = false;
+    options
+}
+
+/// Top-level fields of a whole VirtTemplate resource.
+const RESOURCE_FIELDS: &[&str] = &["apiVersion", "kind", "metadata", "spec"];
+/// Fields of Kubernetes' ObjectMeta (as `kubectl get -o yaml` writes them).
+const METADATA_FIELDS: &[&str] = &[
+    "annotations",
+    "creationTimestamp",
+    "deletionGracePeriodSeconds",
+    "deletionTimestamp",
+    "finalizers",
+    "generateName",
+    "generation",
+    "labels",
+    "managedFields",
+    "name",
+    "namespace",
+    "ownerReferences",
+    "resourceVersion",
+    "selfLink",
+    "uid",
+];
+
+fn document_error(message: String) -> TemplateError {
+    TemplateError::Parse(FieldError {
+        field: "(document)".into(),
+        message,
+    })
+}
+
 /// Parses a VirtTemplate from YAML — a whole resource (`apiVersion`, `kind`,
-/// `metadata`, `spec`) or the spec alone — and validates it.
+/// `metadata`, `spec`) or the spec alone — and validates it. The text, the
+/// parser's work and every field are bounded; unknown fields are errors at
+/// every level.
 pub fn parse_yaml(text: &str) -> Result<ResolvedTemplate, TemplateError> {
-    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        TemplateError::Parse(FieldError {
-            field: "(document)".into(),
-            message: format!("not YAML: {e}"),
-        })
-    })?;
-    let Some(mapping) = value.as_mapping() else {
-        return Err(TemplateError::Parse(FieldError {
-            field: "(document)".into(),
-            message:
-                "is not a mapping; expected a whole VirtTemplate (apiVersion, kind, metadata, spec) or its spec alone"
-                    .into(),
-        }));
+    if text.len() > MAX_TEMPLATE_BYTES {
+        return Err(document_error(format!(
+            "is {} bytes; a template may be at most {MAX_TEMPLATE_BYTES} bytes (1 MiB)",
+            text.len()
+        )));
+    }
+    let value: serde_json::Value = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| document_error(format!("not valid YAML: {e}")))?;
+    let Some(mapping) = value.as_object() else {
+        return Err(document_error(
+            "is not a mapping; expected a whole VirtTemplate (apiVersion, kind, metadata, spec) or its spec alone"
+                .into(),
+        ));
     };
     let is_resource = mapping.contains_key("kind") || mapping.contains_key("apiVersion");
     if is_resource {
@@ -232,6 +285,10 @@ pub fn parse_yaml(text: &str) -> Result<ResolvedTemplate, TemplateError> {
                 });
             }
         }
+        unknown_fields(mapping, RESOURCE_FIELDS, "")?;
+        if let Some(metadata) = mapping.get("metadata").and_then(|m| m.as_object()) {
+            unknown_fields(metadata, METADATA_FIELDS, "metadata.")?;
+        }
         let resource: VirtTemplate = deserialize(value, "")?;
         resolve(resource.metadata.name.clone(), &resource.spec)
     } else {
@@ -240,7 +297,21 @@ pub fn parse_yaml(text: &str) -> Result<ResolvedTemplate, TemplateError> {
     }
 }
 
-fn deserialize<T: serde::de::DeserializeOwned>(value: serde_yaml::Value, prefix: &str) -> Result<T, TemplateError> {
+fn unknown_fields(
+    mapping: &serde_json::Map<String, serde_json::Value>,
+    known: &[&str],
+    prefix: &str,
+) -> Result<(), TemplateError> {
+    match mapping.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => Err(TemplateError::Parse(FieldError {
+            field: format!("{prefix}{key}"),
+            message: format!("is not a field here; expected one of {}", known.join(", ")),
+        })),
+        None => Ok(()),
+    }
+}
+
+fn deserialize<T: serde::de::DeserializeOwned>(value: serde_json::Value, prefix: &str) -> Result<T, TemplateError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let inner = e.path().to_string();
         let field = match (prefix, inner.as_str()) {
@@ -277,6 +348,7 @@ impl Problems {
 /// Validates a spec and applies every default.
 pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<ResolvedTemplate, TemplateError> {
     let mut problems = Problems::default();
+    check_xml_text(&mut problems, name.as_deref(), spec);
 
     if let Some(machine) = &spec.machine {
         check_token(
@@ -430,12 +502,12 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
         }
         GraphicsType::Vnc => {
             let listen = graphics.listen.clone().unwrap_or_else(|| "127.0.0.1".into());
-            check_token(
-                &mut problems,
-                "spec.graphics.listen",
-                &listen,
-                "an IP address such as 127.0.0.1 or 0.0.0.0",
-            );
+            if listen.parse::<std::net::IpAddr>().is_err() {
+                problems.add(
+                    "spec.graphics.listen",
+                    format!("{listen:?} is not an IP address; use one such as 127.0.0.1, 0.0.0.0 or ::1"),
+                );
+            }
             Some(listen)
         }
     };
@@ -502,25 +574,92 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
     })
 }
 
+/// The first character of `text` that XML cannot carry (outside XML 1.0's
+/// `Char` production: NUL and most C0 controls, lone surrogates cannot occur
+/// in Rust strings, U+FFFE and U+FFFF), if any.
+pub fn char_xml_cannot_carry(text: &str) -> Option<char> {
+    text.chars().find(|&c| {
+        !matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}')
+    })
+}
+
+/// Every string of the template ends up in the domain XML: one XML cannot
+/// carry is reported with its field, instead of libvirt rejecting the XML.
+fn check_xml_text(problems: &mut Problems, name: Option<&str>, spec: &VirtTemplateSpec) {
+    fn walk(problems: &mut Problems, path: &str, value: &serde_json::Value) {
+        match value {
+            serde_json::Value::String(text) => {
+                if let Some(c) = char_xml_cannot_carry(text) {
+                    problems.add(
+                        path,
+                        format!(
+                            "contains U+{:04X}, a character XML cannot carry; remove it",
+                            u32::from(c)
+                        ),
+                    );
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(problems, &format!("{path}[{i}]"), item);
+                }
+            }
+            serde_json::Value::Object(fields) => {
+                for (key, item) in fields {
+                    walk(problems, &format!("{path}.{key}"), item);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(name) = name {
+        walk(problems, "metadata.name", &serde_json::Value::String(name.to_owned()));
+    }
+    match serde_json::to_value(spec) {
+        Ok(value) => walk(problems, "spec", &value),
+        Err(e) => problems.add("spec", format!("cannot be checked: {e}")),
+    }
+}
+
 fn resolve_vcpus(problems: &mut Problems, count: Option<u32>, topology: Option<&CpuTopology>) -> u32 {
+    // `None` inside: the product does not fit in a u64 (three u32s can't be
+    // multiplied unchecked without wrapping in a release build).
     let product = topology.map(|t| {
         for (name, value) in [("sockets", t.sockets), ("cores", t.cores), ("threads", t.threads)] {
             if value == 0 {
                 problems.add(format!("spec.cpu.topology.{name}"), "0 is not allowed; use 1 or more");
             }
         }
-        u64::from(t.sockets) * u64::from(t.cores) * u64::from(t.threads)
+        u64::from(t.sockets)
+            .checked_mul(u64::from(t.cores))
+            .and_then(|p| p.checked_mul(u64::from(t.threads)))
     });
+    let too_many =
+        |product: &str| format!("sockets × cores × threads = {product}, more than the {MAX_VCPUS} vCPUs a VM may have");
     let vcpus = match (count, product) {
-        (Some(count), Some(product)) if u64::from(count) != product => {
+        (Some(count), Some(Some(product))) if u64::from(count) != product => {
             problems.add(
                 "spec.cpu.topology",
                 format!("sockets × cores × threads = {product}, but spec.cpu.count is {count}; make them equal (or omit count)"),
             );
-            count
+            return count;
+        }
+        (_, Some(None)) => {
+            problems.add("spec.cpu.topology", too_many("more than 2⁶⁴"));
+            return count.unwrap_or(1);
+        }
+        (None, Some(Some(product))) => {
+            // The count comes from the topology: a bad one is the topology's fault.
+            match u32::try_from(product).ok().filter(|p| check_vcpus(*p).is_ok()) {
+                Some(p) => return p,
+                None if product == 0 => return 1, // each zero factor is reported above
+                None => {
+                    problems.add("spec.cpu.topology", too_many(&product.to_string()));
+                    return 1;
+                }
+            }
         }
         (Some(count), _) => count,
-        (None, Some(product)) => u32::try_from(product).unwrap_or(u32::MAX),
         (None, None) => 1,
     };
     if let Err(message) = check_vcpus(vcpus) {
@@ -544,6 +683,9 @@ pub(crate) fn parse_memory(text: &str) -> Result<u64, String> {
         Ok(bytes) if bytes < MIN_MEMORY_BYTES => {
             Err(format!("{text:?} is less than the minimum of 1Mi (e.g. 512Mi, 2Gi)"))
         }
+        Ok(bytes) if bytes > MAX_MEMORY_BYTES => Err(format!(
+            "{text:?} is more than the 4Pi (2⁵² bytes) a guest's physical address space can hold (e.g. 512Mi, 2Gi)"
+        )),
         Ok(bytes) => Ok(bytes),
         Err(QuantityError::Overflow) => Err(format!("{text:?} is too large (e.g. 512Mi, 2Gi)")),
         Err(e) => Err(format!("{text:?} {e}")),
@@ -552,9 +694,9 @@ pub(crate) fn parse_memory(text: &str) -> Result<u64, String> {
 
 /// Checks a kernel command line: printable, no control characters.
 pub(crate) fn check_cmdline(cmdline: &str) -> Result<(), String> {
-    if cmdline.chars().any(char::is_control) {
+    if cmdline.chars().any(char::is_control) || char_xml_cannot_carry(cmdline).is_some() {
         Err(format!(
-            "{cmdline:?} contains a control character; a kernel command line is one line of printable text"
+            "{cmdline:?} contains a control character (or U+FFFE/U+FFFF, which XML cannot carry); a kernel command line is one line of printable text"
         ))
     } else if cmdline.len() > 4096 {
         Err(format!(

@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
     kind = "VirtTemplate",
     plural = "virttemplates",
     shortname = "vt",
-    shortname = "vmtemplate",
     namespaced,
     printcolumn = r#"{"name":"Arch","type":"string","jsonPath":".spec.arch"}"#,
     printcolumn = r#"{"name":"CPUs","type":"integer","jsonPath":".spec.cpu.count"}"#,
@@ -122,8 +121,9 @@ pub enum DomainType {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CpuSpec {
-    /// Number of vCPUs. Default 1.
+    /// Number of vCPUs, 1 to 1024. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
     pub count: Option<u32>,
     /// How the guest CPU model is chosen: `host-model` (the host's model and
     /// features, migratable), `host-passthrough` (exactly the host CPU) or
@@ -185,10 +185,13 @@ pub enum CpuFeaturePolicy {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CpuTopology {
     /// Sockets.
+    #[schemars(range(min = 1, max = 1024))]
     pub sockets: u32,
     /// Cores per socket.
+    #[schemars(range(min = 1, max = 1024))]
     pub cores: u32,
     /// Threads per core.
+    #[schemars(range(min = 1, max = 1024))]
     pub threads: u32,
 }
 

@@ -97,7 +97,7 @@ async fn crds_install_and_serve_each_kind_on_a_real_api_server() {
 
     // VirtTemplate: the tiny example, unchanged.
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/tiny.yaml")).unwrap();
-    let template: VirtTemplate = serde_yaml::from_str(&text).unwrap();
+    let template: VirtTemplate = serde_saphyr::from_str(&text).unwrap();
     let templates: Api<VirtTemplate> = Api::namespaced(client.clone(), &ns_name);
     templates.patch("tiny", &apply, &Patch::Apply(&template)).await.unwrap();
     let back = templates.get("tiny").await.unwrap();

@@ -234,7 +234,7 @@ fn shape_errors_carry_the_field_path() {
     );
     assert_error("[1, 2]", "(document): is not a mapping; expected a whole VirtTemplate");
     assert_error("", "(document): is not a mapping");
-    assert_error("memory: [", "(document): not YAML");
+    assert_error("memory: [", "(document): not valid YAML: unclosed bracket");
 }
 
 #[test]
@@ -375,4 +375,105 @@ fn example_templates_are_valid() {
         }
     }
     assert!(seen >= 3, "expected the example templates, found {seen}");
+}
+
+#[test]
+fn hostile_documents_are_refused_quickly_and_say_why() {
+    // Size: more than 1 MiB is refused before parsing.
+    let huge = format!("memory: 64Mi\n# {}\n", "x".repeat(1024 * 1024));
+    assert_error(&huge, "a template may be at most 1048576 bytes");
+    // Depth: a deeply nested flow sequence is refused at the parser's depth limit.
+    let started = std::time::Instant::now();
+    let deep = format!("memory: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert_error(&deep, "(document): not valid YAML");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    // An alias bomb does not expand.
+    let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for level in 1..12 {
+        let prev = level - 1;
+        bomb.push_str(&format!(
+            "b{level}: &b{level} [*{}",
+            if prev == 0 { "a".into() } else { format!("b{prev}") }
+        ));
+        for _ in 0..9 {
+            bomb.push_str(&format!(
+                ", *{}",
+                if prev == 0 { "a".into() } else { format!("b{prev}") }
+            ));
+        }
+        bomb.push_str("]\n");
+    }
+    let started = std::time::Instant::now();
+    assert_error(&bomb, "(document)");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Unknown fields at the top and in metadata, as in spec.
+    assert_error(
+        "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {name: x}\nspec: {}\nextra: 1",
+        "extra: is not a field here; expected one of apiVersion, kind, metadata, spec",
+    );
+    assert_error(
+        "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {name: x, nmae: y}\nspec: {}",
+        "metadata.nmae: is not a field here",
+    );
+}
+
+#[test]
+fn numbers_from_outside_cannot_overflow() {
+    assert_error("memory: 8Ei", "spec.memory: \"8Ei\" is more than the 4Pi");
+    assert_error("memory: 18446744073709551616", "spec.memory");
+    let message = error_of("memory: 18446744073709551616");
+    assert!(
+        !message.contains("not valid YAML"),
+        "a big number is valid YAML: {message}"
+    );
+    // u32::MAX³ must not wrap into an acceptable count (it did: 12884901887 in release builds).
+    assert_error(
+        "cpu: {topology: {sockets: 4294967295, cores: 4294967295, threads: 4294967295}}",
+        "spec.cpu.topology: sockets × cores × threads = more than 2⁶⁴",
+    );
+    // Without a count, a topology too large is the topology's fault, not count's.
+    let message = error_of("cpu: {topology: {sockets: 64, cores: 64, threads: 2}}");
+    assert!(
+        message.contains("spec.cpu.topology: sockets × cores × threads = 8192, more than the 1024 vCPUs"),
+        "{message}"
+    );
+    assert!(!message.contains("spec.cpu.count"), "{message}");
+}
+
+#[test]
+fn characters_xml_cannot_carry_are_refused_with_their_field() {
+    assert_error(
+        "boot: {kernel: /k, cmdline: \"console=ttyS0 \\uFFFE\"}",
+        "spec.boot.cmdline",
+    );
+    assert_error("boot: {kernel: \"/k\\uFFFF\"}", "spec.boot.kernel: contains U+FFFF");
+    assert_error(
+        "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {name: \"a\\0b\"}\nspec: {}",
+        "metadata.name: contains U+0000",
+    );
+    assert_error(
+        "graphics: {type: vnc, listen: \"a:b:c\"}",
+        "spec.graphics.listen: \"a:b:c\" is not an IP address",
+    );
+    assert!(parse_yaml("graphics: {type: vnc, listen: \"::1\"}").is_ok());
+}
+
+#[test]
+fn an_annotation_mac_must_not_duplicate_another_nic() {
+    let mut t = parse_yaml("interfaces: [{type: user}, {type: user, mac: \"52:54:00:00:00:02\"}]").unwrap();
+    let overrides = Overrides::from_annotations(&BTreeMap::from([(
+        annotations::MAC.to_owned(),
+        "52:54:00:00:00:02".to_owned(),
+    )]))
+    .unwrap();
+    let err = overrides.apply(&mut t).unwrap_err().to_string();
+    assert!(err.contains("already the MAC of spec.interfaces[1]"), "{err}");
 }

@@ -109,20 +109,20 @@ fn main() {
 /// A bare VM Pod: the example Deployment's pod template, named `name`, without
 /// the memory override (the template's 128Mi).
 fn vm_pod(ns: &str, name: &str) -> String {
-    let deployment: serde_yaml::Value = serde_yaml::from_str(&vm_manifests(ns)).unwrap();
+    let deployment: serde_json::Value = serde_saphyr::from_str(&vm_manifests(ns)).unwrap();
     let mut template = deployment["spec"]["template"].clone();
-    let metadata = template["metadata"].as_mapping_mut().unwrap();
+    let metadata = template["metadata"].as_object_mut().unwrap();
     metadata.insert("name".into(), name.into());
     metadata.insert("namespace".into(), ns.into());
     metadata.remove("annotations");
-    let pod = template.as_mapping_mut().unwrap();
+    let pod = template.as_object_mut().unwrap();
     pod.insert("apiVersion".into(), "v1".into());
     pod.insert("kind".into(), "Pod".into());
     pod["spec"]
-        .as_mapping_mut()
+        .as_object_mut()
         .unwrap()
         .insert("restartPolicy".into(), "Never".into());
-    serde_yaml::to_string(&template).unwrap()
+    serde_saphyr::to_string(&template).unwrap()
 }
 
 /// Times `virsh create` (the command returns once the domain runs) of the

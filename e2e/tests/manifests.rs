@@ -71,8 +71,8 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
         .chain(yaml_files(&deploy().join("examples")))
     {
         let text = std::fs::read_to_string(&file).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let doc: Value = serde::Deserialize::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for doc in docs {
             if doc.is_null() {
                 continue;
             }

@@ -143,7 +143,7 @@ fn once(args: &Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&docs)?);
     } else {
         for doc in docs {
-            print!("---\n{}", serde_yaml::to_string(&doc)?);
+            print!("---\n{}", serde_saphyr::to_string(&doc)?);
         }
     }
     Ok(())

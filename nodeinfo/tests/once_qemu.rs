@@ -21,10 +21,8 @@ fn once_prints_the_qemu_hosts_facts_as_yaml() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let text = String::from_utf8(out.stdout).unwrap();
-    let first: serde_json::Value = serde_yaml::Deserializer::from_str(&text)
-        .next()
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let first = docs.into_iter().next().unwrap();
     assert_eq!(first["kind"], "VirtNode");
     assert_eq!(first["metadata"]["name"], "inspect");
     let status = &first["status"];

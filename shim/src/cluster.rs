@@ -117,28 +117,44 @@ fn describe(e: &kube::Error) -> String {
 /// Reads and validates the VirtTemplate `name` in `namespace`.
 pub async fn fetch_template(client: &Client, namespace: &str, name: &str) -> Result<ResolvedTemplate, String> {
     let api: Api<VirtTemplate> = Api::namespaced(client.clone(), namespace);
-    let template = api.get(name).await.map_err(|e| {
-        explain(
-            e,
-            &format!("VirtTemplate {name:?}"),
-            namespace,
-            "create it (kubectl apply -f your-template.yaml) or fix the virtkube.io/template annotation",
-        )
-    })?;
+    let template = within_timeout(api.get(name), &format!("VirtTemplate {namespace}/{name}"))
+        .await?
+        .map_err(|e| {
+            explain(
+                e,
+                &format!("VirtTemplate {name:?}"),
+                namespace,
+                "create it (kubectl apply -f your-template.yaml) or fix the virtkube.io/template annotation",
+            )
+        })?;
     resolve::resolve(Some(name.to_owned()), &template.spec).map_err(|e| format!("VirtTemplate {namespace}/{name}: {e}"))
+}
+
+/// Longest one request to the Kubernetes API may take.
+pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn within_timeout<T>(request: impl Future<Output = T>, what: &str) -> Result<T, String> {
+    tokio::time::timeout(API_TIMEOUT, request).await.map_err(|_| {
+        format!(
+            "the Kubernetes API did not answer within {} s when reading {what}; is the API server reachable from this pod?",
+            API_TIMEOUT.as_secs()
+        )
+    })
 }
 
 /// Reads the shim's own pod.
 pub async fn fetch_pod(client: &Client, namespace: &str, name: &str) -> Result<PodFacts, String> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let pod = api.get(name).await.map_err(|e| {
-        explain(
-            e,
-            &format!("pod {name:?}"),
-            namespace,
-            "the pod name is taken from the hostname; set POD_NAME and POD_NAMESPACE from the downward API",
-        )
-    })?;
+    let pod = within_timeout(api.get(name), &format!("pod {namespace}/{name}"))
+        .await?
+        .map_err(|e| {
+            explain(
+                e,
+                &format!("pod {name:?}"),
+                namespace,
+                "the pod name is taken from the hostname; set POD_NAME and POD_NAMESPACE from the downward API",
+            )
+        })?;
     Ok(PodFacts {
         uid: pod.metadata.uid,
         annotations: pod.metadata.annotations.unwrap_or_default(),

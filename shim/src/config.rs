@@ -1,6 +1,8 @@
 //! The shim's configuration from its flags and environment (DESIGN.md's
 //! contract). Pure: the environment is passed in.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,6 +51,86 @@ environment:
 exit codes: 0 guest stopped · 1 could not start · 2 configuration error · 3 guest crashed ·
 4 lost libvirtd · 5 destroyed by someone else · 6 destroyed after a stop timed out · 128+N signal N
 ";
+
+/// The process environment, read without panicking (`std::env::vars()`
+/// panics on any value that is not UTF-8, even of a variable nobody reads).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    vars: HashMap<String, String>,
+    /// Variables whose name or value is not UTF-8, as text for messages.
+    not_utf8: Vec<String>,
+}
+
+/// Whether the shim reads the variable `name` (its own, the downward API's,
+/// the in-cluster API's).
+pub fn is_read_by_shim(name: &str) -> bool {
+    name.starts_with("VIRTKUBE_")
+        || matches!(
+            name,
+            "POD_NAME"
+                | "POD_NAMESPACE"
+                | "POD_UID"
+                | "HOST_IP"
+                | "KUBERNETES_SERVICE_HOST"
+                | "KUBERNETES_SERVICE_PORT"
+        )
+}
+
+impl Environment {
+    /// From `std::env::vars_os()` (or a test's list).
+    pub fn from_os(vars: impl IntoIterator<Item = (OsString, OsString)>) -> Environment {
+        let mut env = Environment::default();
+        for (name, value) in vars {
+            match (name.into_string(), value.into_string()) {
+                (Ok(name), Ok(value)) => {
+                    env.vars.insert(name, value);
+                }
+                (Ok(name), Err(_)) => env.not_utf8.push(name),
+                (Err(name), _) => env.not_utf8.push(name.to_string_lossy().into_owned()),
+            }
+        }
+        env
+    }
+
+    /// From UTF-8 pairs.
+    pub fn from_pairs<'a>(vars: impl IntoIterator<Item = (&'a str, &'a str)>) -> Environment {
+        Environment {
+            vars: vars.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+            not_utf8: Vec::new(),
+        }
+    }
+
+    /// A variable that is not UTF-8 is an error only if the shim reads it;
+    /// the others are none of its business.
+    pub fn check(&self) -> Result<(), String> {
+        match self.not_utf8.iter().find(|name| is_read_by_shim(name)) {
+            Some(name) => Err(format!(
+                "environment variable {name} is not valid UTF-8 text; set it to plain text"
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// One variable's value.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.vars.get(name).cloned()
+    }
+
+    /// All UTF-8 variables.
+    pub fn into_map(self) -> HashMap<String, String> {
+        self.vars
+    }
+}
+
+/// The command-line arguments as text; one that is not UTF-8 is a usage error.
+pub fn args_from_os(args: impl IntoIterator<Item = OsString>) -> Result<Vec<String>, String> {
+    args.into_iter()
+        .map(|arg| {
+            arg.into_string()
+                .map_err(|arg| format!("argument {:?} is not valid UTF-8; run with --help for usage", arg))
+        })
+        .collect()
+}
 
 /// What the shim was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +226,7 @@ fn seconds(lookup: impl Fn(&str) -> Option<String>, name: &str, default: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use std::os::unix::ffi::OsStringExt;
 
     fn config(vars: &[(&str, &str)], args: &[&str]) -> Result<Config, String> {
         let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -212,5 +294,23 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown argument \"--frobnicate\"")
         );
+    }
+
+    #[test]
+    fn a_value_that_is_not_utf8_is_an_error_only_where_the_shim_reads_it() {
+        let bad = || OsString::from_vec(vec![0x66, 0xff, 0xfe]);
+        let env = Environment::from_os([
+            (OsString::from("LANG_OF_SOMEONE_ELSE"), bad()),
+            (OsString::from("POD_NAME"), OsString::from("vm")),
+        ]);
+        assert_eq!(env.check(), Ok(()), "a variable the shim never reads is ignored");
+        assert_eq!(env.get("POD_NAME").as_deref(), Some("vm"));
+        let env = Environment::from_os([(OsString::from("VIRTKUBE_SHUTDOWN_TIMEOUT"), bad())]);
+        let err = env.check().unwrap_err();
+        assert!(err.contains("VIRTKUBE_SHUTDOWN_TIMEOUT is not valid UTF-8"), "{err}");
+        let env = Environment::from_os([(OsString::from("POD_UID"), bad())]);
+        assert!(env.check().unwrap_err().contains("POD_UID"));
+        let err = args_from_os([OsString::from_vec(vec![0x2d, 0xff])]).unwrap_err();
+        assert!(err.contains("not valid UTF-8"), "{err}");
     }
 }

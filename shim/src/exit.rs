@@ -23,13 +23,15 @@ pub enum Exit {
     ForcedStop(String),
     /// 128+N: killed by signal N before the VM started.
     Signal(i32),
+    /// 0: `--print-xml` printed the domain; no VM was run.
+    PrintedXml,
 }
 
 impl Exit {
     /// The process exit code.
     pub fn code(&self) -> i32 {
         match self {
-            Exit::GuestStopped => 0,
+            Exit::GuestStopped | Exit::PrintedXml => 0,
             Exit::StartFailed(_) => 1,
             Exit::Usage(_) => 2,
             Exit::GuestCrashed(_) => 3,
@@ -52,6 +54,7 @@ impl fmt::Display for Exit {
             Exit::DestroyedExternally => write!(f, "the domain was destroyed by someone else"),
             Exit::ForcedStop(why) => write!(f, "the VM was destroyed: {why}"),
             Exit::Signal(n) => write!(f, "stopped by signal {n} before the VM started"),
+            Exit::PrintedXml => write!(f, "printed the domain XML (no VM was started)"),
         }
     }
 }

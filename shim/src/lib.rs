@@ -13,3 +13,4 @@ pub mod pid1;
 pub mod render;
 pub mod runtime;
 pub mod supervisor;
+pub mod text;

@@ -16,8 +16,12 @@ use virtkube_shim::render::{self, HostFacts};
 use virtkube_shim::runtime::{self, log};
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match config::from_env(|k| std::env::var(k).ok(), &args) {
+    let environment = config::Environment::from_os(std::env::vars_os());
+    let config = environment
+        .check()
+        .and_then(|()| config::args_from_os(std::env::args_os().skip(1)))
+        .and_then(|args| config::from_env(|k| environment.get(k), &args));
+    let config = match config {
         Ok(config) => config,
         Err(e) => finish(None, Exit::Usage(e)),
     };
@@ -39,7 +43,7 @@ fn main() {
             Exit::StartFailed(format!("cannot start the async runtime: {e}")),
         ),
     };
-    let exit = runtime.block_on(async_main(&config));
+    let exit = runtime.block_on(async_main(&config, environment.into_map()));
     finish(Some(&config), exit)
 }
 
@@ -48,6 +52,7 @@ fn main() {
 fn finish(config: Option<&Config>, exit: Exit) -> ! {
     let line = format!("exit {}: {exit}", exit.code());
     log(&line);
+    let line = virtkube_shim::text::printable(&line, virtkube_shim::text::MAX_TERMINATION_MESSAGE);
     let path = config.map_or_else(|| config::DEFAULT_TERMINATION_LOG.into(), |c| c.termination_log.clone());
     // Kubernetes mounts the file; elsewhere (Docker) it does not exist and is not created.
     if path.exists() {
@@ -56,7 +61,7 @@ fn finish(config: Option<&Config>, exit: Exit) -> ! {
     std::process::exit(exit.code())
 }
 
-async fn async_main(config: &Config) -> Exit {
+async fn async_main(config: &Config, env: HashMap<String, String>) -> Exit {
     let mut signals = match forward_signals() {
         Ok(rx) => rx,
         Err(e) => return Exit::StartFailed(format!("cannot install signal handlers: {e}")),
@@ -69,7 +74,16 @@ async fn async_main(config: &Config) -> Exit {
     }
     tokio::spawn(reap_on_sigchld());
 
-    let (template, facts, endpoint) = match load(config).await {
+    // Until the VM exists there is nothing to stop: a stop signal ends the
+    // shim at once, also while it waits for a file or the Kubernetes API.
+    let loaded = tokio::select! {
+        loaded = load(config, env) => loaded,
+        signal = runtime::stop_signal(&mut signals) => {
+            log(format!("signal {signal} before the VM started: exiting"));
+            return Exit::Signal(signal);
+        }
+    };
+    let (template, facts, endpoint) = match loaded {
         Ok(loaded) => loaded,
         Err(exit) => return exit,
     };
@@ -78,7 +92,7 @@ async fn async_main(config: &Config) -> Exit {
         return match render::render(&template, &facts.instance, &HostFacts::qemu(false)) {
             Ok(xml) => {
                 print!("{xml}");
-                Exit::GuestStopped
+                Exit::PrintedXml
             }
             Err(e) => Exit::StartFailed(e.to_string()),
         };
@@ -86,9 +100,34 @@ async fn async_main(config: &Config) -> Exit {
     runtime::run(config, &endpoint, &template, &facts.instance, &mut signals).await
 }
 
-async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts, Endpoint), Exit> {
+/// Most bytes of pod annotations read: Kubernetes allows 256 KiB in all.
+const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// Reads a text file of at most `max` bytes (`/dev/zero` must not grow to
+/// gigabytes), off the async runtime (a FIFO or a stalled network filesystem
+/// must not keep signals from being handled).
+async fn read_capped(path: &std::path::Path, max: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let path = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        std::fs::File::open(&path)?
+            .take(max as u64 + 1)
+            .read_to_string(&mut text)?;
+        if text.len() > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("it is larger than the {max} bytes the shim reads"),
+            ));
+        }
+        Ok(text)
+    });
+    read.await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
+
+async fn load(config: &Config, env: HashMap<String, String>) -> Result<(ResolvedTemplate, Facts, Endpoint), Exit> {
     #[cfg_attr(not(feature = "kube"), allow(unused_mut))]
-    let mut annotations = match std::fs::read_to_string(&config.annotations_file) {
+    let mut annotations = match read_capped(&config.annotations_file, MAX_ANNOTATIONS_BYTES).await {
         Ok(text) => Some(instance::parse_downward_annotations(&text).map_err(Exit::Usage)?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
@@ -100,7 +139,7 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts, Endpoint), Ex
     };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     #[cfg_attr(not(feature = "kube"), allow(unused_mut))]
-    let mut env: HashMap<String, String> = std::env::vars().collect();
+    let mut env = env;
     let socket_mounted = std::path::Path::new(endpoint::DEFAULT_SOCKET).exists();
     #[cfg_attr(not(feature = "kube"), allow(unused_variables))]
     let need_node = config.uri.is_none() && !socket_mounted && !env.contains_key("HOST_IP");
@@ -141,14 +180,24 @@ async fn load(config: &Config) -> Result<(ResolvedTemplate, Facts, Endpoint), Ex
                 .await
                 .map_err(Exit::StartFailed)?
         }
+        // The named template wins wherever it can be read; elsewhere naming one
+        // is an error, never a silent switch to the baked file under its name.
         Some(name) if !config.template_file.exists() => {
             return Err(Exit::StartFailed(format!(
                 "template {name:?} is to be read from the Kubernetes API, but this shim is not running in a pod with a service account; bake the template into the image at {}",
                 config.template_file.display()
             )));
         }
+        Some(name) => {
+            return Err(Exit::StartFailed(format!(
+                "template {name:?} is named (VIRTKUBE_TEMPLATE or the virtkube.io/template annotation), but this shim is not running in a pod with a service account, so it cannot be read; the image's baked template {} would run under a name that is not its own: remove the name to use the baked template",
+                config.template_file.display()
+            )));
+        }
         _ => {
-            let text = std::fs::read_to_string(&config.template_file).map_err(|e| {
+            let text = read_capped(&config.template_file, virtkube_api::resolve::MAX_TEMPLATE_BYTES)
+                .await
+                .map_err(|e| {
                 Exit::StartFailed(format!(
                     "cannot read the template file {}: {e} (bake a VirtTemplate into the image there, or set VIRTKUBE_TEMPLATE_FILE)",
                     config.template_file.display()

@@ -72,6 +72,17 @@ pub enum RenderError {
     /// A bad UUID.
     #[error("domain UUID {0:?} is not a UUID (e.g. 4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b)")]
     Uuid(String),
+    /// An instance fact (pod name, namespace, UID, template name) holds a
+    /// character XML cannot carry.
+    #[error("{field} {value:?} contains U+{code:04X}, a character XML cannot carry; fix the value")]
+    NotXmlText {
+        /// Where the value came from.
+        field: &'static str,
+        /// The value.
+        value: String,
+        /// The character's code point.
+        code: u32,
+    },
     /// Writing to the in-memory buffer failed (should not happen).
     #[error("cannot write the domain XML: {0}")]
     Io(#[from] io::Error),
@@ -121,6 +132,24 @@ fn text_element(w: &mut W, name: &str, text: &str) -> io::Result<()> {
 }
 
 fn check_instance(instance: &Instance) -> Result<(), RenderError> {
+    let facts = [
+        ("the domain name", Some(&instance.domain_name)),
+        ("POD_NAMESPACE", instance.namespace.as_ref()),
+        ("POD_NAME", instance.pod_name.as_ref()),
+        ("POD_UID", instance.pod_uid.as_ref()),
+        ("the template name", instance.template_name.as_ref()),
+    ];
+    for (field, value) in facts {
+        if let Some(value) = value
+            && let Some(c) = virtkube_api::resolve::char_xml_cannot_carry(value)
+        {
+            return Err(RenderError::NotXmlText {
+                field,
+                value: value.clone(),
+                code: u32::from(c),
+            });
+        }
+    }
     let name = &instance.domain_name;
     if name.is_empty() || name.len() > 200 || name.contains('/') || name.chars().any(char::is_control) {
         return Err(RenderError::DomainName(name.clone()));
@@ -134,12 +163,8 @@ fn check_instance(instance: &Instance) -> Result<(), RenderError> {
 }
 
 fn is_uuid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
+    // The same parser the instance facts and libvirt-wire use, in its canonical form only.
+    libvirt_wire::protocol::parse_uuid(s).is_some_and(|bytes| libvirt_wire::protocol::format_uuid(&bytes) == s)
 }
 
 /// Picks the libvirt domain type: `auto` means kvm where offered, else qemu.

@@ -26,9 +26,13 @@ use crate::render::{self, Instance};
 use crate::supervisor::{Action, Input, Supervisor};
 
 /// A line of the shim's own log, on stderr, prefixed so it stands apart from
-/// the guest's console on stdout.
+/// the guest's console on stdout. Messages carry text from outside (libvirt's
+/// errors, template values): it is kept on one line and cut to a bounded length.
 pub fn log(message: impl AsRef<str>) {
-    eprintln!("[virtkube-shim] {}", message.as_ref());
+    eprintln!(
+        "[virtkube-shim] {}",
+        crate::text::printable(message.as_ref(), crate::text::MAX_LOG_LINE)
+    );
 }
 
 /// How often the shim checks the domain still exists, in case an event is lost.
@@ -46,7 +50,7 @@ pub async fn run(
 ) -> Exit {
     let started = tokio::select! {
         started = start(config, endpoint, template, instance) => started,
-        Some((signal, _)) = signals.recv() => {
+        signal = stop_signal(signals) => {
             log(format!("signal {signal} before the VM started: exiting"));
             return Exit::Signal(signal);
         }
@@ -130,6 +134,19 @@ pub fn wire_options() -> Options {
     Options {
         stream_budget: 256 * 1024,
         ..Options::default()
+    }
+}
+
+/// The next signal that stops the shim before its VM runs: any but SIGHUP,
+/// which is ignored throughout, as documented. Never returns if the signal
+/// channel closes (then nothing can stop the shim but SIGKILL, as before).
+pub async fn stop_signal(signals: &mut mpsc::Receiver<Signal>) -> i32 {
+    loop {
+        match signals.recv().await {
+            Some((crate::supervisor::signals::HUP, _)) => log("SIGHUP ignored"),
+            Some((signal, _)) => return signal,
+            None => std::future::pending::<()>().await,
+        }
     }
 }
 

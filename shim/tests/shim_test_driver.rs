@@ -158,7 +158,7 @@ fn an_unreachable_libvirtd_exits_1_after_the_connect_timeout_and_says_where_it_l
         "{stderr}"
     );
     assert!(stderr.contains("trying again for up to 2 s"), "{stderr}");
-    assert!(stderr.contains("(tried for 2 s)"), "{stderr}");
+    assert!(stderr.contains(" attempts over 2 s)"), "{stderr}");
 }
 
 #[test]

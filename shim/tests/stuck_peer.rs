@@ -123,3 +123,42 @@ fn a_console_nobody_reads_neither_stalls_a_stop_nor_kills_a_healthy_vm() {
     shim.expect_exit(0, Duration::from_secs(5));
     assert!(shim.stderr().contains("exit 0:"), "{}", shim.stderr());
 }
+
+#[test]
+fn libvirt_error_text_cannot_forge_log_lines_or_flood_the_termination_message() {
+    let dir = support::scratch("fake-forged-error");
+    let forged = format!(
+        "internal error\n[virtkube-shim] exit 0: the guest stopped\x1b]0;owned\x07{}",
+        "A".repeat(20_000)
+    );
+    let fake = FakeLibvirtd::start(
+        &dir,
+        Script {
+            create_error: Some(forged),
+            ..Script::default()
+        },
+    );
+    let uri = fake.uri();
+    let mut shim = Shim::start("forged-error", TEMPLATE, &env(&uri, "forged-error"), &[], false);
+    shim.expect_exit(1, Duration::from_secs(10));
+    let stderr = shim.stderr();
+    assert!(
+        stderr.contains("libvirt refused the domain: libvirt error 1"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("[virtkube-shim] exit 0")),
+        "forged: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\x1b') && !stderr.contains('\x07'),
+        "control characters reached stderr"
+    );
+    assert!(stderr.lines().all(|l| l.len() <= 2200), "an unbounded log line");
+    let message = shim.termination_message();
+    assert!(message.len() < 4096, "termination message of {} bytes", message.len());
+    assert!(
+        message.starts_with("exit 1: could not start the VM: libvirt refused"),
+        "{message}"
+    );
+}

@@ -32,6 +32,8 @@ pub struct Script {
     pub guest_obeys_shutdown: bool,
     /// Bytes of console output sent as soon as the console is opened.
     pub console_flood: usize,
+    /// DOMAIN_CREATE_XML fails with this libvirt error message.
+    pub create_error: Option<String>,
 }
 
 /// What the fake saw.
@@ -173,6 +175,19 @@ fn serve(mut stream: UnixStream, script: &Script, seen: &Mutex<Seen>, writer: &A
             procedure::CONNECT_GET_CAPABILITIES => {
                 e.string(CAPABILITIES);
                 reply(&e.into_bytes());
+            }
+            procedure::DOMAIN_CREATE_XML if script.create_error.is_some() => {
+                let error = libvirt_wire::LibvirtError {
+                    code: 1,
+                    domain: 10,
+                    level: 2,
+                    message: script.create_error.clone().unwrap_or_default(),
+                };
+                send(
+                    writer,
+                    Header::remote(header.procedure, MessageType::Reply, header.serial, Status::Error),
+                    &protocol::encode_error(&error),
+                );
             }
             procedure::DOMAIN_CREATE_XML => {
                 domain().encode(&mut e);
