@@ -85,6 +85,7 @@ fn get_columns(resource: &str, namespace: Option<&str>, name: &str) -> Vec<(Stri
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs a Kubernetes API server (KUBECONFIG): scripts/test.sh runs it"]
 async fn crds_install_and_serve_each_kind_on_a_real_api_server() {
     let client = client().await;
     install_crds(&client).await;

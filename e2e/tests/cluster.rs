@@ -68,6 +68,7 @@ fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> Str
 }
 
 #[test]
+#[ignore = "needs a Kubernetes cluster with a kubelet (KUBECONFIG) and the images: scripts/test.sh runs it"]
 fn vm_lifecycle_through_kubectl() {
     deploy_virtkube();
     // A kubelet that just started (or restarted against old cluster state) takes a

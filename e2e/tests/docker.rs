@@ -134,6 +134,7 @@ fn domain_exists(domain: &str) -> bool {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn the_base_image_is_the_shim_and_nothing_else() {
     require_setup();
     let size: u64 = docker_ok(&["image", "inspect", "-f", "{{.Size}}", "virtkube/shim:latest"])
@@ -172,6 +173,7 @@ fn the_base_image_is_the_shim_and_nothing_else() {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn print_xml_shows_what_would_run_without_libvirtd() {
     require_setup();
     let out = docker_ok(&["run", "--rm", "virtkube/tiny:latest", "--print-xml"]);
@@ -182,6 +184,7 @@ fn print_xml_shows_what_would_run_without_libvirtd() {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn vm_boots_shows_its_console_in_docker_logs_and_docker_stop_powers_it_off() {
     require_setup();
     let vm = Vm::run("e2e-boot", &[], "virtkube/tiny:latest", &[]);
@@ -205,6 +208,7 @@ fn vm_boots_shows_its_console_in_docker_logs_and_docker_stop_powers_it_off() {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn docker_run_interactive_gives_a_console() {
     require_setup();
     let name = format!("e2e-interactive-{}", std::process::id());
@@ -231,6 +235,7 @@ fn docker_run_interactive_gives_a_console() {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn docker_kill_takes_the_vm_with_it() {
     require_setup();
     let vm = Vm::run("e2e-kill", &[], "virtkube/tiny:latest", &[]);
@@ -249,6 +254,7 @@ fn docker_kill_takes_the_vm_with_it() {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn a_broken_template_fails_the_container_with_a_clear_message() {
     require_setup();
     let dir = std::env::temp_dir().join(format!("virtkube-e2e-broken-{}", std::process::id()));

@@ -34,6 +34,7 @@ fn virthost_answers() -> bool {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn restarting_the_virthost_fails_running_vm_containers_with_code_4() {
     assert!(
         virthost_answers(),
@@ -90,6 +91,7 @@ fn virthost_on_its_own(name: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn the_virthost_exits_non_zero_when_libvirtd_dies_and_zero_on_sigterm() {
     let name = virthost_on_its_own(&format!("virtkube-virthost-die-{}", std::process::id()));
     let (ok, out) = docker(&["exec", &name, "sh", "-c", "kill -KILL $(cat /run/libvirtd.pid)"]);

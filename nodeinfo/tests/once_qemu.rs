@@ -5,6 +5,7 @@
 use std::process::Command;
 
 #[test]
+#[ignore = "needs libvirtd with QEMU: scripts/test.sh runs it"]
 fn once_prints_the_qemu_hosts_facts_as_yaml() {
     let out = Command::new(env!("CARGO_BIN_EXE_virtkube-nodeinfo"))
         .args([
@@ -42,6 +43,7 @@ fn once_prints_the_qemu_hosts_facts_as_yaml() {
 }
 
 #[test]
+#[ignore = "needs libvirtd with QEMU: scripts/test.sh runs it"]
 fn bad_flags_are_usage_errors() {
     let out = Command::new(env!("CARGO_BIN_EXE_virtkube-nodeinfo"))
         .args(["--resync", "often"])

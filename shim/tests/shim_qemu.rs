@@ -37,6 +37,7 @@ fn start(name: &str, cmdline: &str, timeout_secs: &str, stdin: bool) -> (Shim, S
 }
 
 #[test]
+#[ignore = "needs libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn console_reaches_stdout_and_stdin_reaches_the_guest_shell() {
     let (mut shim, _) = start("console", "", "10", true);
     shim.wait_for_stdout("virtkube-tiny: ready", BOOT);
@@ -52,6 +53,7 @@ fn console_reaches_stdout_and_stdin_reaches_the_guest_shell() {
 }
 
 #[test]
+#[ignore = "needs libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn guest_poweroff_exits_0() {
     let (mut shim, domain) = start("poweroff", "virtkube.poweroff", "10", false);
     shim.expect_exit(0, BOOT);
@@ -66,6 +68,7 @@ fn guest_poweroff_exits_0() {
 }
 
 #[test]
+#[ignore = "needs libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn a_guest_kernel_panic_exits_3_and_says_so() {
     let (mut shim, domain) = start("panic", "virtkube.panic", "10", false);
     shim.expect_exit(3, BOOT);
@@ -84,6 +87,7 @@ fn a_guest_kernel_panic_exits_3_and_says_so() {
 }
 
 #[test]
+#[ignore = "needs libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn sigterm_shuts_down_over_acpi_and_exits_0_within_the_timeout() {
     let (mut shim, domain) = start("acpi", "", "20", false);
     shim.wait_for_stdout("virtkube-tiny: ready", BOOT);
@@ -104,6 +108,7 @@ fn sigterm_shuts_down_over_acpi_and_exits_0_within_the_timeout() {
 }
 
 #[test]
+#[ignore = "needs libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn a_guest_ignoring_acpi_is_destroyed_after_the_timeout_with_code_6() {
     let (mut shim, domain) = start("ignore-acpi", "virtkube.ignore-acpi", "3", false);
     shim.wait_for_stdout("virtkube-tiny: ready", BOOT);
@@ -123,6 +128,7 @@ fn a_guest_ignoring_acpi_is_destroyed_after_the_timeout_with_code_6() {
 }
 
 #[test]
+#[ignore = "needs libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn sigkill_of_the_shim_takes_the_domain_with_it() {
     let (mut shim, domain) = start("sigkill", "", "10", false);
     shim.wait_for_stderr("started domain", BOOT);

@@ -26,6 +26,7 @@ fn unique(name: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn creates_a_running_domain_and_exits_5_when_someone_else_destroys_it() {
     let pod = unique("ext-destroy");
     let mut shim = Shim::start(&pod, TEMPLATE, &pod_env(&pod, URI), &[], false);
@@ -55,6 +56,7 @@ fn creates_a_running_domain_and_exits_5_when_someone_else_destroys_it() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn sigterm_shuts_the_guest_down_and_exits_0() {
     let pod = unique("sigterm");
     let mut shim = Shim::start(&pod, TEMPLATE, &pod_env(&pod, URI), &[], false);
@@ -70,6 +72,7 @@ fn sigterm_shuts_the_guest_down_and_exits_0() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn losing_libvirtd_exits_4() {
     let mut daemon = DisposableLibvirtd::start("lost");
     let uri = daemon.uri();
@@ -86,6 +89,7 @@ fn losing_libvirtd_exits_4() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn a_bad_template_exits_1_naming_the_field() {
     let pod = unique("bad-template");
     let mut shim = Shim::start(&pod, "memory: 12 GB\n", &pod_env(&pod, URI), &[], false);
@@ -99,6 +103,7 @@ fn a_bad_template_exits_1_naming_the_field() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn a_bad_annotation_exits_1_naming_it() {
     let pod = unique("bad-annotation");
     let dir = support::scratch(&pod);
@@ -118,6 +123,7 @@ fn a_bad_annotation_exits_1_naming_it() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn configuration_errors_exit_2() {
     let pod = unique("bad-env");
     let mut env = pod_env(&pod, URI);
@@ -140,6 +146,7 @@ fn configuration_errors_exit_2() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn an_unreachable_libvirtd_exits_1_after_the_connect_timeout_and_says_where_it_looked() {
     let pod = unique("unreachable");
     let uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
@@ -162,6 +169,7 @@ fn an_unreachable_libvirtd_exits_1_after_the_connect_timeout_and_says_where_it_l
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn a_libvirtd_that_comes_up_late_is_waited_for() {
     let pod = unique("late-daemon");
     // Where DisposableLibvirtd::start("late") will put its socket.
@@ -181,6 +189,7 @@ fn a_libvirtd_that_comes_up_late_is_waited_for() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn a_signal_before_the_vm_started_exits_128_plus_n() {
     // A socket that accepts and never answers: the shim waits in its handshake.
     let dir = support::scratch("silent-daemon");
@@ -201,6 +210,7 @@ fn a_signal_before_the_vm_started_exits_128_plus_n() {
 }
 
 #[test]
+#[ignore = "needs libvirtd (its test driver): scripts/test.sh runs it"]
 fn print_xml_renders_without_connecting() {
     let pod = unique("print");
     let env = pod_env(&pod, "qemu+unix:///system?socket=/nonexistent/sock");
