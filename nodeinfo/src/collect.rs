@@ -115,20 +115,42 @@ fn raw_state(dom: &Domain) -> Result<(u32, i32), Error> {
 }
 
 /// Reads every running virtkube domain.
-pub fn domains(conn: &Connect) -> Result<Vec<DomainSnapshot>, Error> {
+/// The running domains, and the names of those that could not be read
+/// although they still exist (a transient libvirt error): their VirtDomains
+/// must be kept, not deleted as if the domain were gone.
+pub fn domains(conn: &Connect) -> Result<(Vec<DomainSnapshot>, Vec<String>), Error> {
     let all = conn
         .list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
         .map_err(err("list domains"))?;
     let mut out = Vec::new();
+    let mut unreadable = Vec::new();
     for dom in &all {
         match domain(dom) {
             Ok(Some(d)) => out.push(d),
             Ok(None) => {}
-            // A domain that vanished between the listing and the read.
-            Err(e) => eprintln!("[nodeinfo] skipped a domain: {e}"),
+            // Vanished between the listing and the read: nothing to keep.
+            Err(_) if is_gone(dom) => {}
+            Err(e) => {
+                eprintln!("[nodeinfo] a domain could not be read (kept as published): {e}");
+                unreadable.extend(dom.name().ok());
+            }
         }
     }
-    Ok(out)
+    Ok((out, unreadable))
+}
+
+/// Whether libvirt says the domain is gone (undefined or no longer running),
+/// as opposed to failing to answer.
+pub fn is_gone(dom: &Domain) -> bool {
+    match dom.is_active() {
+        Ok(active) => !active,
+        Err(e) => is_no_domain(&e),
+    }
+}
+
+/// libvirt's "no such domain".
+pub fn is_no_domain(e: &virt::error::Error) -> bool {
+    e.code() == virt::error::ErrorNumberEnum::Known(virt::error::ErrorNumber::NoDomain)
 }
 
 static EVENT_LOOP: Once = Once::new();

@@ -72,7 +72,9 @@ pub fn parse_capabilities(xml: &str) -> Result<Capabilities, XmlError> {
                 };
                 let memory = child(cell, "memory").and_then(|m| {
                     let kib: u64 = m.text()?.trim().parse().ok()?;
-                    (m.attribute("unit").unwrap_or("KiB") == "KiB").then(|| format_bytes(kib * 1024))
+                    (m.attribute("unit").unwrap_or("KiB") == "KiB")
+                        .then(|| kib.checked_mul(1024).map(format_bytes))
+                        .flatten()
                 });
                 let cpus = child(cell, "cpus")
                     .and_then(|c| c.attribute("num"))

@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use virt::connect::Connect;
+use virtkube_api::VirtNodeStatus;
 use virtkube_nodeinfo::collect;
 use virtkube_nodeinfo::model::{self, DomainSnapshot};
 use virtkube_nodeinfo::publish::Publisher;
@@ -131,7 +132,7 @@ fn main() {
 fn once(args: &Args) -> Result<()> {
     let conn = Connect::open(Some(&args.uri)).with_context(|| format!("cannot connect to libvirt at {}", args.uri))?;
     let host = collect::host(&conn).map_err(anyhow::Error::msg)?;
-    let domains = collect::domains(&conn).map_err(anyhow::Error::msg)?;
+    let (domains, _) = collect::domains(&conn).map_err(anyhow::Error::msg)?;
     let status = model::node_status(&host, &now());
     let mut docs: Vec<Value> = vec![json!({
         "apiVersion": "virtkube.io/v1alpha1", "kind": "VirtNode",
@@ -161,10 +162,26 @@ fn daemon(args: &Args) -> Result<()> {
             .context("cannot reach the Kubernetes API")?;
         let publisher = Publisher::new(client, args.node.clone());
         let mut backoff = Duration::from_millis(500);
+        let mut last_status: Option<VirtNodeStatus> = None;
         loop {
-            match serve(args, &publisher).await {
+            match serve(args, &publisher, &mut last_status).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
+                    // The VirtNode says libvirtd does not answer (until it does again).
+                    if let Some(last) = last_status.take() {
+                        let down = model::with_ready(
+                            last.clone(),
+                            false,
+                            "LibvirtUnreachable",
+                            &format!("{e:#}"),
+                            &now(),
+                            Some(&last),
+                        );
+                        if let Err(e) = publisher.apply_node(&down).await {
+                            eprintln!("[nodeinfo] VirtNode not marked unready: {e}");
+                        }
+                        last_status = Some(down);
+                    }
                     eprintln!("[nodeinfo] {e:#}; reconnecting in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -175,7 +192,7 @@ fn daemon(args: &Args) -> Result<()> {
 }
 
 /// Runs until libvirt goes away (an error to reconnect after) or SIGTERM (Ok).
-async fn serve(args: &Args, publisher: &Publisher) -> Result<()> {
+async fn serve(args: &Args, publisher: &Publisher, last_status: &mut Option<VirtNodeStatus>) -> Result<()> {
     let uri = args.uri.clone();
     let conn = tokio::task::spawn_blocking(move || Connect::open(Some(&uri)))
         .await?
@@ -188,7 +205,7 @@ async fn serve(args: &Args, publisher: &Publisher) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = resync.tick() => full_sync(&conn, args, publisher, &mut published).await?,
+            _ = resync.tick() => full_sync(&conn, args, publisher, &mut published, last_status).await?,
             Some(name) = events.recv() => {
                 let started = Instant::now();
                 domain_changed(&conn, args, publisher, &mut published, &name).await?;
@@ -207,13 +224,23 @@ async fn full_sync(
     args: &Args,
     publisher: &Publisher,
     published: &mut BTreeMap<String, (String, String, String)>,
+    last_status: &mut Option<VirtNodeStatus>,
 ) -> Result<()> {
     let host = collect::host(conn).map_err(anyhow::Error::msg)?;
-    let domains = collect::domains(conn).map_err(anyhow::Error::msg)?;
-    let status = model::node_status(&host, &now());
+    let (domains, unreadable) = collect::domains(conn).map_err(anyhow::Error::msg)?;
+    let heartbeat = now();
+    let status = model::with_ready(
+        model::node_status(&host, &heartbeat),
+        true,
+        "LibvirtReachable",
+        "nodeinfo reads libvirtd",
+        &heartbeat,
+        last_status.as_ref(),
+    );
     if let Err(e) = publisher.apply_node(&status).await {
         eprintln!("[nodeinfo] VirtNode not published: {e}");
     }
+    *last_status = Some(status.clone());
     match publisher.apply_labels(&model::node_labels(&status)).await {
         Ok(true) => {}
         Ok(false) => eprintln!(
@@ -224,6 +251,13 @@ async fn full_sync(
     }
     let mut keep = BTreeSet::new();
     let mut seen = BTreeMap::new();
+    // A domain that exists but could not be read this time keeps its VirtDomain.
+    for name in &unreadable {
+        if let Some(entry) = published.get(name) {
+            keep.insert((entry.0.clone(), entry.1.clone()));
+            seen.insert(name.clone(), entry.clone());
+        }
+    }
     // Publish in parallel (bounded): each VirtDomain is two API calls, and a
     // thousand of them one by one takes too long.
     let mut tasks = tokio::task::JoinSet::new();
@@ -264,9 +298,23 @@ async fn domain_changed(
     published: &mut BTreeMap<String, (String, String, String)>,
     name: &str,
 ) -> Result<()> {
+    // Only libvirt saying the domain is gone deletes its VirtDomain; an error
+    // reading it leaves it as published for the next event or resync.
     let snapshot: Option<DomainSnapshot> = match conn.lookup_domain_by_name(name) {
-        Ok(dom) if dom.is_active().unwrap_or(false) => collect::domain(&dom).unwrap_or(None),
-        _ => None,
+        Err(e) if collect::is_no_domain(&e) => None,
+        Err(e) => {
+            eprintln!("[nodeinfo] domain {name} could not be looked up (kept as published): {e}");
+            return Ok(());
+        }
+        Ok(dom) => match collect::domain(&dom) {
+            Ok(snapshot) if !collect::is_gone(&dom) => snapshot,
+            Ok(_) => None,
+            Err(_) if collect::is_gone(&dom) => None,
+            Err(e) => {
+                eprintln!("[nodeinfo] domain {name} could not be read (kept as published): {e}");
+                return Ok(());
+            }
+        },
     };
     match snapshot {
         Some(d) => {

@@ -72,10 +72,11 @@ pub fn node_status(host: &HostSnapshot, now: &str) -> VirtNodeStatus {
         arch: host.caps.arch.clone(),
         kvm: Some(kvm),
         cpus: Some(host.cpus),
-        memory: Some(format_bytes(host.memory_kib * 1024)),
+        memory: host.memory_kib.checked_mul(1024).map(format_bytes),
         domains: Some(host.domains),
-        libvirt_version: Some(version_string(host.libvirt_version)),
-        hypervisor_version: Some(version_string(host.hypervisor_version)),
+        // libvirt reports 0 when it does not know: unknown, not "0.0.0".
+        libvirt_version: (host.libvirt_version != 0).then(|| version_string(host.libvirt_version)),
+        hypervisor_version: (host.hypervisor_version != 0).then(|| version_string(host.hypervisor_version)),
         host_cpu: Some(cpu),
         machine_types: host.caps.machine_types.clone(),
         cpu_models: host
@@ -85,15 +86,42 @@ pub fn node_status(host: &HostSnapshot, now: &str) -> VirtNodeStatus {
             .unwrap_or_default(),
         numa: host.caps.numa.clone(),
         pci_devices: host.pci.clone(),
-        conditions: vec![Condition {
-            kind: "Ready".into(),
-            status: "True".into(),
-            reason: Some("LibvirtReachable".into()),
-            message: Some("nodeinfo reads libvirtd".into()),
-            last_heartbeat_time: Some(now.to_owned()),
-            last_transition_time: None,
-        }],
+        conditions: vec![ready(true, "LibvirtReachable", "nodeinfo reads libvirtd", now, None)],
     }
+}
+
+/// The `Ready` condition: whether libvirtd answers nodeinfo. Its transition
+/// time is carried over from `previous` while the status stays the same.
+pub fn ready(answers: bool, reason: &str, message: &str, now: &str, previous: Option<&Condition>) -> Condition {
+    let status = if answers { "True" } else { "False" };
+    let last_transition_time = match previous {
+        Some(p) if p.status == status => p.last_transition_time.clone().or_else(|| Some(now.to_owned())),
+        _ => Some(now.to_owned()),
+    };
+    Condition {
+        kind: "Ready".into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        last_heartbeat_time: Some(now.to_owned()),
+        last_transition_time,
+    }
+}
+
+/// `status` with its `Ready` condition replaced, the transition time kept
+/// when the condition's status did not change.
+pub fn with_ready(
+    mut status: VirtNodeStatus,
+    answers: bool,
+    reason: &str,
+    message: &str,
+    now: &str,
+    previous: Option<&VirtNodeStatus>,
+) -> VirtNodeStatus {
+    let before = previous.and_then(|p| p.conditions.iter().find(|c| c.kind == "Ready"));
+    status.conditions.retain(|c| c.kind != "Ready");
+    status.conditions.push(ready(answers, reason, message, now, before));
+    status
 }
 
 /// A label name part from a libvirt name: characters a label may not hold
@@ -148,7 +176,7 @@ pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> 
         "state": d.state,
         "reason": d.reason,
         "vcpus": d.vcpus,
-        "memory": format_bytes(d.memory_kib * 1024),
+        "memory": d.memory_kib.checked_mul(1024).map(format_bytes),
         "cpuTimeNs": d.cpu_time_ns,
     });
     if let Some(t) = start_time {
@@ -311,5 +339,50 @@ mod tests {
         assert_eq!(v["spec"]["template"], "tiny");
         d.owner.uid = None;
         assert_eq!(virt_domain("node-1", &d, None), None);
+    }
+
+    #[test]
+    fn ready_says_whether_libvirtd_answers_and_when_that_changed() {
+        let up = node_status(&host(), "t1");
+        let up_again = with_ready(
+            node_status(&host(), "t2"),
+            true,
+            "LibvirtReachable",
+            "ok",
+            "t2",
+            Some(&up),
+        );
+        let ready = |s: &VirtNodeStatus| s.conditions.iter().find(|c| c.kind == "Ready").cloned().unwrap();
+        assert_eq!(
+            ready(&up_again).last_transition_time.as_deref(),
+            Some("t1"),
+            "unchanged: transition kept"
+        );
+        assert_eq!(ready(&up_again).last_heartbeat_time.as_deref(), Some("t2"));
+        let down = with_ready(
+            up_again.clone(),
+            false,
+            "LibvirtUnreachable",
+            "connection refused",
+            "t3",
+            Some(&up_again),
+        );
+        assert_eq!(ready(&down).status, "False");
+        assert_eq!(ready(&down).reason.as_deref(), Some("LibvirtUnreachable"));
+        assert_eq!(ready(&down).last_transition_time.as_deref(), Some("t3"));
+        assert_eq!(down.conditions.len(), 1);
+    }
+
+    #[test]
+    fn unknown_versions_are_absent_not_zero() {
+        let mut h = host();
+        h.hypervisor_version = 0;
+        assert_eq!(node_status(&h, "t").hypervisor_version, None);
+        h.memory_kib = u64::MAX;
+        assert_eq!(
+            node_status(&h, "t").memory,
+            None,
+            "KiB × 1024 overflowed: absent, not wrapped"
+        );
     }
 }
