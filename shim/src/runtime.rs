@@ -207,7 +207,7 @@ const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the shim waits for libvirtd to confirm a destroy before it exits
 /// anyway, so a stop always ends within the shutdown timeout plus this.
-const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A signal and when it arrived: a stop's deadline runs from the signal, not
 /// from when the shim got round to it.
