@@ -163,25 +163,28 @@ fn daemon(args: &Args) -> Result<()> {
         let publisher = Publisher::new(client, args.node.clone());
         let mut backoff = Duration::from_millis(500);
         let mut last_status: Option<VirtNodeStatus> = None;
+        // Kept across reconnects: a domain unreadable in the first sync after
+        // one must still be recognised as published, not deleted as stale.
+        let mut published = Published::new();
         loop {
-            match serve(args, &publisher, &mut last_status).await {
+            match serve(args, &publisher, &mut last_status, &mut published).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    // The VirtNode says libvirtd does not answer (until it does again).
-                    if let Some(last) = last_status.take() {
-                        let down = model::with_ready(
-                            last.clone(),
-                            false,
-                            "LibvirtUnreachable",
-                            &format!("{e:#}"),
-                            &now(),
-                            Some(&last),
-                        );
-                        if let Err(e) = publisher.apply_node(&down).await {
-                            eprintln!("[nodeinfo] VirtNode not marked unready: {e}");
-                        }
-                        last_status = Some(down);
+                    // The VirtNode says libvirtd does not answer (until it does
+                    // again), also when nodeinfo never reached it since it started.
+                    let last = last_status.take();
+                    let down = model::with_ready(
+                        last.clone().unwrap_or_default(),
+                        false,
+                        "LibvirtUnreachable",
+                        &format!("{e:#}"),
+                        &now(),
+                        last.as_ref(),
+                    );
+                    if let Err(e) = publisher.apply_node(&down).await {
+                        eprintln!("[nodeinfo] VirtNode not marked unready: {e}");
                     }
+                    last_status = Some(down);
                     eprintln!("[nodeinfo] {e:#}; reconnecting in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -192,7 +195,15 @@ fn daemon(args: &Args) -> Result<()> {
 }
 
 /// Runs until libvirt goes away (an error to reconnect after) or SIGTERM (Ok).
-async fn serve(args: &Args, publisher: &Publisher, last_status: &mut Option<VirtNodeStatus>) -> Result<()> {
+/// Domain name → (namespace, pod, start time) of each VirtDomain published.
+type Published = BTreeMap<String, (String, String, String)>;
+
+async fn serve(
+    args: &Args,
+    publisher: &Publisher,
+    last_status: &mut Option<VirtNodeStatus>,
+    published: &mut Published,
+) -> Result<()> {
     let uri = args.uri.clone();
     let conn = tokio::task::spawn_blocking(move || Connect::open(Some(&uri)))
         .await?
@@ -200,15 +211,14 @@ async fn serve(args: &Args, publisher: &Publisher, last_status: &mut Option<Virt
     let (events_tx, mut events) = mpsc::unbounded_channel();
     collect::register_lifecycle_events(&conn, events_tx).map_err(anyhow::Error::msg)?;
     eprintln!("[nodeinfo] connected to {}; publishing node {}", args.uri, args.node);
-    let mut published: BTreeMap<String, (String, String, String)> = BTreeMap::new(); // domain name -> (ns, pod, start)
     let mut resync = tokio::time::interval(args.resync);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = resync.tick() => full_sync(&conn, args, publisher, &mut published, last_status).await?,
+            _ = resync.tick() => full_sync(&conn, args, publisher, published, last_status).await?,
             Some(name) = events.recv() => {
                 let started = Instant::now();
-                domain_changed(&conn, args, publisher, &mut published, &name).await?;
+                domain_changed(&conn, args, publisher, published, &name).await?;
                 eprintln!("[nodeinfo] event for {name} published in {:?}", started.elapsed());
             }
             _ = term.recv() => return Ok(()),
@@ -252,10 +262,16 @@ async fn full_sync(
     let mut keep = BTreeSet::new();
     let mut seen = BTreeMap::new();
     // A domain that exists but could not be read this time keeps its VirtDomain.
+    // One nodeinfo never read cannot be told from a stale one: then nothing is
+    // deleted this round.
+    let mut may_delete = true;
     for name in &unreadable {
-        if let Some(entry) = published.get(name) {
-            keep.insert((entry.0.clone(), entry.1.clone()));
-            seen.insert(name.clone(), entry.clone());
+        match published.get(name) {
+            Some(entry) => {
+                keep.insert((entry.0.clone(), entry.1.clone()));
+                seen.insert(name.clone(), entry.clone());
+            }
+            None => may_delete = false,
         }
     }
     // Publish in parallel (bounded): each VirtDomain is two API calls, and a
@@ -282,6 +298,10 @@ async fn full_sync(
     }
     while tasks.join_next().await.is_some() {}
     *published = seen;
+    if !may_delete {
+        eprintln!("[nodeinfo] stale VirtDomains not cleaned this round: a domain could not be read");
+        return Ok(());
+    }
     match publisher.delete_stale(&keep).await {
         Ok(deleted) => deleted
             .iter()

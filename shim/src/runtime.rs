@@ -48,15 +48,22 @@ pub async fn run(
     instance: &Instance,
     signals: &mut mpsc::Receiver<Signal>,
 ) -> Exit {
-    let started = tokio::select! {
-        started = start(config, endpoint, template, instance) => started,
+    let prepared = tokio::select! {
+        prepared = prepare(config, endpoint, template, instance) => prepared,
         signal = stop_signal(signals) => {
             log(format!("signal {signal} before the VM started: exiting"));
             return Exit::Signal(signal);
         }
     };
-    let (client, domain) = match started {
-        Ok(started) => started,
+    let (client, uri, xml) = match prepared {
+        Ok(prepared) => prepared,
+        Err(exit) => return exit,
+    };
+    // Once DOMAIN_CREATE_XML is sent the domain may exist: the call is not
+    // abandoned for a signal (which waits in the channel, its deadline
+    // running from its arrival), so the domain is never left behind.
+    let domain = match create(config, &client, &uri, &xml).await {
+        Ok(domain) => domain,
         Err(exit) => return exit,
     };
     let exit = supervise(config, &client, &domain, signals).await;
@@ -77,12 +84,14 @@ pub async fn run(
     exit
 }
 
-async fn start(
+/// Connects, reads the node's capabilities and renders the domain: nothing
+/// exists yet, so a stop signal may cut this short.
+async fn prepare(
     config: &Config,
     endpoint: &Endpoint,
     template: &ResolvedTemplate,
     instance: &Instance,
-) -> Result<(Client, DomainRef), Exit> {
+) -> Result<(Client, String, String), Exit> {
     let (client, uri) = connect(endpoint, config.connect_timeout).await.map_err(|failed| {
         let waited = match failed.attempts {
             1 => String::new(),
@@ -99,17 +108,28 @@ async fn start(
         .map_err(|e| Exit::StartFailed(format!("cannot read the node's capabilities: {e}")))?;
     let host = host::facts_from_capabilities(&caps, template.arch.as_str()).map_err(Exit::StartFailed)?;
     let xml = render::render(template, instance, &host).map_err(|e| Exit::StartFailed(e.to_string()))?;
+    Ok((client, uri, xml))
+}
+
+/// Longest the shim waits for libvirtd to create the domain (QEMU starts
+/// within a second or two; a loaded node takes longer).
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn create(config: &Config, client: &Client, uri: &str, xml: &str) -> Result<DomainRef, Exit> {
     let mut create_flags = flags::START_VALIDATE;
     if config.autodestroy {
         create_flags |= flags::START_AUTODESTROY;
     }
-    let domain = client.create_xml(&xml, create_flags).await.map_err(|e| {
-        Exit::StartFailed(match e {
-            libvirt_wire::Error::Libvirt(e) => format!("libvirt refused the domain: {e}"),
-            libvirt_wire::Error::InvalidRequest(why) => format!("the domain cannot be sent to libvirt: {why}"),
-            other => format!("creating the domain failed: {other}"),
-        })
-    })?;
+    let creating = client.create_xml(xml, create_flags);
+    let domain = timed(CREATE_TIMEOUT, procedure::DOMAIN_CREATE_XML, creating)
+        .await
+        .map_err(|e| {
+            Exit::StartFailed(match e {
+                libvirt_wire::Error::Libvirt(e) => format!("libvirt refused the domain: {e}"),
+                libvirt_wire::Error::InvalidRequest(why) => format!("the domain cannot be sent to libvirt: {why}"),
+                other => format!("creating the domain failed: {other}"),
+            })
+        })?;
     log(format!(
         "started domain {} ({}) on {}{}",
         domain.name,
@@ -117,7 +137,7 @@ async fn start(
         uri,
         if config.autodestroy { "" } else { " without AUTODESTROY" }
     ));
-    Ok((client, domain))
+    Ok(domain)
 }
 
 /// Why connecting failed, after how many attempts and how long.
@@ -331,6 +351,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
     let mut poll_in_flight = false;
     // The exit a requested destroy ends in, once libvirtd confirms it.
     let mut destroying: Option<Exit> = None;
+    let mut destroy_refused: Option<String> = None;
     let mut signal_time = tokio::time::Instant::now();
 
     let exit = loop {
@@ -361,9 +382,12 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
             }
             () = &mut destroy_deadline => {
                 let exit = destroying.take().unwrap_or(Exit::ForcedStop("a destroy was requested".into()));
+                let what = match destroy_refused.take() {
+                    Some(why) => format!("libvirtd refused the destroy ({why}) and the domain did not stop within {} s", DESTROY_TIMEOUT.as_secs()),
+                    None => format!("libvirtd did not confirm the destroy within {} s", DESTROY_TIMEOUT.as_secs()),
+                };
                 log(format!(
-                    "libvirtd did not confirm the destroy within {} s; exiting anyway{}",
-                    DESTROY_TIMEOUT.as_secs(),
+                    "{what}; exiting anyway{}",
                     if config.autodestroy { " (closing the connection ends an AUTODESTROY domain)" } else { ": the domain may be left running" }
                 ));
                 break exit;
@@ -417,6 +441,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                         Err(e) if e.is_connection_lost() => break Exit::LostLibvirtd(e.to_string()),
                         Err(e) => {
                             log(format!("destroy failed, waiting for the domain to stop: {e}"));
+                            destroy_refused = Some(e.to_string());
                             destroying = Some(exit);
                             continue;
                         }

@@ -68,6 +68,9 @@ impl Default for Options {
 /// Reply limit for calls that return whole XML documents.
 pub(crate) const LARGE_REPLY: usize = protocol::MAX_PACKET;
 
+/// What one queued stream item costs beyond its bytes.
+const ITEM_OVERHEAD: usize = 64;
+
 /// What a lifecycle event costs of an event budget: one unit each.
 const EVENT_COST: usize = 1;
 
@@ -143,6 +146,13 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    fn closed_error(&self) -> Error {
+        match &self.routes().closed {
+            Some(reason) => reason.to_error(),
+            None => Error::ConnectionLost("connection closed".into()),
+        }
+    }
+
     fn routes(&self) -> MutexGuard<'_, Routes> {
         // A panic while holding this lock cannot leave the maps inconsistent
         // (each operation is a single insert/remove), so poisoning is ignored.
@@ -181,6 +191,13 @@ impl Inner {
     }
 
     async fn send(&self, header: &Header, payload: &[u8]) -> Result<()> {
+        self.send_then(header, payload, || {}).await
+    }
+
+    /// Sends a packet; `locked` runs once this sender holds the writer. A
+    /// write that is still blocked when the connection closes (a keepalive
+    /// timeout, the reader's end) gives up at once.
+    async fn send_then(&self, header: &Header, payload: &[u8], locked: impl FnOnce()) -> Result<()> {
         if let Some(reason) = &self.routes().closed {
             return Err(reason.to_error());
         }
@@ -192,12 +209,20 @@ impl Inner {
                 protocol::MAX_PACKET
             )));
         }
-        let mut writer = self.writer.lock().await;
-        let result = async {
+        let mut closed = self.closed_tx.subscribe();
+        let mut writer = tokio::select! {
+            writer = self.writer.lock() => writer,
+            _ = closed.wait_for(|closed| *closed) => return Err(self.closed_error()),
+        };
+        locked();
+        let write = async {
             writer.write_all(&packet).await?;
             writer.flush().await
-        }
-        .await;
+        };
+        let result = tokio::select! {
+            result = write => result,
+            _ = closed.wait_for(|closed| *closed) => return Err(self.closed_error()),
+        };
         if let Err(e) = result {
             self.close(ClosedReason::Lost(format!("write failed: {e}")));
             return Err(Error::ConnectionLost(format!("write failed: {e}")));
@@ -276,12 +301,14 @@ impl Connection {
     /// Starts sending PINGs after silence and declaring the daemon dead after
     /// `interval × count` of it. Call once the daemon has said it supports
     /// keepalive. Any byte from the daemon counts as hearing it, and the
-    /// check never waits behind a write: a daemon that does not read its
-    /// socket is as dead as one that does not write.
+    /// check never waits behind a write; once it declares the daemon dead,
+    /// blocked writes give up too.
     pub fn start_keepalive(&self) {
         let inner = Arc::downgrade(&self.inner);
-        let interval = self.inner.options.keepalive_interval;
-        let limit = interval * self.inner.options.keepalive_count;
+        let interval = self.inner.options.keepalive_interval.max(Duration::from_millis(1));
+        let limit = interval
+            .checked_mul(self.inner.options.keepalive_count)
+            .unwrap_or(Duration::MAX);
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -365,23 +392,19 @@ impl Connection {
             serial,
         };
         let header = Header::remote(proc_, MessageType::Call, serial, Status::Ok);
-        self.inner.send(&header, args).await?;
         let timeout = self.inner.options.call_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err(self.closed_error()),
-            Err(_) => Err(Error::Timeout {
-                procedure: proc_,
-                timeout,
-            }),
-        }
+        let call = async {
+            self.inner.send(&header, args).await?;
+            rx.await.map_err(|_| self.closed_error())?
+        };
+        tokio::time::timeout(timeout, call).await.unwrap_or(Err(Error::Timeout {
+            procedure: proc_,
+            timeout,
+        }))
     }
 
     fn closed_error(&self) -> Error {
-        match &self.inner.routes().closed {
-            Some(reason) => reason.to_error(),
-            None => Error::ConnectionLost("reply channel dropped".into()),
-        }
+        self.inner.closed_error()
     }
 
     /// Registers a stream for `serial` before the call that opens it, so no
@@ -610,10 +633,14 @@ fn skipped(inner: &Arc<Inner>, header: &Header, payload_len: usize, why: Skipped
             }
         }
         Skipped::ChunkTooLarge => {
+            let limit = match header.status {
+                Status::Continue => STREAM_CHUNK,
+                _ => STREAM_CHUNK.max(inner.options.max_reply),
+            };
             if let Some(stream) = inner.routes().streams.remove(&header.serial) {
                 stream.push_final(StreamEvent::Failed(Error::ChunkTooLarge {
                     size: payload_len,
-                    limit: STREAM_CHUNK,
+                    limit,
                 }));
             }
         }
@@ -627,8 +654,15 @@ fn pong(inner: &Arc<Inner>) {
     }
     let inner = inner.clone();
     tokio::spawn(async move {
-        inner.pong_owed.store(false, Ordering::Release);
-        let _ = inner.send(&Header::keepalive(KEEPALIVE_PONG), &[]).await;
+        // Owed until this task holds the writer: at most one PONG waits for
+        // it and one is written, however many PINGs a peer that does not read
+        // sends meanwhile.
+        let owed = &inner.pong_owed;
+        let _ = inner
+            .send_then(&Header::keepalive(KEEPALIVE_PONG), &[], || {
+                owed.store(false, Ordering::Release)
+            })
+            .await;
     });
 }
 
@@ -733,8 +767,13 @@ fn route_stream(inner: &Arc<Inner>, header: &Header, payload: &[u8]) {
         return;
     };
     match header.status {
-        Status::Continue => match stream.push(StreamEvent::Data(payload.to_vec()), payload.len(), payload.len() as u64)
-        {
+        // Each item also costs its bookkeeping, so a flood of empty packets
+        // is bounded like a flood of data.
+        Status::Continue => match stream.push(
+            StreamEvent::Data(payload.to_vec()),
+            payload.len() + ITEM_OVERHEAD,
+            payload.len() as u64,
+        ) {
             Pushed::Queued => {}
             Pushed::Dropped => log::debug!(
                 "stream {} is not keeping up: {} bytes dropped",

@@ -803,3 +803,22 @@ async fn a_string_libvirt_would_refuse_is_refused_before_sending() {
         DomainState::Running
     );
 }
+
+#[tokio::test]
+async fn a_flood_of_empty_stream_packets_is_bounded_like_data() {
+    let (client, mut daemon) = pair(false).await;
+    let (mut console, serial) = open_console(&client, &mut daemon).await;
+    for _ in 0..5000 {
+        daemon.send(console_data(serial), &[]).await;
+    }
+    assert_eq!(
+        state_round_trip(&client, &mut daemon).await.unwrap().0,
+        DomainState::Running
+    );
+    let mut queued = 0;
+    while let ConsoleOutput::Data(_) = console.read().await.unwrap().unwrap() {
+        queued += 1;
+    }
+    // 64 KiB of budget at 64 bytes of bookkeeping per packet.
+    assert!(queued <= 1025, "{queued} empty packets were queued");
+}
