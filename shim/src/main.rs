@@ -16,6 +16,7 @@ use virtkube_shim::render::{self, HostFacts};
 use virtkube_shim::runtime::{self, log};
 
 fn main() {
+    runtime::install_logger();
     let environment = config::Environment::from_os(std::env::vars_os());
     let config = environment
         .check()

@@ -35,6 +35,33 @@ pub fn log(message: impl AsRef<str>) {
     );
 }
 
+/// Prints libvirt-wire's warnings and errors (a reply nobody waited for, a
+/// listener that fell behind, a malformed event) as the shim's own log lines;
+/// its debug chatter stays off.
+struct WireLogger;
+
+impl log::Log for WireLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            log(format!("libvirt-wire: {}", record.args()));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs [`WireLogger`] (once; later calls do nothing).
+pub fn install_logger() {
+    static LOGGER: WireLogger = WireLogger;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
 /// How often the shim checks the domain still exists, in case an event is lost.
 const STATE_POLL: Duration = Duration::from_secs(5);
 /// How long a poll that finds the domain gone waits for its STOPPED event.

@@ -162,3 +162,24 @@ fn libvirt_error_text_cannot_forge_log_lines_or_flood_the_termination_message() 
         "{message}"
     );
 }
+
+#[test]
+fn libvirt_wire_warnings_reach_the_shim_log() {
+    let dir = support::scratch("fake-malformed-event");
+    let fake = FakeLibvirtd::start(
+        &dir,
+        Script {
+            malformed_event: true,
+            guest_obeys_shutdown: true,
+            ..Script::default()
+        },
+    );
+    let uri = fake.uri();
+    let mut shim = Shim::start("malformed-event", TEMPLATE, &env(&uri, "malformed-event"), &[], false);
+    shim.wait_for_stderr(
+        "libvirt-wire: ignoring a malformed lifecycle event",
+        Duration::from_secs(10),
+    );
+    shim.signal(libc::SIGTERM);
+    shim.expect_exit(0, Duration::from_secs(5));
+}

@@ -34,6 +34,8 @@ pub struct Script {
     pub console_flood: usize,
     /// DOMAIN_CREATE_XML fails with this libvirt error message.
     pub create_error: Option<String>,
+    /// A lifecycle event that does not decode follows the event registration.
+    pub malformed_event: bool,
 }
 
 /// What the fake saw.
@@ -197,6 +199,15 @@ fn serve(mut stream: UnixStream, script: &Script, seen: &Mutex<Seen>, writer: &A
             procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY => {
                 e.i32(1);
                 reply(&e.into_bytes());
+                if script.malformed_event {
+                    let header = Header::remote(
+                        procedure::DOMAIN_EVENT_CALLBACK_LIFECYCLE,
+                        MessageType::Message,
+                        0,
+                        Status::Ok,
+                    );
+                    send(writer, header, &[0xde, 0xad]);
+                }
             }
             procedure::DOMAIN_OPEN_CONSOLE => {
                 reply(&[]);
