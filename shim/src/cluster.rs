@@ -2,8 +2,6 @@
 //! name, and the shim's own pod (UID, annotations, node IP) when the downward
 //! API did not provide them. Uses the pod's service account.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 use virtkube_api::{ResolvedTemplate, VirtTemplate, resolve};
@@ -11,16 +9,7 @@ use virtkube_api::{ResolvedTemplate, VirtTemplate, resolve};
 /// Where the service account's namespace is mounted.
 pub const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
-/// What the API says about the shim's own pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodFacts {
-    /// metadata.uid.
-    pub uid: Option<String>,
-    /// metadata.annotations.
-    pub annotations: BTreeMap<String, String>,
-    /// status.hostIP: the node, for reaching its virthost over TCP.
-    pub host_ip: Option<String>,
-}
+pub use crate::startup::PodFacts;
 
 /// Whether the process runs in a Kubernetes pod with a service account.
 pub fn in_cluster() -> bool {

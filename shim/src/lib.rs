@@ -12,5 +12,6 @@ pub mod instance;
 pub mod pid1;
 pub mod render;
 pub mod runtime;
+pub mod startup;
 pub mod supervisor;
 pub mod text;
