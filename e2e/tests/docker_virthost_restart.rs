@@ -94,13 +94,14 @@ fn virthost_on_its_own(name: &str) -> String {
 #[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn the_virthost_exits_non_zero_when_libvirtd_dies_and_zero_on_sigterm() {
     let name = virthost_on_its_own(&format!("virtkube-virthost-die-{}", std::process::id()));
-    let (ok, out) = docker(&["exec", &name, "sh", "-c", "kill -KILL $(cat /run/libvirtd.pid)"]);
-    assert!(ok, "{out}");
+    // The container may die (as it should) before `docker exec` reports back,
+    // which then fails with no output: the exit code and logs below decide.
+    let (_, out) = docker(&["exec", &name, "sh", "-c", "kill -KILL $(cat /run/libvirtd.pid)"]);
     let (_, code) = docker(&["wait", &name]);
     let logs = docker(&["logs", &name]).1;
     let _ = docker(&["rm", "-f", &name]);
-    assert_ne!(code.trim(), "0", "{logs}");
-    assert!(logs.contains("libvirtd exited"), "{logs}");
+    assert_ne!(code.trim(), "0", "{logs}\n(docker exec kill: {out})");
+    assert!(logs.contains("libvirtd exited"), "{logs}\n(docker exec kill: {out})");
 
     let name = virthost_on_its_own(&format!("virtkube-virthost-term-{}", std::process::id()));
     let (ok, out) = docker(&["stop", "-t", "20", &name]);
