@@ -146,7 +146,8 @@ async fn main() {
     // Lifecycle events. A custom-file test node is private to each connection,
     // so events are measured on test:///default (shared by all connections):
     // a second nodeinfo watches 100 domains there; destroying them one by one,
-    // it logs how long each took from the event to the patch (delete) being sent.
+    // it logs how long each took from the event to the patch (delete) being sent
+    // (at debug level, read here as JSON lines).
     let _ = daemon.kill();
     let _ = daemon.wait();
     let events = 100.min(count);
@@ -162,7 +163,17 @@ async fn main() {
     }
     let node2 = format!("{node}-events");
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_virtkube-nodeinfo"))
-        .args(["--node", &node2, "--uri", shared, "--resync", "600"])
+        .args([
+            "--node",
+            &node2,
+            "--uri",
+            shared,
+            "--resync",
+            "600",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "info,virtkube_nodeinfo=debug")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -196,8 +207,9 @@ async fn main() {
         .lock()
         .unwrap()
         .iter()
-        .filter_map(|l| l.split(" published in ").nth(1))
-        .filter_map(|d| parse_duration_ms(d.trim()))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|event| event["message"] == "event published")
+        .filter_map(|event| event["elapsed"].as_str().and_then(parse_duration_ms))
         .collect();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
 

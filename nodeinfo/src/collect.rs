@@ -1,11 +1,17 @@
 //! Reading libvirt through the `virt` crate (libvirt.so; dynamic linking is
 //! fine in the virthost image), and lifecycle events from libvirt's default
 //! event loop running in its own thread.
+//!
+//! Every call here blocks until libvirtd answers: async callers run them on
+//! tokio's blocking pool.
 
 use std::ffi::{CStr, c_char, c_int, c_void};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
 
-use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::mpsc::Sender;
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::warn;
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
@@ -25,7 +31,7 @@ pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
     let caps =
         facts::parse_capabilities(&conn.capabilities().map_err(err("capabilities"))?).map_err(|e| e.to_string())?;
     for skipped in &caps.skipped {
-        eprintln!("[nodeinfo] capabilities: skipped {skipped}");
+        warn!("capabilities: skipped {skipped}");
     }
     let virt_type = if caps.domain_types.iter().any(|t| t == "kvm") {
         "kvm"
@@ -35,10 +41,10 @@ pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
     let domcaps = if caps.domain_types.iter().any(|t| t == virt_type) {
         match conn.domain_capabilities(None, caps.arch.as_deref(), None, Some(virt_type), 0) {
             Ok(xml) => facts::parse_domain_capabilities(&xml)
-                .map_err(|e| eprintln!("[nodeinfo] {e}"))
+                .map_err(|e| warn!("domain capabilities for {virt_type} not parsed: {e}"))
                 .ok(),
             Err(e) => {
-                eprintln!("[nodeinfo] domain capabilities for {virt_type}: {e}");
+                warn!("domain capabilities for {virt_type}: {e}");
                 None
             }
         }
@@ -63,7 +69,7 @@ fn pci_devices(conn: &Connect) -> Vec<virtkube_api::node::PciDevice> {
     let devices = match conn.list_all_node_devices(sys::VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV) {
         Ok(devices) => devices,
         Err(e) => {
-            eprintln!("[nodeinfo] PCI devices not listed: {e}");
+            warn!("PCI devices not listed: {e}");
             return Vec::new();
         }
     };
@@ -73,7 +79,7 @@ fn pci_devices(conn: &Connect) -> Vec<virtkube_api::node::PciDevice> {
         .filter_map(|xml| match facts::parse_pci_device(&xml) {
             Ok(dev) => dev,
             Err(e) => {
-                eprintln!("[nodeinfo] skipped a PCI device: {e}");
+                warn!("skipped a PCI device: {e}");
                 None
             }
         })
@@ -131,12 +137,33 @@ pub fn domains(conn: &Connect) -> Result<(Vec<DomainSnapshot>, Vec<String>), Err
             // Vanished between the listing and the read: nothing to keep.
             Err(_) if is_gone(dom) => {}
             Err(e) => {
-                eprintln!("[nodeinfo] a domain could not be read (kept as published): {e}");
-                unreadable.extend(dom.name().ok());
+                let name = dom.name().ok();
+                warn!(
+                    domain = name.as_deref(),
+                    "a domain could not be read (kept as published): {e}"
+                );
+                unreadable.extend(name);
             }
         }
     }
     Ok((out, unreadable))
+}
+
+/// Reads the domain an event named. `Ok(None)` when libvirt says it is gone
+/// (or it is not virtkube's); an error when it exists but could not be read,
+/// so that its VirtDomain is kept rather than deleted.
+pub fn domain_by_name(conn: &Connect, name: &str) -> Result<Option<DomainSnapshot>, Error> {
+    let dom = match conn.lookup_domain_by_name(name) {
+        Ok(dom) => dom,
+        Err(e) if is_no_domain(&e) => return Ok(None),
+        Err(e) => return Err(format!("lookup: {e}")),
+    };
+    match domain(&dom) {
+        Ok(Some(snapshot)) if !is_gone(&dom) => Ok(Some(snapshot)),
+        Ok(_) => Ok(None),
+        Err(_) if is_gone(&dom) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether libvirt says the domain is gone (undefined or no longer running),
@@ -169,7 +196,7 @@ pub fn start_event_loop() -> Result<(), Error> {
             .spawn(|| {
                 loop {
                     if let Err(e) = virt::event::event_run_default_impl() {
-                        eprintln!("[nodeinfo] libvirt event loop: {e}");
+                        warn!("libvirt event loop: {e}; running it again");
                         std::thread::sleep(std::time::Duration::from_millis(100));
                     }
                 }
@@ -183,6 +210,19 @@ pub fn start_event_loop() -> Result<(), Error> {
 /// A domain lifecycle event: the domain's name.
 pub type DomainEvent = String;
 
+/// Room in the lifecycle event channel: an event storm (a host starting
+/// hundreds of VMs) beyond this is handled by one full resync instead.
+pub const EVENT_CAPACITY: usize = 1024;
+
+/// What the lifecycle callback owns: where it sends each event, and the flag
+/// it raises when the channel was full and an event was dropped (the daemon
+/// then resyncs everything, as it cannot know which domain changed).
+#[derive(Debug)]
+struct EventSink {
+    sender: Sender<DomainEvent>,
+    dropped: Arc<AtomicBool>,
+}
+
 unsafe extern "C" fn on_lifecycle(
     _conn: sys::virConnectPtr,
     dom: sys::virDomainPtr,
@@ -190,10 +230,10 @@ unsafe extern "C" fn on_lifecycle(
     _detail: c_int,
     opaque: *mut c_void,
 ) -> c_int {
-    // SAFETY: `opaque` is the Box<UnboundedSender> leaked in
-    // `register_lifecycle_events`; libvirt keeps it alive until `free_sender`
+    // SAFETY: `opaque` is the Box<EventSink> leaked in
+    // `register_lifecycle_events`; libvirt keeps it alive until `free_sink`
     // runs, which happens only after the last callback.
-    let sender = unsafe { &*(opaque as *const UnboundedSender<DomainEvent>) };
+    let sink = unsafe { &*(opaque as *const EventSink) };
     // SAFETY: libvirt passes a valid domain for the duration of the callback;
     // the returned name is owned by the domain object and not freed by us.
     let name = unsafe { sys::virDomainGetName(dom) };
@@ -202,21 +242,33 @@ unsafe extern "C" fn on_lifecycle(
         let name = unsafe { CStr::from_ptr(name as *const c_char) }
             .to_string_lossy()
             .into_owned();
-        let _ = sender.send(name);
+        // Never wait here: this is libvirt's event thread, which also serves
+        // the connection's keepalive.
+        match sink.sender.try_send(name) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => sink.dropped.store(true, Ordering::Release),
+            // The daemon left this connection: nobody wants its events.
+            Err(TrySendError::Closed(_)) => {}
+        }
     }
     0
 }
 
-unsafe extern "C" fn free_sender(opaque: *mut c_void) {
+unsafe extern "C" fn free_sink(opaque: *mut c_void) {
     // SAFETY: `opaque` came from Box::into_raw in `register_lifecycle_events`
     // and libvirt calls this free callback exactly once.
-    drop(unsafe { Box::from_raw(opaque as *mut UnboundedSender<DomainEvent>) });
+    drop(unsafe { Box::from_raw(opaque as *mut EventSink) });
 }
 
 /// Registers for lifecycle events of every domain; each event sends the
-/// domain's name. Returns the callback id.
-pub fn register_lifecycle_events(conn: &Connect, sender: UnboundedSender<DomainEvent>) -> Result<i32, Error> {
-    let opaque = Box::into_raw(Box::new(sender)) as *mut c_void;
+/// domain's name on `sender` without waiting. When the channel is full the
+/// event is dropped and `dropped` is set. Returns the callback id.
+pub fn register_lifecycle_events(
+    conn: &Connect,
+    sender: Sender<DomainEvent>,
+    dropped: Arc<AtomicBool>,
+) -> Result<i32, Error> {
+    let opaque = Box::into_raw(Box::new(EventSink { sender, dropped })) as *mut c_void;
     // The lifecycle callback has more arguments than the generic type libvirt
     // declares; libvirt calls it with the lifecycle signature for this event id.
     // SAFETY: both are `unsafe extern "C" fn` pointers of the same ABI; libvirt
@@ -228,7 +280,7 @@ pub fn register_lifecycle_events(conn: &Connect, sender: UnboundedSender<DomainE
         >(on_lifecycle)
     });
     // SAFETY: `conn` is an open connection; a null domain means "all domains";
-    // `opaque` stays valid until libvirt calls `free_sender`.
+    // `opaque` (a Box<EventSink>) stays valid until libvirt calls `free_sink`.
     let id = unsafe {
         sys::virConnectDomainEventRegisterAny(
             conn.as_ptr(),
@@ -236,12 +288,12 @@ pub fn register_lifecycle_events(conn: &Connect, sender: UnboundedSender<DomainE
             sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
             callback,
             opaque,
-            Some(free_sender),
+            Some(free_sink),
         )
     };
     if id < 0 {
         // SAFETY: registration failed, so libvirt did not take ownership.
-        unsafe { free_sender(opaque) };
+        unsafe { free_sink(opaque) };
         return Err(format!(
             "cannot register for lifecycle events: {}",
             virt::error::Error::last_error()

@@ -3,15 +3,20 @@
 //! would publish, without a cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 use virt::connect::Connect;
 use virtkube_api::VirtNodeStatus;
 use virtkube_nodeinfo::collect;
-use virtkube_nodeinfo::model::{self, DomainSnapshot};
+use virtkube_nodeinfo::model;
 use virtkube_nodeinfo::publish::Publisher;
 
 /// VirtDomains published at once during a full sync.
@@ -19,13 +24,35 @@ const PUBLISH_CONCURRENCY: usize = 16;
 
 const USAGE: &str = "\
 usage: virtkube-nodeinfo [--once [--output yaml|json]] [--node NAME] [--uri URI] [--resync SECONDS]
+                         [--log-format text|json]
 
-  --once       read libvirt once, print the VirtNode and VirtDomains it would publish, exit
-  --output     yaml (default) or json, with --once
-  --node       node name (default: $NODE_NAME, else the hostname)
-  --uri        libvirt URI (default: $VIRTKUBE_LIBVIRT_URI, else qemu:///system)
-  --resync     seconds between full resyncs (default 30)
+  --once        read libvirt once, print the VirtNode and VirtDomains it would publish, exit
+  --output      yaml (default) or json, with --once
+  --node        node name (default: $NODE_NAME, else the hostname)
+  --uri         libvirt URI (default: $VIRTKUBE_LIBVIRT_URI, else qemu:///system)
+  --resync      seconds between full resyncs (default 30)
+  --log-format  the log on stderr, text or json (default: $VIRTKUBE_LOG_FORMAT, else text);
+                $RUST_LOG filters it (default info)
 ";
+
+/// How the log on stderr is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
+}
+
+impl LogFormat {
+    /// `from` names where the value came from, for the usage error.
+    fn parse(value: &str, from: &str) -> Result<LogFormat> {
+        match value {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => bail!("{from} {other:?}: use text or json"),
+        }
+    }
+}
 
 struct Args {
     once: bool,
@@ -33,6 +60,7 @@ struct Args {
     node: String,
     uri: String,
     resync: Duration,
+    log_format: LogFormat,
 }
 
 fn parse_args() -> Result<Args> {
@@ -51,7 +79,9 @@ fn parse_args() -> Result<Args> {
             }),
         uri: std::env::var("VIRTKUBE_LIBVIRT_URI").unwrap_or_else(|_| "qemu:///system".into()),
         resync: Duration::from_secs(30),
+        log_format: LogFormat::Text,
     };
+    let mut log_format = None;
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value\n{USAGE}"));
         match arg.as_str() {
@@ -72,6 +102,7 @@ fn parse_args() -> Result<Args> {
                     .with_context(|| format!("--resync {v:?}: a number of seconds, e.g. 30"))?;
                 out.resync = Duration::from_secs(secs);
             }
+            "--log-format" => log_format = Some(LogFormat::parse(&value("--log-format")?, "--log-format")?),
             "--help" | "-h" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -82,7 +113,47 @@ fn parse_args() -> Result<Args> {
     if out.node.is_empty() {
         bail!("no node name: set NODE_NAME (downward API spec.nodeName) or --node");
     }
+    // The flag wins over the environment, whose value is only checked when used.
+    out.log_format = match log_format {
+        Some(format) => format,
+        None => match std::env::var("VIRTKUBE_LOG_FORMAT") {
+            Ok(v) if !v.is_empty() => LogFormat::parse(&v, "VIRTKUBE_LOG_FORMAT")?,
+            _ => LogFormat::Text,
+        },
+    };
     Ok(out)
+}
+
+/// The log goes to stderr (stdout carries `--once`'s output), filtered by
+/// `RUST_LOG` (default `info`; invalid directives are reported and ignored).
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::builder()
+        .with_default_directive(LevelFilter::INFO.into())
+        .from_env_lossy();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // Fields at the top level next to the message, as log collectors expect.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Runs libvirt calls on tokio's blocking pool: each waits for libvirtd (as
+/// long as it takes to answer, or to time out when it hangs), which must not
+/// hold up the runtime's two workers. `Connect` is `Send + Sync`, so the pool
+/// thread shares it through the `Arc`; unlike `block_in_place`, this works on
+/// whichever thread polls the caller.
+async fn libvirt<T, F>(conn: &Arc<Connect>, call: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connect) -> T + Send + 'static,
+{
+    let conn = Arc::clone(conn);
+    tokio::task::spawn_blocking(move || call(&conn))
+        .await
+        .context("a libvirt call panicked")
 }
 
 fn now() -> String {
@@ -122,9 +193,13 @@ fn main() {
             std::process::exit(2);
         }
     };
+    init_logging(args.log_format);
+    // libvirt's default handler prints every error on stderr, past the log's
+    // format and filter; nodeinfo logs the errors it gets, with context.
+    virt::error::clear_error_callback();
     let result = if args.once { once(&args) } else { daemon(&args) };
     if let Err(e) = result {
-        eprintln!("virtkube-nodeinfo: {e:#}");
+        error!("{e:#}");
         std::process::exit(1);
     }
 }
@@ -139,7 +214,9 @@ fn once(args: &Args) -> Result<()> {
         "metadata": {"name": args.node, "labels": model::node_labels(&status)},
         "spec": {"nodeName": args.node}, "status": status,
     })];
-    docs.extend(domains.iter().filter_map(|d| model::virt_domain(&args.node, d, None)));
+    for object in domains.iter().filter_map(|d| model::virt_domain(&args.node, d, None)) {
+        docs.push(serde_json::to_value(object)?);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&docs)?);
     } else {
@@ -182,10 +259,10 @@ fn daemon(args: &Args) -> Result<()> {
                         last.as_ref(),
                     );
                     if let Err(e) = publisher.apply_node(&down).await {
-                        eprintln!("[nodeinfo] VirtNode not marked unready: {e}");
+                        warn!(node = %args.node, "VirtNode not marked unready: {e}");
                     }
                     last_status = Some(down);
-                    eprintln!("[nodeinfo] {e:#}; reconnecting in {backoff:?}");
+                    warn!(uri = %args.uri, "{e:#}; reconnecting in {backoff:?}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
@@ -194,10 +271,10 @@ fn daemon(args: &Args) -> Result<()> {
     })
 }
 
-/// Runs until libvirt goes away (an error to reconnect after) or SIGTERM (Ok).
 /// Domain name → (namespace, pod, start time) of each VirtDomain published.
 type Published = BTreeMap<String, (String, String, String)>;
 
+/// Runs until libvirt goes away (an error to reconnect after) or SIGTERM (Ok).
 async fn serve(
     args: &Args,
     publisher: &Publisher,
@@ -205,39 +282,80 @@ async fn serve(
     published: &mut Published,
 ) -> Result<()> {
     let uri = args.uri.clone();
-    let conn = tokio::task::spawn_blocking(move || Connect::open(Some(&uri)))
+    let conn = Arc::new(
+        tokio::task::spawn_blocking(move || Connect::open(Some(&uri)))
+            .await?
+            .with_context(|| format!("cannot connect to libvirt at {}", args.uri))?,
+    );
+    let result = serve_on(&conn, args, publisher, last_status, published).await;
+    // The last reference closes the connection, a call to libvirtd too.
+    if tokio::task::spawn_blocking(move || drop(conn)).await.is_err() {
+        warn!(uri = %args.uri, "closing the libvirt connection failed");
+    }
+    result
+}
+
+async fn serve_on(
+    conn: &Arc<Connect>,
+    args: &Args,
+    publisher: &Publisher,
+    last_status: &mut Option<VirtNodeStatus>,
+    published: &mut Published,
+) -> Result<()> {
+    // Bounded, so that an event storm while publishing is slow cannot grow
+    // memory without limit: past it, events are dropped and `dropped` asks
+    // for a full resync, which reads every domain anyway.
+    let (events_tx, mut events) = mpsc::channel(collect::EVENT_CAPACITY);
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    libvirt(conn, move |c| collect::register_lifecycle_events(c, events_tx, flag))
         .await?
-        .with_context(|| format!("cannot connect to libvirt at {}", args.uri))?;
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    collect::register_lifecycle_events(&conn, events_tx).map_err(anyhow::Error::msg)?;
-    eprintln!("[nodeinfo] connected to {}; publishing node {}", args.uri, args.node);
+        .map_err(anyhow::Error::msg)?;
+    info!(uri = %args.uri, node = %args.node, "connected to libvirt; publishing the node");
     let mut resync = tokio::time::interval(args.resync);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            _ = resync.tick() => full_sync(&conn, args, publisher, published, last_status).await?,
+            _ = resync.tick() => full_sync(conn, args, publisher, published, last_status).await?,
             Some(name) = events.recv() => {
                 let started = Instant::now();
-                domain_changed(&conn, args, publisher, published, &name).await?;
-                eprintln!("[nodeinfo] event for {name} published in {:?}", started.elapsed());
+                domain_changed(conn, args, publisher, published, &name).await?;
+                debug!(domain = %name, elapsed = ?started.elapsed(), "event published");
             }
-            _ = term.recv() => return Ok(()),
+            _ = term.recv() => {
+                info!("SIGTERM: stopping");
+                return Ok(());
+            }
         }
-        if !conn.is_alive().unwrap_or(false) {
+        if dropped.swap(false, Ordering::Acquire) {
+            warn!(
+                capacity = collect::EVENT_CAPACITY,
+                "lifecycle events dropped (the queue was full): resyncing everything now"
+            );
+            // The resync reads every domain: what is queued until now adds nothing.
+            while events.try_recv().is_ok() {}
+            full_sync(conn, args, publisher, published, last_status).await?;
+            resync.reset();
+        }
+        if !libvirt(conn, |c| c.is_alive().unwrap_or(false)).await? {
             bail!("lost the connection to libvirtd");
         }
     }
 }
 
 async fn full_sync(
-    conn: &Connect,
+    conn: &Arc<Connect>,
     args: &Args,
     publisher: &Publisher,
-    published: &mut BTreeMap<String, (String, String, String)>,
+    published: &mut Published,
     last_status: &mut Option<VirtNodeStatus>,
 ) -> Result<()> {
-    let host = collect::host(conn).map_err(anyhow::Error::msg)?;
-    let (domains, unreadable) = collect::domains(conn).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let (host, (domains, unreadable)) = libvirt(conn, |c| {
+        Ok::<_, collect::Error>((collect::host(c)?, collect::domains(c)?))
+    })
+    .await?
+    .map_err(anyhow::Error::msg)?;
     let heartbeat = now();
     let status = model::with_ready(
         model::node_status(&host, &heartbeat),
@@ -248,16 +366,17 @@ async fn full_sync(
         last_status.as_ref(),
     );
     if let Err(e) = publisher.apply_node(&status).await {
-        eprintln!("[nodeinfo] VirtNode not published: {e}");
+        warn!(node = %args.node, "VirtNode not published: {e}");
     }
     *last_status = Some(status.clone());
     match publisher.apply_labels(&model::node_labels(&status)).await {
         Ok(true) => {}
-        Ok(false) => eprintln!(
-            "[nodeinfo] no Node {} in the API: labels not published (is NODE_NAME right?)",
+        Ok(false) => warn!(
+            node = %args.node,
+            "no Node {} in the API: labels not published (is NODE_NAME right?)",
             args.node
         ),
-        Err(e) => eprintln!("[nodeinfo] Node labels not published: {e}"),
+        Err(e) => warn!(node = %args.node, "Node labels not published: {e}"),
     }
     let mut keep = BTreeSet::new();
     let mut seen = BTreeMap::new();
@@ -277,64 +396,84 @@ async fn full_sync(
     // Publish in parallel (bounded): each VirtDomain is two API calls, and a
     // thousand of them one by one takes too long.
     let mut tasks = tokio::task::JoinSet::new();
+    let mut failed = 0;
+    let mut count = |joined: Option<Result<bool, tokio::task::JoinError>>| {
+        if matches!(joined, Some(Ok(false) | Err(_))) {
+            failed += 1;
+        }
+    };
     for d in &domains {
         let start = published.get(&d.name).map(|p| p.2.clone()).unwrap_or_else(now);
         if let Some(object) = model::virt_domain(&args.node, d, Some(&start)) {
             keep.insert((d.owner.namespace.clone(), d.owner.pod.clone()));
             seen.insert(d.name.clone(), (d.owner.namespace.clone(), d.owner.pod.clone(), start));
             if tasks.len() >= PUBLISH_CONCURRENCY {
-                tasks.join_next().await;
+                count(tasks.join_next().await);
             }
             let publisher = publisher.clone();
             tasks.spawn(async move {
-                if let Err(e) = publisher.apply_domain(&object).await {
-                    eprintln!(
-                        "[nodeinfo] VirtDomain {}/{} not published: {e}",
-                        object["metadata"]["namespace"], object["metadata"]["name"]
+                let result = publisher.apply_domain(&object).await;
+                if let Err(e) = &result {
+                    warn!(
+                        namespace = object.metadata.namespace.as_deref(),
+                        pod = object.metadata.name.as_deref(),
+                        "VirtDomain not published: {e}"
                     );
                 }
+                result.is_ok()
             });
         }
     }
-    while tasks.join_next().await.is_some() {}
+    while let Some(joined) = tasks.join_next().await {
+        count(Some(joined));
+    }
     *published = seen;
-    if !may_delete {
-        eprintln!("[nodeinfo] stale VirtDomains not cleaned this round: a domain could not be read");
-        return Ok(());
-    }
-    match publisher.delete_stale(&keep).await {
-        Ok(deleted) => deleted
-            .iter()
-            .for_each(|(ns, n)| eprintln!("[nodeinfo] deleted stale VirtDomain {ns}/{n}")),
-        Err(e) => eprintln!("[nodeinfo] stale VirtDomains not cleaned: {e}"),
-    }
+    let deleted = if !may_delete {
+        warn!("stale VirtDomains not cleaned this round: a domain could not be read");
+        0
+    } else {
+        match publisher.delete_stale(&keep).await {
+            Ok(deleted) => {
+                for (ns, pod) in &deleted {
+                    info!(namespace = %ns, pod = %pod, "deleted stale VirtDomain {ns}/{pod}");
+                }
+                deleted.len()
+            }
+            Err(e) => {
+                warn!("stale VirtDomains not cleaned: {e}");
+                0
+            }
+        }
+    };
+    info!(
+        node = %args.node,
+        domains = domains.len(),
+        virtdomains = published.len(),
+        failed,
+        unreadable = unreadable.len(),
+        deleted,
+        elapsed = ?started.elapsed(),
+        "resync done"
+    );
     Ok(())
 }
 
 async fn domain_changed(
-    conn: &Connect,
+    conn: &Arc<Connect>,
     args: &Args,
     publisher: &Publisher,
-    published: &mut BTreeMap<String, (String, String, String)>,
+    published: &mut Published,
     name: &str,
 ) -> Result<()> {
     // Only libvirt saying the domain is gone deletes its VirtDomain; an error
     // reading it leaves it as published for the next event or resync.
-    let snapshot: Option<DomainSnapshot> = match conn.lookup_domain_by_name(name) {
-        Err(e) if collect::is_no_domain(&e) => None,
+    let owned = name.to_owned();
+    let snapshot = match libvirt(conn, move |c| collect::domain_by_name(c, &owned)).await? {
+        Ok(snapshot) => snapshot,
         Err(e) => {
-            eprintln!("[nodeinfo] domain {name} could not be looked up (kept as published): {e}");
+            warn!(domain = %name, "domain {name} could not be read (kept as published): {e}");
             return Ok(());
         }
-        Ok(dom) => match collect::domain(&dom) {
-            Ok(snapshot) if !collect::is_gone(&dom) => snapshot,
-            Ok(_) => None,
-            Err(_) if collect::is_gone(&dom) => None,
-            Err(e) => {
-                eprintln!("[nodeinfo] domain {name} could not be read (kept as published): {e}");
-                return Ok(());
-            }
-        },
     };
     match snapshot {
         Some(d) => {
@@ -342,9 +481,11 @@ async fn domain_changed(
             if let Some(object) = model::virt_domain(&args.node, &d, Some(&start)) {
                 published.insert(d.name.clone(), (d.owner.namespace.clone(), d.owner.pod.clone(), start));
                 if let Err(e) = publisher.apply_domain(&object).await {
-                    eprintln!(
-                        "[nodeinfo] VirtDomain {}/{} not published: {e}",
-                        d.owner.namespace, d.owner.pod
+                    warn!(
+                        domain = %name,
+                        namespace = %d.owner.namespace,
+                        pod = %d.owner.pod,
+                        "VirtDomain not published: {e}"
                     );
                 }
             }
@@ -352,9 +493,9 @@ async fn domain_changed(
         None => {
             if let Some((ns, pod, _)) = published.remove(name) {
                 if let Err(e) = publisher.delete_domain(&ns, &pod).await {
-                    eprintln!("[nodeinfo] VirtDomain {ns}/{pod} not deleted: {e}");
+                    warn!(domain = %name, namespace = %ns, pod = %pod, "VirtDomain not deleted: {e}");
                 } else {
-                    eprintln!("[nodeinfo] domain {name} is gone: deleted VirtDomain {ns}/{pod}");
+                    info!(domain = %name, namespace = %ns, pod = %pod, "domain is gone: deleted its VirtDomain");
                 }
             }
         }

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{Value, json};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use virtkube_api::labels as keys;
 use virtkube_api::node::{Condition, PciDevice, VirtNodeStatus};
 use virtkube_api::quantity::format_bytes;
+use virtkube_api::{VirtDomain, VirtDomainSpec, VirtDomainStatus};
 
 use crate::facts::{Capabilities, DomainCapabilities, Owner};
 
@@ -169,40 +170,43 @@ pub fn node_labels(status: &VirtNodeStatus) -> BTreeMap<String, String> {
     labels
 }
 
-/// The VirtDomain object (for server-side apply), owned by its pod.
-pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> Option<Value> {
-    let uid = d.owner.uid.as_deref()?;
-    let mut status = json!({
-        "state": d.state,
-        "reason": d.reason,
-        "vcpus": d.vcpus,
-        "memory": d.memory_kib.checked_mul(1024).map(format_bytes),
-        "cpuTimeNs": d.cpu_time_ns,
-    });
-    if let Some(t) = start_time {
-        status["startTime"] = json!(t);
-    }
-    Some(json!({
-        "apiVersion": "virtkube.io/v1alpha1",
-        "kind": "VirtDomain",
-        "metadata": {
-            "name": d.owner.pod,
-            "namespace": d.owner.namespace,
-            "labels": {NODE_LABEL: node},
-            "ownerReferences": [{
-                "apiVersion": "v1", "kind": "Pod", "name": d.owner.pod, "uid": uid,
-                "blockOwnerDeletion": false, "controller": false
-            }]
+/// The VirtDomain object (for server-side apply), owned by its pod; `None`
+/// without the pod's UID, which an owner reference needs.
+pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> Option<VirtDomain> {
+    let uid = d.owner.uid.clone()?;
+    Some(VirtDomain {
+        metadata: ObjectMeta {
+            name: Some(d.owner.pod.clone()),
+            namespace: Some(d.owner.namespace.clone()),
+            labels: Some(BTreeMap::from([(NODE_LABEL.to_owned(), node.to_owned())])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                name: d.owner.pod.clone(),
+                uid,
+                // Owned only for garbage collection: the pod keeps its own
+                // controller, and deleting it never waits for the VirtDomain.
+                block_owner_deletion: Some(false),
+                controller: Some(false),
+            }]),
+            ..ObjectMeta::default()
         },
-        "spec": {
-            "node": node,
-            "domainName": d.name,
-            "uuid": d.uuid,
-            "pod": d.owner.pod,
-            "template": d.owner.template,
+        spec: VirtDomainSpec {
+            node: node.to_owned(),
+            domain_name: d.name.clone(),
+            uuid: Some(d.uuid.clone()),
+            pod: Some(d.owner.pod.clone()),
+            template: d.owner.template.clone(),
         },
-        "status": status,
-    }))
+        status: Some(VirtDomainStatus {
+            state: Some(d.state.clone()),
+            reason: Some(d.reason.clone()),
+            vcpus: Some(d.vcpus),
+            memory: d.memory_kib.checked_mul(1024).map(format_bytes),
+            cpu_time_ns: Some(d.cpu_time_ns),
+            start_time: start_time.map(str::to_owned),
+        }),
+    })
 }
 
 /// libvirt's state number as a name.
@@ -238,6 +242,8 @@ pub fn reason_name(state: u32, reason: i32) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::facts;
 
@@ -333,12 +339,43 @@ mod tests {
             cpu_time_ns: 5,
         };
         let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z")).unwrap();
-        assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "pod-uid");
-        assert_eq!(v["metadata"]["labels"][NODE_LABEL], "node-1");
-        assert_eq!(v["status"]["memory"], "128Mi");
-        assert_eq!(v["spec"]["template"], "tiny");
+        let owner = &v.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "pod-uid"));
+        assert_eq!(v.metadata.labels.as_ref().unwrap()[NODE_LABEL], "node-1");
+        assert_eq!(v.status.as_ref().unwrap().memory.as_deref(), Some("128Mi"));
+        assert_eq!(v.spec.template.as_deref(), Some("tiny"));
+        // The object as sent: apiVersion and kind (server-side apply needs
+        // them), and every field with the values it had as hand-built JSON.
+        assert_eq!(
+            serde_json::to_value(&v).unwrap(),
+            json!({
+                "apiVersion": "virtkube.io/v1alpha1",
+                "kind": "VirtDomain",
+                "metadata": {
+                    "name": "vm",
+                    "namespace": "ns",
+                    "labels": {"virtkube.io/node": "node-1"},
+                    "ownerReferences": [{
+                        "apiVersion": "v1", "kind": "Pod", "name": "vm", "uid": "pod-uid",
+                        "blockOwnerDeletion": false, "controller": false
+                    }]
+                },
+                "spec": {"node": "node-1", "domainName": "ns_vm", "uuid": "u", "pod": "vm", "template": "tiny"},
+                "status": {
+                    "state": "Running", "reason": "Booted", "vcpus": 1, "memory": "128Mi",
+                    "cpuTimeNs": 5, "startTime": "2026-11-22T10:00:00Z"
+                }
+            })
+        );
+        // Unknown values are left out (the hand-built JSON sent them as null).
+        d.owner.template = None;
+        d.memory_kib = u64::MAX;
+        let v = serde_json::to_value(virt_domain("node-1", &d, None).unwrap()).unwrap();
+        assert!(v["spec"].get("template").is_none(), "{v}");
+        assert!(v["status"].get("memory").is_none(), "{v}");
+        assert!(v["status"].get("startTime").is_none(), "{v}");
         d.owner.uid = None;
-        assert_eq!(virt_domain("node-1", &d, None), None);
+        assert!(virt_domain("node-1", &d, None).is_none());
     }
 
     #[test]

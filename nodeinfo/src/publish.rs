@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
-use serde_json::{Value, json};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::warn;
 use virtkube_api::node::VirtNodeStatus;
 use virtkube_api::{VirtDomain, VirtNode};
 
@@ -71,7 +72,7 @@ impl Publisher {
         loop {
             match op().await {
                 Err(e) if transient(&e) && attempt < self.attempts => {
-                    eprintln!("[nodeinfo] {what}: {e}; retrying in {delay:?}");
+                    warn!(attempt, "{what}: {e}; retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(10));
                     attempt += 1;
@@ -118,23 +119,27 @@ impl Publisher {
         Ok(true)
     }
 
-    /// Applies a VirtDomain (from [`crate::model::virt_domain`]).
-    pub async fn apply_domain(&self, object: &Value) -> Result<(), kube::Error> {
-        let (Some(namespace), Some(name)) = (
-            object["metadata"]["namespace"].as_str(),
-            object["metadata"]["name"].as_str(),
-        ) else {
+    /// Applies a VirtDomain (from [`crate::model::virt_domain`]): the object
+    /// without its status, then the status. One without a namespace or name
+    /// (the model always sets both) has nowhere to go and is skipped.
+    pub async fn apply_domain(&self, object: &VirtDomain) -> Result<(), kube::Error> {
+        let (Some(namespace), Some(name)) = (object.metadata.namespace.as_deref(), object.metadata.name.as_deref())
+        else {
             return Ok(());
         };
         let api: Api<VirtDomain> = Api::namespaced(self.client.clone(), namespace);
+        // The derived serializer writes apiVersion and kind, which an apply
+        // patch must carry; the status goes to its own subresource.
         let mut main = object.clone();
-        let status = main.as_object_mut().and_then(|o| o.remove("status"));
+        let status = main.status.take();
         let params = Self::apply(MANAGER);
         let patch = Patch::Apply(&main);
         self.retry("apply VirtDomain", || api.patch(name, &params, &patch))
             .await?;
         if let Some(status) = status {
-            let body = json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "VirtDomain",
+            // Only the status, so that this manager's status entry owns no spec
+            // field (a typed VirtDomain would bring its spec along).
+            let body = json!({"apiVersion": VirtDomain::api_version(&()), "kind": VirtDomain::kind(&()),
                               "metadata": {"name": name, "namespace": namespace}, "status": status});
             let patch = Patch::Apply(&body);
             self.retry("apply VirtDomain status", || api.patch_status(name, &params, &patch))

@@ -10,6 +10,7 @@ use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
+use virtkube_api::VirtDomain;
 use virtkube_api::node::VirtNodeStatus;
 use virtkube_nodeinfo::publish::Publisher;
 
@@ -182,25 +183,37 @@ async fn virtdomain_is_applied_with_owner_then_status() {
     let object = json!({
         "apiVersion": "virtkube.io/v1alpha1", "kind": "VirtDomain",
         "metadata": {"name": "vm-0", "namespace": "prod", "labels": {"virtkube.io/node": "node-1"},
-                     "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "vm-0", "uid": "u-1"}]},
+                     "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "vm-0", "uid": "u-1",
+                                          "blockOwnerDeletion": false, "controller": false}]},
         "spec": {"node": "node-1", "domainName": "prod_vm-0"},
         "status": {"state": "Running"}
     });
-    let sent = object.clone();
+    let sent: VirtDomain = serde_json::from_value(object.clone()).unwrap();
     let task = tokio::spawn(async move { publisher.apply_domain(&sent).await });
     let main = expect(&mut handle, StatusCode::OK, echo(&object)).await;
+    assert_eq!(main.method, Method::PATCH);
     assert_eq!(main.path, "/apis/virtkube.io/v1alpha1/namespaces/prod/virtdomains/vm-0");
-    assert!(
-        main.body.get("status").is_none(),
-        "status goes to the status subresource"
-    );
-    assert_eq!(main.body["metadata"]["ownerReferences"][0]["uid"], "u-1");
+    let mut params: Vec<&str> = main.query.split('&').filter(|p| !p.is_empty()).collect();
+    params.sort();
+    assert_eq!(params, ["fieldManager=virtkube-nodeinfo", "force=true"]);
+    assert_eq!(main.content_type, "application/apply-patch+yaml");
+    // The typed object as sent: apiVersion and kind (apply needs them), its
+    // owner and label, and no status (that goes to the status subresource).
+    let mut without_status = object.clone();
+    without_status.as_object_mut().unwrap().remove("status");
+    assert_eq!(main.body, without_status);
     let st = expect(&mut handle, StatusCode::OK, echo(&object)).await;
     assert_eq!(
         st.path,
         "/apis/virtkube.io/v1alpha1/namespaces/prod/virtdomains/vm-0/status"
     );
-    assert_eq!(st.body["status"], json!({"state": "Running"}));
+    assert!(st.query.contains("fieldManager=virtkube-nodeinfo"), "{}", st.query);
+    assert_eq!(
+        st.body,
+        json!({"apiVersion": "virtkube.io/v1alpha1", "kind": "VirtDomain",
+               "metadata": {"name": "vm-0", "namespace": "prod"}, "status": {"state": "Running"}}),
+        "only the status, without the spec"
+    );
     task.await.unwrap().unwrap();
 }
 
