@@ -183,3 +183,42 @@ fn libvirt_wire_warnings_reach_the_shim_log() {
     shim.signal(libc::SIGTERM);
     shim.expect_exit(0, Duration::from_secs(5));
 }
+
+/// A field of /proc/PID/status, in KiB.
+fn status_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn oversized_console_frames_cost_the_shim_no_memory() {
+    // 16 MiB stream frames (libvirt's own are at most 262120 bytes): each is
+    // read past in small pieces and ends the console, never buffered whole.
+    // Before, twenty of them took the shim to about a gigabyte.
+    let dir = support::scratch("fake-huge-frames");
+    let fake = FakeLibvirtd::start(
+        &dir,
+        Script {
+            guest_obeys_shutdown: true,
+            console_flood: 20 * (16 * 1024 * 1024 - 64),
+            console_chunk: 16 * 1024 * 1024 - 64,
+            ..Script::default()
+        },
+    );
+    let uri = fake.uri();
+    let mut shim = Shim::start("huge-frames", TEMPLATE, &env(&uri, "huge-frames"), &[], false);
+    shim.wait_for_stderr("console stream ended", Duration::from_secs(20));
+    // Let the rest of the flood pass through the reader.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(fake.ping(Duration::from_secs(5)), "the connection stopped answering");
+    let anon = status_kib(shim.pid(), "RssAnon:");
+    eprintln!("shim RssAnon after twenty 16 MiB frames: {anon} KiB");
+    assert!(
+        anon < 16 * 1024,
+        "the shim holds {anon} KiB of anonymous memory after 16 MiB frames"
+    );
+    assert!(shim.stderr().contains("at most 262120 bytes"), "{}", shim.stderr());
+    shim.signal(libc::SIGTERM);
+    shim.expect_exit(0, Duration::from_secs(5));
+}

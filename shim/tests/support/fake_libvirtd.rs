@@ -32,6 +32,9 @@ pub struct Script {
     pub guest_obeys_shutdown: bool,
     /// Bytes of console output sent as soon as the console is opened.
     pub console_flood: usize,
+    /// Size of each console packet of the flood (default 64 KiB; libvirt's
+    /// own limit is 262120 bytes, a hostile peer may send up to 16 MiB).
+    pub console_chunk: usize,
     /// DOMAIN_CREATE_XML fails with this libvirt error message.
     pub create_error: Option<String>,
     /// A lifecycle event that does not decode follows the event registration.
@@ -212,8 +215,13 @@ fn serve(mut stream: UnixStream, script: &Script, seen: &Mutex<Seen>, writer: &A
             procedure::DOMAIN_OPEN_CONSOLE => {
                 reply(&[]);
                 let (writer, total, serial) = (writer.clone(), script.console_flood, header.serial);
+                let chunk = if script.console_chunk == 0 {
+                    64 * 1024
+                } else {
+                    script.console_chunk
+                };
                 if total > 0 {
-                    std::thread::spawn(move || flood(&writer, serial, total));
+                    std::thread::spawn(move || flood(&writer, serial, total, chunk));
                 }
             }
             procedure::DOMAIN_GET_STATE if script.ignore_get_state => {}
@@ -241,8 +249,8 @@ fn serve(mut stream: UnixStream, script: &Script, seen: &Mutex<Seen>, writer: &A
 /// Writes `total` bytes of console output in libvirt-sized packets; each
 /// packet holds the writer only while it is written, so replies and PINGs
 /// interleave with the flood as they do from a real daemon.
-fn flood(writer: &Mutex<Option<UnixStream>>, serial: u32, total: usize) {
-    let chunk = vec![b'#'; 64 * 1024];
+fn flood(writer: &Mutex<Option<UnixStream>>, serial: u32, total: usize, chunk: usize) {
+    let chunk = vec![b'#'; chunk];
     let header = Header::remote(
         procedure::DOMAIN_OPEN_CONSOLE,
         MessageType::Stream,
