@@ -1,0 +1,301 @@
+//! Who is calling: the peer of a unix socket connection, known from the
+//! kernel (SO_PEERCRED gives the PID at connect time; with the virthost in the
+//! host's PID namespace it is the host's PID), and its cgroup, which names the
+//! pod (`…/pod<UID>/…`) or the Docker container (`/docker/<ID>`).
+//!
+//! PID reuse: the credentials are the connecting process's, but that process
+//! may exit and its PID be reused before the gate reads `/proc/<pid>`. So the
+//! gate reads the process's start time with its cgroup and refuses a process
+//! that started after the connection was accepted: that is not the caller.
+
+use std::fmt;
+use std::path::Path;
+
+/// A caller the gate can tell apart from every other.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// A Kubernetes pod, by UID (canonical lowercase, dashed).
+    Pod {
+        /// metadata.uid.
+        uid: String,
+    },
+    /// A plain Docker container, by its 64-hex-digit ID.
+    Container {
+        /// The container ID.
+        id: String,
+    },
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Identity::Pod { uid } => write!(f, "pod {uid}"),
+            Identity::Container { id } => write!(f, "container {}", &id[..12.min(id.len())]),
+        }
+    }
+}
+
+/// Why a caller could not be identified (told to the caller and logged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unidentified {
+    /// The cgroup names no pod and no container: a host process, or a runtime
+    /// the gate does not know.
+    #[error(
+        "the calling process (pid {pid}) is not in a Kubernetes pod or Docker container cgroup ({cgroup}); only VM containers may use this socket"
+    )]
+    NotAContainer {
+        /// The caller's PID.
+        pid: i32,
+        /// The cgroup paths seen.
+        cgroup: String,
+    },
+    /// The cgroup file names more than one pod or container.
+    #[error("the calling process (pid {pid}) is in cgroups of different containers ({cgroup}); refusing to guess")]
+    Ambiguous {
+        /// The caller's PID.
+        pid: i32,
+        /// The cgroup paths seen.
+        cgroup: String,
+    },
+    /// The process could not be read (gone, or not visible: the gate needs
+    /// the host's PID namespace).
+    #[error("the calling process (pid {pid}) cannot be read: {why} (the gate needs the host's PID namespace: hostPID)")]
+    Unreadable {
+        /// The caller's PID.
+        pid: i32,
+        /// Why.
+        why: String,
+    },
+    /// The PID now belongs to a process that started after the connection.
+    #[error("pid {pid} was reused by another process after it connected; refusing to take that process's identity")]
+    PidReused {
+        /// The caller's PID.
+        pid: i32,
+    },
+}
+
+/// The identity named by the text of `/proc/<pid>/cgroup` (v1 or v2), if any.
+///
+/// Recognised: the kubelet's cgroupfs driver (`/kubepods/<qos>/pod<UID>/<ctr>`,
+/// `/kubepods/pod<UID>/<ctr>`), its systemd driver
+/// (`kubepods-<qos>-pod<UID_with_underscores>.slice`), and Docker
+/// (`/docker/<64 hex>` and systemd's `docker-<64 hex>.scope`). A Kubernetes pod
+/// wins over the container ID of its runtime (dockershim's containers are in
+/// both, under the pod).
+pub fn from_cgroup(pid: i32, text: &str) -> Result<Identity, Unidentified> {
+    let mut found: Option<Identity> = None;
+    let paths: Vec<&str> = text.lines().filter_map(|line| line.splitn(3, ':').nth(2)).collect();
+    for path in &paths {
+        let identity = pod_of(path).or_else(|| container_of(path));
+        match (&found, identity) {
+            (_, None) => {}
+            (None, Some(id)) => found = Some(id),
+            (Some(a), Some(b)) if *a == b => {}
+            (Some(Identity::Container { .. }), Some(pod @ Identity::Pod { .. })) => found = Some(pod),
+            (Some(Identity::Pod { .. }), Some(Identity::Container { .. })) => {}
+            (Some(_), Some(_)) => {
+                return Err(Unidentified::Ambiguous {
+                    pid,
+                    cgroup: paths.join(" "),
+                });
+            }
+        }
+    }
+    found.ok_or_else(|| Unidentified::NotAContainer {
+        pid,
+        cgroup: if paths.is_empty() {
+            "none".into()
+        } else {
+            paths.join(" ")
+        },
+    })
+}
+
+fn pod_of(path: &str) -> Option<Identity> {
+    for component in path.split('/') {
+        // cgroupfs: pod<uid>; systemd: kubepods-burstable-pod<uid_with_underscores>.slice
+        let candidate = if let Some(rest) = component.strip_prefix("pod") {
+            rest.to_owned()
+        } else if let Some(at) = component.find("-pod")
+            && component.starts_with("kubepods")
+        {
+            component[at + 4..].trim_end_matches(".slice").replace('_', "-")
+        } else {
+            continue;
+        };
+        if let Some(uid) = canonical_uuid(&candidate) {
+            return Some(Identity::Pod { uid });
+        }
+    }
+    None
+}
+
+fn container_of(path: &str) -> Option<Identity> {
+    let mut components = path.split('/').peekable();
+    while let Some(component) = components.next() {
+        let id = if component == "docker" {
+            components.peek().copied()
+        } else {
+            component.strip_prefix("docker-").and_then(|c| c.strip_suffix(".scope"))
+        };
+        if let Some(id) = id
+            && id.len() == 64
+            && id.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Some(Identity::Container {
+                id: id.to_ascii_lowercase(),
+            });
+        }
+    }
+    None
+}
+
+/// A UUID in the canonical lowercase, dashed form, from dashed or bare text.
+pub fn canonical_uuid(text: &str) -> Option<String> {
+    libvirt_wire::protocol::parse_uuid(text).map(|bytes| libvirt_wire::protocol::format_uuid(&bytes))
+}
+
+/// The identity of process `pid`, read under `proc_root` (`/proc`), provided
+/// the process started no later than `accepted_ticks` (clock ticks since boot,
+/// as in `/proc/<pid>/stat`).
+pub fn of_process(proc_root: &Path, pid: i32, accepted_ticks: u64) -> Result<Identity, Unidentified> {
+    let unreadable = |e: std::io::Error| Unidentified::Unreadable {
+        pid,
+        why: e.to_string(),
+    };
+    let dir = proc_root.join(pid.to_string());
+    let started = start_ticks(&std::fs::read_to_string(dir.join("stat")).map_err(unreadable)?).ok_or(
+        Unidentified::Unreadable {
+            pid,
+            why: "its stat file does not parse".into(),
+        },
+    )?;
+    let cgroup = std::fs::read_to_string(dir.join("cgroup")).map_err(unreadable)?;
+    // Read again: the cgroup belongs to the process whose start time was read.
+    let again = start_ticks(&std::fs::read_to_string(dir.join("stat")).map_err(unreadable)?);
+    if again != Some(started) || started > accepted_ticks {
+        return Err(Unidentified::PidReused { pid });
+    }
+    from_cgroup(pid, &cgroup)
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
+/// The command name (field 2) may hold spaces and parentheses: fields are
+/// counted after its last `)`.
+pub fn start_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Now, in clock ticks since boot (the unit of `/proc/<pid>/stat`'s start time).
+pub fn now_ticks() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid, writable `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    // SAFETY: sysconf takes a constant and touches no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if rc != 0 || hz <= 0 {
+        return u64::MAX; // Unknown: the reuse check then only compares the two reads.
+    }
+    let hz = hz as u64;
+    (ts.tv_sec as u64).saturating_mul(hz) + (ts.tv_nsec as u64).saturating_mul(hz) / 1_000_000_000 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b";
+    const CTR: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn kubelet_cgroupfs_driver_v1() {
+        let text = format!(
+            "12:pids:/kubepods/burstable/pod{UID}/{CTR}\n11:memory:/kubepods/burstable/pod{UID}/{CTR}\n1:name=systemd:/kubepods/burstable/pod{UID}/{CTR}\n0::/\n"
+        );
+        assert_eq!(from_cgroup(1, &text), Ok(Identity::Pod { uid: UID.into() }));
+        let guaranteed = format!("0::/kubepods/pod{UID}/{CTR}\n");
+        assert_eq!(from_cgroup(1, &guaranteed), Ok(Identity::Pod { uid: UID.into() }));
+    }
+
+    #[test]
+    fn kubelet_systemd_driver_v2() {
+        let text = format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{CTR}.scope\n",
+            UID.replace('-', "_")
+        );
+        assert_eq!(from_cgroup(1, &text), Ok(Identity::Pod { uid: UID.into() }));
+    }
+
+    #[test]
+    fn docker_cgroupfs_and_systemd() {
+        assert_eq!(
+            from_cgroup(1, &format!("4:memory:/docker/{CTR}\n0::/docker/{CTR}\n")),
+            Ok(Identity::Container { id: CTR.into() })
+        );
+        assert_eq!(
+            from_cgroup(1, &format!("0::/system.slice/docker-{CTR}.scope\n")),
+            Ok(Identity::Container { id: CTR.into() })
+        );
+    }
+
+    #[test]
+    fn host_processes_and_lookalikes_are_not_identified() {
+        for text in [
+            "0::/\n",
+            "0::/user.slice/user-0.slice/session-1.scope\n",
+            "0::/docker/not-hex\n",
+            "0::/docker\n",
+            "0::/kubepods/burstable/podnotauuid/x\n",
+            "0::/podcast/4b7d3e62\n",
+            "",
+            "garbage without colons\n",
+        ] {
+            assert!(
+                matches!(from_cgroup(7, text), Err(Unidentified::NotAContainer { pid: 7, .. })),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_pods_or_two_containers_are_ambiguous() {
+        let other = "9b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b";
+        let text = format!("1:pids:/kubepods/pod{UID}/x\n2:memory:/kubepods/pod{other}/x\n");
+        assert!(matches!(from_cgroup(1, &text), Err(Unidentified::Ambiguous { .. })));
+        let text = format!("1:pids:/docker/{CTR}\n2:memory:/docker/{}\n", "f".repeat(64));
+        assert!(matches!(from_cgroup(1, &text), Err(Unidentified::Ambiguous { .. })));
+    }
+
+    #[test]
+    fn the_pod_wins_over_its_runtime_container() {
+        let text = format!("1:pids:/docker/{CTR}\n2:memory:/kubepods/pod{UID}/{CTR}\n");
+        assert_eq!(from_cgroup(1, &text), Ok(Identity::Pod { uid: UID.into() }));
+    }
+
+    #[test]
+    fn the_start_time_is_read_after_the_command_name() {
+        let stat =
+            "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 2000000 300 18446744073709551615";
+        assert_eq!(start_ticks(stat), Some(123_456));
+        assert_eq!(start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_is_read_and_a_later_start_is_refused() {
+        let me = std::process::id() as i32;
+        // The test runner is a host process (or the CI's container): either way it
+        // must not be refused as reused when asked with the current time.
+        let result = of_process(Path::new("/proc"), me, now_ticks());
+        assert!(!matches!(result, Err(Unidentified::PidReused { .. })), "{result:?}");
+        assert_eq!(
+            of_process(Path::new("/proc"), me, 0),
+            Err(Unidentified::PidReused { pid: me }),
+            "a process that started after the accept is not the caller"
+        );
+        assert!(matches!(
+            of_process(Path::new("/proc"), i32::MAX, now_ticks()),
+            Err(Unidentified::Unreadable { .. })
+        ));
+    }
+}

@@ -1,0 +1,9 @@
+//! virtkube-gate: the virthost's door for VM containers. A VM container
+//! mounts the gate's socket instead of libvirtd's; the gate learns who is
+//! calling from the kernel and lets each caller create and control its own
+//! domain only, through the calls the shim makes and with domain XML the
+//! node's policy admits. See docs/gate.md.
+
+pub mod identity;
+pub mod policy;
+pub mod relay;

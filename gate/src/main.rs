@@ -1,0 +1,135 @@
+//! virtkube-gate: see docs/gate.md for the flags, the policy and what it refuses.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::net::UnixListener;
+use virtkube_gate::policy::Policy;
+use virtkube_gate::relay::{self, Gate};
+
+const USAGE: &str = "\
+virtkube-gate: lets each VM container create and control its own libvirt domain, and nothing else.
+
+usage: virtkube-gate [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-root DIR]...
+                     [--max-memory-kib N] [--max-vcpus N] [--interface-types LIST] [--uri URI]...
+
+  --listen PATH           the socket VM containers mount (default /var/run/virtkube/libvirt-sock)
+  --libvirtd PATH         libvirtd's own socket (default /var/run/libvirt/libvirt-sock)
+  --proc PATH             the host's /proc (the gate needs the host's PID namespace; default /proc)
+  --images-root DIR       a directory VM files may come from; repeatable (default /var/lib/virtkube/images)
+  --max-memory-kib N      most memory one VM may have (default 67108864: 64 GiB)
+  --max-vcpus N           most vCPUs one VM may have (default 64)
+  --interface-types LIST  comma-separated interface types VMs may use (default user,network)
+  --uri URI               a connection URI VMs may open; repeatable (default qemu:///system)
+
+Logs go to stderr; RUST_LOG filters them (default info).
+";
+
+struct Args {
+    listen: PathBuf,
+    gate: Gate,
+}
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
+    let mut listen = PathBuf::from("/var/run/virtkube/libvirt-sock");
+    let mut gate = Gate {
+        libvirtd: PathBuf::from("/var/run/libvirt/libvirt-sock"),
+        proc_root: PathBuf::from("/proc"),
+        policy: Policy::default(),
+    };
+    let (mut roots, mut uris) = (Vec::new(), Vec::new());
+    let mut args = args.into_iter();
+    while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            print!("{USAGE}");
+            std::process::exit(0);
+        }
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value; run with --help for usage"))?;
+        let number = |what: &str| {
+            value
+                .parse::<u64>()
+                .with_context(|| format!("{what} {value:?} is not a whole number"))
+        };
+        match flag.as_str() {
+            "--listen" => listen = value.into(),
+            "--libvirtd" => gate.libvirtd = value.into(),
+            "--proc" => gate.proc_root = value.into(),
+            "--images-root" => roots.push(PathBuf::from(value)),
+            "--max-memory-kib" => gate.policy.max_memory_kib = number("--max-memory-kib")?,
+            "--max-vcpus" => {
+                gate.policy.max_vcpus = u32::try_from(number("--max-vcpus")?).context("--max-vcpus is too large")?
+            }
+            "--interface-types" => {
+                gate.policy.interface_types = value.split(',').map(|t| t.trim().to_owned()).collect()
+            }
+            "--uri" => uris.push(value),
+            other => bail!("unknown flag {other:?}; run with --help for usage"),
+        }
+    }
+    if !roots.is_empty() {
+        if let Some(relative) = roots.iter().find(|r| !r.is_absolute()) {
+            bail!("--images-root {} is not an absolute path", relative.display());
+        }
+        gate.policy.roots = roots;
+    }
+    if !uris.is_empty() {
+        gate.policy.uris = uris;
+    }
+    Ok(Args { listen, gate })
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("virtkube-gate: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(args) {
+        tracing::error!("{e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        // A socket left by an earlier gate would make bind fail.
+        let _ = std::fs::remove_file(&args.listen);
+        let listener =
+            UnixListener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen.display()))?;
+        // Any process may connect: who it is, not its file mode, decides what it may do.
+        std::fs::set_permissions(&args.listen, std::fs::Permissions::from_mode(0o666))
+            .with_context(|| format!("cannot open {} to VM containers", args.listen.display()))?;
+        tracing::info!(
+            listen = %args.listen.display(),
+            libvirtd = %args.gate.libvirtd.display(),
+            policy = ?args.gate.policy,
+            "virtkube-gate ready"
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = relay::serve(listener, Arc::new(args.gate)) => result.context("accepting VM containers failed"),
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                Ok(())
+            }
+        }
+    })
+}

@@ -1,0 +1,671 @@
+//! What a VM container may ask of libvirtd through the gate. Pure: the calls
+//! allowed (exactly those the shim makes), and the domain XML admitted
+//! (exactly the shapes the shim's renderer produces, for the caller's own
+//! identity, with files only under the configured roots).
+
+use std::path::{Component, Path, PathBuf};
+
+use libvirt_wire::protocol::procedure;
+
+use crate::identity::Identity;
+
+/// The version of [`ALLOWED_CALLS`]; raise it when the list changes, so a
+/// shim and a gate can say which list they speak.
+pub const ALLOWED_CALLS_VERSION: u32 = 1;
+
+/// Every remote procedure the shim makes (shim/src/runtime.rs), and no other.
+pub const ALLOWED_CALLS: &[(i32, &str)] = &[
+    (procedure::AUTH_LIST, "AUTH_LIST"),
+    (procedure::CONNECT_OPEN, "CONNECT_OPEN"),
+    (procedure::CONNECT_SUPPORTS_FEATURE, "CONNECT_SUPPORTS_FEATURE"),
+    (procedure::CONNECT_GET_CAPABILITIES, "CONNECT_GET_CAPABILITIES"),
+    (procedure::DOMAIN_CREATE_XML, "DOMAIN_CREATE_XML"),
+    (
+        procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
+        "CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY",
+    ),
+    (procedure::DOMAIN_OPEN_CONSOLE, "DOMAIN_OPEN_CONSOLE"),
+    (procedure::DOMAIN_GET_STATE, "DOMAIN_GET_STATE"),
+    (procedure::DOMAIN_SHUTDOWN_FLAGS, "DOMAIN_SHUTDOWN_FLAGS"),
+    (procedure::DOMAIN_DESTROY_FLAGS, "DOMAIN_DESTROY_FLAGS"),
+    (procedure::CONNECT_CLOSE, "CONNECT_CLOSE"),
+];
+
+/// The name of an allowed procedure, or `None` for one the gate refuses.
+pub fn allowed_call(procedure: i32) -> Option<&'static str> {
+    ALLOWED_CALLS
+        .iter()
+        .find(|(p, _)| *p == procedure)
+        .map(|(_, name)| *name)
+}
+
+/// The node's rules (a virthost setting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Directories whose files a domain may use (kernels, initrds, disks).
+    pub roots: Vec<PathBuf>,
+    /// Most memory one domain may have, in KiB.
+    pub max_memory_kib: u64,
+    /// Most vCPUs one domain may have.
+    pub max_vcpus: u32,
+    /// Interface types a domain may use (`user`, `network`, `bridge`).
+    pub interface_types: Vec<String>,
+    /// Connection URIs a caller may open.
+    pub uris: Vec<String>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            roots: vec![PathBuf::from("/var/lib/virtkube/images")],
+            max_memory_kib: 64 * 1024 * 1024,
+            max_vcpus: 64,
+            interface_types: vec!["user".into(), "network".into()],
+            uris: vec!["qemu:///system".into()],
+        }
+    }
+}
+
+/// Why the gate refused: told to the caller in libvirt's "access denied"
+/// error and logged once at the gate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+fn deny<T>(why: impl Into<String>) -> Result<T, Denied> {
+    Err(Denied(why.into()))
+}
+
+/// Resolves a path as the filesystem sees it (symbolic links followed), for
+/// the root check; an I/O concern kept out of the pure policy.
+pub trait Paths {
+    /// The canonical path, or `None` when it does not exist.
+    fn canonical(&self, path: &Path) -> Option<PathBuf>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RealPaths;
+
+impl Paths for RealPaths {
+    fn canonical(&self, path: &Path) -> Option<PathBuf> {
+        std::fs::canonicalize(path).ok()
+    }
+}
+
+/// The domain a create call admitted: later calls may name only it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// Its name.
+    pub name: String,
+    /// Its UUID, when the XML gives one.
+    pub uuid: Option<[u8; 16]>,
+}
+
+const METADATA_NS: &str = virtkube_metadata_ns();
+
+const fn virtkube_metadata_ns() -> &'static str {
+    "https://virtkube.io/xmlns/domain/v1alpha1"
+}
+
+/// Elements the renderer produces, by their path from `<domain>`. Anything
+/// else (`hostdev`, `filesystem`, `qemu:commandline`, `seclabel`, `loader`,
+/// `nvram`, …) is refused.
+const ELEMENTS: &[&str] = &[
+    "domain",
+    "domain/name",
+    "domain/uuid",
+    "domain/metadata",
+    "domain/memory",
+    "domain/vcpu",
+    "domain/os",
+    "domain/os/type",
+    "domain/os/kernel",
+    "domain/os/initrd",
+    "domain/os/cmdline",
+    "domain/features",
+    "domain/features/acpi",
+    "domain/features/apic",
+    "domain/cpu",
+    "domain/cpu/model",
+    "domain/cpu/topology",
+    "domain/cpu/feature",
+    "domain/clock",
+    "domain/on_poweroff",
+    "domain/on_reboot",
+    "domain/on_crash",
+    "domain/devices",
+    "domain/devices/controller",
+    "domain/devices/disk",
+    "domain/devices/disk/driver",
+    "domain/devices/disk/source",
+    "domain/devices/disk/source/host",
+    "domain/devices/disk/target",
+    "domain/devices/disk/readonly",
+    "domain/devices/disk/boot",
+    "domain/devices/interface",
+    "domain/devices/interface/mac",
+    "domain/devices/interface/source",
+    "domain/devices/interface/model",
+    "domain/devices/interface/boot",
+    "domain/devices/serial",
+    "domain/devices/serial/target",
+    "domain/devices/console",
+    "domain/devices/console/target",
+    "domain/devices/panic",
+    "domain/devices/graphics",
+    "domain/devices/graphics/listen",
+];
+
+/// The only children `<metadata>` may have: virtkube's own instance record.
+const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template"];
+
+/// Checks a domain XML from `who` against `policy`.
+pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl Paths) -> Result<Admitted, Denied> {
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        nodes_limit: 10_000,
+        ..roxmltree::ParsingOptions::default()
+    };
+    let doc = roxmltree::Document::parse_with_options(xml, options)
+        .or_else(|e| deny(format!("the domain XML does not parse: {e}")))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "domain" || root.tag_name().namespace().is_some() {
+        return deny("the document is not a <domain>");
+    }
+    for node in root.descendants().filter(roxmltree::Node::is_element) {
+        check_element(node)?;
+    }
+    match root.attribute("type") {
+        Some("qemu" | "kvm" | "test") => {}
+        other => return deny(format!("domain type {other:?} is not allowed (qemu or kvm)")),
+    }
+    let name = child_text(root, "name").ok_or(Denied("the domain has no <name>".into()))?;
+    let uuid = match child_text(root, "uuid") {
+        Some(text) => {
+            Some(libvirt_wire::protocol::parse_uuid(text).ok_or(Denied(format!("<uuid> {text:?} is not a UUID")))?)
+        }
+        None => None,
+    };
+    check_owner(root, who, name, uuid.as_ref())?;
+    check_sizes(root, policy)?;
+    check_devices(root, policy, paths)?;
+    Ok(Admitted {
+        name: name.to_owned(),
+        uuid,
+    })
+}
+
+fn path_of(node: roxmltree::Node<'_, '_>) -> String {
+    let mut names: Vec<&str> = node
+        .ancestors()
+        .filter(roxmltree::Node::is_element)
+        .map(|n| n.tag_name().name())
+        .collect();
+    names.reverse();
+    names.join("/")
+}
+
+fn check_element(node: roxmltree::Node<'_, '_>) -> Result<(), Denied> {
+    let in_metadata = node
+        .ancestors()
+        .skip(1)
+        .any(|a| a.is_element() && a.tag_name().name() == "metadata" && a.tag_name().namespace().is_none());
+    if in_metadata {
+        if node.tag_name().namespace() != Some(METADATA_NS) || !METADATA_ELEMENTS.contains(&node.tag_name().name()) {
+            return deny(format!(
+                "<metadata> may hold only virtkube's instance record; <{}> is not allowed",
+                node.tag_name().name()
+            ));
+        }
+        return Ok(());
+    }
+    if let Some(ns) = node.tag_name().namespace() {
+        return deny(format!(
+            "<{}> of namespace {ns} is not allowed (no QEMU command-line or other extensions)",
+            node.tag_name().name()
+        ));
+    }
+    let path = path_of(node);
+    if !ELEMENTS.contains(&path.as_str()) {
+        return deny(format!(
+            "<{}> (at {path}) is not allowed: VM pods get only what virtkube's templates describe",
+            node.tag_name().name()
+        ));
+    }
+    Ok(())
+}
+
+fn child<'a, 'input>(node: roxmltree::Node<'a, 'input>, name: &str) -> Option<roxmltree::Node<'a, 'input>> {
+    node.children().find(|c| c.is_element() && c.tag_name().name() == name)
+}
+
+fn child_text<'a>(node: roxmltree::Node<'a, '_>, name: &str) -> Option<&'a str> {
+    child(node, name).and_then(|c| c.text()).map(str::trim)
+}
+
+/// The domain must be the caller's: a pod's carries the pod's UID as its UUID
+/// and in virtkube's metadata; a Docker container's is named after the
+/// container (its default hostname, the first 12 digits of its ID) and claims
+/// no pod.
+fn check_owner(
+    root: roxmltree::Node<'_, '_>,
+    who: &Identity,
+    name: &str,
+    uuid: Option<&[u8; 16]>,
+) -> Result<(), Denied> {
+    let claimed_uid = root
+        .descendants()
+        .find(|n| n.tag_name().namespace() == Some(METADATA_NS) && n.tag_name().name() == "uid")
+        .and_then(|n| n.text())
+        .map(str::trim);
+    match who {
+        Identity::Pod { uid } => {
+            let own = libvirt_wire::protocol::parse_uuid(uid);
+            if uuid.is_none() || uuid != own.as_ref() {
+                return deny(format!(
+                    "the domain's <uuid> must be the calling pod's UID {uid} (the shim sets it from POD_UID)"
+                ));
+            }
+            if claimed_uid.and_then(libvirt_wire::protocol::parse_uuid) != own {
+                return deny(format!(
+                    "the domain's virtkube metadata must name the calling pod's UID {uid}, not {claimed_uid:?}"
+                ));
+            }
+        }
+        Identity::Container { id } => {
+            if let Some(claimed) = claimed_uid {
+                return deny(format!(
+                    "a Docker container may not claim pod UID {claimed:?} in the domain's metadata"
+                ));
+            }
+            if name != &id[..12] {
+                return deny(format!(
+                    "a Docker container's domain must be named after the container ({}), not {name:?}",
+                    &id[..12]
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_sizes(root: roxmltree::Node<'_, '_>, policy: &Policy) -> Result<(), Denied> {
+    let memory = child(root, "memory").ok_or(Denied("the domain has no <memory>".into()))?;
+    if memory.attribute("unit").unwrap_or("KiB") != "KiB" {
+        return deny("<memory> must be in KiB");
+    }
+    let kib: u64 = memory
+        .text()
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or(Denied("<memory> is not a number of KiB".into()))?;
+    if kib > policy.max_memory_kib {
+        return deny(format!(
+            "<memory> {kib} KiB is more than this node allows a VM ({} KiB)",
+            policy.max_memory_kib
+        ));
+    }
+    let vcpus: u32 = child_text(root, "vcpu")
+        .and_then(|t| t.parse().ok())
+        .ok_or(Denied("<vcpu> is missing or not a number".into()))?;
+    if vcpus > policy.max_vcpus {
+        return deny(format!(
+            "<vcpu> {vcpus} is more than this node allows a VM ({})",
+            policy.max_vcpus
+        ));
+    }
+    Ok(())
+}
+
+fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<(), Denied> {
+    if let Some(os) = child(root, "os") {
+        if os.attribute("firmware").is_some_and(|f| f != "efi") {
+            return deny("<os firmware> may only be efi");
+        }
+        for name in ["kernel", "initrd"] {
+            if let Some(path) = child_text(os, name) {
+                check_file(&format!("<{name}>"), path, policy, paths)?;
+            }
+        }
+    }
+    for disk in root.descendants().filter(|n| n.has_tag_name("disk")) {
+        let source = child(disk, "source");
+        match disk.attribute("type") {
+            Some("file") => {
+                let file = source
+                    .and_then(|s| s.attribute("file"))
+                    .ok_or(Denied("a file disk needs <source file>".into()))?;
+                check_file("a disk", file, policy, paths)?;
+            }
+            Some("network") => {}
+            other => {
+                return deny(format!(
+                    "disk type {other:?} is not allowed (file or network; no host block devices)"
+                ));
+            }
+        }
+        if let Some(source) = source
+            && (source.has_attribute("dev") || source.has_attribute("dir") || source.has_attribute("pool"))
+        {
+            return deny("a disk <source> may name a file under the images directory or a network volume only");
+        }
+    }
+    for nic in root.descendants().filter(|n| n.has_tag_name("interface")) {
+        let kind = nic.attribute("type").unwrap_or_default();
+        if !policy.interface_types.iter().any(|t| t == kind) {
+            return deny(format!(
+                "interface type {kind:?} is not allowed on this node (allowed: {})",
+                policy.interface_types.join(", ")
+            ));
+        }
+    }
+    for chardev in root
+        .descendants()
+        .filter(|n| n.has_tag_name("serial") || n.has_tag_name("console"))
+    {
+        if chardev.attribute("type") != Some("pty") {
+            return deny(format!(
+                "<{}> must be of type pty (no host files, sockets or devices)",
+                chardev.tag_name().name()
+            ));
+        }
+    }
+    for graphics in root.descendants().filter(|n| n.has_tag_name("graphics")) {
+        if graphics.attribute("type") != Some("vnc") {
+            return deny("only VNC graphics are allowed");
+        }
+        if graphics.has_attribute("socket") || graphics.descendants().any(|n| n.attribute("type") == Some("socket")) {
+            return deny("graphics may not listen on a host socket");
+        }
+    }
+    Ok(())
+}
+
+/// A file a domain uses must be an absolute path under one of the roots, with
+/// no `..`, and must stay under it with symbolic links followed.
+fn check_file(what: &str, path: &str, policy: &Policy, paths: &impl Paths) -> Result<(), Denied> {
+    let p = Path::new(path);
+    if !p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return deny(format!("{what} {path:?} must be an absolute path without . or .."));
+    }
+    let Some(root) = policy.roots.iter().find(|root| p.starts_with(root)) else {
+        return deny(format!(
+            "{what} {path:?} is outside the directories VM files may come from ({})",
+            policy
+                .roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    };
+    let canonical_root = paths.canonical(root).unwrap_or_else(|| root.clone());
+    match paths.canonical(p) {
+        Some(real) if real.starts_with(&canonical_root) => Ok(()),
+        Some(real) => deny(format!(
+            "{what} {path:?} leads to {} through a symbolic link, outside {}",
+            real.display(),
+            root.display()
+        )),
+        // A file that does not exist cannot escape; libvirt reports it missing.
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const UID: &str = "6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+
+    struct FakePaths(BTreeMap<PathBuf, PathBuf>);
+
+    impl Paths for FakePaths {
+        fn canonical(&self, path: &Path) -> Option<PathBuf> {
+            self.0.get(path).cloned().or_else(|| Some(path.to_owned()))
+        }
+    }
+
+    fn no_links() -> FakePaths {
+        FakePaths(BTreeMap::new())
+    }
+
+    fn pod() -> Identity {
+        Identity::Pod { uid: UID.into() }
+    }
+
+    fn golden(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/../shim/tests/golden/{name}.xml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn server_policy() -> Policy {
+        Policy {
+            interface_types: vec!["user".into(), "network".into()],
+            ..Policy::default()
+        }
+    }
+
+    #[track_caller]
+    fn denied(xml: &str, who: &Identity, expected: &str) {
+        match check_domain_xml(xml, who, &server_policy(), &no_links()) {
+            Ok(a) => panic!("admitted {a:?}:\n{xml}"),
+            Err(Denied(why)) => assert!(why.contains(expected), "expected {expected:?}, got {why:?}"),
+        }
+    }
+
+    #[test]
+    fn what_the_renderer_produces_for_the_caller_is_admitted() {
+        let admitted = check_domain_xml(&golden("server"), &pod(), &server_policy(), &no_links()).unwrap();
+        assert_eq!(admitted.name, "virtkube-golden_server-0");
+        assert_eq!(admitted.uuid, libvirt_wire::protocol::parse_uuid(UID));
+    }
+
+    #[test]
+    fn another_pods_domain_is_refused() {
+        let other = Identity::Pod {
+            uid: "11111111-2222-3333-4444-555555555555".into(),
+        };
+        denied(&golden("server"), &other, "must be the calling pod's UID");
+        // Forged: the UUID is the caller's but the metadata names another pod.
+        let forged = golden("server").replace(
+            &format!("<virtkube:uid>{UID}</virtkube:uid>"),
+            "<virtkube:uid>11111111-2222-3333-4444-555555555555</virtkube:uid>",
+        );
+        denied(&forged, &pod(), "metadata must name the calling pod's UID");
+        // No UUID at all.
+        let no_uuid = golden("server").replace(&format!("<uuid>{UID}</uuid>"), "");
+        denied(&no_uuid, &pod(), "must be the calling pod's UID");
+    }
+
+    #[test]
+    fn host_access_and_extensions_are_refused() {
+        let xml = golden("server");
+        let with = |extra: &str| xml.replace("<devices>", &format!("<devices>{extra}"));
+        denied(
+            &with("<hostdev mode='subsystem' type='pci'><source><address bus='0'/></source></hostdev>"),
+            &pod(),
+            "<hostdev>",
+        );
+        denied(
+            &with("<filesystem type='mount'><source dir='/'/><target dir='root'/></filesystem>"),
+            &pod(),
+            "<filesystem>",
+        );
+        denied(
+            &xml.replace(
+                "</devices>",
+                "</devices><qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-x'/></qemu:commandline>",
+            ),
+            &pod(),
+            "namespace http://libvirt.org/schemas/domain/qemu/1.0",
+        );
+        denied(
+            &xml.replace("</devices>", "</devices><seclabel type='none'/>"),
+            &pod(),
+            "<seclabel>",
+        );
+        denied(
+            &with("<disk type='block' device='disk'><source dev='/dev/sda'/><target dev='vdz'/></disk>"),
+            &pod(),
+            "disk type Some(\"block\")",
+        );
+        denied(
+            &xml.replace(
+                "<serial type=\"pty\">",
+                "<serial type=\"file\"><source path='/etc/shadow'/>",
+            ),
+            &pod(),
+            "<source> (at domain/devices/serial/source)",
+        );
+        denied(
+            &xml.replace("<interface type=\"user\">", "<interface type=\"direct\">"),
+            &pod(),
+            "interface type \"direct\"",
+        );
+        denied(
+            &xml.replace("<metadata>", "<metadata><evil xmlns='urn:x'/>"),
+            &pod(),
+            "may hold only virtkube's instance record",
+        );
+        denied(
+            &xml.replace("<os>", "<os><loader>/etc/shadow</loader>"),
+            &pod(),
+            "<loader>",
+        );
+    }
+
+    #[test]
+    fn files_must_stay_under_the_roots() {
+        let xml = golden("server");
+        let disk = |path: &str| xml.replace("/var/lib/virtkube/images/server/root.qcow2", path);
+        denied(
+            &disk("/etc/shadow"),
+            &pod(),
+            "outside the directories VM files may come from",
+        );
+        denied(
+            &disk("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+            &pod(),
+            "outside the directories",
+        );
+        denied(
+            &disk("/var/lib/virtkube/images/../../../etc/shadow"),
+            &pod(),
+            "without . or ..",
+        );
+        denied(&disk("relative/disk.qcow2"), &pod(), "must be an absolute path");
+        denied(
+            &disk("/var/lib/virtkube/imagesX/disk"),
+            &pod(),
+            "outside the directories",
+        );
+        // A symbolic link in the images directory that points out.
+        let links = FakePaths(BTreeMap::from([(
+            PathBuf::from("/var/lib/virtkube/images/server/root.qcow2"),
+            PathBuf::from("/etc/shadow"),
+        )]));
+        let err = check_domain_xml(&xml, &pod(), &server_policy(), &links).unwrap_err();
+        assert!(err.0.contains("through a symbolic link"), "{err}");
+        // Kernels too.
+        let tiny = golden("tiny").replace("/var/lib/virtkube/images/tiny/vmlinuz", "/boot/vmlinuz");
+        let tiny_pod = Identity::Pod {
+            uid: libvirt_wire::protocol::format_uuid(
+                &libvirt_wire::protocol::parse_uuid(
+                    roxmltree::Document::parse(&tiny)
+                        .ok()
+                        .and_then(|d| {
+                            d.descendants()
+                                .find(|n| n.has_tag_name("uuid"))
+                                .and_then(|n| n.text())
+                                .map(str::to_owned)
+                        })
+                        .unwrap_or_default()
+                        .as_str(),
+                )
+                .unwrap_or([0; 16]),
+            ),
+        };
+        denied(&tiny, &tiny_pod, "<kernel> \"/boot/vmlinuz\" is outside");
+    }
+
+    #[test]
+    fn sizes_over_the_nodes_maxima_are_refused() {
+        let xml = golden("server");
+        denied(
+            &xml.replace(
+                "<memory unit=\"KiB\">2097152</memory>",
+                "<memory unit=\"KiB\">999999999999</memory>",
+            ),
+            &pod(),
+            "more than this node allows",
+        );
+        denied(
+            &xml.replace("<vcpu placement=\"static\">4</vcpu>", "<vcpu>4096</vcpu>"),
+            &pod(),
+            "<vcpu> 4096",
+        );
+        denied(
+            &xml.replace("unit=\"KiB\">2097152", "unit=\"GiB\">2"),
+            &pod(),
+            "must be in KiB",
+        );
+    }
+
+    #[test]
+    fn a_docker_container_may_create_only_a_domain_named_after_it() {
+        let id = "0123456789ab".to_owned() + &"c".repeat(52);
+        let container = Identity::Container { id };
+        let xml = golden("tiny");
+        let doc = roxmltree::Document::parse(&xml).unwrap_or_else(|e| panic!("{e}"));
+        let name = doc
+            .descendants()
+            .find(|n| n.has_tag_name("name"))
+            .and_then(|n| n.text())
+            .unwrap_or_default()
+            .to_owned();
+        let unclaimed = {
+            let mut s = xml.clone();
+            if let (Some(a), Some(b)) = (s.find("<metadata>"), s.find("</metadata>")) {
+                s.replace_range(a..b + "</metadata>".len(), "");
+            }
+            s
+        };
+        denied(
+            &unclaimed,
+            &container,
+            "must be named after the container (0123456789ab)",
+        );
+        let renamed = unclaimed.replace(&format!("<name>{name}</name>"), "<name>0123456789ab</name>");
+        assert!(check_domain_xml(&renamed, &container, &Policy::default(), &no_links()).is_ok());
+        denied(
+            &xml.replace(&format!("<name>{name}</name>"), "<name>0123456789ab</name>"),
+            &container,
+            "may not claim pod UID",
+        );
+    }
+
+    #[test]
+    fn not_xml_or_not_a_domain_is_refused() {
+        denied("<domain", &pod(), "does not parse");
+        denied("<network/>", &pod(), "not a <domain>");
+        denied("<!DOCTYPE d [<!ENTITY x 'y'>]><domain/>", &pod(), "does not parse");
+    }
+
+    #[test]
+    fn the_allow_list_is_exactly_the_shims_calls() {
+        assert_eq!(allowed_call(procedure::DOMAIN_CREATE_XML), Some("DOMAIN_CREATE_XML"));
+        // define, list, lookup, XML, node devices, secrets, storage, sysinfo: refused.
+        for refused in [11, 12, 14, 23, 24, 25, 26, 35, 55, 56, 74, 77, 146, 203, 213, 273] {
+            assert_eq!(allowed_call(refused), None, "procedure {refused}");
+        }
+        assert_eq!(ALLOWED_CALLS.len(), 11);
+    }
+}

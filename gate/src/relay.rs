@@ -1,0 +1,311 @@
+//! The gate's I/O: accept a VM container on the socket it mounts, learn who
+//! it is from the kernel, open a connection of its own to libvirtd for it,
+//! and relay: every call from the container is checked (the allow-list, the
+//! domain XML, the domain it names) before it reaches libvirtd; a refused one
+//! gets libvirt's own "access denied" error with the reason, and one log line.
+//! Replies, events and console data from libvirtd pass back unchanged.
+//!
+//! One libvirtd connection per VM container keeps libvirt's AUTODESTROY
+//! meaning what it meant: the container's connection closing closes the
+//! gate's, and libvirtd ends the domain.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libvirt_wire::LibvirtError;
+use libvirt_wire::protocol::{
+    self, DomainRef, HEADER_SIZE, Header, KEEPALIVE_PROGRAM, LEN_SIZE, MessageType, REMOTE_PROGRAM, Status, procedure,
+};
+use libvirt_wire::xdr::Decoder;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Mutex;
+
+use crate::identity::{self, Identity};
+use crate::policy::{self, Admitted, Denied, Policy, RealPaths};
+
+/// libvirt's `VIR_ERR_ACCESS_DENIED`.
+pub const ERR_ACCESS_DENIED: i32 = 88;
+/// libvirt's `VIR_FROM_ACCESS`.
+pub const FROM_ACCESS: i32 = 55;
+/// The largest packet a VM container may send: a domain XML (libvirt takes
+/// at most 4 MiB in one string) and its header. Larger is not a shim.
+pub const MAX_CLIENT_PACKET: usize = 4 * 1024 * 1024 + 1024;
+/// How long an unidentified caller may take to send its first call.
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
+
+/// The gate's settings.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// libvirtd's own socket (never mounted in VM containers).
+    pub libvirtd: PathBuf,
+    /// Where processes are read (`/proc`; the host's, with hostPID).
+    pub proc_root: PathBuf,
+    /// What VM containers may do.
+    pub policy: Policy,
+}
+
+/// Accepts VM containers until the listener fails.
+pub async fn serve(listener: UnixListener, gate: Arc<Gate>) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let accepted = identity::now_ticks();
+        let gate = gate.clone();
+        tokio::spawn(async move { client(stream, accepted, &gate).await });
+    }
+}
+
+async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
+    let who = match stream.peer_cred() {
+        Ok(cred) => match cred.pid() {
+            Some(pid) => identity::of_process(&gate.proc_root, pid, accepted_ticks).map_err(|e| e.to_string()),
+            None => Err("the kernel gave no PID for the caller".to_owned()),
+        },
+        Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
+    };
+    let who = match who {
+        Ok(who) => who,
+        Err(why) => {
+            tracing::warn!(%why, "refused an unidentified caller");
+            refuse_connection(stream, &why).await;
+            return;
+        }
+    };
+    let upstream = match UnixStream::connect(&gate.libvirtd).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            let why = format!("the gate cannot reach libvirtd at {}: {e}", gate.libvirtd.display());
+            tracing::error!(%who, %why, "no libvirtd");
+            refuse_connection(stream, &why).await;
+            return;
+        }
+    };
+    tracing::info!(%who, "VM container connected");
+    relay(stream, upstream, who.clone(), gate).await;
+    tracing::info!(%who, "VM container disconnected");
+}
+
+/// Answers the caller's first call with the reason it is refused, then hangs up.
+async fn refuse_connection(mut stream: UnixStream, why: &str) {
+    if let Ok(Ok(Some((header, _)))) = tokio::time::timeout(REFUSAL_WAIT, read_packet(&mut stream)).await
+        && header.kind == MessageType::Call
+    {
+        let _ = stream.write_all(&denial(&header, why)).await;
+    }
+}
+
+fn denial(call: &Header, why: &str) -> Vec<u8> {
+    let error = LibvirtError {
+        code: ERR_ACCESS_DENIED,
+        domain: FROM_ACCESS,
+        level: 2,
+        message: format!("access denied by virtkube-gate: {why}"),
+    };
+    protocol::encode_packet(
+        &Header::remote(call.procedure, MessageType::Reply, call.serial, Status::Error),
+        &protocol::encode_error(&error),
+    )
+}
+
+/// One packet: its header and the whole frame as it came (to forward
+/// unchanged). `None` at a clean end of stream.
+async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Option<(Header, Vec<u8>)>> {
+    let mut len_word = [0u8; LEN_SIZE];
+    match reader.read_exact(&mut len_word).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let len = protocol::check_length(u32::from_be_bytes(len_word)).map_err(|e| invalid(e.to_string()))?;
+    if len > MAX_CLIENT_PACKET {
+        return Err(invalid(format!(
+            "a {len}-byte packet is more than a VM container sends ({MAX_CLIENT_PACKET})"
+        )));
+    }
+    let mut frame = vec![0u8; len];
+    frame[..LEN_SIZE].copy_from_slice(&len_word);
+    reader.read_exact(&mut frame[LEN_SIZE..]).await?;
+    let (header, _) =
+        protocol::decode_packet(&frame[LEN_SIZE..LEN_SIZE + HEADER_SIZE]).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some((header, frame)))
+}
+
+/// What one VM container's connection has been allowed so far.
+#[derive(Debug, Default)]
+struct Session {
+    /// The domain it created (one per connection).
+    domain: Option<Admitted>,
+    /// Serials of the consoles it opened: its stream packets go only there.
+    consoles: Vec<u32>,
+}
+
+/// A call's verdict.
+enum Verdict {
+    Forward,
+    Deny(String),
+}
+
+async fn relay(client: UnixStream, upstream: UnixStream, who: Identity, gate: &Gate) {
+    let (mut from_client, to_client) = client.into_split();
+    let (mut from_libvirtd, mut to_libvirtd) = upstream.into_split();
+    let to_client = Arc::new(Mutex::new(to_client));
+    // libvirtd → VM container: whole frames, so a denial written meanwhile
+    // never lands inside one.
+    let writer = to_client.clone();
+    let mut downstream = tokio::spawn(async move {
+        while let Ok(Some((_, frame))) = read_packet_unbounded(&mut from_libvirtd).await {
+            if writer.lock().await.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut session = Session::default();
+    let upstream_loop = async {
+        loop {
+            let (header, frame) = match read_packet(&mut from_client).await {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%who, error = %e, "closing a VM container's connection: it broke the protocol");
+                    return;
+                }
+            };
+            let verdict = match (header.program, header.kind) {
+                (KEEPALIVE_PROGRAM, MessageType::Message) => Verdict::Forward,
+                (REMOTE_PROGRAM, MessageType::Call) => {
+                    judge(&header, &frame[LEN_SIZE + HEADER_SIZE..], &who, gate, &mut session)
+                }
+                (REMOTE_PROGRAM, MessageType::Stream) if session.consoles.contains(&header.serial) => Verdict::Forward,
+                (program, kind) => {
+                    tracing::warn!(%who, program, ?kind, serial = header.serial, "closing a VM container's connection: a packet the shim never sends");
+                    return;
+                }
+            };
+            match verdict {
+                Verdict::Forward => {
+                    if to_libvirtd.write_all(&frame).await.is_err() {
+                        return;
+                    }
+                }
+                Verdict::Deny(why) => {
+                    tracing::warn!(%who, procedure = header.procedure, %why, "refused");
+                    if to_client.lock().await.write_all(&denial(&header, &why)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = upstream_loop => downstream.abort(),
+        _ = &mut downstream => {}
+    }
+}
+
+/// libvirtd's packets are trusted for size (up to libvirt's own limit).
+async fn read_packet_unbounded<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Option<(Header, Vec<u8>)>> {
+    let mut len_word = [0u8; LEN_SIZE];
+    match reader.read_exact(&mut len_word).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = protocol::check_length(u32::from_be_bytes(len_word))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut frame = vec![0u8; len];
+    frame[..LEN_SIZE].copy_from_slice(&len_word);
+    reader.read_exact(&mut frame[LEN_SIZE..]).await?;
+    Ok(Some((Header::keepalive(0), frame)))
+}
+
+/// Decides one call from a VM container.
+fn judge(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: &mut Session) -> Verdict {
+    match check_call(call, args, who, gate, session) {
+        Ok(()) => Verdict::Forward,
+        Err(Denied(why)) => Verdict::Deny(why),
+    }
+}
+
+fn bad_args(what: &str) -> impl Fn(libvirt_wire::xdr::XdrError) -> Denied + '_ {
+    move |e| Denied(format!("malformed {what} arguments: {e}"))
+}
+
+fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: &mut Session) -> Result<(), Denied> {
+    let Some(name) = policy::allowed_call(call.procedure) else {
+        return Err(Denied(format!(
+            "procedure {} is not one a VM container may call (allow-list v{}: the shim's calls only)",
+            call.procedure,
+            policy::ALLOWED_CALLS_VERSION
+        )));
+    };
+    let mut d = Decoder::new(args);
+    match call.procedure {
+        procedure::CONNECT_OPEN => {
+            let uri = d.opt_string("name").map_err(bad_args(name))?;
+            match uri {
+                Some(uri) if gate.policy.uris.contains(&uri) => Ok(()),
+                other => Err(Denied(format!(
+                    "connection URI {other:?} is not allowed (allowed: {})",
+                    gate.policy.uris.join(", ")
+                ))),
+            }
+        }
+        procedure::DOMAIN_CREATE_XML => {
+            if session.domain.is_some() {
+                return Err(Denied(
+                    "this connection already created its domain; one VM per container".into(),
+                ));
+            }
+            let xml = d.string("xml").map_err(bad_args(name))?;
+            let admitted = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
+            tracing::info!(%who, domain = %admitted.name, "domain admitted");
+            session.domain = Some(admitted);
+            Ok(())
+        }
+        procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY => {
+            let event = d.i32("eventID").map_err(bad_args(name))?;
+            if event != 0 {
+                return Err(Denied(format!(
+                    "only lifecycle events (0) may be watched, not event {event}"
+                )));
+            }
+            if !d.bool("dom").map_err(bad_args(name))? {
+                return Err(Denied(
+                    "events of every domain may not be watched; name your own domain".into(),
+                ));
+            }
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)
+        }
+        procedure::DOMAIN_OPEN_CONSOLE => {
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
+            session.consoles.push(call.serial);
+            Ok(())
+        }
+        procedure::DOMAIN_GET_STATE | procedure::DOMAIN_SHUTDOWN_FLAGS | procedure::DOMAIN_DESTROY_FLAGS => {
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A call may name only the domain this connection created.
+fn own_domain(named: &DomainRef, session: &Session) -> Result<(), Denied> {
+    let Some(own) = &session.domain else {
+        return Err(Denied(format!(
+            "domain {:?} is not this container's: it has created none",
+            named.name
+        )));
+    };
+    let uuid_matches = own.uuid.is_none_or(|uuid| uuid == named.uuid);
+    if named.name != own.name || !uuid_matches {
+        return Err(Denied(format!(
+            "domain {:?} ({}) is not this container's ({:?})",
+            named.name,
+            named.uuid_string(),
+            own.name
+        )));
+    }
+    Ok(())
+}
