@@ -1,0 +1,236 @@
+//! The gate against a hostile VM container, on the real libvirtd (qemu
+//! driver, the tiny guest): the probe runs in a pod's cgroup (made here with
+//! the kernel's cgroup filesystem, as the kubelet makes it) and tries what a
+//! VM container must not do; every attempt must be refused with a reason and
+//! a gate log line, and nothing may reach libvirtd. Then it creates its own
+//! domain, which a SIGKILL of the probe must end. A host process
+//! (no pod, no container) is refused with the reason.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const LIBVIRTD: &str = "/var/run/libvirt/libvirt-sock";
+
+struct Cleanup(Vec<Box<dyn FnMut()>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for f in self.0.iter_mut().rev() {
+            f();
+        }
+    }
+}
+
+fn start_gate(dir: &Path) -> (Child, PathBuf, PathBuf) {
+    let socket = dir.join("gate.sock");
+    let log = dir.join("gate.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
+        .args(["--listen", socket.to_str().unwrap(), "--libvirtd", LIBVIRTD])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the gate did not listen: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, socket, log)
+}
+
+/// A pod's cgroup, as the kubelet's cgroupfs driver names it, in a v1
+/// hierarchy (or the v2 one where there is no v1).
+fn pod_cgroup(uid: &str) -> PathBuf {
+    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists())
+        .expect("no writable cgroup hierarchy");
+    let dir = base
+        .join("kubepods/burstable")
+        .join(format!("pod{uid}"))
+        .join(format!("{:064x}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+fn domstate(name: &str) -> Option<String> {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "domstate", name])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+#[test]
+#[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
+fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
+    let dir = std::env::temp_dir().join(format!("virtkube-gate-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cleanup = Cleanup(Vec::new());
+    let (gate, socket, log) = start_gate(&dir);
+    let mut gate = Some(gate);
+    cleanup.0.push(Box::new(move || {
+        if let Some(mut g) = gate.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
+    }));
+    let link = PathBuf::from("/var/lib/virtkube/images/gate-probe-link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/etc/shadow", &link).unwrap();
+    cleanup.0.push(Box::new(move || {
+        let _ = std::fs::remove_file("/var/lib/virtkube/images/gate-probe-link");
+    }));
+
+    let uid = format!("4b7d3e62-5b2f-4c3a-9a8e-{:012x}", std::process::id());
+    let name = format!("gate-hostile-{}", std::process::id());
+    let golden =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml")).unwrap();
+    let own_xml = golden
+        .replace("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b", &uid)
+        .replace("virtkube-golden_tiny-0", &name);
+    let xml_file = dir.join("own.xml");
+    std::fs::write(&xml_file, &own_xml).unwrap();
+
+    let cgroup = pod_cgroup(&uid);
+    let cg = cgroup.clone();
+    cleanup.0.push(Box::new(move || {
+        let _ = std::fs::remove_dir(&cg);
+        if let Some(pod) = cg.parent() {
+            let _ = std::fs::remove_dir(pod);
+        }
+    }));
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
+        .args([socket.to_str().unwrap(), &uid, xml_file.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(cgroup.join("cgroup.procs"), probe.id().to_string()).unwrap();
+    let mut stdin = probe.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = probe.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the probe did not finish; so far: {lines:#?}\ngate log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        if line == "ready" {
+            break;
+        }
+        lines.push(line);
+    }
+    let report = lines.join("\n");
+    let allowed: Vec<&str> = [
+        "create own domain",
+        "own domain's state",
+        "own domain's events",
+        "own domain's console",
+    ]
+    .to_vec();
+    let mut refusals = 0;
+    for line in &lines {
+        let mut fields = line.splitn(3, '\t');
+        let (attempt, verdict, reason) = (
+            fields.next().unwrap(),
+            fields.next().unwrap_or(""),
+            fields.next().unwrap_or(""),
+        );
+        if allowed.contains(&attempt) {
+            assert_eq!(verdict, "ALLOWED", "{attempt} should be allowed:\n{report}");
+        } else {
+            assert_eq!(verdict, "REFUSED", "{attempt} was not refused by the gate:\n{report}");
+            assert!(
+                reason.starts_with("access denied by virtkube-gate: ") && reason.len() > 40,
+                "{attempt}: no reason: {reason:?}"
+            );
+            refusals += 1;
+        }
+    }
+    assert!(refusals >= 22, "fewer attempts than expected:\n{report}");
+    for (attempt, why) in [
+        ("create: another pod's UUID", "must be the calling pod's UID"),
+        ("create: hostdev", "<hostdev>"),
+        ("create: /etc/shadow as a kernel", "outside the directories"),
+        (
+            "create: a symlink out of the images directory",
+            "through a symbolic link",
+        ),
+        ("create: a ../ escape", "without . or .."),
+        ("list all domains", "allow-list"),
+        ("events of every domain", "name your own domain"),
+        ("another domain by UUID", "is not this container's"),
+        ("open test:///default", "connection URI"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("{attempt}\t")) && l.contains(why)),
+            "{attempt}: expected a refusal naming {why:?}:\n{report}"
+        );
+    }
+    let gate_log = std::fs::read_to_string(&log).unwrap();
+    let logged = gate_log.lines().filter(|l| l.contains("refused")).count();
+    assert!(
+        logged >= refusals - 1,
+        "{logged} refusals logged for {refusals}:\n{gate_log}"
+    );
+    assert_eq!(domstate(&name).as_deref(), Some("running"), "the probe's own domain");
+
+    // SIGKILL of the VM container: its domain is gone within 2 s.
+    let killed = Instant::now();
+    probe.kill().unwrap();
+    let _ = probe.wait();
+    while domstate(&name).is_some() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the domain outlived its container by 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("domain gone {:?} after SIGKILL of its container", killed.elapsed());
+
+    // A host process is no VM container.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = runtime
+        .block_on(libvirt_wire::Client::connect(
+            &format!("qemu+unix:///system?socket={}", socket.display()),
+            libvirt_wire::Options::default(),
+        ))
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("access denied by virtkube-gate")
+            && message.contains("not in a Kubernetes pod or Docker container cgroup"),
+        "{message}"
+    );
+}
