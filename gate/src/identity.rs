@@ -112,7 +112,17 @@ pub fn from_cgroup(pid: i32, text: &str) -> Result<Identity, Unidentified> {
 }
 
 fn pod_of(path: &str) -> Option<Identity> {
+    // Only below the kubelet's own cgroup (`kubepods`, `kubepods.slice`, …):
+    // a `pod<UID>` elsewhere is not a pod the kubelet made.
+    let mut under_kubepods = false;
     for component in path.split('/') {
+        if component.starts_with("kubepods") && !component.contains("-pod") {
+            under_kubepods = true;
+            continue;
+        }
+        if !under_kubepods {
+            continue;
+        }
         // cgroupfs: pod<uid>; systemd: kubepods-burstable-pod<uid_with_underscores>.slice
         let candidate = if let Some(rest) = component.strip_prefix("pod") {
             rest.to_owned()
@@ -248,6 +258,7 @@ mod tests {
             "0::/docker\n",
             "0::/kubepods/burstable/podnotauuid/x\n",
             "0::/podcast/4b7d3e62\n",
+            "0::/user.slice/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/x\n",
             "",
             "garbage without colons\n",
         ] {

@@ -46,7 +46,9 @@ fn start_gate(dir: &Path) -> (Child, PathBuf, PathBuf) {
 }
 
 /// A pod's cgroup, as the kubelet's cgroupfs driver names it, in a v1
-/// hierarchy (or the v2 one where there is no v1).
+/// hierarchy (or the v2 one where there is no v1); under a root of its own,
+/// since a kubelet on this machine kills what it finds in pod cgroups it
+/// does not know under its own `/kubepods`.
 fn pod_cgroup(uid: &str) -> PathBuf {
     let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .iter()
@@ -54,7 +56,7 @@ fn pod_cgroup(uid: &str) -> PathBuf {
         .find(|p| p.join("cgroup.procs").exists())
         .expect("no writable cgroup hierarchy");
     let dir = base
-        .join("kubepods/burstable")
+        .join("virtkube-test/kubepods/burstable")
         .join(format!("pod{uid}"))
         .join(format!("{:064x}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));

@@ -1,0 +1,158 @@
+//! The shim, unchanged, through the gate: this test process moves itself into
+//! a pod's cgroup (so it is a separate test binary), starts the gate in front
+//! of the real libvirtd and runs the shim with the gate's socket as its
+//! libvirt socket. The VM boots, its console reaches the shim's stdout, and
+//! SIGTERM ends it cleanly (exit 0).
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The shim binary of this workspace, built if it is not there yet.
+fn shim_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_owned();
+    let shim = profile_dir.join("virtkube-shim");
+    if !shim.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "virtkube-shim"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot build the shim");
+    }
+    shim
+}
+
+/// Moves this whole process into a pod's cgroup, as the kubelet would have;
+/// under a root of its own, since a kubelet on this machine kills what it
+/// finds in pod cgroups it does not know under its own `/kubepods`.
+fn become_pod(uid: &str) -> PathBuf {
+    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists())
+        .expect("no writable cgroup hierarchy");
+    let dir = base
+        .join("virtkube-test/kubepods/besteffort")
+        .join(format!("pod{uid}"))
+        .join(format!("{:064x}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+    dir
+}
+
+#[test]
+#[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
+fn the_shim_runs_its_vm_through_the_gate_unchanged() {
+    let shim = shim_binary();
+    let dir = std::env::temp_dir().join(format!("virtkube-shim-gate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let uid = format!("5c6d7e8f-0a1b-4c2d-8e3f-{:012x}", std::process::id());
+    let cgroup = become_pod(&uid);
+    let socket = dir.join("gate.sock");
+    let log = dir.join("gate.log");
+    let mut gate = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
+        .args([
+            "--listen",
+            socket.to_str().unwrap(),
+            "--libvirtd",
+            "/var/run/libvirt/libvirt-sock",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the gate did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let template = dir.join("template.yaml");
+    std::fs::write(
+        &template,
+        "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1\n",
+    )
+    .unwrap();
+    let pod = format!("through-gate-{}", std::process::id());
+    let mut child = Command::new(&shim)
+        .env_clear()
+        .env("VIRTKUBE_TEMPLATE_FILE", &template)
+        .env("VIRTKUBE_ANNOTATIONS_FILE", dir.join("none"))
+        .env(
+            "VIRTKUBE_LIBVIRT_URI",
+            format!("qemu+unix:///system?socket={}", socket.display()),
+        )
+        .env("VIRTKUBE_SHUTDOWN_TIMEOUT", "20")
+        .env("POD_NAMESPACE", "gate-test")
+        .env("POD_NAME", &pod)
+        .env("POD_UID", &uid)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pump = |mut from: Box<dyn Read + Send>| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = from.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        buf
+    };
+    let stdout = pump(Box::new(child.stdout.take().unwrap()));
+    let stderr = pump(Box::new(child.stderr.take().unwrap()));
+    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+    let report = || {
+        format!(
+            "--- shim stderr ---\n{}\n--- shim stdout ---\n{}\n--- gate log ---\n{}",
+            text(&stderr),
+            text(&stdout),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !text(&stdout).contains("virtkube-tiny: ready") {
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not boot through the gate\n{}",
+            report()
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the shim exited\n{}", report());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) with the pid of a child we spawned and a valid signal.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the shim did not stop\n{}", report());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = gate.kill();
+    let _ = gate.wait();
+    assert_eq!(status.code(), Some(0), "{}", report());
+    let gate_log = std::fs::read_to_string(&log).unwrap();
+    assert!(gate_log.contains("domain admitted"), "{gate_log}");
+    assert!(
+        !gate_log.contains("refused"),
+        "the shim's own calls were refused:\n{gate_log}"
+    );
+    // Out of the pod's cgroup again, so the directory can go.
+    if let Some(root) = cgroup.ancestors().nth(5) {
+        let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
+    }
+    let _ = std::fs::remove_dir(&cgroup);
+    let _ = std::fs::remove_dir(cgroup.parent().unwrap());
+}
