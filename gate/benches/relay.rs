@@ -1,0 +1,213 @@
+//! The gate's cost, in one run on the real libvirtd (this process moves
+//! itself into a pod's cgroup first, so the gate knows it as a pod):
+//!
+//! - exec of the shim → domain running (qemu driver, the tiny guest), through
+//!   the gate and directly on libvirtd's socket, alternating;
+//! - DOMAIN_GET_STATE calls per second, through the gate and directly;
+//! - the gate's RSS with 100 connected VM containers (libvirt's test driver).
+//!
+//! Run: `cargo bench -p virtkube-gate --bench relay` (root, libvirtd from
+//! scripts/libvirtd-up.sh, the tiny guest from scripts/build-tiny-guest.sh).
+#![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use libvirt_wire::{Client, Options};
+
+const LIBVIRTD: &str = "/var/run/libvirt/libvirt-sock";
+const RUNS: usize = 10;
+const CALLS: usize = 2000;
+
+fn become_pod(uid: &str) {
+    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists())
+        .expect("no writable cgroup hierarchy");
+    let dir = base
+        .join("virtkube-bench/kubepods/besteffort")
+        .join(format!("pod{uid}"))
+        .join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+}
+
+fn start_gate(dir: &Path) -> (Child, PathBuf) {
+    let socket = dir.join("gate.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
+        .args(["--listen", socket.to_str().unwrap(), "--libvirtd", LIBVIRTD])
+        .args(["--uri", "qemu:///system", "--uri", "test:///default"])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the gate did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, socket)
+}
+
+fn shim_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_owned();
+    let shim = profile_dir.join("virtkube-shim");
+    if !shim.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "-p", "virtkube-shim"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    shim
+}
+
+fn domain_gone(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("virsh")
+            .args(["-c", "qemu:///system", "domstate", name])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "domain {name} did not go");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// exec of the shim → "started domain" on `socket`; the shim is then killed
+/// and its (AUTODESTROY) domain awaited gone.
+fn shim_start(shim: &Path, dir: &Path, socket: &Path, uid: &str, pod: &str) -> Duration {
+    let template = dir.join("template.yaml");
+    std::fs::write(
+        &template,
+        "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1 quiet\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(shim)
+        .env_clear()
+        .env("VIRTKUBE_TEMPLATE_FILE", &template)
+        .env("VIRTKUBE_ANNOTATIONS_FILE", dir.join("none"))
+        .env(
+            "VIRTKUBE_LIBVIRT_URI",
+            format!("qemu+unix:///system?socket={}", socket.display()),
+        )
+        .env("POD_NAMESPACE", "bench")
+        .env("POD_NAME", pod)
+        .env("POD_UID", uid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut elapsed = None;
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.contains("started domain") {
+            elapsed = Some(started.elapsed());
+            break;
+        }
+        seen.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    domain_gone(&format!("bench_{pod}"));
+    elapsed.unwrap_or_else(|| panic!("the shim did not start its domain:\n{}", seen.join("\n")))
+}
+
+fn p50(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn main() {
+    let uid = format!("6a7b8c9d-0e1f-4a2b-8c3d-{:012x}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("virtkube-gate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    become_pod(&uid);
+    let (mut gate, socket) = start_gate(&dir);
+    let shim = shim_binary();
+
+    let (mut through, mut direct) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        through.push(shim_start(&shim, &dir, &socket, &uid, &format!("gate-{run}")));
+        direct.push(shim_start(
+            &shim,
+            &dir,
+            Path::new(LIBVIRTD),
+            &uid,
+            &format!("direct-{run}"),
+        ));
+    }
+    let (through, direct) = (p50(through), p50(direct));
+    println!("shim exec → domain running, {RUNS} runs each, alternating (qemu driver, tiny guest):");
+    println!("  through the gate: p50 {:.1} ms", through.as_secs_f64() * 1e3);
+    println!("  directly:         p50 {:.1} ms", direct.as_secs_f64() * 1e3);
+    println!(
+        "  ratio gate / direct: {:.2}x   (goal ≤ 1.05x)",
+        through.as_secs_f64() / direct.as_secs_f64()
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // Calls per second on the test driver: the gate checks every one.
+        let xml = format!(
+            "<domain type='test'><name>bench_calls</name><uuid>{uid}</uuid><metadata><virtkube:instance xmlns:virtkube='https://virtkube.io/xmlns/domain/v1alpha1'><virtkube:uid>{uid}</virtkube:uid></virtkube:instance></metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+        );
+        for (label, uri) in [
+            ("through the gate", format!("test+unix:///default?socket={}", socket.display())),
+            ("directly", format!("test+unix:///default?socket={LIBVIRTD}")),
+        ] {
+            let client = Client::connect(&uri, Options::default()).await.unwrap();
+            let domain = client.create_xml(&xml, 0).await.unwrap();
+            let started = Instant::now();
+            for _ in 0..CALLS {
+                client.get_state(&domain).await.unwrap();
+            }
+            let rate = CALLS as f64 / started.elapsed().as_secs_f64();
+            client.destroy(&domain, 0).await.unwrap();
+            println!("DOMAIN_GET_STATE {label}: {rate:.0} calls/s ({CALLS} calls, one connection)");
+        }
+        let idle = rss_kib(gate.id());
+        let mut clients = Vec::new();
+        for _ in 0..100 {
+            clients.push(
+                Client::connect(
+                    &format!("test+unix:///default?socket={}", socket.display()),
+                    Options::default(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let loaded = rss_kib(gate.id());
+        println!(
+            "gate RSS: {:.1} MiB idle, {:.1} MiB with 100 connected VM containers ({:.0} KiB each)",
+            idle as f64 / 1024.0,
+            loaded as f64 / 1024.0,
+            (loaded.saturating_sub(idle)) as f64 / 100.0
+        );
+        drop(clients);
+    });
+    let _ = gate.kill();
+    let _ = gate.wait();
+}
