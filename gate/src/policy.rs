@@ -157,6 +157,45 @@ const ELEMENTS: &[&str] = &[
     "domain/devices/graphics/listen",
 ];
 
+/// The attributes the renderer writes, by element path; any other attribute
+/// (a `<host transport='unix' socket=…>`, a `<driver iothread=…>`, a
+/// `<source startupPolicy=…>`) is refused.
+const ATTRIBUTES: &[(&str, &[&str])] = &[
+    ("domain", &["type"]),
+    ("domain/memory", &["unit"]),
+    ("domain/vcpu", &["placement"]),
+    ("domain/os", &["firmware"]),
+    ("domain/os/type", &["arch", "machine"]),
+    ("domain/cpu", &["mode", "match"]),
+    ("domain/cpu/model", &["fallback"]),
+    ("domain/cpu/topology", &["sockets", "dies", "cores", "threads"]),
+    ("domain/cpu/feature", &["policy", "name"]),
+    ("domain/clock", &["offset"]),
+    ("domain/devices/controller", &["type", "index", "model"]),
+    ("domain/devices/disk", &["type", "device"]),
+    ("domain/devices/disk/driver", &["name", "type"]),
+    ("domain/devices/disk/source", &["file", "protocol", "name"]),
+    ("domain/devices/disk/source/host", &["name", "port"]),
+    ("domain/devices/disk/target", &["dev", "bus"]),
+    ("domain/devices/disk/boot", &["order"]),
+    ("domain/devices/interface", &["type"]),
+    ("domain/devices/interface/mac", &["address"]),
+    ("domain/devices/interface/source", &["network", "bridge"]),
+    ("domain/devices/interface/model", &["type"]),
+    ("domain/devices/interface/boot", &["order"]),
+    ("domain/devices/serial", &["type"]),
+    ("domain/devices/serial/target", &["port"]),
+    ("domain/devices/console", &["type"]),
+    ("domain/devices/console/target", &["type", "port"]),
+    ("domain/devices/panic", &["model"]),
+    ("domain/devices/graphics", &["type", "autoport"]),
+    ("domain/devices/graphics/listen", &["type", "address"]),
+];
+
+/// Network disk protocols the renderer writes; each reaches a remote host by
+/// name and port only.
+const NETWORK_PROTOCOLS: &[&str] = &["nbd", "rbd", "iscsi"];
+
 /// The only children `<metadata>` may have: virtkube's own instance record.
 const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template"];
 
@@ -232,6 +271,17 @@ fn check_element(node: roxmltree::Node<'_, '_>) -> Result<(), Denied> {
             "<{}> (at {path}) is not allowed: VM pods get only what virtkube's templates describe",
             node.tag_name().name()
         ));
+    }
+    let allowed = ATTRIBUTES.iter().find(|(p, _)| *p == path).map_or(&[][..], |(_, a)| *a);
+    for attribute in node.attributes() {
+        if attribute.namespace().is_some() || !allowed.contains(&attribute.name()) {
+            return deny(format!(
+                "attribute {}={:?} on <{}> (at {path}) is not allowed",
+                attribute.name(),
+                attribute.value(),
+                node.tag_name().name()
+            ));
+        }
     }
     Ok(())
 }
@@ -337,7 +387,15 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                     .ok_or(Denied("a file disk needs <source file>".into()))?;
                 check_file("a disk", file, policy, paths)?;
             }
-            Some("network") => {}
+            Some("network") => {
+                let protocol = source.and_then(|s| s.attribute("protocol")).unwrap_or_default();
+                if !NETWORK_PROTOCOLS.contains(&protocol) {
+                    return deny(format!(
+                        "network disk protocol {protocol:?} is not allowed ({})",
+                        NETWORK_PROTOCOLS.join(", ")
+                    ));
+                }
+            }
             other => {
                 return deny(format!(
                     "disk type {other:?} is not allowed (file or network; no host block devices)"
@@ -515,7 +573,7 @@ mod tests {
         denied(
             &with("<disk type='block' device='disk'><source dev='/dev/sda'/><target dev='vdz'/></disk>"),
             &pod(),
-            "disk type Some(\"block\")",
+            "dev=\"/dev/sda\"",
         );
         denied(
             &xml.replace(
@@ -539,6 +597,40 @@ mod tests {
             &xml.replace("<os>", "<os><loader>/etc/shadow</loader>"),
             &pod(),
             "<loader>",
+        );
+    }
+
+    #[test]
+    fn attributes_the_renderer_never_writes_are_refused() {
+        let xml = golden("server");
+        denied(
+            &xml.replace(
+                "<host name=\"nbd.storage.example\" port=\"10809\"/>",
+                "<host transport=\"unix\" socket=\"/var/run/libvirt/libvirt-sock\"/>",
+            ),
+            &pod(),
+            "attribute transport=\"unix\" on <host>",
+        );
+        denied(
+            &xml.replace("protocol=\"nbd\"", "protocol=\"http\""),
+            &pod(),
+            "network disk protocol \"http\" is not allowed",
+        );
+        denied(
+            &xml.replace(
+                "<driver name=\"qemu\" type=\"qcow2\"/>",
+                "<driver name=\"qemu\" type=\"qcow2\" iothread=\"1\"/>",
+            ),
+            &pod(),
+            "attribute iothread",
+        );
+        denied(
+            &xml.replace(
+                "<domain type=\"qemu\">",
+                "<domain type=\"qemu\" xmlns:x=\"urn:x\" x:evil=\"1\">",
+            ),
+            &pod(),
+            "attribute evil",
         );
     }
 
