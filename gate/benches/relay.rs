@@ -39,7 +39,7 @@ fn start_gate(dir: &Path) -> (Child, PathBuf) {
     let socket = dir.join("gate.sock");
     let child = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
         .args(["--listen", socket.to_str().unwrap(), "--libvirtd", LIBVIRTD])
-        .args(["--uri", "qemu:///system", "--uri", "test:///default"])
+        .args(["--kubepods-parent", "/virtkube-bench"])
         .env("RUST_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
@@ -168,22 +168,31 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        // Calls per second on the test driver: the gate checks every one.
-        let xml = format!(
-            "<domain type='test'><name>bench_calls</name><uuid>{uid}</uuid><metadata><virtkube:instance xmlns:virtkube='https://virtkube.io/xmlns/domain/v1alpha1'><virtkube:uid>{uid}</virtkube:uid></virtkube:instance></metadata><memory unit='KiB'>65536</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>"
-        );
+        // Calls per second: the gate checks every one (the tiny guest on the
+        // qemu driver; the gate requires AUTODESTROY, which the test driver refuses).
+        let golden =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml")).unwrap();
+        let xml = golden
+            .replace("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b", &uid)
+            .replace("virtkube-golden_tiny-0", "bench_calls");
+        let create = libvirt_wire::flags::START_AUTODESTROY | libvirt_wire::flags::START_VALIDATE;
         for (label, uri) in [
-            ("through the gate", format!("test+unix:///default?socket={}", socket.display())),
-            ("directly", format!("test+unix:///default?socket={LIBVIRTD}")),
+            (
+                "through the gate",
+                format!("qemu+unix:///system?socket={}", socket.display()),
+            ),
+            ("directly", format!("qemu+unix:///system?socket={LIBVIRTD}")),
         ] {
             let client = Client::connect(&uri, Options::default()).await.unwrap();
-            let domain = client.create_xml(&xml, 0).await.unwrap();
+            let domain = client.create_xml(&xml, create).await.unwrap();
             let started = Instant::now();
             for _ in 0..CALLS {
                 client.get_state(&domain).await.unwrap();
             }
             let rate = CALLS as f64 / started.elapsed().as_secs_f64();
             client.destroy(&domain, 0).await.unwrap();
+            drop(client);
+            domain_gone("bench_calls");
             println!("DOMAIN_GET_STATE {label}: {rate:.0} calls/s ({CALLS} calls, one connection)");
         }
         let idle = rss_kib(gate.id());
@@ -191,7 +200,7 @@ fn main() {
         for _ in 0..100 {
             clients.push(
                 Client::connect(
-                    &format!("test+unix:///default?socket={}", socket.display()),
+                    &format!("qemu+unix:///system?socket={}", socket.display()),
                     Options::default(),
                 )
                 .await

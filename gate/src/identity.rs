@@ -82,11 +82,21 @@ pub enum Unidentified {
 /// (`/docker/<64 hex>` and systemd's `docker-<64 hex>.scope`). A Kubernetes pod
 /// wins over the container ID of its runtime (dockershim's containers are in
 /// both, under the pod).
+/// Pod cgroups count only directly below the kubelet's own `kubepods` cgroup,
+/// which is `kubepods_parent`/kubepods (`/` unless the kubelet runs with
+/// `--cgroup-root`); Docker containers only at Docker's own places. A
+/// `pod<UID>` or `docker/<ID>` anywhere else may have been made by anyone
+/// with a delegated cgroup subtree, and names no one.
 pub fn from_cgroup(pid: i32, text: &str) -> Result<Identity, Unidentified> {
+    from_cgroup_under(pid, text, "/")
+}
+
+/// As [`from_cgroup`], with the kubelet's cgroup root.
+pub fn from_cgroup_under(pid: i32, text: &str, kubepods_parent: &str) -> Result<Identity, Unidentified> {
     let mut found: Option<Identity> = None;
     let paths: Vec<&str> = text.lines().filter_map(|line| line.splitn(3, ':').nth(2)).collect();
     for path in &paths {
-        let identity = pod_of(path).or_else(|| container_of(path));
+        let identity = pod_of(path, kubepods_parent).or_else(|| container_of(path));
         match (&found, identity) {
             (_, None) => {}
             (None, Some(id)) => found = Some(id),
@@ -111,53 +121,42 @@ pub fn from_cgroup(pid: i32, text: &str) -> Result<Identity, Unidentified> {
     })
 }
 
-fn pod_of(path: &str) -> Option<Identity> {
-    // Only below the kubelet's own cgroup (`kubepods`, `kubepods.slice`, …):
-    // a `pod<UID>` elsewhere is not a pod the kubelet made.
-    let mut under_kubepods = false;
-    for component in path.split('/') {
-        if component.starts_with("kubepods") && !component.contains("-pod") {
-            under_kubepods = true;
-            continue;
+fn pod_of(path: &str, kubepods_parent: &str) -> Option<Identity> {
+    let parent = kubepods_parent.trim_end_matches('/');
+    let rest = path.strip_prefix(parent)?;
+    let mut components = rest.trim_start_matches('/').split('/');
+    // cgroupfs driver: kubepods/[<qos>/]pod<uid>/<ctr>
+    // systemd driver: kubepods.slice/[kubepods-<qos>.slice/]kubepods-[<qos>-]pod<uid_>.slice/<ctr>.scope
+    match components.next()? {
+        "kubepods" => {
+            let next = components.next()?;
+            let pod = match next {
+                "burstable" | "besteffort" => components.next()?,
+                other => other,
+            };
+            canonical_uuid(pod.strip_prefix("pod")?).map(|uid| Identity::Pod { uid })
         }
-        if !under_kubepods {
-            continue;
+        "kubepods.slice" => {
+            let next = components.next()?;
+            let pod = match next {
+                "kubepods-burstable.slice" | "kubepods-besteffort.slice" => components.next()?,
+                other => other,
+            };
+            let uid = pod.strip_suffix(".slice")?.rsplit_once("-pod")?.1.replace('_', "-");
+            canonical_uuid(&uid).map(|uid| Identity::Pod { uid })
         }
-        // cgroupfs: pod<uid>; systemd: kubepods-burstable-pod<uid_with_underscores>.slice
-        let candidate = if let Some(rest) = component.strip_prefix("pod") {
-            rest.to_owned()
-        } else if let Some(at) = component.find("-pod")
-            && component.starts_with("kubepods")
-        {
-            component[at + 4..].trim_end_matches(".slice").replace('_', "-")
-        } else {
-            continue;
-        };
-        if let Some(uid) = canonical_uuid(&candidate) {
-            return Some(Identity::Pod { uid });
-        }
+        _ => None,
     }
-    None
 }
 
 fn container_of(path: &str) -> Option<Identity> {
-    let mut components = path.split('/').peekable();
-    while let Some(component) = components.next() {
-        let id = if component == "docker" {
-            components.peek().copied()
-        } else {
-            component.strip_prefix("docker-").and_then(|c| c.strip_suffix(".scope"))
-        };
-        if let Some(id) = id
-            && id.len() == 64
-            && id.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            return Some(Identity::Container {
-                id: id.to_ascii_lowercase(),
-            });
-        }
-    }
-    None
+    let id = path.strip_prefix("/docker/").or_else(|| {
+        path.strip_prefix("/system.slice/docker-")
+            .and_then(|p| p.strip_suffix(".scope"))
+    })?;
+    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| Identity::Container {
+        id: id.to_ascii_lowercase(),
+    })
 }
 
 /// A UUID in the canonical lowercase, dashed form, from dashed or bare text.
@@ -168,7 +167,12 @@ pub fn canonical_uuid(text: &str) -> Option<String> {
 /// The identity of process `pid`, read under `proc_root` (`/proc`), provided
 /// the process started no later than `accepted_ticks` (clock ticks since boot,
 /// as in `/proc/<pid>/stat`).
-pub fn of_process(proc_root: &Path, pid: i32, accepted_ticks: u64) -> Result<Identity, Unidentified> {
+pub fn of_process(
+    proc_root: &Path,
+    pid: i32,
+    accepted_ticks: u64,
+    kubepods_parent: &str,
+) -> Result<Identity, Unidentified> {
     let unreadable = |e: std::io::Error| Unidentified::Unreadable {
         pid,
         why: e.to_string(),
@@ -186,7 +190,7 @@ pub fn of_process(proc_root: &Path, pid: i32, accepted_ticks: u64) -> Result<Ide
     if again != Some(started) || started > accepted_ticks {
         return Err(Unidentified::PidReused { pid });
     }
-    from_cgroup(pid, &cgroup)
+    from_cgroup_under(pid, &cgroup, kubepods_parent)
 }
 
 /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
@@ -259,6 +263,8 @@ mod tests {
             "0::/kubepods/burstable/podnotauuid/x\n",
             "0::/podcast/4b7d3e62\n",
             "0::/user.slice/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/x\n",
+            "0::/user.slice/user-1000.slice/kubepods/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/x\n",
+            "0::/system.slice/mine/docker/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n",
             "",
             "garbage without colons\n",
         ] {
@@ -267,6 +273,17 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_kubelet_cgroup_root_is_honoured_and_nothing_else_is_a_pod() {
+        let text = format!("0::/k8s-root/kubepods/besteffort/pod{UID}/{CTR}\n");
+        assert_eq!(
+            from_cgroup_under(1, &text, "/k8s-root"),
+            Ok(Identity::Pod { uid: UID.into() })
+        );
+        assert!(from_cgroup(1, &text).is_err(), "not below the configured root");
+        assert!(from_cgroup_under(1, &format!("0::/kubepods/pod{UID}/x\n"), "/k8s-root").is_err());
     }
 
     #[test]
@@ -297,15 +314,15 @@ mod tests {
         let me = std::process::id() as i32;
         // The test runner is a host process (or the CI's container): either way it
         // must not be refused as reused when asked with the current time.
-        let result = of_process(Path::new("/proc"), me, now_ticks());
+        let result = of_process(Path::new("/proc"), me, now_ticks(), "/");
         assert!(!matches!(result, Err(Unidentified::PidReused { .. })), "{result:?}");
         assert_eq!(
-            of_process(Path::new("/proc"), me, 0),
+            of_process(Path::new("/proc"), me, 0, "/"),
             Err(Unidentified::PidReused { pid: me }),
             "a process that started after the accept is not the caller"
         );
         assert!(matches!(
-            of_process(Path::new("/proc"), i32::MAX, now_ticks()),
+            of_process(Path::new("/proc"), i32::MAX, now_ticks(), "/"),
             Err(Unidentified::Unreadable { .. })
         ));
     }

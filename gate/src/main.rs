@@ -14,6 +14,7 @@ virtkube-gate: lets each VM container create and control its own libvirt domain,
 
 usage: virtkube-gate [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-root DIR]...
                      [--max-memory-kib N] [--max-vcpus N] [--interface-types LIST] [--uri URI]...
+                     [--kubepods-parent PATH] [--network-disks allow|deny]
 
   --listen PATH           the socket VM containers mount (default /var/run/virtkube/libvirt-sock)
   --libvirtd PATH         libvirtd's own socket (default /var/run/libvirt/libvirt-sock)
@@ -23,6 +24,8 @@ usage: virtkube-gate [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-r
   --max-vcpus N           most vCPUs one VM may have (default 64)
   --interface-types LIST  comma-separated interface types VMs may use (default user,network)
   --uri URI               a connection URI VMs may open; repeatable (default qemu:///system)
+  --kubepods-parent PATH  the cgroup the kubelet's kubepods cgroup is under (its --cgroup-root; default /)
+  --network-disks allow|deny  whether VMs may use nbd/rbd/iscsi disks with the node's credentials (default deny)
 
 Logs go to stderr; RUST_LOG filters them (default info).
 ";
@@ -38,6 +41,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
         libvirtd: PathBuf::from("/var/run/libvirt/libvirt-sock"),
         proc_root: PathBuf::from("/proc"),
         policy: Policy::default(),
+        kubepods_parent: "/".into(),
     };
     let (mut roots, mut uris) = (Vec::new(), Vec::new());
     let mut args = args.into_iter();
@@ -67,6 +71,14 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
                 gate.policy.interface_types = value.split(',').map(|t| t.trim().to_owned()).collect()
             }
             "--uri" => uris.push(value),
+            "--kubepods-parent" => gate.kubepods_parent = value,
+            "--network-disks" => {
+                gate.policy.network_disks = match value.as_str() {
+                    "allow" => true,
+                    "deny" => false,
+                    other => bail!("--network-disks {other:?}: use allow or deny"),
+                }
+            }
             other => bail!("unknown flag {other:?}; run with --help for usage"),
         }
     }

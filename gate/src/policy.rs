@@ -52,6 +52,10 @@ pub struct Policy {
     pub interface_types: Vec<String>,
     /// Connection URIs a caller may open.
     pub uris: Vec<String>,
+    /// Whether network disks (nbd, rbd, iscsi) are allowed: they reach the
+    /// network with the node's identity (its Ceph keyring, its iSCSI
+    /// initiator), so they are off unless the node's operator allows them.
+    pub network_disks: bool,
 }
 
 impl Default for Policy {
@@ -62,6 +66,7 @@ impl Default for Policy {
             max_vcpus: 64,
             interface_types: vec!["user".into(), "network".into()],
             uris: vec!["qemu:///system".into()],
+            network_disks: false,
         }
     }
 }
@@ -196,11 +201,33 @@ const ATTRIBUTES: &[(&str, &[&str])] = &[
 /// name and port only.
 const NETWORK_PROTOCOLS: &[&str] = &["nbd", "rbd", "iscsi"];
 
+/// Elements that may appear more than once under the same parent; every other
+/// one is single (a second `<os>` or `<uuid>` is a place where the gate and
+/// libvirt could read different values).
+const REPEATABLE: &[&str] = &[
+    "domain/devices/disk",
+    "domain/devices/interface",
+    "domain/devices/controller",
+    "domain/cpu/feature",
+    "domain/devices/disk/source/host",
+];
+
+/// Lifecycle actions allowed (no core dumps onto the node's disk).
+const LIFECYCLE_ACTIONS: &[&str] = &["destroy", "restart", "preserve", "rename-restart"];
+
 /// The only children `<metadata>` may have: virtkube's own instance record.
 const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template"];
 
 /// Checks a domain XML from `who` against `policy`.
 pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl Paths) -> Result<Admitted, Denied> {
+    // The renderer writes none of these, and each is a place where this parser
+    // and libvirt's could read different text (a comment splitting a path, an
+    // encoding declaration, a DOCTYPE).
+    if let Some(construct) = ["<!", "<?"].into_iter().find(|c| xml.contains(c)) {
+        return deny(format!(
+            "the domain XML holds {construct:?} (a comment, CDATA, DOCTYPE or processing instruction); virtkube's renderer writes none"
+        ));
+    }
     let options = roxmltree::ParsingOptions {
         allow_dtd: false,
         nodes_limit: 10_000,
@@ -272,6 +299,27 @@ fn check_element(node: roxmltree::Node<'_, '_>) -> Result<(), Denied> {
             node.tag_name().name()
         ));
     }
+    if !REPEATABLE.contains(&path.as_str())
+        && node
+            .prev_siblings()
+            .skip(1) // the node itself
+            .filter(roxmltree::Node::is_element)
+            .any(|sibling| sibling.tag_name() == node.tag_name())
+    {
+        return deny(format!(
+            "<{}> (at {path}) appears more than once",
+            node.tag_name().name()
+        ));
+    }
+    if matches!(node.tag_name().name(), "on_poweroff" | "on_reboot" | "on_crash")
+        && !LIFECYCLE_ACTIONS.contains(&node.text().unwrap_or_default().trim())
+    {
+        return deny(format!(
+            "<{}> may be {} only",
+            node.tag_name().name(),
+            LIFECYCLE_ACTIONS.join(", ")
+        ));
+    }
     let allowed = ATTRIBUTES.iter().find(|(p, _)| *p == path).map_or(&[][..], |(_, a)| *a);
     for attribute in node.attributes() {
         if attribute.namespace().is_some() || !allowed.contains(&attribute.name()) {
@@ -335,6 +383,9 @@ fn check_owner(
                     &id[..12]
                 ));
             }
+            if uuid.is_some() {
+                return deny("a Docker container's domain may not choose its <uuid>; libvirt assigns one");
+            }
         }
     }
     Ok(())
@@ -386,6 +437,11 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                     .and_then(|s| s.attribute("file"))
                     .ok_or(Denied("a file disk needs <source file>".into()))?;
                 check_file("a disk", file, policy, paths)?;
+            }
+            Some("network") if !policy.network_disks => {
+                return deny(
+                    "network disks are not allowed on this node (they reach the network with the node's credentials)",
+                );
             }
             Some("network") => {
                 let protocol = source.and_then(|s| s.attribute("protocol")).unwrap_or_default();
@@ -507,6 +563,7 @@ mod tests {
     fn server_policy() -> Policy {
         Policy {
             interface_types: vec!["user".into(), "network".into()],
+            network_disks: true,
             ..Policy::default()
         }
     }
@@ -598,6 +655,33 @@ mod tests {
             &pod(),
             "<loader>",
         );
+    }
+
+    #[test]
+    fn constructs_where_parsers_could_disagree_are_refused() {
+        let xml = golden("server");
+        denied(
+            &xml.replace("/var/lib/virtkube/images/server/root.qcow2", "<!---->/etc/shadow"),
+            &pod(),
+            "a comment, CDATA, DOCTYPE or processing instruction",
+        );
+        denied(
+            &format!("<?xml version='1.0' encoding='UTF-7'?>{xml}"),
+            &pod(),
+            "processing instruction",
+        );
+        denied(
+            &xml.replace("</devices>", "</devices><os><kernel>/etc/shadow</kernel></os>"),
+            &pod(),
+            "<os> (at domain/os) appears more than once",
+        );
+        denied(
+            &xml.replace("<on_crash>destroy</on_crash>", "<on_crash>coredump-restart</on_crash>"),
+            &pod(),
+            "<on_crash> may be",
+        );
+        let no_network = check_domain_xml(&xml, &pod(), &Policy::default(), &no_links()).unwrap_err();
+        assert!(no_network.0.contains("network disks are not allowed"), "{no_network}");
     }
 
     #[test]
@@ -736,7 +820,14 @@ mod tests {
             "must be named after the container (0123456789ab)",
         );
         let renamed = unclaimed.replace(&format!("<name>{name}</name>"), "<name>0123456789ab</name>");
-        assert!(check_domain_xml(&renamed, &container, &Policy::default(), &no_links()).is_ok());
+        denied(&renamed, &container, "may not choose its <uuid>");
+        let uuid_text = doc
+            .descendants()
+            .find(|n| n.has_tag_name("uuid"))
+            .and_then(|n| n.text())
+            .unwrap_or_default();
+        let without_uuid = renamed.replace(&format!("<uuid>{uuid_text}</uuid>"), "");
+        assert!(check_domain_xml(&without_uuid, &container, &Policy::default(), &no_links()).is_ok());
         denied(
             &xml.replace(&format!("<name>{name}</name>"), "<name>0123456789ab</name>"),
             &container,
@@ -748,7 +839,7 @@ mod tests {
     fn not_xml_or_not_a_domain_is_refused() {
         denied("<domain", &pod(), "does not parse");
         denied("<network/>", &pod(), "not a <domain>");
-        denied("<!DOCTYPE d [<!ENTITY x 'y'>]><domain/>", &pod(), "does not parse");
+        denied("<!DOCTYPE d [<!ENTITY x 'y'>]><domain/>", &pod(), "DOCTYPE");
     }
 
     #[test]

@@ -29,6 +29,9 @@ use crate::policy::{self, Admitted, Denied, Policy, RealPaths};
 pub const ERR_ACCESS_DENIED: i32 = 88;
 /// libvirt's `VIR_FROM_ACCESS`.
 pub const FROM_ACCESS: i32 = 55;
+/// `VIR_DOMAIN_START_AUTODESTROY | VIR_DOMAIN_START_VALIDATE`.
+const REQUIRED_CREATE_FLAGS: u32 = libvirt_wire::flags::START_AUTODESTROY | libvirt_wire::flags::START_VALIDATE;
+
 /// The largest packet a VM container may send: a domain XML (libvirt takes
 /// at most 4 MiB in one string) and its header. Larger is not a shim.
 pub const MAX_CLIENT_PACKET: usize = 4 * 1024 * 1024 + 1024;
@@ -44,12 +47,28 @@ pub struct Gate {
     pub proc_root: PathBuf,
     /// What VM containers may do.
     pub policy: Policy,
+    /// The cgroup the kubelet's `kubepods` cgroup is under (its `--cgroup-root`).
+    pub kubepods_parent: String,
 }
 
 /// Accepts VM containers until the listener fails.
 pub async fn serve(listener: UnixListener, gate: Arc<Gate>) -> std::io::Result<()> {
+    let mut backoff = Duration::from_millis(10);
     loop {
-        let (stream, _) = listener.accept().await?;
+        // Running out of descriptors (a container holding many connections)
+        // must not end the gate, and with it every VM's connection.
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(10);
+                accepted
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
         let accepted = identity::now_ticks();
         let gate = gate.clone();
         tokio::spawn(async move { client(stream, accepted, &gate).await });
@@ -59,7 +78,8 @@ pub async fn serve(listener: UnixListener, gate: Arc<Gate>) -> std::io::Result<(
 async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
     let who = match stream.peer_cred() {
         Ok(cred) => match cred.pid() {
-            Some(pid) => identity::of_process(&gate.proc_root, pid, accepted_ticks).map_err(|e| e.to_string()),
+            Some(pid) => identity::of_process(&gate.proc_root, pid, accepted_ticks, &gate.kubepods_parent)
+                .map_err(|e| e.to_string()),
             None => Err("the kernel gave no PID for the caller".to_owned()),
         },
         Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
@@ -135,8 +155,12 @@ async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Op
 /// What one VM container's connection has been allowed so far.
 #[derive(Debug, Default)]
 struct Session {
-    /// The domain it created (one per connection).
+    /// The domain it created (one per connection), as libvirtd named it in
+    /// its reply: the gate trusts no name or UUID before libvirtd has
+    /// created the domain under it.
     domain: Option<Admitted>,
+    /// The serial of an admitted DOMAIN_CREATE_XML whose reply is awaited.
+    creating: Option<u32>,
     /// Serials of the consoles it opened: its stream packets go only there.
     consoles: Vec<u32>,
 }
@@ -154,14 +178,16 @@ async fn relay(client: UnixStream, upstream: UnixStream, who: Identity, gate: &G
     // libvirtd → VM container: whole frames, so a denial written meanwhile
     // never lands inside one.
     let writer = to_client.clone();
+    let session = Arc::new(std::sync::Mutex::new(Session::default()));
+    let replies = session.clone();
     let mut downstream = tokio::spawn(async move {
-        while let Ok(Some((_, frame))) = read_packet_unbounded(&mut from_libvirtd).await {
+        while let Ok(Some((header, frame))) = read_packet_unbounded(&mut from_libvirtd).await {
+            note_create_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]);
             if writer.lock().await.write_all(&frame).await.is_err() {
                 return;
             }
         }
     });
-    let mut session = Session::default();
     let upstream_loop = async {
         loop {
             let (header, frame) = match read_packet(&mut from_client).await {
@@ -175,9 +201,18 @@ async fn relay(client: UnixStream, upstream: UnixStream, who: Identity, gate: &G
             let verdict = match (header.program, header.kind) {
                 (KEEPALIVE_PROGRAM, MessageType::Message) => Verdict::Forward,
                 (REMOTE_PROGRAM, MessageType::Call) => {
+                    let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
                     judge(&header, &frame[LEN_SIZE + HEADER_SIZE..], &who, gate, &mut session)
                 }
-                (REMOTE_PROGRAM, MessageType::Stream) if session.consoles.contains(&header.serial) => Verdict::Forward,
+                (REMOTE_PROGRAM, MessageType::Stream)
+                    if session
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .consoles
+                        .contains(&header.serial) =>
+                {
+                    Verdict::Forward
+                }
                 (program, kind) => {
                     tracing::warn!(%who, program, ?kind, serial = header.serial, "closing a VM container's connection: a packet the shim never sends");
                     return;
@@ -212,12 +247,35 @@ async fn read_packet_unbounded<R: AsyncRead + Unpin>(reader: &mut R) -> std::io:
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = protocol::check_length(u32::from_be_bytes(len_word))
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let len = protocol::check_length(u32::from_be_bytes(len_word)).map_err(|e| invalid(e.to_string()))?;
     let mut frame = vec![0u8; len];
     frame[..LEN_SIZE].copy_from_slice(&len_word);
     reader.read_exact(&mut frame[LEN_SIZE..]).await?;
-    Ok(Some((Header::keepalive(0), frame)))
+    let (header, _) =
+        protocol::decode_packet(&frame[LEN_SIZE..LEN_SIZE + HEADER_SIZE]).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some((header, frame)))
+}
+
+/// The reply to an admitted create decides the connection's domain: the one
+/// libvirtd created, by its own name and UUID; a refused create admits none.
+fn note_create_reply(session: &std::sync::Mutex<Session>, header: &Header, payload: &[u8]) {
+    if header.kind != MessageType::Reply || header.program != REMOTE_PROGRAM {
+        return;
+    }
+    let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+    if session.creating != Some(header.serial) {
+        return;
+    }
+    session.creating = None;
+    if header.status == Status::Ok
+        && let Ok(domain) = DomainRef::decode(&mut Decoder::new(payload))
+    {
+        session.domain = Some(Admitted {
+            name: domain.name,
+            uuid: Some(domain.uuid),
+        });
+    }
 }
 
 /// Decides one call from a VM container.
@@ -253,15 +311,23 @@ fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: 
             }
         }
         procedure::DOMAIN_CREATE_XML => {
-            if session.domain.is_some() {
+            if session.domain.is_some() || session.creating.is_some() {
                 return Err(Denied(
                     "this connection already created its domain; one VM per container".into(),
                 ));
             }
             let xml = d.string("xml").map_err(bad_args(name))?;
+            let create_flags = d.u32("flags").map_err(bad_args(name))?;
+            // AUTODESTROY ties the VM to this connection (the container's
+            // life); VALIDATE makes libvirt check the XML against its schema.
+            if create_flags & REQUIRED_CREATE_FLAGS != REQUIRED_CREATE_FLAGS {
+                return Err(Denied(format!(
+                    "a domain must be created with AUTODESTROY and VALIDATE (flags {create_flags:#x}); a VM may not outlive its container"
+                )));
+            }
             let admitted = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
             tracing::info!(%who, domain = %admitted.name, "domain admitted");
-            session.domain = Some(admitted);
+            session.creating = Some(call.serial);
             Ok(())
         }
         procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY => {
@@ -298,8 +364,7 @@ fn own_domain(named: &DomainRef, session: &Session) -> Result<(), Denied> {
             named.name
         )));
     };
-    let uuid_matches = own.uuid.is_none_or(|uuid| uuid == named.uuid);
-    if named.name != own.name || !uuid_matches {
+    if named.name != own.name || own.uuid != Some(named.uuid) {
         return Err(Denied(format!(
             "domain {:?} ({}) is not this container's ({:?})",
             named.name,

@@ -29,7 +29,14 @@ fn start_gate(dir: &Path) -> (Child, PathBuf, PathBuf) {
     let socket = dir.join("gate.sock");
     let log = dir.join("gate.log");
     let child = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
-        .args(["--listen", socket.to_str().unwrap(), "--libvirtd", LIBVIRTD])
+        .args([
+            "--listen",
+            socket.to_str().unwrap(),
+            "--libvirtd",
+            LIBVIRTD,
+            "--kubepods-parent",
+            "/virtkube-test",
+        ])
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -175,7 +182,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
             refusals += 1;
         }
     }
-    assert!(refusals >= 22, "fewer attempts than expected:\n{report}");
+    assert!(refusals >= 23, "fewer attempts than expected:\n{report}");
     for (attempt, why) in [
         ("create: another pod's UUID", "must be the calling pod's UID"),
         ("create: hostdev", "<hostdev>"),
@@ -189,6 +196,10 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
         ("events of every domain", "name your own domain"),
         ("another domain by UUID", "is not this container's"),
         ("open test:///default", "connection URI"),
+        (
+            "create: without AUTODESTROY (a VM that outlives its container)",
+            "AUTODESTROY and VALIDATE",
+        ),
     ] {
         assert!(
             lines

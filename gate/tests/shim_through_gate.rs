@@ -62,6 +62,8 @@ fn the_shim_runs_its_vm_through_the_gate_unchanged() {
             socket.to_str().unwrap(),
             "--libvirtd",
             "/var/run/libvirt/libvirt-sock",
+            "--kubepods-parent",
+            "/virtkube-test",
         ])
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

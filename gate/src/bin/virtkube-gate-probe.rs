@@ -15,6 +15,9 @@ use libvirt_wire::protocol::{DomainRef, procedure};
 use libvirt_wire::xdr::Encoder;
 use libvirt_wire::{Client, Error, Options, flags};
 
+/// What the shim sends: the VM dies with the connection, libvirt validates the XML.
+const CREATE_FLAGS: u32 = flags::START_AUTODESTROY | flags::START_VALIDATE;
+
 fn outcome(name: &str, result: Result<(), Error>) {
     match result {
         Ok(()) => println!("{name}\tALLOWED"),
@@ -80,9 +83,13 @@ async fn main() {
     for (name, xml) in &variants {
         outcome(
             &format!("create: {name}"),
-            client.create_xml(xml, flags::START_AUTODESTROY).await.map(drop),
+            client.create_xml(xml, CREATE_FLAGS).await.map(drop),
         );
     }
+    outcome(
+        "create: without AUTODESTROY (a VM that outlives its container)",
+        client.create_xml(&own_xml, flags::START_VALIDATE).await.map(drop),
+    );
     // Calls outside the allow-list, with plausible arguments.
     let raw: [(&str, i32, Vec<u8>); 7] = [
         ("define a domain", 11, {
@@ -144,7 +151,7 @@ async fn main() {
     });
 
     // What a VM container may do.
-    let own = match client.create_xml(&own_xml, flags::START_AUTODESTROY).await {
+    let own = match client.create_xml(&own_xml, CREATE_FLAGS).await {
         Ok(domain) => {
             println!("create own domain\tALLOWED");
             domain
@@ -156,7 +163,7 @@ async fn main() {
     };
     outcome(
         "a second domain",
-        client.create_xml(&own_xml, flags::START_AUTODESTROY).await.map(drop),
+        client.create_xml(&own_xml, CREATE_FLAGS).await.map(drop),
     );
     outcome(
         "another domain by name",
