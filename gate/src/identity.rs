@@ -193,6 +193,42 @@ pub fn of_process(
     from_cgroup_under(pid, &cgroup, kubepods_parent)
 }
 
+/// A pidfd for the peer of a unix socket (`SO_PEERPIDFD`, Linux ≥ 6.5): it
+/// names the very process that called `connect()`, whatever later happens to
+/// its PID. `None` on older kernels (then the start-time check stands alone).
+pub fn peer_pidfd(socket: std::os::fd::BorrowedFd<'_>) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut pidfd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the valid, writable
+    // `pidfd`, and `len` is its size; the socket fd is borrowed and open.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&mut pidfd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: on success the kernel gave us a new descriptor that we now own.
+    (rc == 0 && pidfd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) })
+}
+
+/// Whether the process a pidfd names is alive and still has PID `pid` (as
+/// `/proc/self/fdinfo` reports it: -1 once it has exited).
+pub fn pidfd_is(pidfd: &std::os::fd::OwnedFd, pid: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("Pid:"))
+                .and_then(|v| v.trim().parse::<i32>().ok())
+        })
+        == Some(pid)
+}
+
 /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
 /// The command name (field 2) may hold spaces and parentheses: fields are
 /// counted after its last `)`.
@@ -325,5 +361,18 @@ mod tests {
             of_process(Path::new("/proc"), i32::MAX, now_ticks(), "/"),
             Err(Unidentified::Unreadable { .. })
         ));
+    }
+
+    #[test]
+    fn a_pidfd_names_the_connecting_process_until_it_exits() {
+        use std::os::fd::AsFd;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap_or_else(|e| panic!("{e}"));
+        let Some(pidfd) = peer_pidfd(a.as_fd()) else {
+            eprintln!("SO_PEERPIDFD unsupported by this kernel: nothing to test");
+            return;
+        };
+        assert!(pidfd_is(&pidfd, std::process::id() as i32));
+        assert!(!pidfd_is(&pidfd, 1));
+        drop(b);
     }
 }

@@ -76,9 +76,17 @@ pub async fn serve(listener: UnixListener, gate: Arc<Gate>) -> std::io::Result<(
 }
 
 async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
+    use std::os::fd::AsFd;
+    // The pidfd pins the process that connected: if it has exited (and its
+    // PID may have been reused) by the time its cgroup is read, it is refused.
+    let pidfd = identity::peer_pidfd(stream.as_fd());
     let who = match stream.peer_cred() {
         Ok(cred) => match cred.pid() {
             Some(pid) => identity::of_process(&gate.proc_root, pid, accepted_ticks, &gate.kubepods_parent)
+                .and_then(|who| match &pidfd {
+                    Some(pidfd) if !identity::pidfd_is(pidfd, pid) => Err(identity::Unidentified::PidReused { pid }),
+                    _ => Ok(who),
+                })
                 .map_err(|e| e.to_string()),
             None => Err("the kernel gave no PID for the caller".to_owned()),
         },
