@@ -11,61 +11,18 @@
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use libvirt_wire::{Client, Options};
 
-const LIBVIRTD: &str = "/var/run/libvirt/libvirt-sock";
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use support::LIBVIRTD;
 const RUNS: usize = 10;
 const CALLS: usize = 2000;
-
-fn become_pod(uid: &str) {
-    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("cgroup.procs").exists())
-        .expect("no writable cgroup hierarchy");
-    let dir = base
-        .join("virtkube-bench/kubepods/besteffort")
-        .join(format!("pod{uid}"))
-        .join("bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).unwrap();
-}
-
-fn start_gate(dir: &Path) -> (Child, PathBuf) {
-    let socket = dir.join("gate.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
-        .args(["--listen", socket.to_str().unwrap(), "--libvirtd", LIBVIRTD])
-        .args(["--kubepods-parent", "/virtkube-bench"])
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "the gate did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, socket)
-}
-
-fn shim_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_owned();
-    let shim = profile_dir.join("virtkube-shim");
-    if !shim.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--release", "-p", "virtkube-shim"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    shim
-}
 
 fn domain_gone(name: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -139,9 +96,10 @@ fn main() {
     let uid = format!("6a7b8c9d-0e1f-4a2b-8c3d-{:012x}", std::process::id());
     let dir = std::env::temp_dir().join(format!("virtkube-gate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    become_pod(&uid);
-    let (mut gate, socket) = start_gate(&dir);
-    let shim = shim_binary();
+    let cgroup = support::pod_cgroup("/virtkube-bench", "besteffort", &uid, "bench");
+    support::enter(&cgroup, std::process::id());
+    let (mut gate, socket, _log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-bench");
+    let shim = support::shim_binary();
 
     let (mut through, mut direct) = (Vec::new(), Vec::new());
     for run in 0..RUNS {

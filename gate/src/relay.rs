@@ -116,7 +116,8 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
 
 /// Answers the caller's first call with the reason it is refused, then hangs up.
 async fn refuse_connection(mut stream: UnixStream, why: &str) {
-    if let Ok(Ok(Some((header, _)))) = tokio::time::timeout(REFUSAL_WAIT, read_packet(&mut stream)).await
+    if let Ok(Ok(Some((header, _)))) =
+        tokio::time::timeout(REFUSAL_WAIT, read_packet(&mut stream, MAX_CLIENT_PACKET)).await
         && header.kind == MessageType::Call
     {
         let _ = stream.write_all(&denial(&header, why)).await;
@@ -136,9 +137,9 @@ fn denial(call: &Header, why: &str) -> Vec<u8> {
     )
 }
 
-/// One packet: its header and the whole frame as it came (to forward
-/// unchanged). `None` at a clean end of stream.
-async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Option<(Header, Vec<u8>)>> {
+/// One packet of at most `max` bytes: its header and the whole frame as it
+/// came (to forward unchanged). `None` at a clean end of stream.
+async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> std::io::Result<Option<(Header, Vec<u8>)>> {
     let mut len_word = [0u8; LEN_SIZE];
     match reader.read_exact(&mut len_word).await {
         Ok(_) => {}
@@ -147,9 +148,9 @@ async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Op
     }
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let len = protocol::check_length(u32::from_be_bytes(len_word)).map_err(|e| invalid(e.to_string()))?;
-    if len > MAX_CLIENT_PACKET {
+    if len > max {
         return Err(invalid(format!(
-            "a {len}-byte packet is more than a VM container sends ({MAX_CLIENT_PACKET})"
+            "a {len}-byte packet is more than this side sends ({max})"
         )));
     }
     let mut frame = vec![0u8; len];
@@ -189,7 +190,7 @@ async fn relay(client: UnixStream, upstream: UnixStream, who: Identity, gate: &G
     let session = Arc::new(std::sync::Mutex::new(Session::default()));
     let replies = session.clone();
     let mut downstream = tokio::spawn(async move {
-        while let Ok(Some((header, frame))) = read_packet_unbounded(&mut from_libvirtd).await {
+        while let Ok(Some((header, frame))) = read_packet(&mut from_libvirtd, protocol::MAX_PACKET).await {
             note_create_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]);
             if writer.lock().await.write_all(&frame).await.is_err() {
                 return;
@@ -198,7 +199,7 @@ async fn relay(client: UnixStream, upstream: UnixStream, who: Identity, gate: &G
     });
     let upstream_loop = async {
         loop {
-            let (header, frame) = match read_packet(&mut from_client).await {
+            let (header, frame) = match read_packet(&mut from_client, MAX_CLIENT_PACKET).await {
                 Ok(Some(packet)) => packet,
                 Ok(None) => return,
                 Err(e) => {
@@ -245,24 +246,6 @@ async fn relay(client: UnixStream, upstream: UnixStream, who: Identity, gate: &G
         () = upstream_loop => downstream.abort(),
         _ = &mut downstream => {}
     }
-}
-
-/// libvirtd's packets are trusted for size (up to libvirt's own limit).
-async fn read_packet_unbounded<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Option<(Header, Vec<u8>)>> {
-    let mut len_word = [0u8; LEN_SIZE];
-    match reader.read_exact(&mut len_word).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-    let len = protocol::check_length(u32::from_be_bytes(len_word)).map_err(|e| invalid(e.to_string()))?;
-    let mut frame = vec![0u8; len];
-    frame[..LEN_SIZE].copy_from_slice(&len_word);
-    reader.read_exact(&mut frame[LEN_SIZE..]).await?;
-    let (header, _) =
-        protocol::decode_packet(&frame[LEN_SIZE..LEN_SIZE + HEADER_SIZE]).map_err(|e| invalid(e.to_string()))?;
-    Ok(Some((header, frame)))
 }
 
 /// The reply to an admitted create decides the connection's domain: the one

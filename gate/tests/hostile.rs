@@ -8,12 +8,12 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const LIBVIRTD: &str = "/var/run/libvirt/libvirt-sock";
+mod support;
 
 struct Cleanup(Vec<Box<dyn FnMut()>>);
 
@@ -23,51 +23,6 @@ impl Drop for Cleanup {
             f();
         }
     }
-}
-
-fn start_gate(dir: &Path) -> (Child, PathBuf, PathBuf) {
-    let socket = dir.join("gate.sock");
-    let log = dir.join("gate.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
-        .args([
-            "--listen",
-            socket.to_str().unwrap(),
-            "--libvirtd",
-            LIBVIRTD,
-            "--kubepods-parent",
-            "/virtkube-test",
-        ])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the gate did not listen: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child, socket, log)
-}
-
-/// A pod's cgroup, as the kubelet's cgroupfs driver names it, in a v1
-/// hierarchy (or the v2 one where there is no v1); under a root of its own,
-/// since a kubelet on this machine kills what it finds in pod cgroups it
-/// does not know under its own `/kubepods`.
-fn pod_cgroup(uid: &str) -> PathBuf {
-    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("cgroup.procs").exists())
-        .expect("no writable cgroup hierarchy");
-    let dir = base
-        .join("virtkube-test/kubepods/burstable")
-        .join(format!("pod{uid}"))
-        .join(format!("{:064x}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    dir
 }
 
 fn domstate(name: &str) -> Option<String> {
@@ -87,7 +42,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut cleanup = Cleanup(Vec::new());
-    let (gate, socket, log) = start_gate(&dir);
+    let (gate, socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
     let mut gate = Some(gate);
     cleanup.0.push(Box::new(move || {
         if let Some(mut g) = gate.take() {
@@ -112,7 +67,12 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
     let xml_file = dir.join("own.xml");
     std::fs::write(&xml_file, &own_xml).unwrap();
 
-    let cgroup = pod_cgroup(&uid);
+    let cgroup = support::pod_cgroup(
+        "/virtkube-test",
+        "burstable",
+        &uid,
+        &format!("{:064x}", std::process::id()),
+    );
     let cg = cgroup.clone();
     cleanup.0.push(Box::new(move || {
         let _ = std::fs::remove_dir(&cg);
@@ -126,7 +86,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::fs::write(cgroup.join("cgroup.procs"), probe.id().to_string()).unwrap();
+    support::enter(&cgroup, probe.id());
     let mut stdin = probe.stdin.take().unwrap();
     stdin.write_all(b"go\n").unwrap();
     let (tx, rx) = mpsc::channel();

@@ -5,74 +5,29 @@
 //! SIGTERM ends it cleanly (exit 0).
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The shim binary of this workspace, built if it is not there yet.
-fn shim_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_owned();
-    let shim = profile_dir.join("virtkube-shim");
-    if !shim.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "virtkube-shim"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cannot build the shim");
-    }
-    shim
-}
-
-/// Moves this whole process into a pod's cgroup, as the kubelet would have;
-/// under a root of its own, since a kubelet on this machine kills what it
-/// finds in pod cgroups it does not know under its own `/kubepods`.
-fn become_pod(uid: &str) -> PathBuf {
-    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("cgroup.procs").exists())
-        .expect("no writable cgroup hierarchy");
-    let dir = base
-        .join("virtkube-test/kubepods/besteffort")
-        .join(format!("pod{uid}"))
-        .join(format!("{:064x}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).unwrap();
-    dir
-}
-
 #[test]
 #[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn the_shim_runs_its_vm_through_the_gate_unchanged() {
-    let shim = shim_binary();
+    let shim = support::shim_binary();
     let dir = std::env::temp_dir().join(format!("virtkube-shim-gate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let uid = format!("5c6d7e8f-0a1b-4c2d-8e3f-{:012x}", std::process::id());
-    let cgroup = become_pod(&uid);
-    let socket = dir.join("gate.sock");
-    let log = dir.join("gate.log");
-    let mut gate = Command::new(env!("CARGO_BIN_EXE_virtkube-gate"))
-        .args([
-            "--listen",
-            socket.to_str().unwrap(),
-            "--libvirtd",
-            "/var/run/libvirt/libvirt-sock",
-            "--kubepods-parent",
-            "/virtkube-test",
-        ])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "the gate did not listen");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cgroup = support::pod_cgroup(
+        "/virtkube-test",
+        "besteffort",
+        &uid,
+        &format!("{:064x}", std::process::id()),
+    );
+    support::enter(&cgroup, std::process::id());
+    let (mut gate, socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
     let template = dir.join("template.yaml");
     std::fs::write(
         &template,

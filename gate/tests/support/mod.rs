@@ -1,0 +1,77 @@
+//! Shared by the gate's tests and benchmark: a pod's cgroup made with the
+//! kernel's cgroup filesystem, and a gate started in front of libvirtd.
+#![allow(clippy::unwrap_used, dead_code)] // test helpers: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// libvirtd's own socket (scripts/libvirtd-up.sh).
+pub const LIBVIRTD: &str = "/var/run/libvirt/libvirt-sock";
+
+/// Makes a pod's cgroup as the kubelet's cgroupfs driver names it
+/// (`<root>/kubepods/<qos>/pod<uid>/<container>`), in a v1 hierarchy or the
+/// v2 one where there is no v1. `root` must not be `/`: a kubelet on the
+/// machine kills what it finds in pod cgroups it does not know under its own
+/// `/kubepods`. The gate is told `root` with `--kubepods-parent`.
+pub fn pod_cgroup(root: &str, qos: &str, uid: &str, container: &str) -> PathBuf {
+    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists())
+        .expect("no writable cgroup hierarchy");
+    let dir = base
+        .join(root.trim_start_matches('/'))
+        .join("kubepods")
+        .join(qos)
+        .join(format!("pod{uid}"))
+        .join(container);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
+}
+
+/// Moves process `pid` into `cgroup`.
+pub fn enter(cgroup: &Path, pid: u32) {
+    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+}
+
+/// Starts the gate on `dir/gate.sock` in front of libvirtd, pods' cgroups
+/// under `kubepods_parent`, logging to `dir/gate.log`.
+pub fn start_gate(gate: &str, dir: &Path, kubepods_parent: &str) -> (Child, PathBuf, PathBuf) {
+    let socket = dir.join("gate.sock");
+    let log = dir.join("gate.log");
+    let child = Command::new(gate)
+        .args(["--listen", socket.to_str().unwrap(), "--libvirtd", LIBVIRTD])
+        .args(["--kubepods-parent", kubepods_parent])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the gate did not listen: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, socket, log)
+}
+
+/// The shim binary of this workspace (the same profile as this test), built
+/// if it is not there yet.
+pub fn shim_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap().to_owned();
+    let shim = profile_dir.join("virtkube-shim");
+    if !shim.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "virtkube-shim"]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "cannot build the shim");
+    }
+    shim
+}
