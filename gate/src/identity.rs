@@ -159,10 +159,7 @@ fn container_of(path: &str) -> Option<Identity> {
     })
 }
 
-/// A UUID in the canonical lowercase, dashed form, from dashed or bare text.
-pub fn canonical_uuid(text: &str) -> Option<String> {
-    libvirt_wire::protocol::parse_uuid(text).map(|bytes| libvirt_wire::protocol::format_uuid(&bytes))
-}
+pub use libvirt_wire::protocol::canonical_uuid;
 
 /// The identity of process `pid`, read under `proc_root` (`/proc`), provided
 /// the process started no later than `accepted_ticks` (clock ticks since boot,

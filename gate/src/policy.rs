@@ -107,11 +107,9 @@ pub struct Admitted {
     pub uuid: Option<[u8; 16]>,
 }
 
-const METADATA_NS: &str = virtkube_metadata_ns();
-
-const fn virtkube_metadata_ns() -> &'static str {
-    "https://virtkube.io/xmlns/domain/v1alpha1"
-}
+/// virtkube's metadata namespace (virtkube-api's `METADATA_XMLNS`, which the
+/// gate does not link: that crate carries the Kubernetes client types).
+const METADATA_NS: &str = "https://virtkube.io/xmlns/domain/v1alpha1";
 
 /// Elements the renderer produces, by their path from `<domain>`. Anything
 /// else (`hostdev`, `filesystem`, `qemu:commandline`, `seclabel`, `loader`,

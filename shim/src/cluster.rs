@@ -7,7 +7,7 @@ use kube::{Api, Client};
 use virtkube_api::{ResolvedTemplate, VirtTemplate, resolve};
 
 /// Where the service account's namespace is mounted.
-pub const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+pub use crate::startup::NAMESPACE_FILE;
 
 pub use crate::startup::PodFacts;
 

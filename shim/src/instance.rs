@@ -52,17 +52,12 @@ pub fn gather(
     // One form from here on: the canonical lowercase, dashed text libvirt and
     // the renderer use (Kubernetes' UIDs already are; a bare 32-digit form is
     // accepted and normalised, not refused later).
-    let pod_uid = match pod_uid {
-        Some(uid) => match libvirt_wire::protocol::parse_uuid(uid.trim()) {
-            Some(bytes) => Some(libvirt_wire::protocol::format_uuid(&bytes)),
-            None => {
-                return Err(format!(
-                    "POD_UID={uid:?} is not a UUID; set it from the downward API (metadata.uid)"
-                ));
-            }
-        },
-        None => None,
-    };
+    let pod_uid = pod_uid
+        .map(|uid| {
+            libvirt_wire::protocol::canonical_uuid(uid.trim())
+                .ok_or_else(|| format!("POD_UID={uid:?} is not a UUID; set it from the downward API (metadata.uid)"))
+        })
+        .transpose()?;
     let template_name = template_name.or_else(|| annotations.get(virtkube_api::annotations::TEMPLATE).cloned());
     Ok(Facts {
         instance: Instance {

@@ -164,7 +164,7 @@ fn check_instance(instance: &Instance) -> Result<(), RenderError> {
 
 fn is_uuid(s: &str) -> bool {
     // The same parser the instance facts and libvirt-wire use, in its canonical form only.
-    libvirt_wire::protocol::parse_uuid(s).is_some_and(|bytes| libvirt_wire::protocol::format_uuid(&bytes) == s)
+    libvirt_wire::protocol::canonical_uuid(s).is_some_and(|canonical| canonical == s)
 }
 
 /// Picks the libvirt domain type: `auto` means kvm where offered, else qemu.

@@ -15,6 +15,8 @@ use crate::endpoint::{self, Endpoint};
 use crate::exit::Exit;
 use crate::instance::{self, Facts};
 
+/// Where the service account's namespace is mounted.
+pub const NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 /// Most bytes of pod annotations read: Kubernetes allows 256 KiB in all.
 pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
 /// How often, and how many times, the pod is read again while the API has no
@@ -252,10 +254,7 @@ impl World for Live {
     }
 
     async fn service_account_namespace(&self) -> Result<String, String> {
-        #[cfg(feature = "kube")]
-        let file = crate::cluster::NAMESPACE_FILE;
-        #[cfg(not(feature = "kube"))]
-        let file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+        let file = NAMESPACE_FILE;
         read_capped(Path::new(file), 253)
             .await
             .map_err(|e| format!("cannot read {file}: {e}"))

@@ -326,6 +326,12 @@ pub fn format_uuid(uuid: &[u8; UUID_LEN]) -> String {
     )
 }
 
+/// A UUID in its canonical form (lowercase, dashed), from dashed or bare
+/// 32-digit text; `None` when it is not a UUID.
+pub fn canonical_uuid(text: &str) -> Option<String> {
+    parse_uuid(text).map(|bytes| format_uuid(&bytes))
+}
+
 /// Parses a UUID in `8-4-4-4-12` hex form (or 32 hex digits).
 pub fn parse_uuid(text: &str) -> Option<[u8; UUID_LEN]> {
     let hex: Vec<u8> = text.bytes().filter(|b| *b != b'-').collect();
