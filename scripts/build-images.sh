@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds virtkube's images in the local Docker engine: virtkube/shim (FROM
 # scratch, the static shim), virtkube/tiny (the example VM) and
-# virtkube/virthost (libvirtd + QEMU), and the tiny guest's files on the host.
+# virtkube/virthost (libvirtd + QEMU + the gate + nodeinfo), and the tiny guest's files on the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DOCKER=/usr/bin/docker DOCKER_BUILDKIT=0
@@ -20,8 +20,8 @@ log "virtkube/tiny"
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 $DOCKER build -q -t virtkube/tiny:latest -t "virtkube/tiny:$version" images/tiny >/dev/null
 bash scripts/debian-base-image.sh debian:bookworm-slim
-log "virtkube-nodeinfo (links Debian 12's libvirt.so, like the virthost image)"
-cargo build -q --release --locked -p virtkube-nodeinfo
+log "virtkube-nodeinfo (links Debian 12's libvirt.so, like the virthost image) and virtkube-gate"
+cargo build -q --release --locked -p virtkube-nodeinfo -p virtkube-gate
 log "virtkube/virthost"
 $DOCKER build -q -f Dockerfile.virthost -t virtkube/virthost:latest . >/dev/null
 shim_size=$(stat -c %s "$shim")

@@ -1,8 +1,10 @@
 #!/bin/bash
-# (Re)starts the virthost container on the local Docker engine: libvirtd's
-# socket appears in /var/run/virtkube on the host (virtkube's own directory,
-# not /var/run/libvirt), and the guest files in /var/lib/virtkube/images are
-# visible to its QEMU. Unprivileged, no /dev/kvm: TCG (see DESIGN.md).
+# (Re)starts the virthost container on the local Docker engine. VM containers
+# mount /var/run/virtkube, where virtkube-gate's socket appears (libvirtd's own
+# socket stays inside the container). The gate knows each caller by its PID's
+# cgroup, so the virthost shares the host's PID and cgroup namespaces. Guest
+# files in /var/lib/virtkube/images are visible to its QEMU. Unprivileged, no
+# /dev/kvm: TCG (see docs/virthost.md).
 set -euo pipefail
 DOCKER=${DOCKER:-/usr/bin/docker}
 NAME=${VIRTHOST_NAME:-virtkube-virthost}
@@ -10,15 +12,14 @@ SOCKET_DIR=${VIRTKUBE_SOCKET_DIR:-/var/run/virtkube}
 log() { echo "[virthost-up] $*"; }
 mkdir -p "$SOCKET_DIR" /var/lib/virtkube/images
 $DOCKER rm -f "$NAME" >/dev/null 2>&1 || true
-log "starting $NAME (socket in $SOCKET_DIR)"
-$DOCKER run -d --name "$NAME" \
+log "starting $NAME (the gate's socket in $SOCKET_DIR)"
+$DOCKER run -d --name "$NAME" --pid=host --cgroupns=host \
   -v "$SOCKET_DIR:/run/virtkube" \
   -v /var/lib/virtkube/images:/var/lib/virtkube/images:ro \
   virtkube/virthost:latest >/dev/null
-uri="qemu+unix:///system?socket=$SOCKET_DIR/libvirt-sock"
 for _ in $(seq 1 150); do
-  if virsh -c "$uri" version >/dev/null 2>&1; then
-    log "libvirtd in $NAME answers on $SOCKET_DIR/libvirt-sock"
+  if [ -S "$SOCKET_DIR/libvirt-sock" ] && $DOCKER exec "$NAME" virsh -c qemu:///system version >/dev/null 2>&1; then
+    log "libvirtd in $NAME answers; the gate listens on $SOCKET_DIR/libvirt-sock"
     exit 0
   fi
   sleep 0.2

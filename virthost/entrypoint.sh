@@ -1,11 +1,14 @@
-#!/bin/sh
-# The virthost container's init: virtlogd, libvirtd, and (when present)
-# virtkube-nodeinfo. Exits non-zero when libvirtd dies; SIGTERM stops them.
+#!/bin/bash
+# The virthost container's init: virtlogd, libvirtd, virtkube-gate and (in a
+# pod) virtkube-nodeinfo. libvirtd's socket stays inside this container
+# (/run/libvirt); VM containers mount the gate's (/run/virtkube), which lets
+# each create and control its own domain only. Exits non-zero when libvirtd or
+# the gate dies; SIGTERM stops them all.
 set -eu
 log() { echo "[virthost] $*"; }
 
 mkdir -p /run/virtkube /run/libvirt /var/log/libvirt /var/lib/libvirt /var/cache/libvirt
-# A reused state directory names QEMU processes of an old pid namespace; libvirtd
+# A reused state directory names QEMU processes of an old container; libvirtd
 # would try to reconnect to them. The VMs died with the old container.
 rm -f /run/libvirt/qemu/*.xml /run/libvirt/qemu/*.pid 2>/dev/null || true
 rm -f /run/virtkube/libvirt-sock /run/virtkube/libvirt-sock-ro /run/virtkube/libvirt-admin-sock
@@ -13,21 +16,33 @@ rm -f /run/virtkube/libvirt-sock /run/virtkube/libvirt-sock-ro /run/virtkube/lib
 if [ -e /dev/kvm ] && ! [ -r /dev/kvm ]; then
   log "/dev/kvm is present but not accessible: QEMU will use TCG"
 fi
+# The gate knows a caller by its PID's cgroup: it must see the host's PIDs.
+if [ "$$" = 1 ]; then
+  log "WARNING: this container has its own PID namespace; the gate will refuse every VM container." \
+    "Run it with the host's (Kubernetes: hostPID: true; Docker: --pid=host)."
+fi
 
 virtlogd -d
-listen=""
-if [ "${VIRTHOST_TCP:-0}" = 1 ]; then
-  log "listening on TCP 16509 WITHOUT authentication (VIRTHOST_TCP=1)"
-  listen="--listen"
-fi
-libvirtd $listen &
+libvirtd &
 libvirtd_pid=$!
+for _ in $(seq 1 100); do
+  [ -S /run/libvirt/libvirt-sock ] && break
+  sleep 0.1
+done
+log "libvirtd is up: socket /run/libvirt/libvirt-sock (this container only)"
 
+gate_args=(--listen /run/virtkube/libvirt-sock --libvirtd /run/libvirt/libvirt-sock)
+[ -f /etc/virtkube/gate.yaml ] && gate_args+=(--config /etc/virtkube/gate.yaml)
+# Word splitting is wanted: extra flags, e.g. "--max-vcpus 8".
+# shellcheck disable=SC2206
+gate_args+=(${VIRTKUBE_GATE_ARGS:-})
+virtkube-gate "${gate_args[@]}" &
+gate_pid=$!
 for _ in $(seq 1 100); do
   [ -S /run/virtkube/libvirt-sock ] && break
   sleep 0.1
 done
-log "libvirtd is up: socket /run/virtkube/libvirt-sock"
+log "virtkube-gate is up: socket /run/virtkube/libvirt-sock (for VM containers)"
 
 # nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no API).
 nodeinfo_pid=""
@@ -37,17 +52,25 @@ if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ "${VIRTHOST_NODEINFO:-1}" = 1 ]; t
   nodeinfo_pid=$!
 fi
 
+stop_all() {
+  for pid in $nodeinfo_pid $gate_pid $libvirtd_pid; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  wait "$libvirtd_pid" 2>/dev/null || true
+}
 stop() {
   log "stopping"
-  [ -n "$nodeinfo_pid" ] && kill -TERM "$nodeinfo_pid" 2>/dev/null || true
-  kill -TERM "$libvirtd_pid" 2>/dev/null || true
-  wait "$libvirtd_pid" 2>/dev/null || true
+  stop_all
   exit 0
 }
 trap stop TERM INT
 
 rc=0
-wait "$libvirtd_pid" || rc=$?
-log "libvirtd exited (status $rc)"
-[ -n "$nodeinfo_pid" ] && kill -TERM "$nodeinfo_pid" 2>/dev/null || true
+wait -n "$libvirtd_pid" "$gate_pid" || rc=$?
+if kill -0 "$libvirtd_pid" 2>/dev/null; then
+  log "virtkube-gate exited (status $rc)"
+else
+  log "libvirtd exited (status $rc)"
+fi
+stop_all
 exit $(( rc == 0 ? 1 : rc ))

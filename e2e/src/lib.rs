@@ -4,6 +4,7 @@
 //! (scripts/test.sh does both).
 
 pub mod cluster;
+pub mod probe;
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -35,6 +36,14 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) 
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// `virsh` on libvirtd's own socket inside the Docker virthost container
+/// `container` (VM containers reach only the gate, which refuses virsh).
+pub fn virthost_virsh(container: &str, args: &[&str]) -> (bool, String) {
+    let mut full = vec!["exec", container, "virsh", "-c", "qemu:///system"];
+    full.extend_from_slice(args);
+    run("/usr/bin/docker", &full, None)
 }
 
 /// A running command whose stdin we type into and whose stdout we watch

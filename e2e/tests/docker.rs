@@ -10,6 +10,7 @@ use virtkube_e2e::{Interactive, run};
 
 const DOCKER: &str = "/usr/bin/docker";
 const SOCKET_DIR: &str = "/var/run/virtkube";
+const VIRTHOST: &str = "virtkube-virthost";
 const BOOT: Duration = Duration::from_secs(90);
 
 fn docker(args: &[&str]) -> (bool, String) {
@@ -20,10 +21,6 @@ fn docker_ok(args: &[&str]) -> String {
     let (ok, out) = docker(args);
     assert!(ok, "docker {args:?} failed: {out}");
     out
-}
-
-fn virthost_uri() -> String {
-    format!("qemu+unix:///system?socket={SOCKET_DIR}/libvirt-sock")
 }
 
 fn require_setup() {
@@ -41,21 +38,10 @@ fn require_setup() {
     assert!(ok, "the virthost container is not running: run scripts/virthost-up.sh");
 }
 
+/// virsh inside the virthost container, on libvirtd's own socket (VM
+/// containers only reach the gate's).
 fn virsh(args: &[&str]) -> (bool, String) {
-    let out = Command::new("virsh")
-        .arg("-c")
-        .arg(virthost_uri())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    virtkube_e2e::virthost_virsh(VIRTHOST, args)
 }
 
 /// A VM container, removed when dropped.
@@ -283,4 +269,82 @@ fn a_broken_template_fails_the_container_with_a_clear_message() {
     );
     drop(vm);
     let _ = docker(&["rmi", &tag]);
+}
+
+/// The gate's hostile client in a real Docker container, mounting the socket
+/// as a VM container does: every attempt outside its own domain is refused
+/// with the gate's reason, and `docker kill` ends the domain it may have.
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn a_hostile_docker_container_reaches_only_its_own_domain() {
+    require_setup();
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("own.xml"), virtkube_e2e::probe::own_xml(false)).unwrap();
+    // The images directory (read-only in the virthost) with a link pointing out of it.
+    let link = "/var/lib/virtkube/images/gate-probe-link";
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink("/etc/shadow", link).unwrap();
+    let name = format!("e2e-probe-{}", std::process::id());
+    let _ = docker(&["rm", "-f", &name]);
+    let probe = format!("{}:/probe:ro", virtkube_e2e::probe::binary().display());
+    let xml = format!("{}:/x:ro", dir.display());
+    let socket = format!("{SOCKET_DIR}:/var/run/libvirt");
+    let id = docker_ok(&[
+        "create",
+        "-i",
+        "--name",
+        &name,
+        "-v",
+        &socket,
+        "-v",
+        &probe,
+        "-v",
+        &xml,
+        "debian:bookworm-slim",
+        "/probe",
+        "/var/run/libvirt/libvirt-sock",
+        "@HOSTNAME@",
+        "/x/own.xml",
+    ]);
+    let _vm = Vm { name: name.clone() };
+    let short_id = &id.trim()[..12];
+    let mut attached = Interactive::spawn(DOCKER, &["start", "-ai", &name]);
+    attached.send("go\n");
+    assert!(
+        attached.wait_for("\nready", Duration::from_secs(60)),
+        "the probe did not finish:\n{}",
+        attached.seen()
+    );
+    let lines: Vec<String> = attached
+        .seen()
+        .lines()
+        .take_while(|l| *l != "ready")
+        .map(str::to_owned)
+        .collect();
+    let refusals = virtkube_e2e::probe::check_report(&lines);
+    assert!(refusals >= 20, "fewer attempts than expected:\n{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(|l| l.starts_with("create: another pod's UUID\t")
+            && l.contains(&format!("must be named after the container ({short_id})"))),
+        "{}",
+        lines.join("\n")
+    );
+    let gate_log = docker_ok(&["logs", VIRTHOST]);
+    assert!(
+        gate_log.contains(&format!("who=container {short_id}")) && gate_log.contains("refused"),
+        "the gate logged no refusal for {short_id}"
+    );
+    assert!(domain_exists(short_id), "the probe's own domain is not running");
+    docker_ok(&["kill", "-s", "KILL", &name]);
+    let killed = Instant::now();
+    while domain_exists(short_id) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the probe's domain outlived its container by 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(link);
 }

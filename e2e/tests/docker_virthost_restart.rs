@@ -22,15 +22,10 @@ fn docker(args: &[&str]) -> (bool, String) {
     )
 }
 
+/// libvirtd answers inside the virthost and the gate's socket is there.
 fn virthost_answers() -> bool {
-    Command::new("virsh")
-        .args([
-            "-c",
-            "qemu+unix:///system?socket=/var/run/virtkube/libvirt-sock",
-            "version",
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    std::path::Path::new("/var/run/virtkube/libvirt-sock").exists()
+        && virtkube_e2e::virthost_virsh("virtkube-virthost", &["version"]).0
 }
 
 #[test]
@@ -83,7 +78,7 @@ fn virthost_on_its_own(name: &str) -> String {
     let (ok, out) = docker(&["run", "-d", "--name", name, "-v", &volume, "virtkube/virthost:latest"]);
     assert!(ok, "{out}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !docker(&["logs", name]).1.contains("libvirtd is up") {
+    while !docker(&["logs", name]).1.contains("virtkube-gate is up") {
         assert!(Instant::now() < deadline, "{}", docker(&["logs", name]).1);
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -92,7 +87,7 @@ fn virthost_on_its_own(name: &str) -> String {
 
 #[test]
 #[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
-fn the_virthost_exits_non_zero_when_libvirtd_dies_and_zero_on_sigterm() {
+fn the_virthost_exits_non_zero_when_libvirtd_or_the_gate_dies_and_zero_on_sigterm() {
     let name = virthost_on_its_own(&format!("virtkube-virthost-die-{}", std::process::id()));
     // The container may die (as it should) before `docker exec` reports back,
     // which then fails with no output: the exit code and logs below decide.
@@ -102,6 +97,18 @@ fn the_virthost_exits_non_zero_when_libvirtd_dies_and_zero_on_sigterm() {
     let _ = docker(&["rm", "-f", &name]);
     assert_ne!(code.trim(), "0", "{logs}\n(docker exec kill: {out})");
     assert!(logs.contains("libvirtd exited"), "{logs}\n(docker exec kill: {out})");
+
+    // The gate, too: without it no VM container reaches libvirtd.
+    let name = virthost_on_its_own(&format!("virtkube-virthost-gate-{}", std::process::id()));
+    let (_, out) = docker(&["exec", &name, "sh", "-c", "kill -KILL $(pidof virtkube-gate)"]);
+    let (_, code) = docker(&["wait", &name]);
+    let logs = docker(&["logs", &name]).1;
+    let _ = docker(&["rm", "-f", &name]);
+    assert_ne!(code.trim(), "0", "{logs}\n(docker exec kill: {out})");
+    assert!(
+        logs.contains("virtkube-gate exited"),
+        "{logs}\n(docker exec kill: {out})"
+    );
 
     let name = virthost_on_its_own(&format!("virtkube-virthost-term-{}", std::process::id()));
     let (ok, out) = docker(&["stop", "-t", "20", &name]);

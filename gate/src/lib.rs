@@ -4,6 +4,7 @@
 //! domain only, through the calls the shim makes and with domain XML the
 //! node's policy admits. See docs/gate.md.
 
+pub mod config;
 pub mod identity;
 pub mod policy;
 pub mod relay;

@@ -6,16 +6,18 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use tokio::net::UnixListener;
+use virtkube_gate::config::{self, GateConfig};
 use virtkube_gate::policy::Policy;
 use virtkube_gate::relay::{self, Gate};
 
 const USAGE: &str = "\
 virtkube-gate: lets each VM container create and control its own libvirt domain, and nothing else.
 
-usage: virtkube-gate [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-root DIR]...
+usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-root DIR]...
                      [--max-memory-kib N] [--max-vcpus N] [--interface-types LIST] [--uri URI]...
                      [--kubepods-parent PATH] [--network-disks allow|deny]
 
+  --config FILE           the policy file (YAML, see docs/gate.md); flags given after it override it
   --listen PATH           the socket VM containers mount (default /var/run/virtkube/libvirt-sock)
   --libvirtd PATH         libvirtd's own socket (default /var/run/libvirt/libvirt-sock)
   --proc PATH             the host's /proc (the gate needs the host's PID namespace; default /proc)
@@ -59,6 +61,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
                 .with_context(|| format!("{what} {value:?} is not a whole number"))
         };
         match flag.as_str() {
+            "--config" => {
+                let text = read_config(&value)?;
+                GateConfig::parse(&text)
+                    .and_then(|config| config.apply(&mut gate.policy, &mut gate.kubepods_parent))
+                    .with_context(|| format!("--config {value}"))?;
+            }
             "--listen" => listen = value.into(),
             "--libvirtd" => gate.libvirtd = value.into(),
             "--proc" => gate.proc_root = value.into(),
@@ -73,25 +81,29 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
             "--uri" => uris.push(value),
             "--kubepods-parent" => gate.kubepods_parent = value,
             "--network-disks" => {
-                gate.policy.network_disks = match value.as_str() {
-                    "allow" => true,
-                    "deny" => false,
-                    other => bail!("--network-disks {other:?}: use allow or deny"),
-                }
+                gate.policy.network_disks = config::network_disks(&value).map_err(anyhow::Error::msg)?
             }
             other => bail!("unknown flag {other:?}; run with --help for usage"),
         }
     }
     if !roots.is_empty() {
-        if let Some(relative) = roots.iter().find(|r| !r.is_absolute()) {
-            bail!("--images-root {} is not an absolute path", relative.display());
-        }
-        gate.policy.roots = roots;
+        gate.policy.roots = config::checked_roots(roots).map_err(|e| anyhow::anyhow!("--images-root: {e}"))?;
     }
     if !uris.is_empty() {
         gate.policy.uris = uris;
     }
     Ok(Args { listen, gate })
+}
+
+/// The policy file's text, refusing a huge one before reading it all.
+fn read_config(path: &str) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open the policy file {path}"))?;
+    let mut text = String::new();
+    file.take(config::MAX_CONFIG_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read the policy file {path} as UTF-8 text"))?;
+    Ok(text)
 }
 
 fn main() {

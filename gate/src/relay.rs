@@ -82,13 +82,17 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
     let pidfd = identity::peer_pidfd(stream.as_fd());
     let who = match stream.peer_cred() {
         Ok(cred) => match cred.pid() {
+            // The kernel reports 0 for a process outside the gate's PID namespace.
+            Some(0) | None => Err(
+                "the caller's process is invisible to the gate: the virthost must run in the host's PID namespace (hostPID: true, or docker run --pid=host)"
+                    .to_owned(),
+            ),
             Some(pid) => identity::of_process(&gate.proc_root, pid, accepted_ticks, &gate.kubepods_parent)
                 .and_then(|who| match &pidfd {
                     Some(pidfd) if !identity::pidfd_is(pidfd, pid) => Err(identity::Unidentified::PidReused { pid }),
                     _ => Ok(who),
                 })
                 .map_err(|e| e.to_string()),
-            None => Err("the kernel gave no PID for the caller".to_owned()),
         },
         Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
     };

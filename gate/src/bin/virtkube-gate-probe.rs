@@ -5,9 +5,12 @@
 //! domain and watches it, and stays connected until its stdin closes (so a
 //! test can SIGKILL it and watch the domain go).
 //!
-//! usage: virtkube-gate-probe SOCKET POD_UID OWN_XML_FILE
-//! It waits for a line on stdin before connecting, so the test can place it
-//! in a pod's cgroup first.
+//! usage: virtkube-gate-probe SOCKET OWNER OWN_XML_FILE
+//! OWNER is the pod's UID, or a Docker container's short ID (`@HOSTNAME@`:
+//! the container's hostname, which Docker sets to it); `@OWNER@` in the XML
+//! file is replaced by it (a pod's UID is known only once it runs). It
+//! waits for a line on stdin (or its end) before connecting, so a test can
+//! place it in a pod's cgroup first.
 
 use std::io::BufRead;
 
@@ -30,10 +33,23 @@ fn outcome(name: &str, result: Result<(), Error>) {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [socket, uid, own_xml_file] = args.as_slice() else {
-        eprintln!("usage: virtkube-gate-probe SOCKET POD_UID OWN_XML_FILE");
+        eprintln!("usage: virtkube-gate-probe SOCKET OWNER OWN_XML_FILE");
         std::process::exit(2);
     };
-    let own_xml = std::fs::read_to_string(own_xml_file).unwrap_or_else(|e| panic!("{own_xml_file}: {e}"));
+    // A Docker container's ID is its default hostname.
+    let hostname;
+    let uid = if uid == "@HOSTNAME@" {
+        hostname = std::fs::read_to_string("/etc/hostname")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        &hostname
+    } else {
+        uid
+    };
+    let own_xml = std::fs::read_to_string(own_xml_file)
+        .unwrap_or_else(|e| panic!("{own_xml_file}: {e}"))
+        .replace("@OWNER@", uid);
     let mut go = String::new();
     let _ = std::io::stdin().lock().read_line(&mut go);
 

@@ -1,0 +1,79 @@
+//! The gate's hostile client (`virtkube-gate-probe`, built with the gate's
+//! tests) run inside a real VM container: its report, one line per attempt,
+//! must show every attempt refused with a reason except what a VM container
+//! may do with its own domain.
+
+use std::path::PathBuf;
+
+/// What the probe may do: its own domain, nothing else.
+pub const ALLOWED: [&str; 4] = [
+    "create own domain",
+    "own domain's state",
+    "own domain's events",
+    "own domain's console",
+];
+
+/// The probe binary, built by `cargo test` of the gate (debug profile).
+pub fn binary() -> PathBuf {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/debug/virtkube-gate-probe"
+    ));
+    assert!(
+        path.exists(),
+        "{} is missing: cargo test --workspace builds it (or cargo build -p virtkube-gate --bin virtkube-gate-probe)",
+        path.display()
+    );
+    path
+}
+
+/// The shim's golden domain XML, owned by `@OWNER@` (the probe fills it in):
+/// for a pod, its UID as the UUID and in the metadata; for a Docker
+/// container (`pod == false`), its short ID as the name and no UUID or pod UID.
+pub fn own_xml(pod: bool) -> String {
+    let golden = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml"))
+        .unwrap_or_else(|e| panic!("the golden XML: {e}"));
+    let uid = "6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+    if pod {
+        return golden.replace(uid, "@OWNER@");
+    }
+    golden
+        .lines()
+        .filter(|l| !l.contains(uid))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("virtkube-golden_tiny-0", "@OWNER@")
+}
+
+/// Checks the probe's report (its lines before `ready`); returns how many
+/// attempts were refused. Panics naming the first attempt that got through,
+/// or was refused without the gate's reason.
+pub fn check_report(lines: &[String]) -> usize {
+    let report = lines.join("\n");
+    let mut refusals = 0;
+    for line in lines {
+        let mut fields = line.splitn(3, '\t');
+        let (attempt, verdict, reason) = (
+            fields.next().unwrap_or(""),
+            fields.next().unwrap_or(""),
+            fields.next().unwrap_or(""),
+        );
+        if ALLOWED.contains(&attempt) {
+            assert_eq!(verdict, "ALLOWED", "{attempt} should be allowed:\n{report}");
+        } else {
+            assert_eq!(verdict, "REFUSED", "{attempt} was not refused by the gate:\n{report}");
+            assert!(
+                reason.starts_with("access denied by virtkube-gate: ") && reason.len() > 40,
+                "{attempt}: no reason given: {reason:?}\n{report}"
+            );
+            refusals += 1;
+        }
+    }
+    for allowed in ALLOWED {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("{allowed}\t"))),
+            "the probe never got to {allowed:?}:\n{report}"
+        );
+    }
+    refusals
+}
