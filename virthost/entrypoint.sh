@@ -33,6 +33,12 @@ log "libvirtd is up: socket /run/libvirt/libvirt-sock (this container only)"
 
 gate_args=(--listen /run/virtkube/libvirt-sock --libvirtd /run/libvirt/libvirt-sock)
 [ -f /etc/virtkube/gate.yaml ] && gate_args+=(--config /etc/virtkube/gate.yaml)
+# In a pod, VM pods that cannot mount the socket (a bare `kubectl run`) reach
+# the gate at the node's address; it knows each by its pod IP.
+tcp=${VIRTKUBE_GATE_TCP:-0.0.0.0:16509}
+if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ "$tcp" != off ]; then
+  gate_args+=(--listen-tcp "$tcp")
+fi
 # Word splitting is wanted: extra flags, e.g. "--max-vcpus 8".
 # shellcheck disable=SC2206
 gate_args+=(${VIRTKUBE_GATE_ARGS:-})

@@ -2,7 +2,6 @@
 //! kubectl, polling with diagnostics, and virtkube's manifests as deployed there.
 #![allow(clippy::unwrap_used)] // test support: a panic is the failure report
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::run;
@@ -71,18 +70,22 @@ pub fn repo_file(path: &str) -> String {
     std::fs::read_to_string(format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
-/// Names of the domains running on the cluster's virthost.
+/// Names of the domains running on the cluster's virthost (virsh in the
+/// virthost pod, on libvirtd's own socket: the gate would refuse it).
 pub fn virsh_list() -> String {
-    let out = Command::new("virsh")
-        .args([
-            "-c",
-            &format!("qemu+unix:///system?socket={SOCKET_DIR}/libvirt-sock"),
-            "list",
-            "--name",
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    kubectl(&[
+        "-n",
+        "virtkube-system",
+        "exec",
+        "ds/virthost",
+        "--",
+        "virsh",
+        "-c",
+        "qemu:///system",
+        "list",
+        "--name",
+    ])
+    .1
 }
 
 /// Applies deploy/ (socket dir adapted) and waits for the virthost DaemonSet.
@@ -94,7 +97,27 @@ pub fn deploy_virtkube() {
         );
         assert!(success, "{file}: {out}");
     }
-    let virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
+    let mut virthost = repo_file("deploy/03-virthost.yaml").replace("/var/run/virtkube", SOCKET_DIR);
+    // A rebuilt virtkube/virthost:latest is a new pod template, so the
+    // DaemonSet rolls out the image under test (on a node whose engine is local).
+    let (built, image_id) = run(
+        "/usr/bin/docker",
+        &["image", "inspect", "-f", "{{.Id}}", "virtkube/virthost:latest"],
+        None,
+    );
+    if built {
+        virthost = virthost.replace(
+            "        app.kubernetes.io/part-of: virtkube\n    spec:",
+            &format!(
+                "        app.kubernetes.io/part-of: virtkube\n      annotations:\n        virtkube.io/image-id: \"{}\"\n    spec:",
+                image_id.trim()
+            ),
+        );
+        assert!(
+            virthost.contains("virtkube.io/image-id"),
+            "the DaemonSet's pod template moved"
+        );
+    }
     apply(&virthost);
     wait_for_virthost("the virthost DaemonSet");
 }

@@ -19,12 +19,13 @@ pub fn binary() -> PathBuf {
         env!("CARGO_MANIFEST_DIR"),
         "/../target/debug/virtkube-gate-probe"
     ));
-    assert!(
-        path.exists(),
-        "{} is missing: cargo test --workspace builds it (or cargo build -p virtkube-gate --bin virtkube-gate-probe)",
-        path.display()
-    );
-    path
+    // Canonical: a hostPath volume may not contain "..".
+    path.canonicalize().unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: cargo test --workspace builds it (or cargo build -p virtkube-gate --bin virtkube-gate-probe)",
+            path.display()
+        )
+    })
 }
 
 /// The shim's golden domain XML, owned by `@OWNER@` (the probe fills it in):

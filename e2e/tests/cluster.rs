@@ -301,6 +301,9 @@ fn vm_lifecycle_through_kubectl() {
     );
 
     bare_kubectl_run(&ns);
+    the_node_itself_is_refused_over_tcp();
+    hostile_pod(&ns, "probe-socket", false);
+    hostile_pod(&ns, "probe-tcp", true);
 
     drop(namespace);
 }
@@ -329,27 +332,10 @@ fn failed_vm_job(ns: &str, name: &str, annotations: &str) -> String {
 
 /// Bare `kubectl run IMAGE`: no volumes, no downward API. The shim reads its pod
 /// from the API (the namespace's default service account has the virtkube-vm
-/// role, bound by `template_from_the_api`) and reaches its node's virthost over
-/// TCP, which is off until the virthost is deployed with VIRTHOST_TCP=1.
+/// role, bound by `template_from_the_api`) and reaches its node's gate over
+/// TCP, which knows it by its pod IP. No opt-in.
 fn bare_kubectl_run(ns: &str) {
     let image = format!("--image=virtkube/tiny:{}", env!("CARGO_PKG_VERSION"));
-    // TCP off (the default): the pod fails and says how to fix it.
-    ok(&["-n", ns, "run", "vm-bare-off", &image, "--restart=Never"]);
-    eventually("the bare pod without TCP to fail", ns, Duration::from_secs(90), || {
-        kubectl(&["-n", ns, "get", "pod", "vm-bare-off", "-o", "jsonpath={.status.phase}"])
-            .1
-            .trim()
-            == "Failed"
-    });
-    let describe = ok(&["-n", ns, "describe", "pod", "vm-bare-off"]);
-    assert!(
-        describe.contains("tried the virthost of its node") && describe.contains("VIRTHOST_TCP=1"),
-        "{describe}"
-    );
-
-    // The opt-in, as the README gives it; the virthost restarts with it.
-    ok(&["-n", "virtkube-system", "set", "env", "ds/virthost", "VIRTHOST_TCP=1"]);
-    wait_for_virthost("the virthost with TCP");
     ok(&["-n", ns, "run", "vm-bare", &image]);
     eventually("the bare pod's VirtDomain", ns, Duration::from_secs(120), || {
         virtdomain_state(ns, "vm-bare") == "Running"
@@ -363,12 +349,91 @@ fn bare_kubectl_run(ns: &str) {
     assert!(logs.contains("over TCP (qemu+tcp://"), "{logs}");
     let domain = format!("{ns}_vm-bare");
     assert!(virsh_list().contains(&domain), "{}", virsh_list());
+    let gate_log = ok(&["-n", "virtkube-system", "logs", "ds/virthost"]);
+    assert!(gate_log.contains("identified a TCP caller by its pod IP"), "{gate_log}");
     ok(&["-n", ns, "delete", "pod", "vm-bare", "--wait=true", "--timeout=60s"]);
     eventually("the bare pod's domain to go", ns, Duration::from_secs(10), || {
         !virsh_list().contains(&domain)
     });
+}
 
-    // Back to the safe default.
-    ok(&["-n", "virtkube-system", "set", "env", "ds/virthost", "VIRTHOST_TCP=0"]);
-    wait_for_virthost("the virthost without TCP");
+/// The node's address, where the gate listens on TCP.
+fn node_ip() -> String {
+    ok(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={.items[0].status.addresses[?(@.type==\"InternalIP\")].address}",
+    ])
+    .trim()
+    .to_owned()
+}
+
+/// The node itself (and any hostNetwork pod) shares the node's address: over
+/// TCP the gate cannot tell who it is, and refuses it with that reason.
+fn the_node_itself_is_refused_over_tcp() {
+    let uri = format!("qemu+tcp://{}:16509/system", node_ip());
+    let (success, out) = virtkube_e2e::run("virsh", &["-c", &uri, "version"], None);
+    assert!(!success, "virsh on the gate's TCP port got through: {out}");
+    assert!(
+        out.contains("access denied by virtkube-gate") && out.contains("is the node's own"),
+        "{out}"
+    );
+}
+
+/// The gate's hostile client in a real pod, through the mounted socket
+/// (`uri` None) or over TCP to its node's address: every attempt outside its
+/// own domain is refused with the gate's reason.
+fn hostile_pod(ns: &str, name: &str, over_tcp: bool) {
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("own.xml"), virtkube_e2e::probe::own_xml(true)).unwrap();
+    let link = "/var/lib/virtkube/images/gate-probe-link";
+    let _ = std::fs::remove_file(link);
+    std::os::unix::fs::symlink("/etc/shadow", link).unwrap();
+    let target = if over_tcp {
+        "qemu+tcp://$(HOST_IP):16509/system".to_owned()
+    } else {
+        "/var/run/libvirt/libvirt-sock".to_owned()
+    };
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: probe\n      image: debian:bookworm-slim\n      imagePullPolicy: Never\n      command: [/probe/virtkube-gate-probe, \"{target}\", \"$(POD_UID)\", /x/own.xml]\n      env:\n        - {{name: POD_UID, valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}}}\n        - {{name: HOST_IP, valueFrom: {{fieldRef: {{fieldPath: status.hostIP}}}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt}}\n        - {{name: probe, mountPath: /probe, readOnly: true}}\n        - {{name: xml, mountPath: /x, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n    - {{name: probe, hostPath: {{path: {probe_dir}, type: Directory}}}}\n    - {{name: xml, hostPath: {{path: {xml_dir}, type: Directory}}}}\n",
+        probe_dir = virtkube_e2e::probe::binary().parent().unwrap().display(),
+        xml_dir = dir.display(),
+    );
+    apply(&pod);
+    eventually(
+        &format!("the probe pod {name} to finish"),
+        ns,
+        Duration::from_secs(120),
+        || {
+            let phase = kubectl(&["-n", ns, "get", "pod", name, "-o", "jsonpath={.status.phase}"]).1;
+            phase == "Succeeded" || phase == "Failed"
+        },
+    );
+    let logs = ok(&["-n", ns, "logs", name]);
+    let lines: Vec<String> = logs.lines().take_while(|l| *l != "ready").map(str::to_owned).collect();
+    assert!(logs.lines().any(|l| l == "ready"), "the probe did not finish:\n{logs}");
+    let refusals = virtkube_e2e::probe::check_report(&lines);
+    assert!(refusals >= 20, "fewer attempts than expected:\n{logs}");
+    for (attempt, why) in [
+        ("create: another pod's UUID", "must be the calling pod's UID"),
+        (
+            "create: a symlink out of the images directory",
+            "through a symbolic link",
+        ),
+        (
+            "create: the virthost's service account token as a kernel",
+            "outside the directories",
+        ),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("{attempt}\t")) && l.contains(why)),
+            "{attempt}: expected a refusal naming {why:?}:\n{logs}"
+        );
+    }
+    let _ = std::fs::remove_file(link);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Serialize;
@@ -80,6 +80,10 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
             match kind.as_str() {
                 "Namespace" => check::<Namespace>(&doc, &file),
                 "ServiceAccount" => check::<ServiceAccount>(&doc, &file),
+                "ConfigMap" => {
+                    check::<ConfigMap>(&doc, &file);
+                    check_gate_policy(&doc, &file);
+                }
                 "ClusterRole" => check::<ClusterRole>(&doc, &file),
                 "ClusterRoleBinding" => check::<ClusterRoleBinding>(&doc, &file),
                 "RoleBinding" => check::<RoleBinding>(&doc, &file),
@@ -98,6 +102,7 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
         "CustomResourceDefinition",
         "ClusterRole",
         "DaemonSet",
+        "ConfigMap",
         "Deployment",
         "VirtTemplate",
     ] {
@@ -106,6 +111,26 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
             "no {expected} under deploy/: {kinds:?}"
         );
     }
+}
+
+/// The gate's policy ConfigMap holds a policy the gate accepts, and it says
+/// what the gate would use anyway (the defaults are documented in it).
+fn check_gate_policy(doc: &Value, file: &Path) {
+    use virtkube_gate::config::GateConfig;
+    use virtkube_gate::policy::Policy;
+    let Some(text) = doc.pointer("/data/gate.yaml").and_then(Value::as_str) else {
+        return;
+    };
+    let (mut policy, mut parent) = (Policy::default(), "/".to_owned());
+    GateConfig::parse(text)
+        .and_then(|c| c.apply(&mut policy, &mut parent))
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert_eq!(
+        format!("{policy:?} {parent}"),
+        format!("{:?} /", Policy::default()),
+        "{}: the ConfigMap's policy should show the defaults",
+        file.display()
+    );
 }
 
 #[test]

@@ -6,5 +6,6 @@
 
 pub mod config;
 pub mod identity;
+pub mod pods;
 pub mod policy;
 pub mod relay;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use tokio::net::UnixListener;
+use k8s_openapi::api::core::v1::Pod;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, UnixListener};
 use virtkube_gate::config::{self, GateConfig};
 use virtkube_gate::policy::Policy;
 use virtkube_gate::relay::{self, Gate};
@@ -16,6 +18,7 @@ virtkube-gate: lets each VM container create and control its own libvirt domain,
 usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-root DIR]...
                      [--max-memory-kib N] [--max-vcpus N] [--interface-types LIST] [--uri URI]...
                      [--kubepods-parent PATH] [--network-disks allow|deny]
+                     [--listen-tcp ADDRESS:PORT [--node NAME]]
 
   --config FILE           the policy file (YAML, see docs/gate.md); flags given after it override it
   --listen PATH           the socket VM containers mount (default /var/run/virtkube/libvirt-sock)
@@ -28,12 +31,17 @@ usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc P
   --uri URI               a connection URI VMs may open; repeatable (default qemu:///system)
   --kubepods-parent PATH  the cgroup the kubelet's kubepods cgroup is under (its --cgroup-root; default /)
   --network-disks allow|deny  whether VMs may use nbd/rbd/iscsi disks with the node's credentials (default deny)
+  --listen-tcp ADDRESS:PORT   also serve VM pods over TCP (e.g. 0.0.0.0:16509), each known by its pod IP
+                          among the pods of this node, read from the Kubernetes API (in-cluster config)
+  --node NAME             the node whose pods may call over TCP (default: $NODE_NAME)
 
 Logs go to stderr; RUST_LOG filters them (default info).
 ";
 
 struct Args {
     listen: PathBuf,
+    /// Where to serve VM pods over TCP, and the node whose pods they are.
+    tcp: Option<(SocketAddr, String)>,
     gate: Gate,
 }
 
@@ -46,6 +54,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
         kubepods_parent: "/".into(),
     };
     let (mut roots, mut uris) = (Vec::new(), Vec::new());
+    let (mut listen_tcp, mut node) = (None, std::env::var("NODE_NAME").ok());
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
@@ -68,6 +77,14 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
                     .with_context(|| format!("--config {value}"))?;
             }
             "--listen" => listen = value.into(),
+            "--listen-tcp" => {
+                listen_tcp = Some(
+                    value
+                        .parse::<SocketAddr>()
+                        .with_context(|| format!("--listen-tcp {value:?} is not ADDRESS:PORT (e.g. 0.0.0.0:16509)"))?,
+                )
+            }
+            "--node" => node = Some(value),
             "--libvirtd" => gate.libvirtd = value.into(),
             "--proc" => gate.proc_root = value.into(),
             "--images-root" => roots.push(PathBuf::from(value)),
@@ -92,7 +109,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
     if !uris.is_empty() {
         gate.policy.uris = uris;
     }
-    Ok(Args { listen, gate })
+    let tcp = match (listen_tcp, node.filter(|n| !n.is_empty())) {
+        (Some(address), Some(node)) => Some((address, node)),
+        (Some(_), None) => bail!("--listen-tcp needs the node's name: --node NAME or $NODE_NAME"),
+        (None, _) => None,
+    };
+    Ok(Args { listen, tcp, gate })
 }
 
 /// The policy file's text, refusing a huge one before reading it all.
@@ -147,13 +169,53 @@ fn run(args: Args) -> Result<()> {
             policy = ?args.gate.policy,
             "virtkube-gate ready"
         );
+        let gate = Arc::new(args.gate);
+        let tcp = async {
+            match args.tcp {
+                Some((address, node)) => serve_tcp(address, node, gate.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            result = relay::serve(listener, Arc::new(args.gate)) => result.context("accepting VM containers failed"),
+            result = relay::serve(listener, gate.clone()) => result.context("accepting VM containers failed"),
+            result = tcp => result,
             _ = term.recv() => {
                 tracing::info!("SIGTERM: stopping");
                 Ok(())
             }
         }
     })
+}
+
+/// Serves VM pods over TCP, knowing each by its pod IP among this node's
+/// pods (a reflector over the API, kept while the gate runs).
+async fn serve_tcp(address: SocketAddr, node: String, gate: Arc<Gate>) -> Result<()> {
+    use futures_util::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+
+    let client = kube::Client::try_default()
+        .await
+        .context("--listen-tcp needs the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let (store, writer) = reflector::store();
+    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let pods = kube::Api::<Pod>::all(client);
+    let watch = watcher(pods, config)
+        .default_backoff()
+        .modify(|pod| pod.metadata.managed_fields = None)
+        .reflect(writer)
+        .for_each(|event| {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "watching this node's pods failed; retrying");
+            }
+            std::future::ready(())
+        });
+    tokio::spawn(watch);
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on TCP {address}"))?;
+    tracing::info!(%address, %node, "serving this node's pods over TCP");
+    relay::serve_tcp(listener, gate, Arc::new(relay::NodePods { node, store }))
+        .await
+        .context("accepting VM pods over TCP failed")
 }

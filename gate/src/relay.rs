@@ -13,16 +13,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::Store;
 use libvirt_wire::LibvirtError;
 use libvirt_wire::protocol::{
     self, DomainRef, HEADER_SIZE, Header, KEEPALIVE_PROGRAM, LEN_SIZE, MessageType, REMOTE_PROGRAM, Status, procedure,
 };
 use libvirt_wire::xdr::Decoder;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
 use crate::identity::{self, Identity};
+use crate::pods::UnknownAddress;
 use crate::policy::{self, Admitted, Denied, Policy, RealPaths};
 
 /// libvirt's `VIR_ERR_ACCESS_DENIED`.
@@ -51,28 +54,124 @@ pub struct Gate {
     pub kubepods_parent: String,
 }
 
-/// Accepts VM containers until the listener fails.
+/// Accepts VM containers on the socket they mount, for ever.
 pub async fn serve(listener: UnixListener, gate: Arc<Gate>) -> std::io::Result<()> {
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = Backoff::default();
     loop {
-        // Running out of descriptors (a container holding many connections)
-        // must not end the gate, and with it every VM's connection.
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff = Duration::from_millis(10);
-                accepted
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+        let Some((stream, _)) = backoff.accepted(listener.accept().await).await else {
+            continue;
         };
         let accepted = identity::now_ticks();
         let gate = gate.clone();
         tokio::spawn(async move { client(stream, accepted, &gate).await });
     }
+}
+
+/// Accepts VM pods over TCP (those that cannot mount the socket), for ever:
+/// each is known by its source address, the pod IP (see [`crate::pods`]).
+pub async fn serve_tcp(listener: TcpListener, gate: Arc<Gate>, pods: Arc<NodePods>) -> std::io::Result<()> {
+    let mut backoff = Backoff::default();
+    loop {
+        let Some((stream, peer)) = backoff.accepted(listener.accept().await).await else {
+            continue;
+        };
+        let (gate, pods) = (gate.clone(), pods.clone());
+        tokio::spawn(async move { tcp_client(stream, peer.ip().to_canonical(), &gate, &pods).await });
+    }
+}
+
+/// Running out of descriptors (a container holding many connections) must
+/// not end the gate, and with it every VM's connection: accept errors are
+/// retried, slower and slower up to a second.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff(Duration::from_millis(10))
+    }
+}
+
+impl Backoff {
+    async fn accepted<T>(&mut self, result: std::io::Result<T>) -> Option<T> {
+        match result {
+            Ok(accepted) => {
+                *self = Backoff::default();
+                Some(accepted)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying in {:?}", self.0);
+                tokio::time::sleep(self.0).await;
+                self.0 = (self.0 * 2).min(Duration::from_secs(1));
+                None
+            }
+        }
+    }
+}
+
+/// This node's pods, as the gate's reflector sees them.
+#[derive(Debug)]
+pub struct NodePods {
+    /// The node the gate serves.
+    pub node: String,
+    /// The reflector's store of the node's pods.
+    pub store: Store<Pod>,
+}
+
+/// How long the gate waits for a TCP caller's address to appear among its
+/// node's pods: the kubelet may start the container before the API has
+/// its pod IP, and the watch lags the API.
+const TCP_IDENTIFY_WAIT: Duration = Duration::from_secs(10);
+/// How often a TCP caller's pod is checked while connected.
+const TCP_LIVENESS_PERIOD: Duration = Duration::from_secs(1);
+
+async fn tcp_identity(pods: &NodePods, ip: std::net::IpAddr) -> Result<Identity, UnknownAddress> {
+    let deadline = tokio::time::Instant::now() + TCP_IDENTIFY_WAIT;
+    if tokio::time::timeout(TCP_IDENTIFY_WAIT, pods.store.wait_until_ready())
+        .await
+        .is_err()
+    {
+        return Err(UnknownAddress::NotSynced {
+            node: pods.node.clone(),
+            why: "its watch has not listed them yet".into(),
+        });
+    }
+    loop {
+        match crate::pods::identify(&pods.store.state(), ip, &pods.node) {
+            Err(why) if why.may_resolve() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn tcp_client(stream: TcpStream, ip: std::net::IpAddr, gate: &Gate, pods: &NodePods) {
+    let who = match tcp_identity(pods, ip).await {
+        Ok(who) => who,
+        Err(why) => {
+            let why = why.to_string();
+            tracing::warn!(%ip, %why, "refused an unidentified TCP caller");
+            refuse_connection(stream, &why).await;
+            return;
+        }
+    };
+    let Identity::Pod { uid } = &who else {
+        return;
+    };
+    let uid = uid.clone();
+    // Its pod gone from the API (or ended) ends the connection, and with it
+    // the VM, even if no FIN ever arrives from a torn-down network namespace.
+    let gone = async move {
+        loop {
+            tokio::time::sleep(TCP_LIVENESS_PERIOD).await;
+            if !crate::pods::still_holds(&pods.store.state(), &uid, ip) {
+                tracing::info!(%uid, %ip, "the pod has gone: closing its connection");
+                return;
+            }
+        }
+    };
+    tracing::info!(%who, %ip, "identified a TCP caller by its pod IP");
+    connect_and_relay(stream, who, gate, gone).await;
 }
 
 async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
@@ -104,6 +203,15 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
             return;
         }
     };
+    connect_and_relay(stream, who, gate, std::future::pending()).await;
+}
+
+/// Opens the caller's own libvirtd connection and relays until either side
+/// closes or `revoked` completes.
+async fn connect_and_relay<S>(stream: S, who: Identity, gate: &Gate, revoked: impl Future<Output = ()>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let upstream = match UnixStream::connect(&gate.libvirtd).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -114,12 +222,15 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
         }
     };
     tracing::info!(%who, "VM container connected");
-    relay(stream, upstream, who.clone(), gate).await;
+    tokio::select! {
+        () = relay(stream, upstream, who.clone(), gate) => {}
+        () = revoked => {}
+    }
     tracing::info!(%who, "VM container disconnected");
 }
 
 /// Answers the caller's first call with the reason it is refused, then hangs up.
-async fn refuse_connection(mut stream: UnixStream, why: &str) {
+async fn refuse_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, why: &str) {
     if let Ok(Ok(Some((header, _)))) =
         tokio::time::timeout(REFUSAL_WAIT, read_packet(&mut stream, MAX_CLIENT_PACKET)).await
         && header.kind == MessageType::Call
@@ -184,8 +295,11 @@ enum Verdict {
     Deny(String),
 }
 
-async fn relay(client: UnixStream, upstream: UnixStream, who: Identity, gate: &Gate) {
-    let (mut from_client, to_client) = client.into_split();
+async fn relay<S>(client: S, upstream: UnixStream, who: Identity, gate: &Gate)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut from_client, to_client) = tokio::io::split(client);
     let (mut from_libvirtd, mut to_libvirtd) = upstream.into_split();
     let to_client = Arc::new(Mutex::new(to_client));
     // libvirtd → VM container: whole frames, so a denial written meanwhile

@@ -36,8 +36,8 @@ environment:
   VIRTKUBE_LIBVIRT_URI       qemu:///system, qemu+unix:///system?socket=PATH,
                              qemu+tcp://HOST[:PORT]/system, test+unix:///default;
                              unset: qemu:///system when its socket is mounted, else in a
-                             pod the node's virthost over TCP (HOST_IP:16509, opt-in,
-                             unauthenticated)
+                             pod the node's virthost gate over TCP (HOST_IP:16509,
+                             which knows the pod by its IP)
   VIRTKUBE_SHUTDOWN_TIMEOUT  seconds between the ACPI shutdown request and destroy (default 25)
   VIRTKUBE_CONNECT_TIMEOUT   seconds to keep trying to reach libvirtd (default 30)
   VIRTKUBE_AUTODESTROY       1 (default): the VM dies with the shim's connection;

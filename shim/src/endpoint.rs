@@ -3,9 +3,8 @@
 //! 1. libvirtd's socket mounted at the default path (Docker, and pods that
 //!    mount the virthost's socket directory): `qemu:///system`.
 //! 2. Otherwise, in a pod (bare `kubectl run IMAGE`, no volumes): the node's
-//!    virthost over TCP, at the pod's `status.hostIP`. The virthost listens on
-//!    TCP only when deployed with `VIRTHOST_TCP=1`, and that listener is
-//!    unauthenticated: whoever reaches it is root on the node.
+//!    virthost over TCP, at the pod's `status.hostIP`, where its gate
+//!    listens and knows the pod by its pod IP.
 //! 3. Otherwise `qemu:///system`, whose connection error then says what to do.
 
 use std::fmt;
@@ -13,7 +12,7 @@ use std::net::IpAddr;
 
 /// libvirtd's socket behind the default `qemu:///system` URI.
 pub const DEFAULT_SOCKET: &str = "/var/run/libvirt/libvirt-sock";
-/// The port of the virthost's opt-in TCP listener (libvirt's default).
+/// The port of the virthost gate's TCP listener (libvirt's default).
 pub const VIRTHOST_TCP_PORT: u16 = 16509;
 
 /// How the URI was chosen; it decides the advice given when connecting fails.
@@ -110,7 +109,7 @@ impl Endpoint {
 pub struct Advice<'a>(&'a Endpoint);
 
 const MOUNT_HINT: &str = "mount the virthost's socket directory (/var/run/virtkube on the node) at /var/run/libvirt (see deploy/examples/tiny-deployment.yaml)";
-const TCP_HINT: &str = "or turn on the virthost's TCP listener (kubectl -n virtkube-system set env ds/virthost VIRTHOST_TCP=1; it is UNAUTHENTICATED: anyone who reaches the node's port 16509 is root on the node)";
+const TCP_HINT: &str = "or check that the virthost runs on this node with its TCP listener on (VIRTKUBE_GATE_TCP, port 16509) and that this pod may reach its node's port 16509";
 
 impl fmt::Display for Advice<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -167,7 +166,7 @@ mod tests {
         let advice = e.advice().unwrap().to_string();
         assert!(advice.contains("virthost of its node (192.0.2.2) over TCP"), "{advice}");
         assert!(
-            advice.contains("VIRTHOST_TCP=1") && advice.contains("UNAUTHENTICATED"),
+            advice.contains("VIRTKUBE_GATE_TCP") && advice.contains("port 16509"),
             "{advice}"
         );
         // The wire client reads it as TCP to the node's port 16509.

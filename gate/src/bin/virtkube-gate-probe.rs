@@ -5,7 +5,7 @@
 //! domain and watches it, and stays connected until its stdin closes (so a
 //! test can SIGKILL it and watch the domain go).
 //!
-//! usage: virtkube-gate-probe SOCKET OWNER OWN_XML_FILE
+//! usage: virtkube-gate-probe SOCKET|URI OWNER OWN_XML_FILE
 //! OWNER is the pod's UID, or a Docker container's short ID (`@HOSTNAME@`:
 //! the container's hostname, which Docker sets to it); `@OWNER@` in the XML
 //! file is replaced by it (a pod's UID is known only once it runs). It
@@ -53,9 +53,20 @@ async fn main() {
     let mut go = String::new();
     let _ = std::io::stdin().lock().read_line(&mut go);
 
-    let uri = format!("qemu+unix:///system?socket={socket}");
+    // SOCKET is a path, or a whole URI (the gate's TCP listener).
+    let (uri, other_uri) = if socket.contains("://") {
+        (
+            socket.clone(),
+            socket.replacen("qemu+", "test+", 1).replace("/system", "/default"),
+        )
+    } else {
+        (
+            format!("qemu+unix:///system?socket={socket}"),
+            format!("test+unix:///default?socket={socket}"),
+        )
+    };
     // A URI other than the allowed one.
-    let other = Client::connect(&format!("test+unix:///default?socket={socket}"), Options::default()).await;
+    let other = Client::connect(&other_uri, Options::default()).await;
     outcome("open test:///default", other.map(drop));
 
     let client = match Client::connect(&uri, Options::default()).await {
