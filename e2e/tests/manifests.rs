@@ -117,17 +117,18 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
 /// what the gate would use anyway (the defaults are documented in it).
 fn check_gate_policy(doc: &Value, file: &Path) {
     use virtkube_gate::config::GateConfig;
-    use virtkube_gate::policy::Policy;
+    use virtkube_gate::relay::Gate;
     let Some(text) = doc.pointer("/data/gate.yaml").and_then(Value::as_str) else {
         return;
     };
-    let (mut policy, mut parent) = (Policy::default(), "/".to_owned());
+    let mut gate = Gate::default();
     GateConfig::parse(text)
-        .and_then(|c| c.apply(&mut policy, &mut parent))
+        .and_then(|c| c.apply(&mut gate))
         .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let shown = |g: &Gate| format!("{:?} {} {}", g.policy, g.kubepods_parent, g.max_connections_per_caller);
     assert_eq!(
-        format!("{policy:?} {parent}"),
-        format!("{:?} /", Policy::default()),
+        shown(&gate),
+        shown(&Gate::default()),
         "{}: the ConfigMap's policy should show the defaults",
         file.display()
     );

@@ -4,7 +4,9 @@
 //! - exec of the shim → domain running (qemu driver, the tiny guest), through
 //!   the gate and directly on libvirtd's socket, alternating;
 //! - DOMAIN_GET_STATE calls per second, through the gate and directly;
-//! - the gate's RSS with 100 connected VM containers (libvirt's test driver).
+//! - the gate's RSS with 100 connected VM containers;
+//! - SIGKILL of a VM container (the shim, through the gate) → its domain gone,
+//!   100 times (`KILL_RUNS`), against the 2 s bound.
 //!
 //! Run: `cargo bench -p virtkube-gate --bench relay` (root, libvirtd from
 //! scripts/libvirtd-up.sh, the tiny guest from scripts/build-tiny-guest.sh).
@@ -42,28 +44,8 @@ fn domain_gone(name: &str) {
 /// exec of the shim → "started domain" on `socket`; the shim is then killed
 /// and its (AUTODESTROY) domain awaited gone.
 fn shim_start(shim: &Path, dir: &Path, socket: &Path, uid: &str, pod: &str) -> Duration {
-    let template = dir.join("template.yaml");
-    std::fs::write(
-        &template,
-        "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1 quiet\n",
-    )
-    .unwrap();
     let started = Instant::now();
-    let mut child = Command::new(shim)
-        .env_clear()
-        .env("VIRTKUBE_TEMPLATE_FILE", &template)
-        .env("VIRTKUBE_ANNOTATIONS_FILE", dir.join("none"))
-        .env(
-            "VIRTKUBE_LIBVIRT_URI",
-            format!("qemu+unix:///system?socket={}", socket.display()),
-        )
-        .env("POD_NAMESPACE", "bench")
-        .env("POD_NAME", pod)
-        .env("POD_UID", uid)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_shim(shim, dir, socket, uid, pod);
     let stderr = BufReader::new(child.stderr.take().unwrap());
     let mut elapsed = None;
     let mut seen = Vec::new();
@@ -79,6 +61,31 @@ fn shim_start(shim: &Path, dir: &Path, socket: &Path, uid: &str, pod: &str) -> D
     let _ = child.wait();
     domain_gone(&format!("bench_{pod}"));
     elapsed.unwrap_or_else(|| panic!("the shim did not start its domain:\n{}", seen.join("\n")))
+}
+
+/// The shim on `socket` as pod `pod` of namespace `bench`, stderr piped.
+fn spawn_shim(shim: &Path, dir: &Path, socket: &Path, uid: &str, pod: &str) -> std::process::Child {
+    let template = dir.join("template.yaml");
+    std::fs::write(
+        &template,
+        "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1 quiet\n",
+    )
+    .unwrap();
+    Command::new(shim)
+        .env_clear()
+        .env("VIRTKUBE_TEMPLATE_FILE", &template)
+        .env("VIRTKUBE_ANNOTATIONS_FILE", dir.join("none"))
+        .env(
+            "VIRTKUBE_LIBVIRT_URI",
+            format!("qemu+unix:///system?socket={}", socket.display()),
+        )
+        .env("POD_NAMESPACE", "bench")
+        .env("POD_NAME", pod)
+        .env("POD_UID", uid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn p50(mut v: Vec<Duration>) -> Duration {
@@ -98,7 +105,13 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let cgroup = support::pod_cgroup("/virtkube-bench", "besteffort", &uid, "bench");
     support::enter(&cgroup, std::process::id());
-    let (mut gate, socket, _log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-bench");
+    // One process holds all 100 connections here: lift the per-caller limit.
+    let (mut gate, socket, _log) = support::start_gate_with(
+        env!("CARGO_BIN_EXE_virtkube-gate"),
+        &dir,
+        "/virtkube-bench",
+        &["--max-connections-per-caller", "1000"],
+    );
     let shim = support::shim_binary();
 
     let (mut through, mut direct) = (Vec::new(), Vec::new());
@@ -175,6 +188,56 @@ fn main() {
         );
         drop(clients);
     });
+
+    let runs: usize = std::env::var("KILL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let mut gone_after = Vec::new();
+    for run in 0..runs {
+        gone_after.push(kill_and_time(&shim, &dir, &socket, &uid, &format!("kill-{run}")));
+    }
+    let within = gone_after.iter().filter(|d| **d <= Duration::from_secs(2)).count();
+    let max = gone_after.iter().max().copied().unwrap_or_default();
+    println!(
+        "SIGKILL of the VM container → domain gone: {within}/{runs} within 2 s; p50 {:.0} ms, max {:.0} ms",
+        p50(gone_after).as_secs_f64() * 1e3,
+        max.as_secs_f64() * 1e3
+    );
     let _ = gate.kill();
     let _ = gate.wait();
+}
+
+/// The shim through the gate, killed with SIGKILL once its domain runs: how
+/// long until libvirtd no longer lists the domain.
+fn kill_and_time(shim: &Path, dir: &Path, socket: &Path, uid: &str, pod: &str) -> Duration {
+    let mut child = spawn_shim(shim, dir, socket, uid, pod);
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if line.contains("started domain") {
+            break;
+        }
+        seen.push(line);
+    }
+    let name = format!("bench_{pod}");
+    let killed = Instant::now();
+    child.kill().unwrap();
+    let _ = child.wait();
+    loop {
+        let out = Command::new("virsh")
+            .args(["-c", "qemu:///system", "domstate", &name])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "domain {name} outlived its shim by 30 s (shim said: {})",
+            seen.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::policy::Policy;
+use crate::relay::Gate;
 
 /// The largest policy file the gate reads.
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
@@ -30,6 +30,8 @@ pub struct GateConfig {
     pub network_disks: Option<String>,
     /// The cgroup the kubelet's kubepods cgroup is under (its `--cgroup-root`).
     pub kubepods_parent: Option<String>,
+    /// Most connections one pod or container may hold at once.
+    pub max_connections_per_caller: Option<usize>,
 }
 
 /// A policy file the gate will not run with.
@@ -40,7 +42,7 @@ pub enum ConfigError {
     TooLarge(usize),
     /// Not YAML, or a key or value of the wrong kind.
     #[error(
-        "the gate's policy file is not valid: {0} (keys: imagesRoots, maxMemoryKib, maxVcpus, interfaceTypes, uris, networkDisks, kubepodsParent)"
+        "the gate's policy file is not valid: {0} (keys: imagesRoots, maxMemoryKib, maxVcpus, interfaceTypes, uris, networkDisks, kubepodsParent, maxConnectionsPerCaller)"
     )]
     Syntax(String),
     /// A value that parses but cannot be a policy.
@@ -66,8 +68,9 @@ impl GateConfig {
         serde_saphyr::from_str_with_options(text, options).map_err(|e| ConfigError::Syntax(e.to_string()))
     }
 
-    /// Applies the file onto `policy` and `kubepods_parent`.
-    pub fn apply(self, policy: &mut Policy, kubepods_parent: &mut String) -> Result<(), ConfigError> {
+    /// Applies the file onto the gate's settings.
+    pub fn apply(self, gate: &mut Gate) -> Result<(), ConfigError> {
+        let policy = &mut gate.policy;
         if let Some(roots) = self.images_roots {
             policy.roots = checked_roots(roots).map_err(ConfigError::Value)?;
         }
@@ -92,7 +95,16 @@ impl GateConfig {
             policy.network_disks = network_disks(&choice).map_err(ConfigError::Value)?;
         }
         if let Some(parent) = self.kubepods_parent {
-            *kubepods_parent = parent;
+            gate.kubepods_parent = parent;
+        }
+        match self.max_connections_per_caller {
+            Some(0) => {
+                return Err(ConfigError::Value(
+                    "maxConnectionsPerCaller 0 would refuse every VM container".into(),
+                ));
+            }
+            Some(max) => gate.max_connections_per_caller = max,
+            None => {}
         }
         Ok(())
     }
@@ -122,10 +134,12 @@ pub fn network_disks(choice: &str) -> Result<bool, String> {
 mod tests {
     use super::*;
 
+    use crate::policy::Policy;
+
     fn applied(text: &str) -> Result<(Policy, String), ConfigError> {
-        let (mut policy, mut parent) = (Policy::default(), "/".to_owned());
-        GateConfig::parse(text)?.apply(&mut policy, &mut parent)?;
-        Ok((policy, parent))
+        let mut gate = Gate::default();
+        GateConfig::parse(text)?.apply(&mut gate)?;
+        Ok((gate.policy, gate.kubepods_parent))
     }
 
     #[test]
@@ -158,6 +172,7 @@ mod tests {
             ("imagesRoots: [images]\n", "not an absolute path"),
             ("imagesRoots: []\n", "no images root"),
             ("uris: []\n", "uris is empty"),
+            ("maxConnectionsPerCaller: 0\n", "would refuse every VM container"),
             ("[1, 2]\n", "not valid"),
         ] {
             let e = applied(text).unwrap_err().to_string();

@@ -9,7 +9,6 @@ use k8s_openapi::api::core::v1::Pod;
 use std::net::SocketAddr;
 use tokio::net::{TcpListener, UnixListener};
 use virtkube_gate::config::{self, GateConfig};
-use virtkube_gate::policy::Policy;
 use virtkube_gate::relay::{self, Gate};
 
 const USAGE: &str = "\
@@ -18,7 +17,7 @@ virtkube-gate: lets each VM container create and control its own libvirt domain,
 usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-root DIR]...
                      [--max-memory-kib N] [--max-vcpus N] [--interface-types LIST] [--uri URI]...
                      [--kubepods-parent PATH] [--network-disks allow|deny]
-                     [--listen-tcp ADDRESS:PORT [--node NAME]]
+                     [--max-connections-per-caller N] [--listen-tcp ADDRESS:PORT [--node NAME]]
 
   --config FILE           the policy file (YAML, see docs/gate.md); flags given after it override it
   --listen PATH           the socket VM containers mount (default /var/run/virtkube/libvirt-sock)
@@ -31,6 +30,7 @@ usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc P
   --uri URI               a connection URI VMs may open; repeatable (default qemu:///system)
   --kubepods-parent PATH  the cgroup the kubelet's kubepods cgroup is under (its --cgroup-root; default /)
   --network-disks allow|deny  whether VMs may use nbd/rbd/iscsi disks with the node's credentials (default deny)
+  --max-connections-per-caller N  connections one pod or container may hold at once (default 4)
   --listen-tcp ADDRESS:PORT   also serve VM pods over TCP (e.g. 0.0.0.0:16509), each known by its pod IP
                           among the pods of this node, read from the Kubernetes API (in-cluster config)
   --node NAME             the node whose pods may call over TCP (default: $NODE_NAME)
@@ -47,12 +47,7 @@ struct Args {
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
     let mut listen = PathBuf::from("/var/run/virtkube/libvirt-sock");
-    let mut gate = Gate {
-        libvirtd: PathBuf::from("/var/run/libvirt/libvirt-sock"),
-        proc_root: PathBuf::from("/proc"),
-        policy: Policy::default(),
-        kubepods_parent: "/".into(),
-    };
+    let mut gate = Gate::default();
     let (mut roots, mut uris) = (Vec::new(), Vec::new());
     let (mut listen_tcp, mut node) = (None, std::env::var("NODE_NAME").ok());
     let mut args = args.into_iter();
@@ -73,7 +68,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
             "--config" => {
                 let text = read_config(&value)?;
                 GateConfig::parse(&text)
-                    .and_then(|config| config.apply(&mut gate.policy, &mut gate.kubepods_parent))
+                    .and_then(|config| config.apply(&mut gate))
                     .with_context(|| format!("--config {value}"))?;
             }
             "--listen" => listen = value.into(),
@@ -96,6 +91,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
                 gate.policy.interface_types = value.split(',').map(|t| t.trim().to_owned()).collect()
             }
             "--uri" => uris.push(value),
+            "--max-connections-per-caller" => {
+                gate.max_connections_per_caller = match number("--max-connections-per-caller")? {
+                    0 => bail!("--max-connections-per-caller 0 would refuse every VM container"),
+                    n => usize::try_from(n).context("--max-connections-per-caller is too large")?,
+                }
+            }
             "--kubepods-parent" => gate.kubepods_parent = value,
             "--network-disks" => {
                 gate.policy.network_disks = config::network_disks(&value).map_err(anyhow::Error::msg)?

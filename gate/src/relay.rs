@@ -28,6 +28,9 @@ use crate::identity::{self, Identity};
 use crate::pods::UnknownAddress;
 use crate::policy::{self, Admitted, Denied, Policy, RealPaths};
 
+/// The default of [`Gate::max_connections_per_caller`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: usize = 4;
+
 /// libvirt's `VIR_ERR_ACCESS_DENIED`.
 pub const ERR_ACCESS_DENIED: i32 = 88;
 /// libvirt's `VIR_FROM_ACCESS`.
@@ -41,8 +44,8 @@ pub const MAX_CLIENT_PACKET: usize = 4 * 1024 * 1024 + 1024;
 /// How long an unidentified caller may take to send its first call.
 const REFUSAL_WAIT: Duration = Duration::from_secs(5);
 
-/// The gate's settings.
-#[derive(Debug, Clone)]
+/// The gate's settings and its shared state.
+#[derive(Debug)]
 pub struct Gate {
     /// libvirtd's own socket (never mounted in VM containers).
     pub libvirtd: PathBuf,
@@ -52,6 +55,65 @@ pub struct Gate {
     pub policy: Policy,
     /// The cgroup the kubelet's `kubepods` cgroup is under (its `--cgroup-root`).
     pub kubepods_parent: String,
+    /// Most connections one caller may hold at once (each costs a libvirtd
+    /// connection; the shim needs one).
+    pub max_connections_per_caller: usize,
+    /// Connections held now, per caller.
+    pub connections: Connections,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate {
+            libvirtd: PathBuf::from("/var/run/libvirt/libvirt-sock"),
+            proc_root: PathBuf::from("/proc"),
+            policy: Policy::default(),
+            kubepods_parent: "/".into(),
+            max_connections_per_caller: DEFAULT_MAX_CONNECTIONS_PER_CALLER,
+            connections: Connections::default(),
+        }
+    }
+}
+
+/// How many connections each caller holds.
+#[derive(Debug, Default)]
+pub struct Connections(std::sync::Mutex<std::collections::HashMap<Identity, usize>>);
+
+/// One held connection; released when dropped.
+#[derive(Debug)]
+pub struct Held<'a> {
+    connections: &'a Connections,
+    who: Identity,
+}
+
+impl Connections {
+    /// Takes one of `who`'s at most `max` connections, or says why not.
+    pub fn hold(&self, who: &Identity, max: usize) -> Result<Held<'_>, String> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(who.clone()).or_insert(0);
+        if *count >= max {
+            return Err(format!(
+                "{who} already holds {count} connections to the gate (at most {max}); a VM container needs one"
+            ));
+        }
+        *count += 1;
+        Ok(Held {
+            connections: self,
+            who: who.clone(),
+        })
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.connections.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.who) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.who);
+            }
+        }
+    }
 }
 
 /// Accepts VM containers on the socket they mount, for ever.
@@ -212,6 +274,14 @@ async fn connect_and_relay<S>(stream: S, who: Identity, gate: &Gate, revoked: im
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let _held = match gate.connections.hold(&who, gate.max_connections_per_caller) {
+        Ok(held) => held,
+        Err(why) => {
+            tracing::warn!(%who, %why, "refused");
+            refuse_connection(stream, &why).await;
+            return;
+        }
+    };
     let upstream = match UnixStream::connect(&gate.libvirtd).await {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -278,7 +348,7 @@ async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> std::i
 
 /// What one VM container's connection has been allowed so far.
 #[derive(Debug, Default)]
-struct Session {
+pub struct Session {
     /// The domain it created (one per connection), as libvirtd named it in
     /// its reply: the gate trusts no name or UUID before libvirtd has
     /// created the domain under it.
@@ -289,10 +359,29 @@ struct Session {
     consoles: Vec<u32>,
 }
 
-/// A call's verdict.
-enum Verdict {
+/// The gate's verdict on one packet from a VM container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass it to libvirtd unchanged.
     Forward,
+    /// Answer it with libvirt's "access denied" error and this reason.
     Deny(String),
+    /// End the connection: a packet the shim never sends.
+    Close(String),
+}
+
+/// Decides one packet (its header and payload) from a VM container. Pure
+/// apart from resolving file paths in the domain XML; fuzzed in `gate/fuzz`.
+pub fn decide(header: &Header, payload: &[u8], who: &Identity, gate: &Gate, session: &mut Session) -> Verdict {
+    match (header.program, header.kind) {
+        (KEEPALIVE_PROGRAM, MessageType::Message) => Verdict::Forward,
+        (REMOTE_PROGRAM, MessageType::Call) => judge(header, payload, who, gate, session),
+        (REMOTE_PROGRAM, MessageType::Stream) if session.consoles.contains(&header.serial) => Verdict::Forward,
+        (program, kind) => Verdict::Close(format!(
+            "a packet the shim never sends (program {program:#x}, {kind:?}, serial {})",
+            header.serial
+        )),
+    }
 }
 
 async fn relay<S>(client: S, upstream: UnixStream, who: Identity, gate: &Gate)
@@ -325,25 +414,9 @@ where
                     return;
                 }
             };
-            let verdict = match (header.program, header.kind) {
-                (KEEPALIVE_PROGRAM, MessageType::Message) => Verdict::Forward,
-                (REMOTE_PROGRAM, MessageType::Call) => {
-                    let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-                    judge(&header, &frame[LEN_SIZE + HEADER_SIZE..], &who, gate, &mut session)
-                }
-                (REMOTE_PROGRAM, MessageType::Stream)
-                    if session
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .consoles
-                        .contains(&header.serial) =>
-                {
-                    Verdict::Forward
-                }
-                (program, kind) => {
-                    tracing::warn!(%who, program, ?kind, serial = header.serial, "closing a VM container's connection: a packet the shim never sends");
-                    return;
-                }
+            let verdict = {
+                let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+                decide(&header, &frame[LEN_SIZE + HEADER_SIZE..], &who, gate, &mut session)
             };
             match verdict {
                 Verdict::Forward => {
@@ -357,6 +430,10 @@ where
                         return;
                     }
                 }
+                Verdict::Close(why) => {
+                    tracing::warn!(%who, %why, "closing a VM container's connection");
+                    return;
+                }
             }
         }
     };
@@ -368,7 +445,7 @@ where
 
 /// The reply to an admitted create decides the connection's domain: the one
 /// libvirtd created, by its own name and UUID; a refused create admits none.
-fn note_create_reply(session: &std::sync::Mutex<Session>, header: &Header, payload: &[u8]) {
+pub fn note_create_reply(session: &std::sync::Mutex<Session>, header: &Header, payload: &[u8]) {
     if header.kind != MessageType::Reply || header.program != REMOTE_PROGRAM {
         return;
     }
@@ -482,4 +559,24 @@ fn own_domain(named: &DomainRef, session: &Session) -> Result<(), Denied> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_caller_holds_at_most_its_share_of_connections() {
+        let connections = Connections::default();
+        let a = Identity::Pod { uid: "a".into() };
+        let b = Identity::Pod { uid: "b".into() };
+        let first = connections.hold(&a, 2).unwrap();
+        let _second = connections.hold(&a, 2).unwrap();
+        let refused = connections.hold(&a, 2).unwrap_err();
+        assert!(refused.contains("pod a already holds 2 connections"), "{refused}");
+        // Another caller is not affected.
+        let _other = connections.hold(&b, 2).unwrap();
+        drop(first);
+        assert!(connections.hold(&a, 2).is_ok());
+    }
 }

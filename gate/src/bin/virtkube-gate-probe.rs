@@ -6,6 +6,8 @@
 //! test can SIGKILL it and watch the domain go).
 //!
 //! usage: virtkube-gate-probe SOCKET|URI OWNER OWN_XML_FILE
+//!        virtkube-gate-probe --malformed SOCKET
+//! The second form sends broken frames instead (see `malformed`).
 //! OWNER is the pod's UID, or a Docker container's short ID (`@HOSTNAME@`:
 //! the container's hostname, which Docker sets to it); `@OWNER@` in the XML
 //! file is replaced by it (a pod's UID is known only once it runs). It
@@ -32,6 +34,14 @@ fn outcome(name: &str, result: Result<(), Error>) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, socket] = args.as_slice()
+        && mode == "--malformed"
+    {
+        let mut go = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut go);
+        malformed::run(socket);
+        return;
+    }
     let [socket, uid, own_xml_file] = args.as_slice() else {
         eprintln!("usage: virtkube-gate-probe SOCKET OWNER OWN_XML_FILE");
         std::process::exit(2);
@@ -229,5 +239,133 @@ fn replace_kernel(xml: &str, path: &str) -> String {
     match (xml.find("<kernel>"), xml.find("</kernel>")) {
         (Some(a), Some(b)) => format!("{}<kernel>{path}{}", &xml[..a], &xml[b..]),
         _ => xml.to_owned(),
+    }
+}
+
+/// Broken frames, each on a connection of its own: what the gate does with
+/// each is printed as `ATTACK<TAB>closed`, `ATTACK<TAB>denied<TAB>reason`
+/// or `ATTACK<TAB>answered`/`silent`.
+mod malformed {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use libvirt_wire::protocol::{self, Header, MessageType, Status, procedure};
+
+    fn call(procedure: i32, serial: u32, payload: &[u8]) -> Vec<u8> {
+        protocol::encode_packet(
+            &Header::remote(procedure, MessageType::Call, serial, Status::Ok),
+            payload,
+        )
+    }
+
+    /// What came back: the gate's answer to the first call, or its hanging up.
+    fn outcome(stream: &mut UnixStream) -> String {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut len = [0u8; 4];
+        match stream.read_exact(&mut len) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return "closed".into(),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return "closed".into(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return "silent".into();
+            }
+            Err(e) => return format!("error\t{e}"),
+            Ok(()) => {}
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        let mut body = vec![0u8; len.saturating_sub(4).min(1 << 20)];
+        if stream.read_exact(&mut body).is_err() {
+            return "closed".into();
+        }
+        match protocol::decode_packet(&body) {
+            Ok((header, payload)) if header.status == Status::Error => match protocol::decode_error(payload) {
+                Ok(e) => format!("denied\t{}", e.message),
+                Err(_) => "answered".into(),
+            },
+            _ => "answered".into(),
+        }
+    }
+
+    fn attempt(socket: &str, name: &str, bytes: &[u8], close_write: bool) {
+        let mut stream = match UnixStream::connect(socket) {
+            Ok(s) => s,
+            Err(e) => {
+                println!("{name}\tconnect failed\t{e}");
+                return;
+            }
+        };
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+        let _ = stream.write_all(bytes);
+        if close_write {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+        }
+        println!("{name}\t{}", outcome(&mut stream));
+    }
+
+    pub fn run(socket: &str) {
+        attempt(socket, "length 0xffffffff", &[0xff; 8], false);
+        let over = (4 * 1024 * 1024 + 2048u32).to_be_bytes();
+        attempt(socket, "a 4 MiB + 2 KiB frame", &over, false);
+        let mut truncated = call(procedure::CONNECT_OPEN, 1, &[0; 64]);
+        truncated.truncate(40);
+        attempt(socket, "a truncated frame", &truncated, true);
+        attempt(socket, "a length below the header", &[0, 0, 0, 8, 0, 0, 0, 0], false);
+        attempt(
+            socket,
+            "garbage XDR in CONNECT_OPEN",
+            &call(procedure::CONNECT_OPEN, 1, &[0xff; 3]),
+            false,
+        );
+        // A string whose length says 3 GiB.
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&0xC000_0000u32.to_be_bytes());
+        huge.extend_from_slice(&[b'a'; 16]);
+        attempt(
+            socket,
+            "a 3 GiB string in CREATE_XML",
+            &call(procedure::DOMAIN_CREATE_XML, 1, &huge),
+            false,
+        );
+        let unknown = protocol::encode_packet(
+            &Header {
+                program: 0x1234_5678,
+                ..Header::remote(1, MessageType::Call, 1, Status::Ok)
+            },
+            &[],
+        );
+        attempt(socket, "an unknown program", &unknown, false);
+        let reply = protocol::encode_packet(&Header::remote(1, MessageType::Reply, 1, Status::Ok), &[]);
+        attempt(socket, "a reply from the client", &reply, false);
+
+        // A flood of refused calls whose answers are never read: the gate
+        // must stop reading (its writes block) rather than buffer answers.
+        match UnixStream::connect(socket) {
+            Ok(mut stream) => {
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+                let one = call(273, 0, &[0, 0, 0, 1, 0, 0, 0, 0]);
+                let mut sent = 0usize;
+                for serial in 0..200_000u32 {
+                    let mut frame = one.clone();
+                    frame[20..24].copy_from_slice(&serial.to_be_bytes());
+                    if stream.write_all(&frame).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                println!("a flood of 200000 refused calls, answers unread\tsent {sent}");
+            }
+            Err(e) => println!("a flood of 200000 refused calls, answers unread\tconnect failed\t{e}"),
+        }
+
+        // More connections than one caller may hold.
+        let held: Vec<UnixStream> = (0..4).filter_map(|_| UnixStream::connect(socket).ok()).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        attempt(
+            socket,
+            "a fifth connection",
+            &call(procedure::CONNECT_OPEN, 1, &[0, 0, 0, 0, 0, 0, 0, 0]),
+            false,
+        );
+        drop(held);
     }
 }

@@ -38,11 +38,17 @@ pub fn enter(cgroup: &Path, pid: u32) {
 /// Starts the gate on `dir/gate.sock` in front of libvirtd, pods' cgroups
 /// under `kubepods_parent`, logging to `dir/gate.log`.
 pub fn start_gate(gate: &str, dir: &Path, kubepods_parent: &str) -> (Child, PathBuf, PathBuf) {
+    start_gate_with(gate, dir, kubepods_parent, &[])
+}
+
+/// [`start_gate`] with more flags.
+pub fn start_gate_with(gate: &str, dir: &Path, kubepods_parent: &str, extra: &[&str]) -> (Child, PathBuf, PathBuf) {
     let socket = dir.join("gate.sock");
     let log = dir.join("gate.log");
     let child = Command::new(gate)
         .args(["--listen", socket.to_str().unwrap(), "--libvirtd", LIBVIRTD])
         .args(["--kubepods-parent", kubepods_parent])
+        .args(extra)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
