@@ -82,7 +82,10 @@ fn main() {
         max_secs(&to_stopped)
     );
 
-    let runs: usize = std::env::var("KILL_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let runs: usize = std::env::var("KILL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let mut gone_after = Vec::new();
     for i in 0..runs {
         let name = format!("virtkube-bench-kill-{}-{i}", std::process::id());
@@ -99,12 +102,23 @@ fn main() {
         assert!(success, "docker kill: {out}");
         while run(
             DOCKER,
-            &["exec", "virtkube-virthost", "virsh", "-c", "qemu:///system", "domstate", domain],
+            &[
+                "exec",
+                "virtkube-virthost",
+                "virsh",
+                "-c",
+                "qemu:///system",
+                "domstate",
+                domain,
+            ],
             None,
         )
         .0
         {
-            assert!(killed.elapsed() < Duration::from_secs(30), "{domain} outlived its container by 30 s");
+            assert!(
+                killed.elapsed() < Duration::from_secs(30),
+                "{domain} outlived its container by 30 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         gone_after.push(killed.elapsed());

@@ -5,14 +5,6 @@
 
 use std::path::PathBuf;
 
-/// What the probe may do: its own domain, nothing else.
-pub const ALLOWED: [&str; 4] = [
-    "create own domain",
-    "own domain's state",
-    "own domain's events",
-    "own domain's console",
-];
-
 /// The probe binary, built by `cargo test` of the gate (debug profile).
 pub fn binary() -> PathBuf {
     let path = PathBuf::from(concat!(
@@ -50,31 +42,5 @@ pub fn own_xml(pod: bool) -> String {
 /// attempts were refused. Panics naming the first attempt that got through,
 /// or was refused without the gate's reason.
 pub fn check_report(lines: &[String]) -> usize {
-    let report = lines.join("\n");
-    let mut refusals = 0;
-    for line in lines {
-        let mut fields = line.splitn(3, '\t');
-        let (attempt, verdict, reason) = (
-            fields.next().unwrap_or(""),
-            fields.next().unwrap_or(""),
-            fields.next().unwrap_or(""),
-        );
-        if ALLOWED.contains(&attempt) {
-            assert_eq!(verdict, "ALLOWED", "{attempt} should be allowed:\n{report}");
-        } else {
-            assert_eq!(verdict, "REFUSED", "{attempt} was not refused by the gate:\n{report}");
-            assert!(
-                reason.starts_with("access denied by virtkube-gate: ") && reason.len() > 40,
-                "{attempt}: no reason given: {reason:?}\n{report}"
-            );
-            refusals += 1;
-        }
-    }
-    for allowed in ALLOWED {
-        assert!(
-            lines.iter().any(|l| l.starts_with(&format!("{allowed}\t"))),
-            "the probe never got to {allowed:?}:\n{report}"
-        );
-    }
-    refusals
+    virtkube_gate::probe_report::judge(lines).unwrap_or_else(|e| panic!("{e}"))
 }

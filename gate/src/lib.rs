@@ -8,4 +8,5 @@ pub mod config;
 pub mod identity;
 pub mod pods;
 pub mod policy;
+pub mod probe_report;
 pub mod relay;
