@@ -16,7 +16,7 @@ step "3/6 The virthost container (libvirtd + QEMU + virtkube-gate, unprivileged,
 bash scripts/virthost-up.sh
 step "4/6 docker run virtkube/tiny: the VM is the container; its console is the container's output"
 $DOCKER rm -f virtkube-demo >/dev/null 2>&1 || true
-$DOCKER run -d --name virtkube-demo -v /var/run/virtkube:/var/run/libvirt virtkube/tiny:latest >/dev/null
+$DOCKER run -d --name virtkube-demo -v /var/run/virtkube:/var/run/libvirt:ro virtkube/tiny:latest >/dev/null
 for _ in $(seq 1 120); do
   $DOCKER logs virtkube-demo 2>&1 | grep -q "virtkube-tiny: ready" && break
   sleep 0.5
@@ -28,7 +28,7 @@ $DOCKER exec virtkube-virthost virsh -c qemu:///system list
 echo "--- the gate let the VM container create its own domain:"
 $DOCKER logs virtkube-virthost 2>&1 | grep "domain admitted" | tail -1
 step "5/6 Another container on the same socket may not even list the VMs: the gate refuses it"
-$DOCKER run --rm -v /var/run/virtkube:/var/run/libvirt --entrypoint virsh virtkube/virthost:latest \
+$DOCKER run --rm -v /var/run/virtkube:/var/run/libvirt:ro --entrypoint virsh virtkube/virthost:latest \
   -c qemu:///system list 2>&1 | grep -E "error|denied" || true
 step "6/6 docker stop: the shim asks the guest to power off over ACPI"
 start=$(date +%s.%N)

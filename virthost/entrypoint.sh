@@ -22,6 +22,22 @@ if [ "$$" = 1 ]; then
     "Run it with the host's (Kubernetes: hostPID: true; Docker: --pid=host)."
 fi
 
+libvirtd_pid="" gate_pid="" nodeinfo_pid=""
+stop_all() {
+  for pid in $nodeinfo_pid $gate_pid $libvirtd_pid; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  [ -n "$libvirtd_pid" ] && wait "$libvirtd_pid" 2>/dev/null || true
+}
+stop() {
+  log "stopping"
+  stop_all
+  exit 0
+}
+# Set before anything starts: with the host's PID namespace this shell is not
+# PID 1, so an untrapped SIGTERM during start-up would kill it outright.
+trap stop TERM INT
+
 virtlogd -d
 libvirtd &
 libvirtd_pid=$!
@@ -29,6 +45,7 @@ for _ in $(seq 1 100); do
   [ -S /run/libvirt/libvirt-sock ] && break
   sleep 0.1
 done
+[ -S /run/libvirt/libvirt-sock ] || { log "libvirtd made no socket within 10 s"; stop_all; exit 1; }
 log "libvirtd is up: socket /run/libvirt/libvirt-sock (this container only)"
 
 gate_args=(--listen /run/virtkube/libvirt-sock --libvirtd /run/libvirt/libvirt-sock)
@@ -39,37 +56,24 @@ tcp=${VIRTKUBE_GATE_TCP:-0.0.0.0:16509}
 if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ "$tcp" != off ]; then
   gate_args+=(--listen-tcp "$tcp")
 fi
-# Word splitting is wanted: extra flags, e.g. "--max-vcpus 8".
-# shellcheck disable=SC2206
-gate_args+=(${VIRTKUBE_GATE_ARGS:-})
+# Extra flags, e.g. "--max-vcpus 8": split on blanks, never glob-expanded.
+read -r -a extra_args <<< "${VIRTKUBE_GATE_ARGS:-}"
+gate_args+=("${extra_args[@]}")
 virtkube-gate "${gate_args[@]}" &
 gate_pid=$!
 for _ in $(seq 1 100); do
   [ -S /run/virtkube/libvirt-sock ] && break
   sleep 0.1
 done
+[ -S /run/virtkube/libvirt-sock ] || { log "virtkube-gate made no socket within 10 s"; stop_all; exit 1; }
 log "virtkube-gate is up: socket /run/virtkube/libvirt-sock (for VM containers)"
 
 # nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no API).
-nodeinfo_pid=""
 if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ "${VIRTHOST_NODEINFO:-1}" = 1 ]; then
   log "starting virtkube-nodeinfo for node ${NODE_NAME:-?}"
   virtkube-nodeinfo &
   nodeinfo_pid=$!
 fi
-
-stop_all() {
-  for pid in $nodeinfo_pid $gate_pid $libvirtd_pid; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  wait "$libvirtd_pid" 2>/dev/null || true
-}
-stop() {
-  log "stopping"
-  stop_all
-  exit 0
-}
-trap stop TERM INT
 
 rc=0
 wait -n "$libvirtd_pid" "$gate_pid" || rc=$?

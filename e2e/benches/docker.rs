@@ -30,7 +30,7 @@ fn main() {
         std::path::Path::new(&format!("{SOCKET_DIR}/libvirt-sock")).exists(),
         "no virthost socket in {SOCKET_DIR}: run scripts/build-images.sh and scripts/virthost-up.sh"
     );
-    let volume = format!("{SOCKET_DIR}:/var/run/libvirt");
+    let volume = format!("{SOCKET_DIR}:/var/run/libvirt:ro");
     let (mut to_console, mut to_stopped) = (Vec::new(), Vec::new());
     println!("docker run of virtkube/tiny (TCG), {RUNS} runs");
     for i in 0..RUNS {

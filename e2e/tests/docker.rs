@@ -53,7 +53,7 @@ impl Vm {
     fn run(name: &str, extra: &[&str], image: &str, args: &[&str]) -> Vm {
         let name = format!("{name}-{}", std::process::id());
         let _ = docker(&["rm", "-f", &name]);
-        let volume = format!("{SOCKET_DIR}:/var/run/libvirt");
+        let volume = format!("{SOCKET_DIR}:/var/run/libvirt:ro");
         let mut cmd = vec!["run", "-d", "--name", &name, "-v", &volume];
         cmd.extend_from_slice(extra);
         cmd.push(image);
@@ -198,7 +198,7 @@ fn vm_boots_shows_its_console_in_docker_logs_and_docker_stop_powers_it_off() {
 fn docker_run_interactive_gives_a_console() {
     require_setup();
     let name = format!("e2e-interactive-{}", std::process::id());
-    let volume = format!("{SOCKET_DIR}:/var/run/libvirt");
+    let volume = format!("{SOCKET_DIR}:/var/run/libvirt:ro");
     let mut console = Interactive::spawn(
         DOCKER,
         &[
@@ -289,7 +289,7 @@ fn a_hostile_docker_container_reaches_only_its_own_domain() {
     let _ = docker(&["rm", "-f", &name]);
     let probe = format!("{}:/probe:ro", virtkube_e2e::probe::binary().display());
     let xml = format!("{}:/x:ro", dir.display());
-    let socket = format!("{SOCKET_DIR}:/var/run/libvirt");
+    let socket = format!("{SOCKET_DIR}:/var/run/libvirt:ro");
     let id = docker_ok(&[
         "create",
         "-i",

@@ -43,7 +43,7 @@ fn restarting_the_virthost_fails_running_vm_containers_with_code_4() {
         "--name",
         &name,
         "-v",
-        "/var/run/virtkube:/var/run/libvirt",
+        "/var/run/virtkube:/var/run/libvirt:ro",
         "virtkube/tiny:latest",
     ]);
     assert!(ok, "{out}");

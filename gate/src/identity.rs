@@ -30,7 +30,7 @@ impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Identity::Pod { uid } => write!(f, "pod {uid}"),
-            Identity::Container { id } => write!(f, "container {}", &id[..12.min(id.len())]),
+            Identity::Container { id } => write!(f, "container {}", id.get(..12).unwrap_or(id)),
         }
     }
 }

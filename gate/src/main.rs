@@ -1,6 +1,5 @@
 //! virtkube-gate: see docs/gate.md for the flags, the policy and what it refuses.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -151,7 +150,26 @@ fn main() {
     }
 }
 
+/// Each VM container holds two descriptors (its connection and the gate's
+/// to libvirtd): the soft limit of 1024 would cap a node at about 500.
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the valid `limit` struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the descriptor limit; staying at the soft limit");
+            }
+        }
+    }
+}
+
 fn run(args: Args) -> Result<()> {
+    raise_descriptor_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -159,11 +177,16 @@ fn run(args: Args) -> Result<()> {
     runtime.block_on(async {
         // A socket left by an earlier gate would make bind fail.
         let _ = std::fs::remove_file(&args.listen);
-        let listener =
-            UnixListener::bind(&args.listen).with_context(|| format!("cannot listen on {}", args.listen.display()))?;
-        // Any process may connect: who it is, not its file mode, decides what it may do.
-        std::fs::set_permissions(&args.listen, std::fs::Permissions::from_mode(0o666))
-            .with_context(|| format!("cannot open {} to VM containers", args.listen.display()))?;
+        // Any process may connect: who it is, not its file mode, decides what
+        // it may do. The mode comes from the umask at bind time, not from a
+        // chmod of the path afterwards, which a process sharing the directory
+        // could have replaced with a link by then.
+        // SAFETY: umask only sets this process's file creation mask.
+        let previous = unsafe { libc::umask(0o111) };
+        let bound = UnixListener::bind(&args.listen);
+        // SAFETY: as above, restoring the mask.
+        unsafe { libc::umask(previous) };
+        let listener = bound.with_context(|| format!("cannot listen on {}", args.listen.display()))?;
         tracing::info!(
             listen = %args.listen.display(),
             libvirtd = %args.gate.libvirtd.display(),
@@ -171,11 +194,15 @@ fn run(args: Args) -> Result<()> {
             "virtkube-gate ready"
         );
         let gate = Arc::new(args.gate);
+        // The TCP listener failing (its port taken, no API) must not take the
+        // socket, and the VM containers on it, down with it.
         let tcp = async {
-            match args.tcp {
-                Some((address, node)) => serve_tcp(address, node, gate.clone()).await,
-                None => std::future::pending().await,
+            if let Some((address, node)) = args.tcp
+                && let Err(e) = serve_tcp(address, node, gate.clone()).await
+            {
+                tracing::error!("not serving VM pods over TCP: {e:#}");
             }
+            std::future::pending::<Result<()>>().await
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -216,7 +243,7 @@ async fn serve_tcp(address: SocketAddr, node: String, gate: Arc<Gate>) -> Result
         .await
         .with_context(|| format!("cannot listen on TCP {address}"))?;
     tracing::info!(%address, %node, "serving this node's pods over TCP");
-    relay::serve_tcp(listener, gate, Arc::new(relay::NodePods { node, store }))
+    relay::serve_tcp(listener, gate, Arc::new(relay::NodePods::new(node, store)))
         .await
         .context("accepting VM pods over TCP failed")
 }

@@ -119,12 +119,17 @@ pub fn identify(pods: &[Arc<Pod>], ip: IpAddr, node: &str) -> Result<Identity, U
     }
 }
 
-/// Whether the pod `uid` still holds `ip` and has not ended. A TCP caller's
-/// connection is closed when this turns false: the container may be gone
-/// without its connection having closed (its network namespace torn down
-/// first), and the VM must not outlive it. A pod being deleted still holds
-/// its connection: its shim is stopping the VM.
-pub fn still_holds(pods: &[Arc<Pod>], uid: &str, ip: IpAddr) -> bool {
+/// How long past its deletion deadline (deletionTimestamp, which already
+/// includes the grace period) a pod's connection may last.
+pub const DELETION_MARGIN_SECONDS: i64 = 30;
+
+/// Whether the pod `uid` still holds `ip` and has not ended, at `now`. A TCP
+/// caller's connection is closed when this turns false: the container may be
+/// gone without its connection having closed (its network namespace torn
+/// down first), and the VM must not outlive it. A pod being deleted keeps its
+/// connection while its shim stops the VM, until its grace period and
+/// [`DELETION_MARGIN_SECONDS`] are over.
+pub fn still_holds(pods: &[Arc<Pod>], uid: &str, ip: IpAddr, now: k8s_openapi::jiff::Timestamp) -> bool {
     pods.iter().any(|p| {
         p.metadata.uid.as_deref() == Some(uid)
             && addresses(p).any(|a| a == ip)
@@ -132,7 +137,48 @@ pub fn still_holds(pods: &[Arc<Pod>], uid: &str, ip: IpAddr) -> bool {
                 p.status.as_ref().and_then(|s| s.phase.as_deref()),
                 Some("Succeeded" | "Failed")
             )
+            && p.metadata
+                .deletion_timestamp
+                .as_ref()
+                .is_none_or(|deadline| now.as_second() <= deadline.0.as_second() + DELETION_MARGIN_SECONDS)
     })
+}
+
+/// Whether a `/proc/<pid>/net/tcp` or `tcp6` table (a network namespace's
+/// TCP sockets) holds an established connection from `local` to `remote`.
+/// The gate asks it of a process of the pod its source address names: the
+/// connection must really come from that pod's network namespace, not from
+/// someone sending with its address.
+pub fn netns_has_connection(table: &str, local: std::net::SocketAddr, remote: std::net::SocketAddr) -> bool {
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let (Some(l), Some(r), Some(state)) = (fields.next(), fields.next(), fields.next()) else {
+            return false;
+        };
+        // 01 is TCP_ESTABLISHED.
+        state == "01" && proc_net_addr(l) == Some(local) && proc_net_addr(r) == Some(remote)
+    })
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits and a port (IPv6), as the kernel
+/// prints them: each 32-bit word of the address in the machine's byte order,
+/// the port in hex. An IPv4-mapped IPv6 address reads as IPv4.
+fn proc_net_addr(text: &str) -> Option<std::net::SocketAddr> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(|w| w.to_ne_bytes());
+    let ip = match addr.len() {
+        8 => IpAddr::from(word(addr)?),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                chunk.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?);
+            }
+            IpAddr::from(bytes).to_canonical()
+        }
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
 }
 
 #[cfg(test)]
@@ -240,19 +286,63 @@ mod tests {
     }
 
     #[test]
+    fn the_connection_must_be_in_the_pods_network_namespace() {
+        // As the kernel prints them on x86-64 (little-endian words).
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+                  0: 030011AC:D431 020200C0:407D 01 00000000:00000000 00:00000000 00000000     0        0 1 1\n\
+                  1: 030011AC:D432 020200C0:407D 06 00000000:00000000 00:00000000 00000000     0        0 2 1\n";
+        let pod = "172.17.0.3:54321".parse().unwrap();
+        let gate = "192.0.2.2:16509".parse().unwrap();
+        if cfg!(target_endian = "little") {
+            assert!(netns_has_connection(v4, pod, gate));
+            // The TIME_WAIT one (06) is not a connection.
+            assert!(!netns_has_connection(v4, "172.17.0.3:54322".parse().unwrap(), gate));
+            assert!(!netns_has_connection(v4, "172.17.0.4:54321".parse().unwrap(), gate));
+            assert!(!netns_has_connection(v4, pod, "192.0.2.2:16510".parse().unwrap()));
+            // IPv4-mapped IPv6 from a dual-stack socket, and plain IPv6.
+            let v6 = "  sl  local_address                         remote_address                        st\n\
+                      0: 0000000000000000FFFF0000030011AC:D431 0000000000000000FFFF0000020200C0:407D 01 0\n\
+                      1: 000080FD000000000000000007000000:0050 000080FD000000000000000001000000:407D 01 0\n";
+            assert!(netns_has_connection(v6, pod, gate));
+            assert!(netns_has_connection(
+                v6,
+                "[fd80::7]:80".parse().unwrap(),
+                "[fd80::1]:16509".parse().unwrap()
+            ));
+        }
+        assert!(!netns_has_connection("header only\n", pod, gate));
+        assert!(!netns_has_connection("h\n 0: garbage\n 1: 1:2 3:4 01\n", pod, gate));
+    }
+
+    #[test]
     fn a_connection_lasts_while_its_pod_holds_the_address() {
+        let at = |t: &str| t.parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+        let now = at("2026-11-23T10:00:00Z");
         let pods = vec![pod("a", "uid-a", "10.1.0.5", json!({}))];
-        assert!(still_holds(&pods, "uid-a", ip("10.1.0.5")));
-        assert!(!still_holds(&pods, "uid-a", ip("10.1.0.6")));
-        assert!(!still_holds(&[], "uid-a", ip("10.1.0.5")));
+        assert!(still_holds(&pods, "uid-a", ip("10.1.0.5"), now));
+        assert!(!still_holds(&pods, "uid-a", ip("10.1.0.6"), now));
+        assert!(!still_holds(&[], "uid-a", ip("10.1.0.5"), now));
         let deleting = vec![pod(
             "a",
             "uid-a",
             "10.1.0.5",
-            json!({"metadata": {"deletionTimestamp": "2026-11-23T10:00:00Z"}}),
+            json!({"metadata": {"deletionTimestamp": "2026-11-23T10:00:20Z"}}),
         )];
-        assert!(still_holds(&deleting, "uid-a", ip("10.1.0.5")));
+        // During the grace period and the margin after it, not beyond.
+        assert!(still_holds(&deleting, "uid-a", ip("10.1.0.5"), now));
+        assert!(still_holds(
+            &deleting,
+            "uid-a",
+            ip("10.1.0.5"),
+            at("2026-11-23T10:00:50Z")
+        ));
+        assert!(!still_holds(
+            &deleting,
+            "uid-a",
+            ip("10.1.0.5"),
+            at("2026-11-23T10:00:51Z")
+        ));
         let failed = vec![pod("a", "uid-a", "10.1.0.5", json!({"status": {"phase": "Failed"}}))];
-        assert!(!still_holds(&failed, "uid-a", ip("10.1.0.5")));
+        assert!(!still_holds(&failed, "uid-a", ip("10.1.0.5"), now));
     }
 }

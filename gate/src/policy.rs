@@ -375,10 +375,10 @@ fn check_owner(
                     "a Docker container may not claim pod UID {claimed:?} in the domain's metadata"
                 ));
             }
-            if name != &id[..12] {
+            let short = id.get(..12).unwrap_or(id);
+            if name != short {
                 return deny(format!(
-                    "a Docker container's domain must be named after the container ({}), not {name:?}",
-                    &id[..12]
+                    "a Docker container's domain must be named after the container ({short}), not {name:?}"
                 ));
             }
             if uuid.is_some() {

@@ -42,7 +42,7 @@ const REQUIRED_CREATE_FLAGS: u32 = libvirt_wire::flags::START_AUTODESTROY | libv
 /// at most 4 MiB in one string) and its header. Larger is not a shim.
 pub const MAX_CLIENT_PACKET: usize = 4 * 1024 * 1024 + 1024;
 /// How long an unidentified caller may take to send its first call.
-const REFUSAL_WAIT: Duration = Duration::from_secs(5);
+const REFUSAL_WAIT: Duration = Duration::from_secs(2);
 
 /// The gate's settings and its shared state.
 #[derive(Debug)]
@@ -137,8 +137,14 @@ pub async fn serve_tcp(listener: TcpListener, gate: Arc<Gate>, pods: Arc<NodePod
         let Some((stream, peer)) = backoff.accepted(listener.accept().await).await else {
             continue;
         };
+        // Callers still being identified are capped: each may wait up to
+        // TCP_IDENTIFY_WAIT, and anyone who reaches the port can open them.
+        let Ok(identifying) = pods.identifying.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many TCP callers being identified; dropped");
+            continue;
+        };
         let (gate, pods) = (gate.clone(), pods.clone());
-        tokio::spawn(async move { tcp_client(stream, peer.ip().to_canonical(), &gate, &pods).await });
+        tokio::spawn(async move { tcp_client(stream, peer, identifying, &gate, &pods).await });
     }
 }
 
@@ -177,6 +183,22 @@ pub struct NodePods {
     pub node: String,
     /// The reflector's store of the node's pods.
     pub store: Store<Pod>,
+    /// Permits for TCP callers still being identified.
+    pub identifying: Arc<tokio::sync::Semaphore>,
+}
+
+/// The most TCP callers being identified at once; more are dropped unanswered.
+pub const MAX_TCP_IDENTIFYING: usize = 64;
+
+impl NodePods {
+    /// The pods of `node` from `store`.
+    pub fn new(node: String, store: Store<Pod>) -> NodePods {
+        NodePods {
+            node,
+            store,
+            identifying: Arc::new(tokio::sync::Semaphore::new(MAX_TCP_IDENTIFYING)),
+        }
+    }
 }
 
 /// How long the gate waits for a TCP caller's address to appear among its
@@ -207,9 +229,21 @@ async fn tcp_identity(pods: &NodePods, ip: std::net::IpAddr) -> Result<Identity,
     }
 }
 
-async fn tcp_client(stream: TcpStream, ip: std::net::IpAddr, gate: &Gate, pods: &NodePods) {
+async fn tcp_client(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    identifying: tokio::sync::OwnedSemaphorePermit,
+    gate: &Gate,
+    pods: &NodePods,
+) {
+    let ip = peer.ip().to_canonical();
     let who = match tcp_identity(pods, ip).await {
-        Ok(who) => who,
+        Ok(Identity::Pod { uid }) => uid,
+        Ok(other) => {
+            // pods::identify names pods only.
+            tracing::error!(%other, "a TCP caller identified as no pod");
+            return;
+        }
         Err(why) => {
             let why = why.to_string();
             tracing::warn!(%ip, %why, "refused an unidentified TCP caller");
@@ -217,23 +251,79 @@ async fn tcp_client(stream: TcpStream, ip: std::net::IpAddr, gate: &Gate, pods: 
             return;
         }
     };
-    let Identity::Pod { uid } = &who else {
-        return;
+    // The address names a pod; the connection must also come from that
+    // pod's network namespace, not from someone sending with its address.
+    let origin = match stream.local_addr() {
+        Ok(local) => {
+            let (proc_root, parent, uid) = (gate.proc_root.clone(), gate.kubepods_parent.clone(), who.clone());
+            let remote = std::net::SocketAddr::new(ip, peer.port());
+            tokio::task::spawn_blocking(move || connection_is_from_pod(&proc_root, &parent, &uid, remote, local))
+                .await
+                .unwrap_or_else(|e| Err(format!("the check failed: {e}")))
+        }
+        Err(e) => Err(format!("the gate cannot read its own address: {e}")),
     };
-    let uid = uid.clone();
-    // Its pod gone from the API (or ended) ends the connection, and with it
-    // the VM, even if no FIN ever arrives from a torn-down network namespace.
+    if let Err(why) = origin {
+        tracing::warn!(%ip, uid = %who, %why, "refused a TCP caller");
+        refuse_connection(stream, &why).await;
+        return;
+    }
+    drop(identifying);
+    // Its pod gone from the API (or ended, or past its deletion deadline) ends
+    // the connection, and with it the VM, even if no FIN ever arrives from a
+    // torn-down network namespace.
+    let uid = who.clone();
     let gone = async move {
         loop {
             tokio::time::sleep(TCP_LIVENESS_PERIOD).await;
-            if !crate::pods::still_holds(&pods.store.state(), &uid, ip) {
+            if !crate::pods::still_holds(&pods.store.state(), &uid, ip, k8s_openapi::jiff::Timestamp::now()) {
                 tracing::info!(%uid, %ip, "the pod has gone: closing its connection");
                 return;
             }
         }
     };
-    tracing::info!(%who, %ip, "identified a TCP caller by its pod IP");
+    let who = Identity::Pod { uid: who };
+    tracing::info!(%who, %ip, "identified a TCP caller by its pod IP and network namespace");
     connect_and_relay(stream, who, gate, gone).await;
+}
+
+/// Whether a process of pod `uid` (found by its cgroup, as for socket
+/// callers) sees the connection `remote` → `local` established in its
+/// network namespace. Blocking: it reads /proc.
+fn connection_is_from_pod(
+    proc_root: &std::path::Path,
+    kubepods_parent: &str,
+    uid: &str,
+    remote: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+) -> Result<(), String> {
+    let entries = std::fs::read_dir(proc_root).map_err(|e| format!("cannot read {}: {e}", proc_root.display()))?;
+    let own = Identity::Pod { uid: uid.to_owned() };
+    let member = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+                .ok()
+                .and_then(|text| identity::from_cgroup_under(*pid, &text, kubepods_parent).ok())
+                .as_ref()
+                == Some(&own)
+        })
+        .ok_or_else(|| {
+            format!(
+                "no process of pod {uid} is visible to the gate, so it cannot check where the connection comes from"
+            )
+        })?;
+    let found = ["net/tcp", "net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(proc_root.join(member.to_string()).join(table))
+            .is_ok_and(|text| crate::pods::netns_has_connection(&text, remote, local))
+    });
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "the connection from {remote} is not in the network namespace of pod {uid}, whose address it uses"
+        ))
+    }
 }
 
 async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
@@ -265,7 +355,22 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
             return;
         }
     };
-    connect_and_relay(stream, who, gate, std::future::pending()).await;
+    // The VM's life is its connecting process's (the shim, the container's
+    // PID 1): when it exits, the connection closes, whoever else may hold a
+    // copy of its descriptor.
+    let exited = async move {
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same
+        // descriptor until the AsyncFd is dropped.
+        let registered = pidfd
+            .map(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) });
+        match registered {
+            Some(Ok(pidfd)) => {
+                let _ = pidfd.readable().await;
+            }
+            _ => std::future::pending().await,
+        }
+    };
+    connect_and_relay(stream, who, gate, exited).await;
 }
 
 /// Opens the caller's own libvirtd connection and relays until either side
@@ -292,22 +397,41 @@ where
         }
     };
     tracing::info!(%who, "VM container connected");
-    tokio::select! {
-        () = relay(stream, upstream, who.clone(), gate) => {}
-        () = revoked => {}
-    }
+    relay(stream, upstream, who.clone(), gate, revoked).await;
     tracing::info!(%who, "VM container disconnected");
 }
 
-/// Answers the caller's first call with the reason it is refused, then hangs up.
+/// Answers the caller's first call with the reason it is refused, then hangs
+/// up. Only the call's header is read (a refused caller's body is never
+/// buffered), and a little of the rest is drained afterwards so that the
+/// caller reads the answer rather than a reset.
 async fn refuse_connection<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, why: &str) {
-    if let Ok(Ok(Some((header, _)))) =
-        tokio::time::timeout(REFUSAL_WAIT, read_packet(&mut stream, MAX_CLIENT_PACKET)).await
-        && header.kind == MessageType::Call
-    {
-        let _ = stream.write_all(&denial(&header, why)).await;
+    let mut head = [0u8; LEN_SIZE + HEADER_SIZE];
+    let Ok(Ok(_)) = tokio::time::timeout(REFUSAL_WAIT, stream.read_exact(&mut head)).await else {
+        return;
+    };
+    let Ok((header, _)) = protocol::decode_packet(&head[LEN_SIZE..]) else {
+        return;
+    };
+    if header.kind != MessageType::Call || stream.write_all(&denial(&header, why)).await.is_err() {
+        return;
     }
+    let _ = stream.shutdown().await;
+    let mut scratch = [0u8; 4096];
+    let drain = async {
+        let mut left = REFUSAL_DRAIN;
+        while left > 0 {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
+
+/// How much of a refused caller's input is read and dropped after the answer.
+const REFUSAL_DRAIN: usize = 64 * 1024;
 
 fn denial(call: &Header, why: &str) -> Vec<u8> {
     let error = LibvirtError {
@@ -357,7 +481,13 @@ pub struct Session {
     creating: Option<u32>,
     /// Serials of the consoles it opened: its stream packets go only there.
     consoles: Vec<u32>,
+    /// Event registrations it made.
+    event_registrations: usize,
 }
+
+/// Consoles and event registrations one connection may make (the shim makes
+/// one of each); each costs libvirtd memory.
+pub const MAX_PER_CONNECTION: usize = 2;
 
 /// The gate's verdict on one packet from a VM container.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,7 +514,7 @@ pub fn decide(header: &Header, payload: &[u8], who: &Identity, gate: &Gate, sess
     }
 }
 
-async fn relay<S>(client: S, upstream: UnixStream, who: Identity, gate: &Gate)
+async fn relay<S>(client: S, upstream: UnixStream, who: Identity, gate: &Gate, revoked: impl Future<Output = ()>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -438,9 +568,12 @@ where
         }
     };
     tokio::select! {
-        () = upstream_loop => downstream.abort(),
+        () = upstream_loop => {}
         _ = &mut downstream => {}
+        () = revoked => {}
     }
+    // Both halves of both sockets close here, whichever side ended it.
+    downstream.abort();
 }
 
 /// The reply to an admitted create decides the connection's domain: the one
@@ -528,10 +661,22 @@ fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: 
                     "events of every domain may not be watched; name your own domain".into(),
                 ));
             }
-            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
+            if session.event_registrations >= MAX_PER_CONNECTION {
+                return Err(Denied(format!(
+                    "this connection already registered for events {MAX_PER_CONNECTION} times"
+                )));
+            }
+            session.event_registrations += 1;
+            Ok(())
         }
         procedure::DOMAIN_OPEN_CONSOLE => {
             own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
+            if session.consoles.len() >= MAX_PER_CONNECTION {
+                return Err(Denied(format!(
+                    "this connection already opened {MAX_PER_CONNECTION} consoles"
+                )));
+            }
             session.consoles.push(call.serial);
             Ok(())
         }

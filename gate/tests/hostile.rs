@@ -8,8 +8,8 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -80,41 +80,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
             let _ = std::fs::remove_dir(pod);
         }
     }));
-    let mut probe = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
-        .args([socket.to_str().unwrap(), &uid, xml_file.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    support::enter(&cgroup, probe.id());
-    let mut stdin = probe.stdin.take().unwrap();
-    stdin.write_all(b"go\n").unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = probe.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the probe did not finish; so far: {lines:#?}\ngate log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
-        if line == "ready" {
-            break;
-        }
-        lines.push(line);
-    }
+    let (mut probe, _stdin, _rx, lines) = run_probe(&socket, &uid, &xml_file, &cgroup, &log);
     let report = lines.join("\n");
     let refusals = virtkube_gate::probe_report::judge(&lines).unwrap_or_else(|e| panic!("{e}"));
     assert!(refusals >= 23, "fewer attempts than expected:\n{report}");
@@ -164,6 +130,36 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
     }
     eprintln!("domain gone {:?} after SIGKILL of its container", killed.elapsed());
 
+    // A VM container that hands its connection to another process and exits:
+    // the VM ends with the process that connected, not with the last copy.
+    let (_probe, mut stdin, rx, _) = run_probe(&socket, &uid, &xml_file, &cgroup, &log);
+    assert_eq!(domstate(&name).as_deref(), Some("running"), "the second probe's domain");
+    stdin.write_all(b"handover\n").unwrap();
+    let handed = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let heir: i32 = handed
+        .strip_prefix("handed over ")
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("the probe did not hand over: {handed}"));
+    cleanup.0.push(Box::new(move || {
+        // SAFETY: signalling the test's own `sleep` child.
+        unsafe { libc::kill(heir, libc::SIGKILL) };
+    }));
+    let exited = Instant::now();
+    while domstate(&name).is_some() {
+        assert!(
+            exited.elapsed() < Duration::from_secs(2),
+            "the domain outlived the process that created it by 2 s, its connection held by another"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let heir_alive = unsafe { libc::kill(heir, 0) } == 0;
+    assert!(heir_alive, "the heir should still hold the connection");
+    eprintln!(
+        "domain gone {:?} after its creator exited, its connection inherited",
+        exited.elapsed()
+    );
+
     // A host process is no VM container.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -181,4 +177,53 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
             && message.contains("not in a Kubernetes pod or Docker container cgroup"),
         "{message}"
     );
+}
+
+/// Runs the probe in `cgroup` against the gate's `socket` and reads its
+/// report up to `ready`: the process, its stdin, its further lines, the report.
+/// The caller ends the process (if a panic here fails the test first, the
+/// probe ends when its stdin closes).
+#[allow(clippy::zombie_processes)]
+fn run_probe(
+    socket: &Path,
+    uid: &str,
+    xml_file: &Path,
+    cgroup: &Path,
+    log: &Path,
+) -> (Child, ChildStdin, mpsc::Receiver<String>, Vec<String>) {
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
+        .args([socket.to_str().unwrap(), uid, xml_file.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    support::enter(cgroup, probe.id());
+    let mut stdin = probe.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = probe.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the probe did not finish; so far: {lines:#?}\ngate log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            });
+        if line == "ready" {
+            return (probe, stdin, rx, lines);
+        }
+        lines.push(line);
+    }
 }

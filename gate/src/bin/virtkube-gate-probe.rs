@@ -229,10 +229,42 @@ async fn main() {
         client.open_console(&own, None, flags::CONSOLE_FORCE).await.map(drop),
     );
     println!("ready");
-    // Stay connected (the VM lives) until stdin closes or the process is killed.
-    let mut rest = String::new();
-    while std::io::stdin().lock().read_line(&mut rest).is_ok_and(|n| n > 0) {}
+    // Stay connected (the VM lives) until stdin closes or the process is
+    // killed; "handover" passes the connection to another process and exits.
+    let mut line = String::new();
+    while std::io::stdin().lock().read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line.trim() == "handover" {
+            hand_over_and_exit();
+        }
+        line.clear();
+    }
     outcome("destroy own domain", client.destroy(&own, 0).await);
+}
+
+/// Lets a child (`sleep 60`) inherit every socket this process holds, its
+/// connection to the gate included, and exits: the VM must not live on in
+/// the child's copy of the connection.
+fn hand_over_and_exit() -> ! {
+    use std::os::unix::fs::FileTypeExt;
+    for entry in std::fs::read_dir("/proc/self/fd").into_iter().flatten().flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if fd > 2 && std::fs::metadata(entry.path()).is_ok_and(|m| m.file_type().is_socket()) {
+            // SAFETY: clearing FD_CLOEXEC on a descriptor this process holds.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        }
+    }
+    let child = std::process::Command::new("sleep")
+        .arg("60")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn();
+    match child {
+        Ok(child) => println!("handed over {}", child.id()),
+        Err(e) => println!("handover failed\t{e}"),
+    }
+    std::process::exit(0)
 }
 
 fn replace_kernel(xml: &str, path: &str) -> String {
