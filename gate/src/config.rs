@@ -38,7 +38,7 @@ pub struct GateConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// Larger than [`MAX_CONFIG_BYTES`].
-    #[error("the gate's policy file is {0} bytes; at most {MAX_CONFIG_BYTES} are read")]
+    #[error("the gate's policy file is larger than {MAX_CONFIG_BYTES} bytes, the most it reads")]
     TooLarge(usize),
     /// Not YAML, or a key or value of the wrong kind.
     #[error(
@@ -95,6 +95,11 @@ impl GateConfig {
             policy.network_disks = network_disks(&choice).map_err(ConfigError::Value)?;
         }
         if let Some(parent) = self.kubepods_parent {
+            if !parent.starts_with('/') {
+                return Err(ConfigError::Value(format!(
+                    "kubepodsParent {parent:?} is not an absolute cgroup path (the kubelet's --cgroup-root, e.g. /)"
+                )));
+            }
             gate.kubepods_parent = parent;
         }
         match self.max_connections_per_caller {
@@ -173,6 +178,7 @@ mod tests {
             ("imagesRoots: []\n", "no images root"),
             ("uris: []\n", "uris is empty"),
             ("maxConnectionsPerCaller: 0\n", "would refuse every VM container"),
+            ("kubepodsParent: kubepods\n", "not an absolute cgroup path"),
             ("[1, 2]\n", "not valid"),
         ] {
             let e = applied(text).unwrap_err().to_string();

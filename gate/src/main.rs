@@ -18,7 +18,7 @@ usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc P
                      [--kubepods-parent PATH] [--network-disks allow|deny]
                      [--max-connections-per-caller N] [--listen-tcp ADDRESS:PORT [--node NAME]]
 
-  --config FILE           the policy file (YAML, see docs/gate.md); flags given after it override it
+  --config FILE           the policy file (YAML, see docs/gate.md); flags override it
   --listen PATH           the socket VM containers mount (default /var/run/virtkube/libvirt-sock)
   --libvirtd PATH         libvirtd's own socket (default /var/run/libvirt/libvirt-sock)
   --proc PATH             the host's /proc (the gate needs the host's PID namespace; default /proc)
@@ -49,6 +49,17 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
     let mut gate = Gate::default();
     let (mut roots, mut uris) = (Vec::new(), Vec::new());
     let (mut listen_tcp, mut node) = (None, std::env::var("NODE_NAME").ok());
+    let args: Vec<String> = args.into_iter().collect();
+    // The policy file first, wherever --config stands: flags override it.
+    if let Some(at) = args.iter().position(|a| a == "--config") {
+        let path = args
+            .get(at + 1)
+            .context("--config needs a value; run with --help for usage")?;
+        let text = read_config(path)?;
+        GateConfig::parse(&text)
+            .and_then(|config| config.apply(&mut gate))
+            .with_context(|| format!("--config {path}"))?;
+    }
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
@@ -64,12 +75,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
                 .with_context(|| format!("{what} {value:?} is not a whole number"))
         };
         match flag.as_str() {
-            "--config" => {
-                let text = read_config(&value)?;
-                GateConfig::parse(&text)
-                    .and_then(|config| config.apply(&mut gate))
-                    .with_context(|| format!("--config {value}"))?;
-            }
+            "--config" => {}
             "--listen" => listen = value.into(),
             "--listen-tcp" => {
                 listen_tcp = Some(
@@ -121,11 +127,14 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
 fn read_config(path: &str) -> Result<String> {
     use std::io::Read;
     let file = std::fs::File::open(path).with_context(|| format!("cannot open the policy file {path}"))?;
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     file.take(config::MAX_CONFIG_BYTES as u64 + 1)
-        .read_to_string(&mut text)
-        .with_context(|| format!("cannot read the policy file {path} as UTF-8 text"))?;
-    Ok(text)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read the policy file {path}"))?;
+    if bytes.len() > config::MAX_CONFIG_BYTES {
+        return Err(config::ConfigError::TooLarge(bytes.len()).into());
+    }
+    String::from_utf8(bytes).with_context(|| format!("the policy file {path} is not UTF-8 text"))
 }
 
 fn main() {
@@ -246,4 +255,52 @@ async fn serve_tcp(address: SocketAddr, node: String, gate: Arc<Gate>) -> Result
     relay::serve_tcp(listener, gate, Arc::new(relay::NodePods::new(node, store)))
         .await
         .context("accepting VM pods over TCP failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> Result<Args> {
+        parse_args(args.iter().map(|a| (*a).to_owned()))
+    }
+
+    #[test]
+    fn flags_override_the_policy_file_wherever_it_stands() {
+        let file = std::env::temp_dir().join(format!("virtkube-gate-args-{}.yaml", std::process::id()));
+        std::fs::write(&file, "maxVcpus: 2\nmaxMemoryKib: 1024\n").unwrap();
+        let path = file.to_str().unwrap();
+        for args in [
+            ["--max-vcpus", "8", "--config", path],
+            ["--config", path, "--max-vcpus", "8"],
+        ] {
+            let parsed = parsed(&args).unwrap();
+            assert_eq!(parsed.gate.policy.max_vcpus, 8, "{args:?}");
+            assert_eq!(parsed.gate.policy.max_memory_kib, 1024, "{args:?}");
+        }
+        let _ = std::fs::remove_file(&file);
+    }
+
+    #[test]
+    fn bad_flags_say_what_is_wrong() {
+        for (args, needle) in [
+            (vec!["--network-disks", "maybe"], "use allow or deny"),
+            (vec!["--max-vcpus", "lots"], "not a whole number"),
+            (vec!["--listen-tcp", "16509"], "not ADDRESS:PORT"),
+            (
+                vec!["--max-connections-per-caller", "0"],
+                "would refuse every VM container",
+            ),
+            (vec!["--images-root", "images"], "not an absolute path"),
+            (
+                vec!["--config", "/nonexistent/gate.yaml"],
+                "cannot open the policy file",
+            ),
+            (vec!["--bogus", "1"], "unknown flag"),
+            (vec!["--listen"], "needs a value"),
+        ] {
+            let e = format!("{:#}", parsed(&args).err().unwrap());
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+    }
 }
