@@ -68,10 +68,30 @@ done
 [ -S /run/virtkube/libvirt-sock ] || { log "virtkube-gate made no socket within 10 s"; stop_all; exit 1; }
 log "virtkube-gate is up: socket /run/virtkube/libvirt-sock (for VM containers)"
 
-# nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no API).
+# nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no
+# API). It holds no VM, so when it dies it is restarted here, with a back-off
+# (1 s doubling to 30 s; reset after a minute's run), instead of taking the
+# virthost and its VMs down.
+supervise_nodeinfo() {
+  local delay=1 child="" started rc
+  trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' TERM INT
+  while true; do
+    started=$(date +%s)
+    virtkube-nodeinfo &
+    child=$!
+    rc=0
+    wait "$child" || rc=$?
+    child=""
+    [ $(( $(date +%s) - started )) -ge 60 ] && delay=1
+    log "virtkube-nodeinfo exited (status $rc); restarting it in ${delay}s (VMs are not affected)"
+    sleep "$delay" &
+    wait $! || true
+    delay=$(( delay * 2 > 30 ? 30 : delay * 2 ))
+  done
+}
 if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ "${VIRTHOST_NODEINFO:-1}" = 1 ]; then
   log "starting virtkube-nodeinfo for node ${NODE_NAME:-?}"
-  virtkube-nodeinfo &
+  supervise_nodeinfo &
   nodeinfo_pid=$!
 fi
 

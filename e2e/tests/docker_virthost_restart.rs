@@ -119,3 +119,63 @@ fn the_virthost_exits_non_zero_when_libvirtd_or_the_gate_dies_and_zero_on_sigter
     assert_eq!(code.trim(), "0", "{logs}");
     assert!(logs.contains("[virthost] stopping"), "{logs}");
 }
+
+/// nodeinfo holds no VM: when it dies it is restarted inside the virthost,
+/// with a back-off, and the virthost (with its VMs) stays up. Here it finds no
+/// Kubernetes API and exits at once, again and again; the gate's TCP listener
+/// fails the same way and the gate goes on serving its socket.
+#[test]
+#[ignore = "needs dockerd and the virthost image: scripts/test.sh runs it"]
+fn a_dying_nodeinfo_is_restarted_inside_the_virthost() {
+    let name = format!("virtkube-virthost-nodeinfo-{}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("{name}-sock"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _ = docker(&["rm", "-f", &name]);
+    let volume = format!("{}:/run/virtkube", dir.display());
+    let (ok, out) = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-e",
+        "KUBERNETES_SERVICE_HOST=127.0.0.1",
+        "-e",
+        "KUBERNETES_SERVICE_PORT=1",
+        "-e",
+        "NODE_NAME=docker",
+        "-v",
+        &volume,
+        "virtkube/virthost:latest",
+    ]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let logs = loop {
+        let logs = docker(&["logs", &name]).1;
+        if logs.matches("virtkube-nodeinfo exited").count() >= 2 {
+            break logs;
+        }
+        assert!(Instant::now() < deadline, "nodeinfo was not restarted twice:\n{logs}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        logs.contains("restarting it in 1s") && logs.contains("restarting it in 2s"),
+        "{logs}"
+    );
+    assert!(logs.contains("not serving VM pods over TCP"), "{logs}");
+    let (_, running) = docker(&["inspect", "-f", "{{.State.Running}}", &name]);
+    assert_eq!(running.trim(), "true", "{logs}");
+    assert!(dir.join("libvirt-sock").exists(), "the gate's socket is gone:\n{logs}");
+    // SIGTERM still stops everything, promptly, with status 0.
+    let stopping = Instant::now();
+    let (ok, out) = docker(&["stop", "-t", "20", &name]);
+    assert!(ok, "{out}");
+    let (_, code) = docker(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
+    let logs = docker(&["logs", &name]).1;
+    let _ = docker(&["rm", "-f", &name]);
+    assert_eq!(code.trim(), "0", "{logs}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
+}
