@@ -172,6 +172,33 @@ fn vm_lifecycle_through_kubectl() {
     eventually("3 running VirtDomains", &ns, Duration::from_secs(180), || {
         virtdomain_states(&ns).matches("Running").count() == 3
     });
+    // And each guest up, and its pod Ready: this cluster's kubelet (1.20) was
+    // seen to start killing a pod deleted a second after it started only 90 s
+    // later, which is the kubelet's delay, not the VM's.
+    eventually(
+        "3 guests up and their pods Ready",
+        &ns,
+        Duration::from_secs(120),
+        || {
+            let pods = pods_of(&ns, "app.kubernetes.io/name=tiny-vm");
+            pods.len() == 3
+                && pods.iter().all(|pod| {
+                    kubectl(&["-n", &ns, "logs", pod]).1.contains("virtkube-tiny: ready")
+                        && kubectl(&[
+                            "-n",
+                            &ns,
+                            "get",
+                            "pod",
+                            pod,
+                            "-o",
+                            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                        ])
+                        .1
+                        .trim()
+                            == "True"
+                })
+        },
+    );
     ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=1"]);
     eventually("one domain left", &ns, Duration::from_secs(90), || {
         virsh_list().matches(&format!("{ns}_tiny-vm")).count() == 1

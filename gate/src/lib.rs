@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod placement;
 pub mod pods;
 pub mod policy;
 pub mod probe_report;
