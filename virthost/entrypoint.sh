@@ -38,14 +38,21 @@ stop() {
 # PID 1, so an untrapped SIGTERM during start-up would kill it outright.
 trap stop TERM INT
 
+# Waits up to 10 s for socket $1 of daemon $2; gives up on the container otherwise.
+wait_for_socket() {
+  for _ in $(seq 1 100); do
+    [ -S "$1" ] && return 0
+    sleep 0.1
+  done
+  log "$2 made no socket within 10 s"
+  stop_all
+  exit 1
+}
+
 virtlogd -d
 libvirtd &
 libvirtd_pid=$!
-for _ in $(seq 1 100); do
-  [ -S /run/libvirt/libvirt-sock ] && break
-  sleep 0.1
-done
-[ -S /run/libvirt/libvirt-sock ] || { log "libvirtd made no socket within 10 s"; stop_all; exit 1; }
+wait_for_socket /run/libvirt/libvirt-sock libvirtd
 log "libvirtd is up: socket /run/libvirt/libvirt-sock (this container only)"
 
 gate_args=(--listen /run/virtkube/libvirt-sock --libvirtd /run/libvirt/libvirt-sock)
@@ -61,11 +68,7 @@ read -r -a extra_args <<< "${VIRTKUBE_GATE_ARGS:-}"
 gate_args+=("${extra_args[@]}")
 virtkube-gate "${gate_args[@]}" &
 gate_pid=$!
-for _ in $(seq 1 100); do
-  [ -S /run/virtkube/libvirt-sock ] && break
-  sleep 0.1
-done
-[ -S /run/virtkube/libvirt-sock ] || { log "virtkube-gate made no socket within 10 s"; stop_all; exit 1; }
+wait_for_socket /run/virtkube/libvirt-sock virtkube-gate
 log "virtkube-gate is up: socket /run/virtkube/libvirt-sock (for VM containers)"
 
 # nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no

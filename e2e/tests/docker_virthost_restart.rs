@@ -88,27 +88,21 @@ fn virthost_on_its_own(name: &str) -> String {
 #[test]
 #[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn the_virthost_exits_non_zero_when_libvirtd_or_the_gate_dies_and_zero_on_sigterm() {
-    let name = virthost_on_its_own(&format!("virtkube-virthost-die-{}", std::process::id()));
-    // The container may die (as it should) before `docker exec` reports back,
-    // which then fails with no output: the exit code and logs below decide.
-    let (_, out) = docker(&["exec", &name, "sh", "-c", "kill -KILL $(cat /run/libvirtd.pid)"]);
-    let (_, code) = docker(&["wait", &name]);
-    let logs = docker(&["logs", &name]).1;
-    let _ = docker(&["rm", "-f", &name]);
-    assert_ne!(code.trim(), "0", "{logs}\n(docker exec kill: {out})");
-    assert!(logs.contains("libvirtd exited"), "{logs}\n(docker exec kill: {out})");
-
-    // The gate, too: without it no VM container reaches libvirtd.
-    let name = virthost_on_its_own(&format!("virtkube-virthost-gate-{}", std::process::id()));
-    let (_, out) = docker(&["exec", &name, "sh", "-c", "kill -KILL $(pidof virtkube-gate)"]);
-    let (_, code) = docker(&["wait", &name]);
-    let logs = docker(&["logs", &name]).1;
-    let _ = docker(&["rm", "-f", &name]);
-    assert_ne!(code.trim(), "0", "{logs}\n(docker exec kill: {out})");
-    assert!(
-        logs.contains("virtkube-gate exited"),
-        "{logs}\n(docker exec kill: {out})"
-    );
+    // libvirtd, and the gate (without it no VM container reaches libvirtd).
+    for (which, kill, said) in [
+        ("libvirtd", "kill -KILL $(cat /run/libvirtd.pid)", "libvirtd exited"),
+        ("gate", "kill -KILL $(pidof virtkube-gate)", "virtkube-gate exited"),
+    ] {
+        let name = virthost_on_its_own(&format!("virtkube-virthost-{which}-{}", std::process::id()));
+        // The container may die (as it should) before `docker exec` reports
+        // back, which then fails with no output: the exit code and logs decide.
+        let (_, out) = docker(&["exec", &name, "sh", "-c", kill]);
+        let (_, code) = docker(&["wait", &name]);
+        let logs = docker(&["logs", &name]).1;
+        let _ = docker(&["rm", "-f", &name]);
+        assert_ne!(code.trim(), "0", "{which}: {logs}\n(docker exec kill: {out})");
+        assert!(logs.contains(said), "{which}: {logs}\n(docker exec kill: {out})");
+    }
 
     let name = virthost_on_its_own(&format!("virtkube-virthost-term-{}", std::process::id()));
     let (ok, out) = docker(&["stop", "-t", "20", &name]);
