@@ -105,12 +105,7 @@ fn the_virthost_exits_non_zero_when_libvirtd_or_the_gate_dies_and_zero_on_sigter
     }
 
     let name = virthost_on_its_own(&format!("virtkube-virthost-term-{}", std::process::id()));
-    let (ok, out) = docker(&["stop", "-t", "20", &name]);
-    assert!(ok, "{out}");
-    let (_, code) = docker(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
-    let logs = docker(&["logs", &name]).1;
-    let _ = docker(&["rm", "-f", &name]);
-    assert_eq!(code.trim(), "0", "{logs}");
+    let logs = stop_expecting_status_0(&name);
     assert!(logs.contains("[virthost] stopping"), "{logs}");
 }
 
@@ -161,15 +156,22 @@ fn a_dying_nodeinfo_is_restarted_inside_the_virthost() {
     assert!(dir.join("libvirt-sock").exists(), "the gate's socket is gone:\n{logs}");
     // SIGTERM still stops everything, promptly, with status 0.
     let stopping = Instant::now();
-    let (ok, out) = docker(&["stop", "-t", "20", &name]);
-    assert!(ok, "{out}");
-    let (_, code) = docker(&["inspect", "-f", "{{.State.ExitCode}}", &name]);
-    let logs = docker(&["logs", &name]).1;
-    let _ = docker(&["rm", "-f", &name]);
-    assert_eq!(code.trim(), "0", "{logs}");
+    stop_expecting_status_0(&name);
     assert!(
         stopping.elapsed() < Duration::from_secs(15),
         "stopping took {:?}",
         stopping.elapsed()
     );
+}
+
+/// `docker stop` (SIGTERM) of virthost `name`, which must exit with status
+/// 0; removes it and returns its logs.
+fn stop_expecting_status_0(name: &str) -> String {
+    let (ok, out) = docker(&["stop", "-t", "20", name]);
+    assert!(ok, "{out}");
+    let (_, code) = docker(&["inspect", "-f", "{{.State.ExitCode}}", name]);
+    let logs = docker(&["logs", name]).1;
+    let _ = docker(&["rm", "-f", name]);
+    assert_eq!(code.trim(), "0", "{logs}");
+    logs
 }

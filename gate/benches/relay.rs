@@ -65,23 +65,7 @@ fn shim_start(shim: &Path, dir: &Path, socket: &Path, uid: &str, pod: &str) -> D
 
 /// The shim on `socket` as pod `pod` of namespace `bench`, stderr piped.
 fn spawn_shim(shim: &Path, dir: &Path, socket: &Path, uid: &str, pod: &str) -> std::process::Child {
-    let template = dir.join("template.yaml");
-    std::fs::write(
-        &template,
-        "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1 quiet\n",
-    )
-    .unwrap();
-    Command::new(shim)
-        .env_clear()
-        .env("VIRTKUBE_TEMPLATE_FILE", &template)
-        .env("VIRTKUBE_ANNOTATIONS_FILE", dir.join("none"))
-        .env(
-            "VIRTKUBE_LIBVIRT_URI",
-            format!("qemu+unix:///system?socket={}", socket.display()),
-        )
-        .env("POD_NAMESPACE", "bench")
-        .env("POD_NAME", pod)
-        .env("POD_UID", uid)
+    support::shim_command(shim, dir, socket, ("bench", pod, uid), "console=ttyS0 panic=-1 quiet")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -11,8 +11,6 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::identity::Identity;
-
 /// Why a TCP caller is not a pod the gate will serve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnknownAddress {
@@ -78,8 +76,8 @@ fn ended(pod: &Pod) -> Option<&'static str> {
     }
 }
 
-/// The pod that owns `ip` among `pods` (this node's), as a caller identity.
-pub fn identify(pods: &[Arc<Pod>], ip: IpAddr, node: &str) -> Result<Identity, UnknownAddress> {
+/// The UID of the pod that owns `ip` among `pods` (this node's).
+pub fn identify(pods: &[Arc<Pod>], ip: IpAddr, node: &str) -> Result<String, UnknownAddress> {
     let holders: Vec<&Pod> = pods
         .iter()
         .map(Arc::as_ref)
@@ -94,7 +92,7 @@ pub fn identify(pods: &[Arc<Pod>], ip: IpAddr, node: &str) -> Result<Identity, U
     let live: Vec<&&Pod> = holders.iter().filter(|p| ended(p).is_none()).collect();
     match live.as_slice() {
         [pod] => match pod.metadata.uid.as_deref() {
-            Some(uid) if !uid.is_empty() => Ok(Identity::Pod { uid: uid.to_owned() }),
+            Some(uid) if !uid.is_empty() => Ok(uid.to_owned()),
             _ => Err(UnknownAddress::NoPod {
                 ip,
                 node: node.to_owned(),
@@ -217,10 +215,7 @@ mod tests {
             pod("a", "uid-a", "10.1.0.5", json!({})),
             pod("b", "uid-b", "10.1.0.6", json!({})),
         ];
-        assert_eq!(
-            identify(&pods, ip("10.1.0.6"), "node-a"),
-            Ok(Identity::Pod { uid: "uid-b".into() })
-        );
+        assert_eq!(identify(&pods, ip("10.1.0.6"), "node-a"), Ok("uid-b".to_owned()));
         // IPv6 from podIPs.
         let dual = vec![pod(
             "c",
@@ -228,10 +223,7 @@ mod tests {
             "10.1.0.7",
             json!({"status": {"podIPs": [{"ip": "10.1.0.7"}, {"ip": "fd00::7"}]}}),
         )];
-        assert_eq!(
-            identify(&dual, ip("fd00::7"), "node-a"),
-            Ok(Identity::Pod { uid: "uid-c".into() })
-        );
+        assert_eq!(identify(&dual, ip("fd00::7"), "node-a"), Ok("uid-c".to_owned()));
     }
 
     #[test]
@@ -279,10 +271,7 @@ mod tests {
             pod("old", "uid-old", "10.1.0.11", json!({"status": {"phase": "Failed"}})),
             pod("new", "uid-new", "10.1.0.11", json!({})),
         ];
-        assert_eq!(
-            identify(&reused, ip("10.1.0.11"), "node-a"),
-            Ok(Identity::Pod { uid: "uid-new".into() })
-        );
+        assert_eq!(identify(&reused, ip("10.1.0.11"), "node-a"), Ok("uid-new".to_owned()));
     }
 
     #[test]

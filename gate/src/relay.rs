@@ -208,7 +208,8 @@ const TCP_IDENTIFY_WAIT: Duration = Duration::from_secs(10);
 /// How often a TCP caller's pod is checked while connected.
 const TCP_LIVENESS_PERIOD: Duration = Duration::from_secs(1);
 
-async fn tcp_identity(pods: &NodePods, ip: std::net::IpAddr) -> Result<Identity, UnknownAddress> {
+/// The UID of the pod whose address `ip` is.
+async fn tcp_identity(pods: &NodePods, ip: std::net::IpAddr) -> Result<String, UnknownAddress> {
     let deadline = tokio::time::Instant::now() + TCP_IDENTIFY_WAIT;
     if tokio::time::timeout(TCP_IDENTIFY_WAIT, pods.store.wait_until_ready())
         .await
@@ -238,12 +239,7 @@ async fn tcp_client(
 ) {
     let ip = peer.ip().to_canonical();
     let who = match tcp_identity(pods, ip).await {
-        Ok(Identity::Pod { uid }) => uid,
-        Ok(other) => {
-            // pods::identify names pods only.
-            tracing::error!(%other, "a TCP caller identified as no pod");
-            return;
-        }
+        Ok(uid) => uid,
         Err(why) => {
             let why = why.to_string();
             tracing::warn!(%ip, %why, "refused an unidentified TCP caller");

@@ -8,7 +8,7 @@
 mod support;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,30 +28,20 @@ fn the_shim_runs_its_vm_through_the_gate_unchanged() {
     );
     support::enter(&cgroup, std::process::id());
     let (mut gate, socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
-    let template = dir.join("template.yaml");
-    std::fs::write(
-        &template,
-        "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1\n",
-    )
-    .unwrap();
     let pod = format!("through-gate-{}", std::process::id());
-    let mut child = Command::new(&shim)
-        .env_clear()
-        .env("VIRTKUBE_TEMPLATE_FILE", &template)
-        .env("VIRTKUBE_ANNOTATIONS_FILE", dir.join("none"))
-        .env(
-            "VIRTKUBE_LIBVIRT_URI",
-            format!("qemu+unix:///system?socket={}", socket.display()),
-        )
-        .env("VIRTKUBE_SHUTDOWN_TIMEOUT", "20")
-        .env("POD_NAMESPACE", "gate-test")
-        .env("POD_NAME", &pod)
-        .env("POD_UID", &uid)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = support::shim_command(
+        &shim,
+        &dir,
+        &socket,
+        ("gate-test", &pod, &uid),
+        "console=ttyS0 panic=-1",
+    )
+    .env("VIRTKUBE_SHUTDOWN_TIMEOUT", "20")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .stdin(Stdio::null())
+    .spawn()
+    .unwrap();
     let pump = |mut from: Box<dyn Read + Send>| {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let sink = buf.clone();

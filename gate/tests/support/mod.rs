@@ -81,3 +81,36 @@ pub fn shim_binary() -> PathBuf {
     }
     shim
 }
+
+/// The shim as pod `pod` (UID `uid`) of namespace `namespace`, on the gate's
+/// `socket`, running the tiny guest (its template written into `dir`);
+/// `cmdline` is the guest's kernel command line. Callers add stdio.
+pub fn shim_command(
+    shim: &Path,
+    dir: &Path,
+    socket: &Path,
+    (namespace, pod, uid): (&str, &str, &str),
+    cmdline: &str,
+) -> Command {
+    let template = dir.join("template.yaml");
+    std::fs::write(
+        &template,
+        format!(
+            "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: {cmdline}\n"
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(shim);
+    command
+        .env_clear()
+        .env("VIRTKUBE_TEMPLATE_FILE", &template)
+        .env("VIRTKUBE_ANNOTATIONS_FILE", dir.join("none"))
+        .env(
+            "VIRTKUBE_LIBVIRT_URI",
+            format!("qemu+unix:///system?socket={}", socket.display()),
+        )
+        .env("POD_NAMESPACE", namespace)
+        .env("POD_NAME", pod)
+        .env("POD_UID", uid);
+    command
+}
