@@ -8,6 +8,28 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 log() { echo "[test.sh $(date -u +%T)] $*"; }
 
+# The test cluster's kubelet (default eviction thresholds) declares DiskPressure
+# below 15% free on the disk holding Docker's images; it then evicts pods and
+# deletes images the Docker tests use. A clean build takes about 5 GiB.
+disk_headroom_gib() {
+  df -B1G --output=size,avail /var/lib 2>/dev/null | awk 'NR==2 {print int($2 - $1 * 0.15 - 5)}'
+}
+check_disk() {
+  local headroom
+  headroom=$(disk_headroom_gib)
+  log "disk: $(df -h --output=avail,size /var/lib | awk 'NR==2 {print $1 " free of " $2}'), headroom above the kubelet's 15% eviction line after the build: ${headroom} GiB"
+  if [ "${headroom:-0}" -lt 0 ]; then
+    echo "WARNING: too little free disk: the test cluster's kubelet will report DiskPressure," \
+      "evict the virthost and delete the test images. Free space (cargo clean in other checkouts," \
+      "docker system prune) and run again." >&2
+  fi
+}
+node_under_disk_pressure() {
+  "$KUBECTL" get nodes -o 'jsonpath={.items[*].status.conditions[?(@.type=="DiskPressure")].status}' 2>/dev/null \
+    | grep -qw True
+}
+check_disk
+
 log "libvirtd and virtlogd"
 bash scripts/libvirtd-up.sh
 log "the tiny guest (Debian cloud kernel + busybox initramfs)"
@@ -60,6 +82,12 @@ if [ "${NO_KUBELET:-0}" != 1 ]; then
     sleep 1
   done
   "$KUBECTL" get nodes -o wide || true
+  if node_under_disk_pressure; then
+    check_disk
+    echo "the node reports DiskPressure: its kubelet evicts pods and deletes images, so the" \
+      "end-to-end tests cannot pass. Free disk space and run again." >&2
+    exit 1
+  fi
 fi
 
 log "cargo fmt --check"
@@ -74,5 +102,10 @@ set -e
 passed=$(grep -oE '^test result: .*\. ([0-9]+) passed' /tmp/virtkube-test.log | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -oE '([0-9]+) failed;' /tmp/virtkube-test.log | awk '{s+=$1} END {print s+0}')
 echo
+if [ "${NO_KUBELET:-0}" != 1 ] && node_under_disk_pressure; then
+  echo "NOTE: the node came under DiskPressure during the tests: its kubelet evicted pods and" \
+    "deleted images, which explains end-to-end failures." >&2
+fi
+check_disk
 echo "$passed passed, $failed failed"
 exit "$status"
