@@ -7,7 +7,7 @@ set -euo pipefail
 log() { echo "[libvirtd-up] $*"; }
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
-          libvirt-dev qemu-system-x86 libxml2-utils pkg-config)
+          libvirt-dev qemu-system-x86 libxml2-utils pkg-config tini)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -40,10 +40,12 @@ if [ "$current" != "$SETTINGS" ]; then
   restart=1
 fi
 
-running() { pgrep -x "$1" >/dev/null 2>&1; }
+# By PID file: a virthost container running with the host's PID namespace
+# shows its own libvirtd and virtlogd to pgrep.
+running() { [ -s "/run/$1.pid" ] && kill -0 "$(cat "/run/$1.pid")" 2>/dev/null; }
 if [ "$restart" = 1 ] && running libvirtd; then
   log "restarting libvirtd for the new settings"
-  pkill -x libvirtd || true
+  kill "$(cat /run/libvirtd.pid)" || true
   for _ in $(seq 1 100); do running libvirtd || break; sleep 0.1; done
 fi
 if ! running virtlogd; then
@@ -62,11 +64,17 @@ if ! running libvirtd; then
     log "starting libvirtd (with /dev/kvm hidden; VIRTKUBE_KEEP_KVM=1 keeps it)"
     mkdir -p /run/virtkube-host
     install -m 0600 /dev/null /run/virtkube-host/no-kvm
-    unshare --mount --propagation private -- sh -c 'mount --bind /run/virtkube-host/no-kvm /dev/kvm && exec libvirtd -d'
+    setsid -f unshare --mount --propagation private -- \
+      sh -c 'mount --bind /run/virtkube-host/no-kvm /dev/kvm && exec tini -s -- libvirtd' \
+      </dev/null >/dev/null 2>&1
   else
     log "starting libvirtd"
-    libvirtd -d
+    setsid -f tini -s -- libvirtd </dev/null >/dev/null 2>&1
   fi
+  # Under tini as a subreaper: QEMU daemonizes, and an ended QEMU must be
+  # reaped before libvirtd counts its domain gone. This machine's PID 1 reaps
+  # orphans only every second or two (a domain took 1.2-2 s to destroy);
+  # tini reaps at once, as the virthost's init does.
 fi
 for _ in $(seq 1 300); do
   if virsh -c qemu:///system version >/dev/null 2>&1 && virsh -c test+unix:///default version >/dev/null 2>&1; then

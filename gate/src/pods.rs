@@ -142,19 +142,21 @@ pub fn still_holds(pods: &[Arc<Pod>], uid: &str, ip: IpAddr, now: k8s_openapi::j
     })
 }
 
-/// Whether a `/proc/<pid>/net/tcp` or `tcp6` table (a network namespace's
-/// TCP sockets) holds an established connection from `local` to `remote`.
-/// The gate asks it of a process of the pod its source address names: the
-/// connection must really come from that pod's network namespace, not from
-/// someone sending with its address.
-pub fn netns_has_connection(table: &str, local: std::net::SocketAddr, remote: std::net::SocketAddr) -> bool {
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        let (Some(l), Some(r), Some(state)) = (fields.next(), fields.next(), fields.next()) else {
-            return false;
-        };
+/// The socket inode of the established connection from `local` to
+/// `remote` in a `/proc/<pid>/net/tcp` or `tcp6` table (a network
+/// namespace's TCP sockets), if it holds one. The gate asks it of a process
+/// of the pod its source address names: the connection must really come
+/// from that pod's network namespace, not from someone sending with its
+/// address; the inode then names the process that holds it.
+pub fn netns_connection_inode(table: &str, local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode …
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (l, r, state, inode) = (fields.get(1)?, fields.get(2)?, fields.get(3)?, fields.get(9)?);
         // 01 is TCP_ESTABLISHED.
-        state == "01" && proc_net_addr(l) == Some(local) && proc_net_addr(r) == Some(remote)
+        (*state == "01" && proc_net_addr(l) == Some(local) && proc_net_addr(r) == Some(remote))
+            .then(|| inode.parse().ok())
+            .flatten()
     })
 }
 
@@ -278,29 +280,40 @@ mod tests {
     fn the_connection_must_be_in_the_pods_network_namespace() {
         // As the kernel prints them on x86-64 (little-endian words).
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-                  0: 030011AC:D431 020200C0:407D 01 00000000:00000000 00:00000000 00000000     0        0 1 1\n\
+                  0: 030011AC:D431 020200C0:407D 01 00000000:00000000 00:00000000 00000000     0        0 81234 1\n\
                   1: 030011AC:D432 020200C0:407D 06 00000000:00000000 00:00000000 00000000     0        0 2 1\n";
         let pod = "172.17.0.3:54321".parse().unwrap();
         let gate = "192.0.2.2:16509".parse().unwrap();
         if cfg!(target_endian = "little") {
-            assert!(netns_has_connection(v4, pod, gate));
+            assert_eq!(netns_connection_inode(v4, pod, gate), Some(81234));
             // The TIME_WAIT one (06) is not a connection.
-            assert!(!netns_has_connection(v4, "172.17.0.3:54322".parse().unwrap(), gate));
-            assert!(!netns_has_connection(v4, "172.17.0.4:54321".parse().unwrap(), gate));
-            assert!(!netns_has_connection(v4, pod, "192.0.2.2:16510".parse().unwrap()));
+            assert_eq!(
+                netns_connection_inode(v4, "172.17.0.3:54322".parse().unwrap(), gate),
+                None
+            );
+            assert_eq!(
+                netns_connection_inode(v4, "172.17.0.4:54321".parse().unwrap(), gate),
+                None
+            );
+            assert_eq!(
+                netns_connection_inode(v4, pod, "192.0.2.2:16510".parse().unwrap()),
+                None
+            );
             // IPv4-mapped IPv6 from a dual-stack socket, and plain IPv6.
             let v6 = "  sl  local_address                         remote_address                        st\n\
-                      0: 0000000000000000FFFF0000030011AC:D431 0000000000000000FFFF0000020200C0:407D 01 0\n\
-                      1: 000080FD000000000000000007000000:0050 000080FD000000000000000001000000:407D 01 0\n";
-            assert!(netns_has_connection(v6, pod, gate));
-            assert!(netns_has_connection(
-                v6,
-                "[fd80::7]:80".parse().unwrap(),
-                "[fd80::1]:16509".parse().unwrap()
-            ));
+                      0: 0000000000000000FFFF0000030011AC:D431 0000000000000000FFFF0000020200C0:407D 01 00000000:00000000 00:00000000 00000000 0 0 777 1\n\
+                      1: 000080FD000000000000000007000000:0050 000080FD000000000000000001000000:407D 01 00000000:00000000 00:00000000 00000000 0 0 778 1\n";
+            assert_eq!(netns_connection_inode(v6, pod, gate), Some(777));
+            assert_eq!(
+                netns_connection_inode(v6, "[fd80::7]:80".parse().unwrap(), "[fd80::1]:16509".parse().unwrap()),
+                Some(778)
+            );
         }
-        assert!(!netns_has_connection("header only\n", pod, gate));
-        assert!(!netns_has_connection("h\n 0: garbage\n 1: 1:2 3:4 01\n", pod, gate));
+        assert_eq!(netns_connection_inode("header only\n", pod, gate), None);
+        assert_eq!(
+            netns_connection_inode("h\n 0: garbage\n 1: 1:2 3:4 01\n", pod, gate),
+            None
+        );
     }
 
     #[test]

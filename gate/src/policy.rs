@@ -11,7 +11,7 @@ use crate::identity::Identity;
 
 /// The version of [`ALLOWED_CALLS`]; raise it when the list changes, so a
 /// shim and a gate can say which list they speak.
-pub const ALLOWED_CALLS_VERSION: u32 = 1;
+pub const ALLOWED_CALLS_VERSION: u32 = 2;
 
 /// Every remote procedure the shim makes (shim/src/runtime.rs), and no other.
 pub const ALLOWED_CALLS: &[(i32, &str)] = &[
@@ -20,6 +20,8 @@ pub const ALLOWED_CALLS: &[(i32, &str)] = &[
     (procedure::CONNECT_SUPPORTS_FEATURE, "CONNECT_SUPPORTS_FEATURE"),
     (procedure::CONNECT_GET_CAPABILITIES, "CONNECT_GET_CAPABILITIES"),
     (procedure::DOMAIN_CREATE_XML, "DOMAIN_CREATE_XML"),
+    // v2: a shim that lost its connection finds its domain again.
+    (procedure::DOMAIN_LOOKUP_BY_UUID, "DOMAIN_LOOKUP_BY_UUID"),
     (
         procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
         "CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY",
@@ -843,10 +845,18 @@ mod tests {
     #[test]
     fn the_allow_list_is_exactly_the_shims_calls() {
         assert_eq!(allowed_call(procedure::DOMAIN_CREATE_XML), Some("DOMAIN_CREATE_XML"));
-        // define, list, lookup, XML, node devices, secrets, storage, sysinfo: refused.
-        for refused in [11, 12, 14, 23, 24, 25, 26, 35, 55, 56, 74, 77, 146, 203, 213, 273] {
+        // v2: a reconnecting shim finds its domain by UUID (the relay checks whose it is).
+        assert_eq!(
+            allowed_call(procedure::DOMAIN_LOOKUP_BY_UUID),
+            Some("DOMAIN_LOOKUP_BY_UUID")
+        );
+        // define, list, lookup by name or ID, XML, metadata, node devices,
+        // secrets, storage, sysinfo, resume: refused.
+        for refused in [
+            11, 12, 14, 22, 23, 25, 26, 28, 35, 55, 56, 74, 77, 146, 203, 213, 264, 265, 273,
+        ] {
             assert_eq!(allowed_call(refused), None, "procedure {refused}");
         }
-        assert_eq!(ALLOWED_CALLS.len(), 11);
+        assert_eq!(ALLOWED_CALLS.len(), 12);
     }
 }

@@ -5,9 +5,12 @@
 //! gets libvirt's own "access denied" error with the reason, and one log line.
 //! Replies, events and console data from libvirtd pass back unchanged.
 //!
-//! One libvirtd connection per VM container keeps libvirt's AUTODESTROY
-//! meaning what it meant: the container's connection closing closes the
-//! gate's, and libvirtd ends the domain.
+//! A VM lives as long as the process that created it (the container's shim),
+//! not as long as a connection: the gate creates the domain paused and
+//! without AUTODESTROY, places QEMU in the caller's cgroups, hands the domain
+//! to the [`Keeper`], and only then lets it run. So libvirtd and the gate may
+//! restart under running VMs; the shim reconnects and finds its domain again
+//! by UUID (allowed only to the same process).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Mutex;
 
 use crate::identity::{self, Identity};
+use crate::keeper::{Keeper, Owner};
+use crate::placement;
 use crate::pods::UnknownAddress;
 use crate::policy::{self, Admitted, Denied, Policy, RealPaths};
 
@@ -35,8 +40,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: usize = 4;
 pub const ERR_ACCESS_DENIED: i32 = 88;
 /// libvirt's `VIR_FROM_ACCESS`.
 pub const FROM_ACCESS: i32 = 55;
-/// `VIR_DOMAIN_START_AUTODESTROY | VIR_DOMAIN_START_VALIDATE`.
-const REQUIRED_CREATE_FLAGS: u32 = libvirt_wire::flags::START_AUTODESTROY | libvirt_wire::flags::START_VALIDATE;
+use libvirt_wire::flags::{START_AUTODESTROY, START_PAUSED, START_VALIDATE};
 
 /// The largest packet a VM container may send: a domain XML (libvirt takes
 /// at most 4 MiB in one string) and its header. Larger is not a shim.
@@ -60,6 +64,23 @@ pub struct Gate {
     pub max_connections_per_caller: usize,
     /// Connections held now, per caller.
     pub connections: Connections,
+    /// Where libvirtd's QEMU driver writes `<domain>.pid` files.
+    pub qemu_run_dir: PathBuf,
+    /// Whether QEMU is moved into its caller's cgroups.
+    pub place_qemu: bool,
+    /// Where the gate's own mounts are read (`/proc/self/mountinfo`).
+    pub mountinfo: PathBuf,
+    keeper: std::sync::OnceLock<Arc<Keeper>>,
+}
+
+impl Gate {
+    /// The register of domains and their owners (made on first use, from
+    /// the settings then).
+    pub fn keeper(&self) -> Arc<Keeper> {
+        self.keeper
+            .get_or_init(|| Arc::new(Keeper::new(&self.libvirtd, self.proc_root.clone())))
+            .clone()
+    }
 }
 
 impl Default for Gate {
@@ -71,6 +92,10 @@ impl Default for Gate {
             kubepods_parent: "/".into(),
             max_connections_per_caller: DEFAULT_MAX_CONNECTIONS_PER_CALLER,
             connections: Connections::default(),
+            qemu_run_dir: PathBuf::from("/run/libvirt/qemu"),
+            place_qemu: true,
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            keeper: std::sync::OnceLock::new(),
         }
     }
 }
@@ -118,6 +143,8 @@ impl Drop for Held<'_> {
 
 /// Accepts VM containers on the socket they mount, for ever.
 pub async fn serve(listener: UnixListener, gate: Arc<Gate>) -> std::io::Result<()> {
+    let keeper = gate.keeper();
+    tokio::spawn(async move { keeper.reconcile().await });
     let mut backoff = Backoff::default();
     loop {
         let Some((stream, _)) = backoff.accepted(listener.accept().await).await else {
@@ -259,11 +286,14 @@ async fn tcp_client(
         }
         Err(e) => Err(format!("the gate cannot read its own address: {e}")),
     };
-    if let Err(why) = origin {
-        tracing::warn!(%ip, uid = %who, %why, "refused a TCP caller");
-        refuse_connection(stream, &why).await;
-        return;
-    }
+    let caller = match origin {
+        Ok(caller) => caller,
+        Err(why) => {
+            tracing::warn!(%ip, uid = %who, %why, "refused a TCP caller");
+            refuse_connection(stream, &why).await;
+            return;
+        }
+    };
     drop(identifying);
     // Its pod gone from the API (or ended, or past its deletion deadline) ends
     // the connection, and with it the VM, even if no FIN ever arrives from a
@@ -279,12 +309,12 @@ async fn tcp_client(
         }
     };
     let who = Identity::Pod { uid: who };
-    tracing::info!(%who, %ip, "identified a TCP caller by its pod IP and network namespace");
-    connect_and_relay(stream, who, gate, gone).await;
+    tracing::info!(%who, %ip, pid = caller.pid, "identified a TCP caller by its pod IP and network namespace");
+    connect_and_relay(stream, who, caller, gate, gone).await;
 }
 
-/// Whether a process of pod `uid` (found by its cgroup, as for socket
-/// callers) sees the connection `remote` → `local` established in its
+/// The process of pod `uid` (found by its cgroup, as for socket callers)
+/// that holds the connection `remote` → `local`, established in the pod's
 /// network namespace. Blocking: it reads /proc.
 fn connection_is_from_pod(
     proc_root: &std::path::Path,
@@ -292,33 +322,69 @@ fn connection_is_from_pod(
     uid: &str,
     remote: std::net::SocketAddr,
     local: std::net::SocketAddr,
-) -> Result<(), String> {
+) -> Result<CallerProcess, String> {
     let entries = std::fs::read_dir(proc_root).map_err(|e| format!("cannot read {}: {e}", proc_root.display()))?;
     let own = Identity::Pod { uid: uid.to_owned() };
-    let member = entries
+    let members: Vec<i32> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| {
+        .filter(|pid| {
             std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
                 .ok()
                 .and_then(|text| identity::from_cgroup_under(*pid, &text, kubepods_parent).ok())
                 .as_ref()
                 == Some(&own)
         })
+        .collect();
+    let Some(member) = members.first() else {
+        return Err(format!(
+            "no process of pod {uid} is visible to the gate, so it cannot check where the connection comes from"
+        ));
+    };
+    let inode = ["net/tcp", "net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            std::fs::read_to_string(proc_root.join(member.to_string()).join(table))
+                .ok()
+                .and_then(|text| crate::pods::netns_connection_inode(&text, remote, local))
+        })
         .ok_or_else(|| {
-            format!(
-                "no process of pod {uid} is visible to the gate, so it cannot check where the connection comes from"
-            )
+            format!("the connection from {remote} is not in the network namespace of pod {uid}, whose address it uses")
         })?;
-    let found = ["net/tcp", "net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(proc_root.join(member.to_string()).join(table))
-            .is_ok_and(|text| crate::pods::netns_has_connection(&text, remote, local))
-    });
-    if found {
-        Ok(())
-    } else {
-        Err(format!(
-            "the connection from {remote} is not in the network namespace of pod {uid}, whose address it uses"
-        ))
+    // The VM lives as long as the process holding the connection.
+    let socket = format!("socket:[{inode}]");
+    members
+        .iter()
+        .find(|pid| {
+            std::fs::read_dir(proc_root.join(pid.to_string()).join("fd")).is_ok_and(|fds| {
+                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .any(|target| target.as_os_str() == socket.as_str())
+            })
+        })
+        .and_then(|pid| CallerProcess::read(proc_root, *pid))
+        .ok_or_else(|| format!("no process of pod {uid} holds the connection from {remote}"))
+}
+
+/// The process on the other end of a connection: the owner of the domain it creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallerProcess {
+    /// Its PID (the host's).
+    pub pid: i32,
+    /// Its start time (clock ticks since boot).
+    pub start_ticks: u64,
+}
+
+impl CallerProcess {
+    /// Process `pid` as `proc_root` shows it now.
+    pub fn read(proc_root: &std::path::Path, pid: i32) -> Option<CallerProcess> {
+        let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+        Some(CallerProcess {
+            pid,
+            start_ticks: identity::start_ticks(&stat)?,
+        })
+    }
+
+    fn owns(&self, owner: &Owner) -> bool {
+        owner.pid == self.pid && owner.start_ticks == self.start_ticks
     }
 }
 
@@ -343,8 +409,14 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
         },
         Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
     };
-    let who = match who {
-        Ok(who) => who,
+    let who = who.and_then(|who| {
+        let pid = stream.peer_cred().ok().and_then(|c| c.pid()).unwrap_or(0);
+        CallerProcess::read(&gate.proc_root, pid)
+            .map(|caller| (who, caller))
+            .ok_or_else(|| format!("the calling process {pid} exited while it was being identified"))
+    });
+    let (who, caller) = match who {
+        Ok(identified) => identified,
         Err(why) => {
             tracing::warn!(%why, "refused an unidentified caller");
             refuse_connection(stream, &why).await;
@@ -366,13 +438,18 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
             _ => std::future::pending().await,
         }
     };
-    connect_and_relay(stream, who, gate, exited).await;
+    connect_and_relay(stream, who, caller, gate, exited).await;
 }
 
 /// Opens the caller's own libvirtd connection and relays until either side
 /// closes or `revoked` completes.
-async fn connect_and_relay<S>(stream: S, who: Identity, gate: &Gate, revoked: impl Future<Output = ()>)
-where
+async fn connect_and_relay<S>(
+    stream: S,
+    who: Identity,
+    caller: CallerProcess,
+    gate: &Gate,
+    revoked: impl Future<Output = ()>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let _held = match gate.connections.hold(&who, gate.max_connections_per_caller) {
@@ -392,8 +469,10 @@ where
             return;
         }
     };
-    tracing::info!(%who, "VM container connected");
-    relay(stream, upstream, who.clone(), gate, revoked).await;
+    // A shim finding its domain again must find what the gate before kept.
+    gate.keeper().reconciled().await;
+    tracing::info!(%who, pid = caller.pid, "VM container connected");
+    relay(stream, upstream, who.clone(), caller, gate, revoked).await;
     tracing::info!(%who, "VM container disconnected");
 }
 
@@ -469,16 +548,38 @@ async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R, max: usize) -> std::i
 /// What one VM container's connection has been allowed so far.
 #[derive(Debug, Default)]
 pub struct Session {
-    /// The domain it created (one per connection), as libvirtd named it in
-    /// its reply: the gate trusts no name or UUID before libvirtd has
-    /// created the domain under it.
+    /// The process that connected (the owner of what it creates).
+    pub caller: Option<CallerProcess>,
+    /// The domain it created or found again (one per connection), as
+    /// libvirtd named it in its reply: the gate trusts no name or UUID
+    /// before libvirtd has answered with it.
     domain: Option<Admitted>,
-    /// The serial of an admitted DOMAIN_CREATE_XML whose reply is awaited.
-    creating: Option<u32>,
+    /// An admitted DOMAIN_CREATE_XML whose reply is awaited.
+    creating: Option<Creating>,
+    /// The serial and UUID of an admitted DOMAIN_LOOKUP_BY_UUID whose reply is awaited.
+    finding: Option<(u32, [u8; 16])>,
     /// Serials of the consoles it opened: its stream packets go only there.
     consoles: Vec<u32>,
     /// Event registrations it made.
     event_registrations: usize,
+}
+
+impl Session {
+    /// The session of a connection from `caller`.
+    pub fn of(caller: CallerProcess) -> Session {
+        Session {
+            caller: Some(caller),
+            ..Session::default()
+        }
+    }
+}
+
+/// A create the gate let through, paused, until its reply.
+#[derive(Debug, Clone, Copy)]
+struct Creating {
+    serial: u32,
+    /// The caller did not ask for a paused domain: resume it once placed.
+    run: bool,
 }
 
 /// Consoles and event registrations one connection may make (the shim makes
@@ -490,6 +591,9 @@ pub const MAX_PER_CONNECTION: usize = 2;
 pub enum Verdict {
     /// Pass it to libvirtd unchanged.
     Forward,
+    /// Pass it to libvirtd with this payload instead (a create made paused
+    /// and without AUTODESTROY: the gate owns the VM's lifetime).
+    Rewrite(Vec<u8>),
     /// Answer it with libvirt's "access denied" error and this reason.
     Deny(String),
     /// End the connection: a packet the shim never sends.
@@ -510,8 +614,14 @@ pub fn decide(header: &Header, payload: &[u8], who: &Identity, gate: &Gate, sess
     }
 }
 
-async fn relay<S>(client: S, upstream: UnixStream, who: Identity, gate: &Gate, revoked: impl Future<Output = ()>)
-where
+async fn relay<S>(
+    client: S,
+    upstream: UnixStream,
+    who: Identity,
+    caller: CallerProcess,
+    gate: &Gate,
+    revoked: impl Future<Output = ()>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut from_client, to_client) = tokio::io::split(client);
@@ -520,11 +630,32 @@ where
     // libvirtd → VM container: whole frames, so a denial written meanwhile
     // never lands inside one.
     let writer = to_client.clone();
-    let session = Arc::new(std::sync::Mutex::new(Session::default()));
+    let session = Arc::new(std::sync::Mutex::new(Session::of(caller)));
     let replies = session.clone();
+    let finisher = Finisher {
+        keeper: gate.keeper(),
+        proc_root: gate.proc_root.clone(),
+        qemu_run_dir: gate.qemu_run_dir.clone(),
+        mountinfo: gate.place_qemu.then(|| gate.mountinfo.clone()),
+        who: who.clone(),
+        caller,
+    };
     let mut downstream = tokio::spawn(async move {
         while let Ok(Some((header, frame))) = read_packet(&mut from_libvirtd, protocol::MAX_PACKET).await {
-            note_create_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]);
+            let frame = match note_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]) {
+                Some(Created { domain, run }) => match finisher.finish(&domain, run).await {
+                    Ok(()) => {
+                        admit(&replies, &domain);
+                        frame
+                    }
+                    Err(why) => {
+                        tracing::error!(who = %finisher.who, domain = %domain.name, %why, "the new domain could not be handed over; destroying it");
+                        finisher.keeper.end(domain.uuid, &why).await;
+                        denial(&header, &format!("the domain could not be set up: {why}"))
+                    }
+                },
+                None => frame,
+            };
             if writer.lock().await.write_all(&frame).await.is_err() {
                 return;
             }
@@ -550,6 +681,15 @@ where
                         return;
                     }
                 }
+                Verdict::Rewrite(payload) => {
+                    if to_libvirtd
+                        .write_all(&protocol::encode_packet(&header, &payload))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
                 Verdict::Deny(why) => {
                     tracing::warn!(%who, procedure = header.procedure, %why, "refused");
                     if to_client.lock().await.write_all(&denial(&header, &why)).await.is_err() {
@@ -568,35 +708,158 @@ where
         _ = &mut downstream => {}
         () = revoked => {}
     }
-    // Both halves of both sockets close here, whichever side ended it.
+    // Both halves of both sockets close here, whichever side ended it. A
+    // create whose reply is still being finished ends with the task: its
+    // domain is then kept (or destroyed) by the keeper, never left alone.
     downstream.abort();
 }
 
-/// The reply to an admitted create decides the connection's domain: the one
-/// libvirtd created, by its own name and UUID; a refused create admits none.
-pub fn note_create_reply(session: &std::sync::Mutex<Session>, header: &Header, payload: &[u8]) {
+/// A domain libvirtd has just created for a caller, paused.
+#[derive(Debug)]
+pub struct Created {
+    /// As libvirtd named it.
+    pub domain: DomainRef,
+    /// Whether to resume it once handed over (the caller did not ask for it paused).
+    pub run: bool,
+}
+
+/// Notes a reply from libvirtd: the reply to an admitted lookup makes the
+/// domain it names this connection's; the reply to an admitted create is
+/// returned, to be handed over ([`Finisher::finish`]) before the caller sees
+/// it. A refused create or lookup admits nothing.
+pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload: &[u8]) -> Option<Created> {
     if header.kind != MessageType::Reply || header.program != REMOTE_PROGRAM {
-        return;
+        return None;
     }
     let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-    if session.creating != Some(header.serial) {
-        return;
-    }
-    session.creating = None;
-    if header.status == Status::Ok
-        && let Ok(domain) = DomainRef::decode(&mut Decoder::new(payload))
+    let ok = header.status == Status::Ok;
+    let domain = || DomainRef::decode(&mut Decoder::new(payload)).ok();
+    if let Some(creating) = session.creating
+        && creating.serial == header.serial
     {
-        session.domain = Some(Admitted {
-            name: domain.name,
-            uuid: Some(domain.uuid),
+        session.creating = None;
+        return ok.then(domain).flatten().map(|domain| Created {
+            domain,
+            run: creating.run,
         });
     }
+    if let Some((serial, uuid)) = session.finding
+        && serial == header.serial
+    {
+        session.finding = None;
+        if ok && let Some(domain) = domain().filter(|d| d.uuid == uuid) {
+            session.domain = Some(Admitted {
+                name: domain.name,
+                uuid: Some(domain.uuid),
+            });
+        }
+    }
+    None
+}
+
+/// The created domain becomes the connection's.
+fn admit(session: &std::sync::Mutex<Session>, domain: &DomainRef) {
+    session.lock().unwrap_or_else(|p| p.into_inner()).domain = Some(Admitted {
+        name: domain.name.clone(),
+        uuid: Some(domain.uuid),
+    });
+}
+
+/// Hands a new domain over: kept by the keeper for its creator, QEMU moved
+/// into the creator's cgroups, then resumed.
+struct Finisher {
+    keeper: Arc<Keeper>,
+    proc_root: PathBuf,
+    qemu_run_dir: PathBuf,
+    /// The gate's mountinfo, when QEMU is to be placed.
+    mountinfo: Option<PathBuf>,
+    who: Identity,
+    caller: CallerProcess,
+}
+
+impl Finisher {
+    async fn finish(&self, domain: &DomainRef, run: bool) -> Result<(), String> {
+        let owner = Owner {
+            pid: self.caller.pid,
+            start_ticks: self.caller.start_ticks,
+            caller: self.who.to_string(),
+        };
+        self.keeper.adopt(domain, owner).await?;
+        if let Some(mountinfo) = &self.mountinfo {
+            let (proc_root, run_dir, mountinfo) =
+                (self.proc_root.clone(), self.qemu_run_dir.clone(), mountinfo.clone());
+            let (name, caller) = (domain.name.clone(), self.caller);
+            let placed =
+                tokio::task::spawn_blocking(move || place_qemu(&proc_root, &run_dir, &mountinfo, &name, caller))
+                    .await
+                    .map_err(|e| format!("placing QEMU failed: {e}"))??;
+            tracing::info!(who = %self.who, domain = %domain.name, qemu = placed.0, cgroups = placed.1, "QEMU placed in the caller's cgroups");
+        }
+        if run {
+            let control = self
+                .keeper
+                .control()
+                .await
+                .map_err(|e| format!("the gate cannot reach libvirtd to start the domain: {e}"))?;
+            control
+                .resume(domain)
+                .await
+                .map_err(|e| format!("libvirtd did not start the domain's CPUs: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Moves domain `name`'s QEMU into every cgroup of the caller. Returns
+/// QEMU's PID and how many cgroups it joined. Blocking: it reads /proc and
+/// writes cgroupfs.
+fn place_qemu(
+    proc_root: &std::path::Path,
+    run_dir: &std::path::Path,
+    mountinfo: &std::path::Path,
+    name: &str,
+    caller: CallerProcess,
+) -> Result<(i32, usize), String> {
+    let pid_file = run_dir.join(format!("{name}.pid"));
+    let qemu: i32 = std::fs::read_to_string(&pid_file)
+        .map_err(|e| format!("cannot read QEMU's PID from {}: {e}", pid_file.display()))?
+        .trim()
+        .parse()
+        .map_err(|_| format!("{} does not hold a PID", pid_file.display()))?;
+    // The PID file is libvirtd's; check it names this domain's QEMU.
+    let cmdline = std::fs::read(proc_root.join(qemu.to_string()).join("cmdline")).unwrap_or_default();
+    let guest = format!("guest={name},");
+    if !cmdline.split(|b| *b == 0).any(|arg| arg.starts_with(guest.as_bytes())) {
+        return Err(format!(
+            "process {qemu} (from {}) is not domain {name}'s QEMU",
+            pid_file.display()
+        ));
+    }
+    let caller_dir = proc_root.join(caller.pid.to_string());
+    let cgroups = std::fs::read_to_string(caller_dir.join("cgroup"))
+        .map_err(|e| format!("cannot read the caller's cgroups: {e}"))?;
+    if CallerProcess::read(proc_root, caller.pid) != Some(caller) {
+        return Err("the caller exited while its VM was being created".into());
+    }
+    let mounts = placement::cgroup_mounts(
+        &std::fs::read_to_string(mountinfo).map_err(|e| format!("cannot read {}: {e}", mountinfo.display()))?,
+    );
+    let places = placement::placement(&cgroups, &mounts).map_err(|e| e.to_string())?;
+    if !places.unmounted.is_empty() {
+        tracing::debug!(unmounted = ?places.unmounted, "hierarchies of the caller the gate has not mounted");
+    }
+    for procs in &places.procs_files {
+        std::fs::write(procs, qemu.to_string())
+            .map_err(|e| format!("cannot move QEMU (PID {qemu}) into {}: {e}", procs.display()))?;
+    }
+    Ok((qemu, places.procs_files.len()))
 }
 
 /// Decides one call from a VM container.
 fn judge(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: &mut Session) -> Verdict {
     match check_call(call, args, who, gate, session) {
-        Ok(()) => Verdict::Forward,
+        Ok(None) => Verdict::Forward,
+        Ok(Some(payload)) => Verdict::Rewrite(payload),
         Err(Denied(why)) => Verdict::Deny(why),
     }
 }
@@ -605,7 +868,14 @@ fn bad_args(what: &str) -> impl Fn(libvirt_wire::xdr::XdrError) -> Denied + '_ {
     move |e| Denied(format!("malformed {what} arguments: {e}"))
 }
 
-fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: &mut Session) -> Result<(), Denied> {
+/// `Ok(Some(payload))`: forward with this payload instead.
+fn check_call(
+    call: &Header,
+    args: &[u8],
+    who: &Identity,
+    gate: &Gate,
+    session: &mut Session,
+) -> Result<Option<Vec<u8>>, Denied> {
     let Some(name) = policy::allowed_call(call.procedure) else {
         return Err(Denied(format!(
             "procedure {} is not one a VM container may call (allow-list v{}: the shim's calls only)",
@@ -618,7 +888,7 @@ fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: 
         procedure::CONNECT_OPEN => {
             let uri = d.opt_string("name").map_err(bad_args(name))?;
             match uri {
-                Some(uri) if gate.policy.uris.contains(&uri) => Ok(()),
+                Some(uri) if gate.policy.uris.contains(&uri) => Ok(None),
                 other => Err(Denied(format!(
                     "connection URI {other:?} is not allowed (allowed: {})",
                     gate.policy.uris.join(", ")
@@ -626,24 +896,57 @@ fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: 
             }
         }
         procedure::DOMAIN_CREATE_XML => {
-            if session.domain.is_some() || session.creating.is_some() {
+            if session.domain.is_some() || session.creating.is_some() || session.finding.is_some() {
                 return Err(Denied(
-                    "this connection already created its domain; one VM per container".into(),
+                    "this connection already has its domain; one VM per container".into(),
                 ));
+            }
+            if session.caller.is_none() {
+                return Err(Denied("the gate does not know the calling process".into()));
             }
             let xml = d.string("xml").map_err(bad_args(name))?;
             let create_flags = d.u32("flags").map_err(bad_args(name))?;
-            // AUTODESTROY ties the VM to this connection (the container's
-            // life); VALIDATE makes libvirt check the XML against its schema.
-            if create_flags & REQUIRED_CREATE_FLAGS != REQUIRED_CREATE_FLAGS {
+            // VALIDATE makes libvirt check the XML against its schema.
+            if create_flags & START_VALIDATE == 0 {
                 return Err(Denied(format!(
-                    "a domain must be created with AUTODESTROY and VALIDATE (flags {create_flags:#x}); a VM may not outlive its container"
+                    "a domain must be created with VALIDATE (flags {create_flags:#x})"
                 )));
             }
             let admitted = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
             tracing::info!(%who, domain = %admitted.name, "domain admitted");
-            session.creating = Some(call.serial);
-            Ok(())
+            session.creating = Some(Creating {
+                serial: call.serial,
+                run: create_flags & START_PAUSED == 0,
+            });
+            // Paused until QEMU is in the caller's cgroups and the gate keeps
+            // it; no AUTODESTROY: the gate, not a connection, ends it.
+            let mut rewritten = libvirt_wire::xdr::Encoder::new();
+            rewritten
+                .string(&xml)
+                .u32((create_flags & !START_AUTODESTROY) | START_PAUSED);
+            Ok(Some(rewritten.into_bytes()))
+        }
+        procedure::DOMAIN_LOOKUP_BY_UUID => {
+            let uuid = d.fixed_opaque::<16>("uuid").map_err(bad_args(name))?;
+            if session.domain.is_some() || session.creating.is_some() || session.finding.is_some() {
+                return Err(Denied(
+                    "this connection already has its domain; one VM per container".into(),
+                ));
+            }
+            let uuid_text = protocol::format_uuid(&uuid);
+            match (gate.keeper().owner_of(&uuid), session.caller) {
+                (Some(owner), Some(caller)) if caller.owns(&owner) => {
+                    session.finding = Some((call.serial, uuid));
+                    Ok(None)
+                }
+                (Some(owner), _) => Err(Denied(format!(
+                    "domain {uuid_text} belongs to another process ({}, PID {}); only the process that created a domain may find it again",
+                    owner.caller, owner.pid
+                ))),
+                (None, _) => Err(Denied(format!(
+                    "the gate keeps no domain {uuid_text}: it has ended, or it was never this container's"
+                ))),
+            }
         }
         procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY => {
             let event = d.i32("eventID").map_err(bad_args(name))?;
@@ -664,7 +967,7 @@ fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: 
                 )));
             }
             session.event_registrations += 1;
-            Ok(())
+            Ok(None)
         }
         procedure::DOMAIN_OPEN_CONSOLE => {
             own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
@@ -674,12 +977,12 @@ fn check_call(call: &Header, args: &[u8], who: &Identity, gate: &Gate, session: 
                 )));
             }
             session.consoles.push(call.serial);
-            Ok(())
+            Ok(None)
         }
         procedure::DOMAIN_GET_STATE | procedure::DOMAIN_SHUTDOWN_FLAGS | procedure::DOMAIN_DESTROY_FLAGS => {
-            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session).map(|()| None)
         }
-        _ => Ok(()),
+        _ => Ok(None),
     }
 }
 

@@ -7,33 +7,12 @@
 //! (no pod, no container) is refused with the reason.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod support;
-
-struct Cleanup(Vec<Box<dyn FnMut()>>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for f in self.0.iter_mut().rev() {
-            f();
-        }
-    }
-}
-
-fn domstate(name: &str) -> Option<String> {
-    let out = Command::new("virsh")
-        .args(["-c", "qemu:///system", "domstate", name])
-        .output()
-        .unwrap();
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
 
 #[test]
 #[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
@@ -41,7 +20,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
     let dir = std::env::temp_dir().join(format!("virtkube-gate-hostile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cleanup = Cleanup(Vec::new());
+    let mut cleanup = support::Cleanup(Vec::new());
     let (gate, socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
     let mut gate = Some(gate);
     cleanup.0.push(Box::new(move || {
@@ -80,7 +59,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
             let _ = std::fs::remove_dir(pod);
         }
     }));
-    let (mut probe, _stdin, _rx, lines) = run_probe(&socket, &uid, &xml_file, &cgroup, &log);
+    let (mut probe, _stdin, rx, lines) = support::run_probe(&socket, &uid, &xml_file, &cgroup, &log);
     let report = lines.join("\n");
     let refusals = virtkube_gate::probe_report::judge(&lines).unwrap_or_else(|e| panic!("{e}"));
     assert!(refusals >= 23, "fewer attempts than expected:\n{report}");
@@ -98,9 +77,11 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
         ("another domain by UUID", "is not this container's"),
         ("open test:///default", "connection URI"),
         (
-            "create: without AUTODESTROY (a VM that outlives its container)",
-            "AUTODESTROY and VALIDATE",
+            "create: without VALIDATE (XML libvirt has not checked)",
+            "must be created with VALIDATE",
         ),
+        ("find another domain by UUID", "keeps no domain"),
+        ("find a second domain after creating one", "already has its domain"),
     ] {
         assert!(
             lines
@@ -115,13 +96,47 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
         logged >= refusals - 1,
         "{logged} refusals logged for {refusals}:\n{gate_log}"
     );
-    assert_eq!(domstate(&name).as_deref(), Some("running"), "the probe's own domain");
+    assert_eq!(
+        support::domstate(&name).as_deref(),
+        Some("running"),
+        "the probe's own domain"
+    );
+
+    // Its QEMU was moved into the probe's (the VM container's) cgroup.
+    let qemu = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).unwrap();
+    let qemu_cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", qemu.trim())).unwrap();
+    let container_path = cgroup.to_str().unwrap().split("/virtkube-test/").nth(1).unwrap();
+    assert!(
+        qemu_cgroups.contains(&format!("/virtkube-test/{container_path}\n")),
+        "QEMU should be in the VM container's cgroup /virtkube-test/{container_path}:\n{qemu_cgroups}"
+    );
+
+    // Another process of the same pod cannot take the domain over.
+    let uuid = rx
+        .recv_timeout(Duration::from_secs(5))
+        .ok()
+        .and_then(|l| l.strip_prefix("uuid ").map(str::to_owned))
+        .expect("the probe prints its domain's UUID after ready");
+    let mut intruder = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
+        .args(["--find", socket.to_str().unwrap(), &uuid])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    support::enter(&cgroup, intruder.id());
+    intruder.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let taken = String::from_utf8_lossy(&intruder.wait_with_output().unwrap().stdout).into_owned();
+    assert!(
+        taken.starts_with("take over another process's domain\tREFUSED\t")
+            && taken.contains("belongs to another process"),
+        "{taken}"
+    );
 
     // SIGKILL of the VM container: its domain is gone within 2 s.
     let killed = Instant::now();
     probe.kill().unwrap();
     let _ = probe.wait();
-    while domstate(&name).is_some() {
+    while support::domstate(&name).is_some() {
         assert!(
             killed.elapsed() < Duration::from_secs(2),
             "the domain outlived its container by 2 s"
@@ -132,10 +147,16 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
 
     // A VM container that hands its connection to another process and exits:
     // the VM ends with the process that connected, not with the last copy.
-    let (_probe, mut stdin, rx, _) = run_probe(&socket, &uid, &xml_file, &cgroup, &log);
-    assert_eq!(domstate(&name).as_deref(), Some("running"), "the second probe's domain");
+    let (_probe, mut stdin, rx, _) = support::run_probe(&socket, &uid, &xml_file, &cgroup, &log);
+    assert_eq!(
+        support::domstate(&name).as_deref(),
+        Some("running"),
+        "the second probe's domain"
+    );
     stdin.write_all(b"handover\n").unwrap();
-    let handed = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let handed = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok())
+        .find(|l| !l.starts_with("uuid "))
+        .unwrap_or_default();
     let heir: i32 = handed
         .strip_prefix("handed over ")
         .and_then(|pid| pid.parse().ok())
@@ -145,7 +166,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
         unsafe { libc::kill(heir, libc::SIGKILL) };
     }));
     let exited = Instant::now();
-    while domstate(&name).is_some() {
+    while support::domstate(&name).is_some() {
         assert!(
             exited.elapsed() < Duration::from_secs(2),
             "the domain outlived the process that created it by 2 s, its connection held by another"
@@ -177,53 +198,4 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
             && message.contains("not in a Kubernetes pod or Docker container cgroup"),
         "{message}"
     );
-}
-
-/// Runs the probe in `cgroup` against the gate's `socket` and reads its
-/// report up to `ready`: the process, its stdin, its further lines, the report.
-/// The caller ends the process (if a panic here fails the test first, the
-/// probe ends when its stdin closes).
-#[allow(clippy::zombie_processes)]
-fn run_probe(
-    socket: &Path,
-    uid: &str,
-    xml_file: &Path,
-    cgroup: &Path,
-    log: &Path,
-) -> (Child, ChildStdin, mpsc::Receiver<String>, Vec<String>) {
-    let mut probe = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
-        .args([socket.to_str().unwrap(), uid, xml_file.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    support::enter(cgroup, probe.id());
-    let mut stdin = probe.stdin.take().unwrap();
-    stdin.write_all(b"go\n").unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = probe.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the probe did not finish; so far: {lines:#?}\ngate log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                )
-            });
-        if line == "ready" {
-            return (probe, stdin, rx, lines);
-        }
-        lines.push(line);
-    }
 }

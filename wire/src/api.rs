@@ -14,8 +14,14 @@ use crate::xdr::{Decoder, Encoder, XdrError};
 pub mod flags {
     /// `VIR_DOMAIN_START_AUTODESTROY`: the domain dies with this connection.
     pub const START_AUTODESTROY: u32 = 1 << 1;
+    /// `VIR_DOMAIN_START_PAUSED`: create the domain with its CPUs stopped.
+    pub const START_PAUSED: u32 = 1 << 0;
     /// `VIR_DOMAIN_START_VALIDATE`: validate the XML against the schema.
     pub const START_VALIDATE: u32 = 1 << 4;
+    /// `VIR_DOMAIN_AFFECT_LIVE`: change the running domain, not its config.
+    pub const AFFECT_LIVE: u32 = 1 << 0;
+    /// `VIR_CONNECT_LIST_DOMAINS_ACTIVE`.
+    pub const LIST_DOMAINS_ACTIVE: u32 = 1 << 0;
     /// `VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN`.
     pub const SHUTDOWN_ACPI_POWER_BTN: u32 = 1 << 0;
     /// `VIR_DOMAIN_DESTROY_GRACEFUL`: SIGTERM only, no SIGKILL.
@@ -30,6 +36,12 @@ pub mod flags {
 const FEATURE_PROGRAM_KEEPALIVE: i32 = 10;
 /// `VIR_DRV_FEATURE_REMOTE_EVENT_CALLBACK`.
 const FEATURE_REMOTE_EVENT_CALLBACK: i32 = 14;
+/// `VIR_DOMAIN_METADATA_ELEMENT`.
+const METADATA_ELEMENT: i32 = 2;
+/// `VIR_ERR_NO_DOMAIN_METADATA`.
+const ERR_NO_DOMAIN_METADATA: i32 = 80;
+/// `REMOTE_DOMAIN_LIST_MAX`.
+const DOMAIN_LIST_MAX: usize = 16384;
 /// `VIR_DOMAIN_EVENT_ID_LIFECYCLE`.
 const EVENT_ID_LIFECYCLE: i32 = 0;
 const AUTH_NONE: i32 = 0;
@@ -376,6 +388,62 @@ impl Client {
         self.domain_call(procedure::DOMAIN_DESTROY_FLAGS, domain, flags)
             .await
             .map(drop)
+    }
+
+    /// DOMAIN_RESUME: lets a paused domain's CPUs run.
+    pub async fn resume(&self, domain: &DomainRef) -> Result<()> {
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        self.conn
+            .call(procedure::DOMAIN_RESUME, &args.into_bytes())
+            .await
+            .map(drop)
+    }
+
+    /// CONNECT_LIST_ALL_DOMAINS with `flags` (e.g. [`flags::LIST_DOMAINS_ACTIVE`]).
+    pub async fn list_all_domains(&self, flags: u32) -> Result<Vec<DomainRef>> {
+        let mut args = Encoder::new();
+        args.i32(1).u32(flags);
+        let proc_ = procedure::CONNECT_LIST_ALL_DOMAINS;
+        let reply = self.conn.call_large(proc_, &args.into_bytes(), LARGE_REPLY).await?;
+        decode(proc_, &reply, |d| {
+            // A domain is at least a name length, a UUID and an ID.
+            let count = d.array_len("domains", DOMAIN_LIST_MAX, 4 + 16 + 4)?;
+            let domains = (0..count)
+                .map(|_| DomainRef::decode(d))
+                .collect::<Result<Vec<_>, _>>()?;
+            d.u32("ret")?;
+            Ok(domains)
+        })
+    }
+
+    /// DOMAIN_SET_METADATA of the running domain: the element `xml` under
+    /// namespace `uri` with prefix `key`; `None` removes it.
+    pub async fn set_metadata(&self, domain: &DomainRef, xml: Option<&str>, key: &str, uri: &str) -> Result<()> {
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.i32(METADATA_ELEMENT)
+            .opt_string(xml)
+            .opt_string(Some(key))
+            .opt_string(Some(uri))
+            .u32(flags::AFFECT_LIVE);
+        self.conn
+            .call(procedure::DOMAIN_SET_METADATA, &args.into_bytes())
+            .await
+            .map(drop)
+    }
+
+    /// DOMAIN_GET_METADATA of the running domain: the element under
+    /// namespace `uri`, or `None` when it has none.
+    pub async fn metadata(&self, domain: &DomainRef, uri: &str) -> Result<Option<String>> {
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.i32(METADATA_ELEMENT).opt_string(Some(uri)).u32(flags::AFFECT_LIVE);
+        match self.conn.call(procedure::DOMAIN_GET_METADATA, &args.into_bytes()).await {
+            Ok(reply) => decode(procedure::DOMAIN_GET_METADATA, &reply, |d| d.string("metadata")).map(Some),
+            Err(Error::Libvirt(e)) if e.code == ERR_NO_DOMAIN_METADATA => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn domain_call(&self, proc_: i32, domain: &DomainRef, flags: u32) -> Result<Vec<u8>> {

@@ -11,14 +11,14 @@ use libfuzzer_sys::fuzz_target;
 use libvirt_wire::protocol::{self, MessageType, REMOTE_PROGRAM};
 use virtkube_gate::identity::Identity;
 use virtkube_gate::policy::{self, RealPaths};
-use virtkube_gate::relay::{self, Gate, Session, Verdict};
+use virtkube_gate::relay::{self, CallerProcess, Gate, Session, Verdict};
 
 fuzz_target!(|data: &[u8]| {
     let gate = Gate::default();
     let who = Identity::Pod {
         uid: "6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b".into(),
     };
-    let session = Mutex::new(Session::default());
+    let session = Mutex::new(Session::of(CallerProcess { pid: 1, start_ticks: 1 }));
     let mut rest = data;
     while rest.len() >= 4 {
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
@@ -28,10 +28,10 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Ok((header, payload)) = protocol::decode_packet(&rest[4..len]) {
             if header.kind == MessageType::Reply {
-                relay::note_create_reply(&session, &header, payload);
+                let _ = relay::note_reply(&session, &header, payload);
             } else {
                 let verdict = relay::decide(&header, payload, &who, &gate, &mut session.lock().unwrap());
-                if verdict == Verdict::Forward && header.program == REMOTE_PROGRAM && header.kind == MessageType::Call {
+                if matches!(verdict, Verdict::Forward | Verdict::Rewrite(_)) && header.program == REMOTE_PROGRAM && header.kind == MessageType::Call {
                     assert!(
                         policy::allowed_call(header.procedure).is_some(),
                         "procedure {} forwarded",

@@ -7,7 +7,10 @@
 //!
 //! usage: virtkube-gate-probe SOCKET|URI OWNER OWN_XML_FILE
 //!        virtkube-gate-probe --malformed SOCKET
-//! The second form sends broken frames instead (see `malformed`).
+//!        virtkube-gate-probe --find SOCKET UUID
+//! The second form sends broken frames instead (see `malformed`); the third
+//! tries to take over a domain another process created (the first form
+//! prints its UUID after `ready`).
 //! OWNER is the pod's UID, or a Docker container's short ID (`@HOSTNAME@`:
 //! the container's hostname, which Docker sets to it); `@OWNER@` in the XML
 //! file is replaced by it (a pod's UID is known only once it runs). It
@@ -20,7 +23,7 @@ use libvirt_wire::protocol::{DomainRef, procedure};
 use libvirt_wire::xdr::Encoder;
 use libvirt_wire::{Client, Error, Options, flags};
 
-/// What the shim sends: the VM dies with the connection, libvirt validates the XML.
+/// What the shim sends: AUTODESTROY (for a libvirtd without the gate), VALIDATE.
 const CREATE_FLAGS: u32 = flags::START_AUTODESTROY | flags::START_VALIDATE;
 
 fn outcome(name: &str, result: Result<(), Error>) {
@@ -40,6 +43,22 @@ async fn main() {
         let mut go = String::new();
         let _ = std::io::stdin().lock().read_line(&mut go);
         malformed::run(socket);
+        return;
+    }
+    if let [mode, socket, uuid] = args.as_slice()
+        && mode == "--find"
+    {
+        let uuid = libvirt_wire::protocol::parse_uuid(uuid).unwrap_or([0; 16]);
+        let mut go = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut go);
+        let uri = format!("qemu+unix:///system?socket={socket}");
+        match Client::connect(&uri, Options::default()).await {
+            Ok(client) => outcome(
+                "take over another process's domain",
+                client.lookup_by_uuid(&uuid).await.map(drop),
+            ),
+            Err(e) => println!("connect\tERROR\t{e}"),
+        }
         return;
     }
     let [socket, uid, own_xml_file] = args.as_slice() else {
@@ -124,8 +143,8 @@ async fn main() {
         );
     }
     outcome(
-        "create: without AUTODESTROY (a VM that outlives its container)",
-        client.create_xml(&own_xml, flags::START_VALIDATE).await.map(drop),
+        "create: without VALIDATE (XML libvirt has not checked)",
+        client.create_xml(&own_xml, flags::START_AUTODESTROY).await.map(drop),
     );
     // Calls outside the allow-list, with plausible arguments.
     let raw: [(&str, i32, Vec<u8>); 7] = [
@@ -177,6 +196,10 @@ async fn main() {
         "stop another domain before creating one",
         client.destroy(&victim, 0).await,
     );
+    outcome(
+        "find another domain by UUID",
+        client.lookup_by_uuid(&victim.uuid).await.map(drop),
+    );
     outcome("events of every domain", {
         let mut e = Encoder::new();
         e.i32(0).bool(false);
@@ -222,6 +245,10 @@ async fn main() {
             .await
             .map(drop),
     );
+    outcome(
+        "find a second domain after creating one",
+        client.lookup_by_uuid(&own.uuid).await.map(drop),
+    );
     outcome("own domain's state", client.get_state(&own).await.map(drop));
     outcome("own domain's events", client.lifecycle_events(&own).await.map(drop));
     outcome(
@@ -229,6 +256,7 @@ async fn main() {
         client.open_console(&own, None, flags::CONSOLE_FORCE).await.map(drop),
     );
     println!("ready");
+    println!("uuid {}", own.uuid_string());
     // Stay connected (the VM lives) until stdin closes or the process is
     // killed; "handover" passes the connection to another process and exits.
     let mut line = String::new();

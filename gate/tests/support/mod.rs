@@ -2,8 +2,10 @@
 //! kernel's cgroup filesystem, and a gate started in front of libvirtd.
 #![allow(clippy::unwrap_used, dead_code)] // test helpers: a panic is the failure report
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// libvirtd's own socket (scripts/libvirtd-up.sh).
@@ -113,4 +115,75 @@ pub fn shim_command(
         .env("POD_NAME", pod)
         .env("POD_UID", uid);
     command
+}
+
+/// Runs its closures, last first, when dropped (also when a test panics).
+pub struct Cleanup(pub Vec<Box<dyn FnMut()>>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for f in self.0.iter_mut().rev() {
+            f();
+        }
+    }
+}
+
+/// The state `virsh domstate` gives for domain `name`, `None` if there is none.
+pub fn domstate(name: &str) -> Option<String> {
+    let out = Command::new("virsh")
+        .args(["-c", "qemu:///system", "domstate", name])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Runs the probe in `cgroup` against the gate's `socket` and reads its
+/// report up to `ready`: the process, its stdin, its further lines, the report.
+/// The caller ends the process (if a panic here fails the test first, the
+/// probe ends when its stdin closes).
+#[allow(clippy::zombie_processes)]
+pub fn run_probe(
+    socket: &Path,
+    uid: &str,
+    xml_file: &Path,
+    cgroup: &Path,
+    log: &Path,
+) -> (Child, ChildStdin, mpsc::Receiver<String>, Vec<String>) {
+    let mut probe = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
+        .args([socket.to_str().unwrap(), uid, xml_file.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    enter(cgroup, probe.id());
+    let mut stdin = probe.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = probe.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the probe did not finish; so far: {lines:#?}\ngate log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                )
+            });
+        if line == "ready" {
+            return (probe, stdin, rx, lines);
+        }
+        lines.push(line);
+    }
 }

@@ -1,0 +1,385 @@
+//! The owner of "a VM never outlives its container". Domains are created
+//! without libvirt's AUTODESTROY, which ties a VM to one libvirtd connection
+//! and so dies with every restart of libvirtd or the gate. Instead the gate
+//! records, in each domain's own metadata, the process that created it (the
+//! VM container's shim: PID and start time), watches that process, and
+//! destroys the domain when it exits. The record lives as long as the domain,
+//! in libvirt's state on the host: a restarted gate lists the domains, reads
+//! their owners, and destroys those whose owner died while it was away.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use libvirt_wire::api::{Client, flags};
+use libvirt_wire::client::Options;
+use libvirt_wire::protocol::{DomainRef, format_uuid};
+
+/// The XML namespace of the gate's record in a domain's `<metadata>`.
+pub const OWNER_NAMESPACE: &str = "https://virtkube.io/xmlns/gate-owner/1";
+/// The prefix libvirt writes the record's element with.
+const OWNER_PREFIX: &str = "virtkube-gate";
+/// How often a destroy that could not reach libvirtd is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// libvirt's `VIR_ERR_NO_DOMAIN`.
+const ERR_NO_DOMAIN: i32 = 42;
+
+/// The process a domain lives for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Its PID (the host's).
+    pub pid: i32,
+    /// Its start time, clock ticks since boot: with the PID, it names one
+    /// process for ever (a PID is reused, the pair is not).
+    pub start_ticks: u64,
+    /// Who it is, for the log and for operators (`pod …`, `container …`).
+    pub caller: String,
+}
+
+impl Owner {
+    /// The record's element.
+    pub fn to_xml(&self) -> String {
+        format!(
+            r#"<owner pid="{}" start="{}" caller="{}"/>"#,
+            self.pid,
+            self.start_ticks,
+            escape(&self.caller)
+        )
+    }
+
+    /// Reads a record written by [`Owner::to_xml`] (as libvirt returns it).
+    pub fn from_xml(xml: &str) -> Result<Owner, String> {
+        let doc = roxmltree::Document::parse(xml).map_err(|e| format!("the owner record is not XML: {e}"))?;
+        let owner = doc.root_element();
+        if owner.tag_name().name() != "owner" {
+            return Err(format!(
+                "the owner record is <{}>, not <owner>",
+                owner.tag_name().name()
+            ));
+        }
+        let attribute = |name: &str| {
+            owner
+                .attribute(name)
+                .ok_or_else(|| format!("the owner record has no {name} attribute"))
+        };
+        let number = |name: &str| -> Result<u64, String> {
+            attribute(name)?
+                .parse()
+                .map_err(|_| format!("the owner record's {name} is not a whole number"))
+        };
+        let pid = i32::try_from(number("pid")?).map_err(|_| "the owner record's pid is out of range".to_owned())?;
+        Ok(Owner {
+            pid,
+            start_ticks: number("start")?,
+            caller: attribute("caller")?.to_owned(),
+        })
+    }
+
+    /// Whether the process whose `/proc/<pid>/stat` reads `stat` (`None`:
+    /// no such process) is this owner.
+    pub fn is(&self, stat: Option<&str>) -> bool {
+        stat.and_then(crate::identity::start_ticks) == Some(self.start_ticks)
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A domain the gate keeps alive for its owner.
+#[derive(Debug, Clone)]
+struct Kept {
+    name: String,
+    owner: Owner,
+}
+
+/// The gate's register of domains and their owners, and its own libvirtd
+/// connection to destroy a domain whose owner is gone.
+#[derive(Debug)]
+pub struct Keeper {
+    uri: String,
+    proc_root: PathBuf,
+    control: tokio::sync::Mutex<Option<Client>>,
+    kept: std::sync::Mutex<HashMap<[u8; 16], Kept>>,
+    /// Whether the domains of the gate before have been taken over.
+    reconciled: tokio::sync::watch::Sender<bool>,
+}
+
+impl Keeper {
+    /// A keeper using libvirtd's socket `libvirtd` and processes under `proc_root`.
+    pub fn new(libvirtd: &Path, proc_root: PathBuf) -> Keeper {
+        Keeper {
+            uri: format!("qemu+unix:///system?socket={}", libvirtd.display()),
+            proc_root,
+            control: tokio::sync::Mutex::new(None),
+            kept: std::sync::Mutex::new(HashMap::new()),
+            reconciled: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Completes once [`Keeper::reconcile`] has run: before, the gate does
+    /// not know which domain is whose.
+    pub async fn reconciled(&self) {
+        let mut done = self.reconciled.subscribe();
+        let _ = done.wait_for(|done| *done).await;
+    }
+
+    /// The gate's own connection to libvirtd, opened again after it broke.
+    pub async fn control(&self) -> Result<Client, libvirt_wire::Error> {
+        let mut control = self.control.lock().await;
+        if let Some(client) = control.as_ref()
+            && !client.connection().is_closed()
+        {
+            return Ok(client.clone());
+        }
+        let client = Client::connect(&self.uri, Options::default()).await?;
+        *control = Some(client.clone());
+        Ok(client)
+    }
+
+    /// The owner recorded for domain `uuid`, if the gate keeps it.
+    pub fn owner_of(&self, uuid: &[u8; 16]) -> Option<Owner> {
+        self.lock().get(uuid).map(|kept| kept.owner.clone())
+    }
+
+    /// How many domains the gate keeps.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether it keeps none.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], Kept>> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `owner` in the new `domain`'s metadata and keeps the domain
+    /// until the owner exits. On error the caller must destroy the domain:
+    /// nothing would end it.
+    pub async fn adopt(self: &Arc<Self>, domain: &DomainRef, owner: Owner) -> Result<(), String> {
+        let pidfd = open_owner(&self.proc_root, &owner)
+            .ok_or_else(|| format!("its creator (PID {}) exited before the gate could watch it", owner.pid))?;
+        let control = self
+            .control()
+            .await
+            .map_err(|e| format!("the gate cannot reach libvirtd to record the owner: {e}"))?;
+        control
+            .set_metadata(domain, Some(&owner.to_xml()), OWNER_PREFIX, OWNER_NAMESPACE)
+            .await
+            .map_err(|e| format!("libvirtd did not take the owner record: {e}"))?;
+        self.keep(domain.uuid, domain.name.clone(), owner, pidfd);
+        Ok(())
+    }
+
+    fn keep(self: &Arc<Self>, uuid: [u8; 16], name: String, owner: Owner, pidfd: OwnedFd) {
+        tracing::info!(domain = %name, owner = %owner.caller, pid = owner.pid, "keeping the domain while its owner lives");
+        self.lock().insert(uuid, Kept { name, owner });
+        let keeper = self.clone();
+        tokio::spawn(async move {
+            exited(pidfd).await;
+            keeper.end(uuid, "its container's shim exited").await;
+        });
+    }
+
+    /// Destroys domain `uuid`, trying again every second while libvirtd
+    /// cannot be reached (it may be restarting), and forgets it.
+    pub async fn end(&self, uuid: [u8; 16], why: &str) {
+        let name = self.lock().get(&uuid).map(|kept| kept.name.clone());
+        let name = name.unwrap_or_else(|| format_uuid(&uuid));
+        tracing::info!(domain = %name, %why, "destroying the domain");
+        loop {
+            let attempt = async {
+                let control = self.control().await?;
+                let domain = control.lookup_by_uuid(&uuid).await?;
+                control.destroy(&domain, 0).await
+            };
+            match attempt.await {
+                Ok(()) => {
+                    tracing::info!(domain = %name, "destroyed");
+                    break;
+                }
+                Err(libvirt_wire::Error::Libvirt(e)) if e.code == ERR_NO_DOMAIN => {
+                    tracing::info!(domain = %name, "already gone");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(domain = %name, error = %e, "cannot destroy the domain yet; trying again");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        self.lock().remove(&uuid);
+    }
+
+    /// Takes over the domains a previous gate kept: waits for libvirtd, then
+    /// keeps each domain with a live owner and destroys each whose owner
+    /// exited meanwhile. Domains without the gate's record (created around
+    /// the gate) are left alone.
+    pub async fn reconcile(self: &Arc<Self>) {
+        let domains = loop {
+            let listed = async { self.control().await?.list_all_domains(flags::LIST_DOMAINS_ACTIVE).await };
+            match listed.await {
+                Ok(domains) => break domains,
+                Err(e) => {
+                    tracing::debug!(error = %e, "waiting for libvirtd to take over its domains");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        };
+        let (mut kept, mut ended) = (0, 0);
+        for domain in domains {
+            if self.owner_of(&domain.uuid).is_some() {
+                continue;
+            }
+            let record = match self.control().await {
+                Ok(control) => control.metadata(&domain, OWNER_NAMESPACE).await,
+                Err(e) => Err(e),
+            };
+            let owner = match record {
+                Ok(Some(xml)) => Owner::from_xml(&xml),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(domain = %domain.name, error = %e, "cannot read the domain's owner; left alone");
+                    continue;
+                }
+            };
+            match owner {
+                Ok(owner) => match open_owner(&self.proc_root, &owner) {
+                    Some(pidfd) => {
+                        self.keep(domain.uuid, domain.name.clone(), owner, pidfd);
+                        kept += 1;
+                    }
+                    None => {
+                        let why = format!(
+                            "its owner ({}, PID {}) exited while the gate was away",
+                            owner.caller, owner.pid
+                        );
+                        self.end(domain.uuid, &why).await;
+                        ended += 1;
+                    }
+                },
+                Err(why) => {
+                    tracing::error!(domain = %domain.name, %why, "the gate's owner record is unreadable; left alone");
+                }
+            }
+        }
+        tracing::info!(kept, ended, "took over the domains of the gate before");
+        self.reconciled.send_replace(true);
+    }
+}
+
+/// A pidfd for `owner`'s process, or `None` when it has exited (or its PID
+/// now names another process).
+fn open_owner(proc_root: &Path, owner: &Owner) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a PID and flags and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, owner.pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: on success the kernel gave us a new descriptor that we now own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // Read after opening: if the start time still matches, the pidfd names
+    // the owner, not a later process that got its PID.
+    let stat = std::fs::read_to_string(proc_root.join(owner.pid.to_string()).join("stat")).ok();
+    owner.is(stat.as_deref()).then_some(pidfd)
+}
+
+/// Completes when the process a pidfd names exits.
+async fn exited(pidfd: OwnedFd) {
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same
+    // descriptor until the AsyncFd is dropped.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
+    match registered {
+        Ok(pidfd) => {
+            let _ = pidfd.readable().await;
+        }
+        Err(e) => {
+            // Never end a VM on a doubt: without the watch it waits for a restart of the gate.
+            tracing::error!(error = %e, "cannot watch an owner's pidfd");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_record_reads_back_as_written() {
+        let owner = Owner {
+            pid: 4242,
+            start_ticks: 987_654,
+            caller: "pod 4b7d3e62-<&\">".into(),
+        };
+        assert_eq!(Owner::from_xml(&owner.to_xml()), Ok(owner.clone()));
+        // libvirt gives the element back with its namespace and prefix.
+        let returned = format!(
+            r#"<virtkube-gate:owner xmlns:virtkube-gate="{OWNER_NAMESPACE}" pid="4242" start="987654" caller="pod 4b7d3e62-&lt;&amp;&quot;&gt;"/>"#
+        );
+        assert_eq!(Owner::from_xml(&returned), Ok(owner));
+    }
+
+    #[test]
+    fn a_broken_record_says_what_is_wrong() {
+        let cases = [
+            ("<owner", "is not XML"),
+            ("<other/>", "is <other>, not <owner>"),
+            (r#"<owner start="1" caller="x"/>"#, "has no pid attribute"),
+            (r#"<owner pid="-3" start="1" caller="x"/>"#, "pid is not a whole number"),
+            (
+                r#"<owner pid="99999999999" start="1" caller="x"/>"#,
+                "pid is out of range",
+            ),
+            (
+                r#"<owner pid="1" start="soon" caller="x"/>"#,
+                "start is not a whole number",
+            ),
+            (r#"<owner pid="1" start="1"/>"#, "has no caller attribute"),
+        ];
+        for (xml, expected) in cases {
+            let error = Owner::from_xml(xml).unwrap_err();
+            assert!(error.contains(expected), "{xml}: {error}");
+        }
+    }
+
+    #[test]
+    fn only_the_same_start_time_is_the_owner() {
+        let owner = Owner {
+            pid: 7,
+            start_ticks: 1234,
+            caller: "container c".into(),
+        };
+        let stat =
+            |start: u64| format!("7 (virtkube shim) S 1 7 7 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {start} 1000 1");
+        assert!(owner.is(Some(&stat(1234))));
+        assert!(!owner.is(Some(&stat(1235))), "a reused PID is not the owner");
+        assert!(!owner.is(None), "an exited process is not the owner");
+        assert!(!owner.is(Some("garbage")));
+    }
+
+    #[test]
+    fn this_process_can_be_watched_and_an_impostor_cannot() {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let me = Owner {
+            pid: std::process::id() as i32,
+            start_ticks: crate::identity::start_ticks(&stat).unwrap(),
+            caller: "test".into(),
+        };
+        assert!(open_owner(Path::new("/proc"), &me).is_some());
+        let impostor = Owner {
+            start_ticks: me.start_ticks + 1,
+            ..me
+        };
+        assert!(open_owner(Path::new("/proc"), &impostor).is_none());
+    }
+}
