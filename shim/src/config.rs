@@ -15,6 +15,9 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: u64 = 25;
 /// Default seconds to keep trying to reach libvirtd: long enough for a virthost
 /// pod that is (re)starting, so a VM pod does not crash-loop meanwhile.
 pub const DEFAULT_CONNECT_TIMEOUT: u64 = 30;
+/// How long a running VM's shim keeps reconnecting after losing libvirtd
+/// (a virthost restart or upgrade), in seconds.
+pub const DEFAULT_REATTACH_TIMEOUT: u64 = 300;
 /// Where Kubernetes reads a container's termination message.
 pub const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
 /// Where a downward API volume puts the pod's annotations.
@@ -160,6 +163,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// How long to keep trying to reach libvirtd before giving up (exit 1).
     pub connect_timeout: Duration,
+    /// How long to keep reconnecting to a running VM after losing libvirtd (exit 4 after).
+    pub reattach_timeout: Duration,
     /// Create with AUTODESTROY.
     pub autodestroy: bool,
     /// Termination message path.
@@ -182,6 +187,7 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
     let non_empty = |key: &str| env(key).filter(|v| !v.trim().is_empty());
     let shutdown_timeout = seconds(non_empty, "VIRTKUBE_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)?;
     let connect_timeout = seconds(non_empty, "VIRTKUBE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)?;
+    let reattach_timeout = seconds(non_empty, "VIRTKUBE_REATTACH_TIMEOUT", DEFAULT_REATTACH_TIMEOUT)?;
     let autodestroy = match non_empty("VIRTKUBE_AUTODESTROY").as_deref().map(str::trim) {
         None | Some("1" | "true" | "yes") => true,
         Some("0" | "false" | "no") => false,
@@ -200,6 +206,7 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
         uri,
         shutdown_timeout,
         connect_timeout,
+        reattach_timeout,
         autodestroy,
         termination_log: non_empty("VIRTKUBE_TERMINATION_LOG")
             .unwrap_or_else(|| DEFAULT_TERMINATION_LOG.to_owned())
@@ -242,6 +249,7 @@ mod tests {
         assert_eq!(c.uri, None);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(c.connect_timeout, Duration::from_secs(30));
+        assert_eq!(c.reattach_timeout, Duration::from_secs(300));
         assert!(c.autodestroy);
         assert_eq!(c.template_name, None);
     }

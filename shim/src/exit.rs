@@ -14,7 +14,8 @@ pub enum Exit {
     Usage(String),
     /// 3: the guest crashed or panicked, or its QEMU process failed.
     GuestCrashed(String),
-    /// 4: the connection to libvirtd was lost; the VM died with it.
+    /// 4: the connection to libvirtd was lost and the VM did not survive it
+    /// (or libvirtd did not come back within the reattach timeout).
     LostLibvirtd(String),
     /// 5: the domain was destroyed by someone other than the shim.
     DestroyedExternally,
@@ -50,7 +51,7 @@ impl fmt::Display for Exit {
             Exit::StartFailed(why) => write!(f, "could not start the VM: {why}"),
             Exit::Usage(why) => write!(f, "configuration error: {why}"),
             Exit::GuestCrashed(why) => write!(f, "the guest crashed: {why}"),
-            Exit::LostLibvirtd(why) => write!(f, "lost the connection to libvirtd, and the VM with it: {why}"),
+            Exit::LostLibvirtd(why) => write!(f, "lost libvirtd, and the VM with it: {why}"),
             Exit::DestroyedExternally => write!(f, "the domain was destroyed by someone else"),
             Exit::ForcedStop(why) => write!(f, "the VM was destroyed: {why}"),
             Exit::Signal(n) => write!(f, "stopped by signal {n} before the VM started"),

@@ -1,10 +1,13 @@
 //! The shim's I/O: connect, create the domain, stream its console, and drive
 //! the [`Supervisor`] with lifecycle events, signals and timers until the VM
-//! is gone. Every libvirt call used is listed here, so a future filtering
-//! gate can allow exactly these: AUTH_LIST, CONNECT_OPEN,
+//! is gone. When libvirtd (or the gate before it) goes away, the VM runs on:
+//! the shim reconnects, finds its domain by UUID, subscribes to its events
+//! and console again, and carries on. Every libvirt call used is listed
+//! here, and the gate allows exactly these: AUTH_LIST, CONNECT_OPEN,
 //! CONNECT_SUPPORTS_FEATURE, CONNECT_GET_CAPABILITIES, DOMAIN_CREATE_XML,
-//! CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY, DOMAIN_OPEN_CONSOLE,
-//! DOMAIN_GET_STATE, DOMAIN_SHUTDOWN_FLAGS, DOMAIN_DESTROY_FLAGS, CONNECT_CLOSE.
+//! DOMAIN_LOOKUP_BY_UUID, CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
+//! DOMAIN_OPEN_CONSOLE, DOMAIN_GET_STATE, DOMAIN_SHUTDOWN_FLAGS,
+//! DOMAIN_DESTROY_FLAGS, CONNECT_CLOSE.
 
 use std::time::Duration;
 
@@ -93,7 +96,7 @@ pub async fn run(
         Ok(domain) => domain,
         Err(exit) => return exit,
     };
-    let exit = supervise(config, &client, &domain, signals).await;
+    let (exit, client) = supervise(config, endpoint, client, &domain, signals).await;
     if !config.autodestroy
         && !matches!(
             exit,
@@ -326,7 +329,180 @@ fn destroy(client: &Client, domain: &DomainRef, done: &mpsc::UnboundedSender<Don
     });
 }
 
-async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals: &mut mpsc::Receiver<Signal>) -> Exit {
+/// How one attachment to the domain (a libvirtd connection with its events
+/// and console) ended.
+enum Detached {
+    /// The VM is gone or stopped: exit with this.
+    Exit(Exit),
+    /// The connection was lost, and the VM may run on.
+    Lost(String),
+}
+
+/// The supervision of one VM across attachments.
+struct Supervision {
+    supervisor: Supervisor,
+    /// When the grace period of a requested stop ends.
+    stop_deadline: Option<tokio::time::Instant>,
+    /// How many times the shim found its domain again after losing libvirtd.
+    reattached: u32,
+}
+
+/// The container's stdin, read once for the whole run: each attachment's
+/// console takes what arrives while it is attached.
+type StdinChunks = std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>>;
+
+fn read_stdin() -> StdinChunks {
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match stdin.read(&mut buf).await {
+                // stdin closed (e.g. /dev/null): the console stays output-only.
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    std::sync::Arc::new(tokio::sync::Mutex::new(rx))
+}
+
+/// Supervises the running VM until it is gone, reattaching after each loss
+/// of libvirtd. Returns the exit and the last connection.
+async fn supervise(
+    config: &Config,
+    endpoint: &Endpoint,
+    mut client: Client,
+    domain: &DomainRef,
+    signals: &mut mpsc::Receiver<Signal>,
+) -> (Exit, Client) {
+    let mut supervision = Supervision {
+        supervisor: Supervisor::new(config.shutdown_timeout),
+        stop_deadline: None,
+        reattached: 0,
+    };
+    let stdin = read_stdin();
+    loop {
+        let first = supervision.reattached == 0;
+        let why = match attend(config, &client, domain, signals, &mut supervision, &stdin, first).await {
+            Detached::Exit(exit) => return (exit, client),
+            Detached::Lost(why) => why,
+        };
+        let lost = tokio::time::Instant::now();
+        log(format!(
+            "lost libvirtd ({why}); the VM runs on: reconnecting for up to {} s",
+            config.reattach_timeout.as_secs()
+        ));
+        match reattach(config, endpoint, domain, signals, &mut supervision, &why).await {
+            Ok(found) => {
+                supervision.reattached += 1;
+                log(format!(
+                    "reattached to domain {} after {:.1} s (reattachment {})",
+                    domain.name,
+                    lost.elapsed().as_secs_f64(),
+                    supervision.reattached
+                ));
+                client = found;
+            }
+            Err(exit) => return (exit, client),
+        }
+    }
+}
+
+/// Reconnects and finds the domain again, for up to the reattach timeout,
+/// while still taking signals: a stop requested meanwhile is carried out
+/// once reattached, and one that runs out of time (or a second signal)
+/// ends the shim. Its exit ends the VM: the gate destroys a domain whose
+/// container is gone.
+async fn reattach(
+    config: &Config,
+    endpoint: &Endpoint,
+    domain: &DomainRef,
+    signals: &mut mpsc::Receiver<Signal>,
+    supervision: &mut Supervision,
+    why: &str,
+) -> Result<Client, Exit> {
+    let give_up = tokio::time::Instant::now() + config.reattach_timeout;
+    let far_future = give_up + Duration::from_secs(86_400 * 365);
+    let connecting = connect(endpoint, config.reattach_timeout);
+    tokio::pin!(connecting);
+    loop {
+        let stop_at = supervision.stop_deadline.unwrap_or(far_future);
+        let action = tokio::select! {
+            connected = &mut connecting => {
+                let client = match connected {
+                    Ok((client, _)) => client,
+                    Err(failed) => {
+                        return Err(Exit::LostLibvirtd(format!(
+                            "{why}; it did not come back within {} s ({})",
+                            config.reattach_timeout.as_secs(),
+                            failed.error
+                        )));
+                    }
+                };
+                match timed(CALL_TIMEOUT, procedure::DOMAIN_LOOKUP_BY_UUID, client.lookup_by_uuid(&domain.uuid)).await {
+                    Ok(_) => return Ok(client),
+                    // libvirtd (or the gate) answered: the domain is no longer there for us.
+                    Err(libvirt_wire::Error::Libvirt(e)) => {
+                        return Err(if supervision.stop_deadline.is_some() {
+                            log(format!("the domain is gone after the requested stop: {e}"));
+                            Exit::GuestStopped
+                        } else {
+                            Exit::LostLibvirtd(format!("{why}; when libvirtd came back the domain was gone: {e}"))
+                        });
+                    }
+                    Err(e) => {
+                        log(format!("finding the domain again failed ({e}); reconnecting"));
+                        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+                        connecting.set(connect(endpoint, left));
+                        continue;
+                    }
+                }
+            }
+            Some((signal, at)) = signals.recv() => match supervision.supervisor.on(Input::Signal(signal)) {
+                Action::Shutdown { timeout } => {
+                    supervision.stop_deadline = Some(at + timeout);
+                    log(format!(
+                        "stop requested while libvirtd is away: the guest is asked to shut down once reattached; this container ends after {} s",
+                        timeout.as_secs()
+                    ));
+                    continue;
+                }
+                other => other,
+            },
+            () = tokio::time::sleep_until(stop_at) => {
+                supervision.stop_deadline = None;
+                supervision.supervisor.on(Input::ShutdownTimeout)
+            }
+        };
+        match action {
+            Action::Destroy(exit) | Action::Exit(exit) => {
+                log(format!(
+                    "{exit}; exiting without libvirtd: the gate destroys the VM when this container ends"
+                ));
+                return Err(exit);
+            }
+            Action::Log(line) => log(line),
+            Action::None | Action::Shutdown { .. } => {}
+        }
+    }
+}
+
+/// One attachment: subscribes to the domain's events, opens its console and
+/// drives the supervisor until the VM is gone or the connection is lost.
+async fn attend(
+    config: &Config,
+    client: &Client,
+    domain: &DomainRef,
+    signals: &mut mpsc::Receiver<Signal>,
+    supervision: &mut Supervision,
+    stdin: &StdinChunks,
+    first: bool,
+) -> Detached {
     let mut events = match timed(
         CALL_TIMEOUT,
         procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
@@ -335,6 +511,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
     .await
     {
         Ok(events) => events,
+        Err(e) if !first => return Detached::Lost(format!("cannot subscribe to the domain's events again: {e}")),
         Err(e) => {
             let _ = timed(
                 DESTROY_TIMEOUT,
@@ -342,7 +519,9 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                 client.destroy(domain, 0),
             )
             .await;
-            return Exit::StartFailed(format!("cannot subscribe to the domain's events: {e}"));
+            return Detached::Exit(Exit::StartFailed(format!(
+                "cannot subscribe to the domain's events: {e}"
+            )));
         }
     };
     let console = timed(
@@ -351,28 +530,33 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
         client.open_console(domain, None, flags::CONSOLE_FORCE),
     )
     .await;
-    let console_output = match console {
+    let (console_output, console_input) = match console {
         Ok(console) => {
             let (reader, writer) = console.split();
-            tokio::spawn(copy_stdin_to_console(writer));
-            Some(tokio::spawn(copy_console_to_stdout(reader)))
+            (
+                Some(tokio::spawn(copy_console_to_stdout(reader))),
+                Some(tokio::spawn(copy_stdin_to_console(stdin.clone(), writer))),
+            )
         }
         Err(e) => {
             log(format!("no serial console: {e}"));
-            None
+            (None, None)
         }
     };
 
-    let mut supervisor = Supervisor::new(config.shutdown_timeout);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let far_future = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     // Each timer is one sleep re-armed as needed: the shutdown grace period,
     // the wait for a STOPPED event after a poll found the domain gone, and
     // the wait for libvirtd to confirm a destroy.
-    let shutdown_deadline = tokio::time::sleep_until(far_future);
+    let shutdown_deadline = tokio::time::sleep_until(supervision.stop_deadline.unwrap_or(far_future));
     let gone_deadline = tokio::time::sleep_until(far_future);
     let destroy_deadline = tokio::time::sleep_until(far_future);
     tokio::pin!(shutdown_deadline, gone_deadline, destroy_deadline);
+    if supervision.stop_deadline.is_some() {
+        // A stop requested while libvirtd was away (or whose request it may have lost).
+        request_shutdown(client, domain, &done_tx, true);
+    }
     let mut poll = tokio::time::interval(STATE_POLL);
     poll.tick().await;
     let mut poll_in_flight = false;
@@ -381,7 +565,12 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
     let mut destroy_refused: Option<String> = None;
     let mut signal_time = tokio::time::Instant::now();
 
-    let exit = loop {
+    let detached = loop {
+        // A lost connection while destroying ends the shim: its exit ends the VM.
+        let lost = |why: String, destroying: &mut Option<Exit>| match destroying.take() {
+            Some(exit) => Detached::Exit(exit),
+            None => Detached::Lost(why),
+        };
         let input = tokio::select! {
             event = events.next() => match event {
                 Some(LifecycleEvent::Missed(n)) => {
@@ -393,7 +582,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                     continue;
                 }
                 Some(event) => Input::Lifecycle(event),
-                None => Input::ConnectionLost(client.closed().await.to_string()),
+                None => break lost(client.closed().await.to_string(), &mut destroying),
             },
             Some((signal, at)) = signals.recv() => {
                 signal_time = at;
@@ -401,6 +590,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
             }
             () = &mut shutdown_deadline => {
                 shutdown_deadline.as_mut().reset(far_future);
+                supervision.stop_deadline = None;
                 Input::ShutdownTimeout
             }
             () = &mut gone_deadline => {
@@ -415,11 +605,11 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                 };
                 log(format!(
                     "{what}; exiting anyway{}",
-                    if config.autodestroy { " (closing the connection ends an AUTODESTROY domain)" } else { ": the domain may be left running" }
+                    if config.autodestroy { " (the gate, or AUTODESTROY, ends the domain with this container)" } else { ": the domain may be left running" }
                 ));
-                break exit;
+                break Detached::Exit(exit);
             }
-            error = client.closed() => Input::ConnectionLost(error.to_string()),
+            error = client.closed() => break lost(error.to_string(), &mut destroying),
             _ = poll.tick() => {
                 if !poll_in_flight {
                     poll_in_flight = true;
@@ -440,7 +630,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                             }
                             continue;
                         }
-                        Err(e) if e.is_connection_lost() => Input::ConnectionLost(e.to_string()),
+                        Err(e) if e.is_connection_lost() => break lost(e.to_string(), &mut destroying),
                         Err(e) => {
                             log(format!("state check failed: {e}"));
                             continue;
@@ -463,9 +653,9 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                 Done::Destroyed(result) => {
                     let Some(exit) = destroying.take() else { continue };
                     match result {
-                        Ok(()) => break exit,
-                        Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain() || l.code == LibvirtError::OPERATION_INVALID) => break exit,
-                        Err(e) if e.is_connection_lost() => break Exit::LostLibvirtd(e.to_string()),
+                        Ok(()) => break Detached::Exit(exit),
+                        Err(e) if e.libvirt().is_some_and(|l| l.is_no_domain() || l.code == LibvirtError::OPERATION_INVALID) => break Detached::Exit(exit),
+                        Err(e) if e.is_connection_lost() => break Detached::Exit(exit),
                         Err(e) => {
                             log(format!("destroy failed, waiting for the domain to stop: {e}"));
                             destroy_refused = Some(e.to_string());
@@ -476,7 +666,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                 }
             },
         };
-        match supervisor.on(input) {
+        match supervision.supervisor.on(input) {
             Action::None => {}
             Action::Log(line) => log(line),
             Action::Shutdown { timeout } => {
@@ -484,6 +674,7 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                     "stop requested: asking the guest to shut down (ACPI), destroying it after {}s",
                     timeout.as_secs()
                 ));
+                supervision.stop_deadline = Some(signal_time + timeout);
                 shutdown_deadline.as_mut().reset(signal_time + timeout);
                 request_shutdown(client, domain, &done_tx, true);
             }
@@ -495,13 +686,16 @@ async fn supervise(config: &Config, client: &Client, domain: &DomainRef, signals
                     .reset(tokio::time::Instant::now() + DESTROY_TIMEOUT);
                 destroy(client, domain, &done_tx);
             }
-            Action::Exit(exit) => break exit,
+            Action::Exit(exit) => break Detached::Exit(exit),
         }
     };
-    if let Some(output) = console_output {
+    if let Some(input) = console_input {
+        input.abort();
+    }
+    if let (Some(output), Detached::Exit(_)) = (console_output, &detached) {
         flush_console(output).await;
     }
-    exit
+    detached
 }
 
 /// Gives the console a moment to deliver the guest's last words.
@@ -534,17 +728,11 @@ async fn copy_console_to_stdout(mut reader: ConsoleReader) {
     }
 }
 
-async fn copy_stdin_to_console(writer: ConsoleWriter) {
-    let mut stdin = tokio::io::stdin();
-    let mut buf = vec![0u8; 4096];
-    loop {
-        match stdin.read(&mut buf).await {
-            Ok(0) | Err(_) => return, // stdin closed (e.g. /dev/null): the console stays output-only.
-            Ok(n) => {
-                if writer.write(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
+async fn copy_stdin_to_console(stdin: StdinChunks, writer: ConsoleWriter) {
+    let mut stdin = stdin.lock().await;
+    while let Some(chunk) = stdin.recv().await {
+        if writer.write(&chunk).await.is_err() {
+            return;
         }
     }
 }
