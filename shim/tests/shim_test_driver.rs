@@ -81,7 +81,7 @@ fn outage(name: &str, extra_env: &[(&str, &str)]) -> (DisposableLibvirtd, Shim) 
     let pod = unique(name);
     let mut env = pod_env(&pod, &uri);
     env.extend_from_slice(extra_env);
-    let mut shim = Shim::start(&pod, TEMPLATE, &env, &[], false);
+    let shim = Shim::start(&pod, TEMPLATE, &env, &[], false);
     shim.wait_for_stderr("started domain", Duration::from_secs(20));
     (daemon, shim)
 }
