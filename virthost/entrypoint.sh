@@ -2,56 +2,101 @@
 # The virthost container's init: virtlogd, libvirtd, virtkube-gate and (in a
 # pod) virtkube-nodeinfo. libvirtd's socket stays inside this container
 # (/run/libvirt); VM containers mount the gate's (/run/virtkube), which lets
-# each create and control its own domain only. Exits non-zero when libvirtd or
-# the gate dies; SIGTERM stops them all.
+# each create and control its own domain only.
+#
+# VMs outlive this container: QEMU runs in its VM container's cgroups (the
+# gate moves it there), libvirt's state (/run/libvirt, /var/lib/libvirt,
+# /var/log/libvirt) is on host paths, and a new libvirtd takes the running
+# domains over. A daemon that dies is restarted here with a back-off; only
+# SIGTERM (exit 0) ends the container, and it leaves the VMs running.
 set -eu
 log() { echo "[virthost] $*"; }
 
 mkdir -p /run/virtkube /run/libvirt /var/log/libvirt /var/lib/libvirt /var/cache/libvirt
-# A reused state directory names QEMU processes of an old container; libvirtd
-# would try to reconnect to them. The VMs died with the old container.
-rm -f /run/libvirt/qemu/*.xml /run/libvirt/qemu/*.pid 2>/dev/null || true
-rm -f /run/virtkube/libvirt-sock /run/virtkube/libvirt-sock-ro /run/virtkube/libvirt-admin-sock
+rm -f /run/virtkube/libvirt-sock-ro /run/virtkube/libvirt-admin-sock
+
+# Guests' consoles are ptys. With the host's /dev/pts mounted here (so a new
+# virthost can still open them), /dev/ptmx must allocate there: a device node
+# does (the kernel uses the devpts next to it), the runtime's symlink to the
+# host instance's root-only pts/ptmx does not.
+if [ -L /dev/ptmx ] && grep -q ' /dev/pts .*ptmxmode=000' /proc/self/mountinfo; then
+  rm -f /dev/ptmx && mknod -m 666 /dev/ptmx c 5 2 \
+    || log "WARNING: cannot make /dev/ptmx a device node: guests' consoles may fail"
+fi
 
 if [ -e /dev/kvm ] && ! [ -r /dev/kvm ]; then
   log "/dev/kvm is present but not accessible: QEMU will use TCG"
 fi
-# The gate knows a caller by its PID's cgroup: it must see the host's PIDs.
+# The gate knows a caller by its PID's cgroup, and a new libvirtd finds the
+# running QEMUs by PID: it must see the host's PIDs.
 if [ "$$" = 1 ]; then
-  log "WARNING: this container has its own PID namespace; the gate will refuse every VM container." \
-    "Run it with the host's (Kubernetes: hostPID: true; Docker: --pid=host)."
+  log "WARNING: this container has its own PID namespace; the gate will refuse every VM container" \
+    "and VMs die with this container. Run it with the host's (Kubernetes: hostPID: true; Docker: --pid=host)."
+  # Status files of an earlier container name PIDs of its namespace, which
+  # libvirtd would take for QEMUs: without the host's PIDs they are stale.
+  rm -f /run/libvirt/qemu/*.xml /run/libvirt/qemu/*.pid 2>/dev/null || true
+fi
+procs=$(ls /sys/fs/cgroup/*/cgroup.procs /sys/fs/cgroup/cgroup.procs 2>/dev/null | head -1)
+if [ -z "$procs" ] || ! [ -w "$procs" ]; then
+  log "WARNING: the host's cgroups are read-only here: the gate cannot move QEMU into its VM container's" \
+    "cgroups, so VMs die with this container. Mount the host's /sys/fs/cgroup read-write."
 fi
 
-libvirtd_pid="" gate_pid="" nodeinfo_pid=""
-stop_all() {
-  for pid in $nodeinfo_pid $gate_pid $libvirtd_pid; do
+supervisor_pids=""
+stop() {
+  log "stopping (running VMs are left running; a new virthost takes them over)"
+  for pid in $supervisor_pids; do
     kill -TERM "$pid" 2>/dev/null || true
   done
-  [ -n "$libvirtd_pid" ] && wait "$libvirtd_pid" 2>/dev/null || true
-}
-stop() {
-  log "stopping"
-  stop_all
+  for pid in $supervisor_pids; do
+    wait "$pid" 2>/dev/null || true
+  done
   exit 0
 }
 # Set before anything starts: with the host's PID namespace this shell is not
 # PID 1, so an untrapped SIGTERM during start-up would kill it outright.
 trap stop TERM INT
 
-# Waits up to 10 s for socket $1 of daemon $2; gives up on the container otherwise.
+# Runs "$@" (daemon $1) for ever: when it exits it is started again after a
+# back-off (1 s doubling to 30 s; back to 1 s after a minute's run), instead
+# of taking the virthost, and the VMs' libvirtd or gate with it, down.
+# SIGTERM stops the daemon and the loop.
+supervise() {
+  local name=$1 delay=1 child="" started rc
+  shift
+  trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' TERM INT
+  while true; do
+    started=$(date +%s)
+    "$@" &
+    child=$!
+    rc=0
+    wait "$child" || rc=$?
+    child=""
+    [ $(( $(date +%s) - started )) -ge 60 ] && delay=1
+    log "$name exited (status $rc); restarting it in ${delay}s (running VMs are not affected)"
+    sleep "$delay" &
+    wait $! || true
+    delay=$(( delay * 2 > 30 ? 30 : delay * 2 ))
+  done
+}
+start() {
+  supervise "$@" &
+  supervisor_pids="$supervisor_pids $!"
+}
+
+# Waits up to 30 s for socket $1 of daemon $2 (it may be restarting).
 wait_for_socket() {
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 300); do
     [ -S "$1" ] && return 0
     sleep 0.1
   done
-  log "$2 made no socket within 10 s"
-  stop_all
-  exit 1
+  log "WARNING: $2 made no socket $1 within 30 s; still trying"
 }
 
-virtlogd -d
-libvirtd &
-libvirtd_pid=$!
+start virtlogd virtlogd
+# A socket left by the libvirtd before would look like a live one.
+rm -f /run/libvirt/libvirt-sock /run/libvirt/libvirt-sock-ro /run/libvirt/libvirt-admin-sock
+start libvirtd libvirtd
 wait_for_socket /run/libvirt/libvirt-sock libvirtd
 log "libvirtd is up: socket /run/libvirt/libvirt-sock (this container only)"
 
@@ -66,44 +111,18 @@ fi
 # Extra flags, e.g. "--max-vcpus 8": split on blanks, never glob-expanded.
 read -r -a extra_args <<< "${VIRTKUBE_GATE_ARGS:-}"
 gate_args+=("${extra_args[@]}")
-virtkube-gate "${gate_args[@]}" &
-gate_pid=$!
+start virtkube-gate virtkube-gate "${gate_args[@]}"
 wait_for_socket /run/virtkube/libvirt-sock virtkube-gate
 log "virtkube-gate is up: socket /run/virtkube/libvirt-sock (for VM containers)"
 
-# nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no
-# API). It holds no VM, so when it dies it is restarted here, with a back-off
-# (1 s doubling to 30 s; reset after a minute's run), instead of taking the
-# virthost and its VMs down.
-supervise_nodeinfo() {
-  local delay=1 child="" started rc
-  trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' TERM INT
-  while true; do
-    started=$(date +%s)
-    virtkube-nodeinfo &
-    child=$!
-    rc=0
-    wait "$child" || rc=$?
-    child=""
-    [ $(( $(date +%s) - started )) -ge 60 ] && delay=1
-    log "virtkube-nodeinfo exited (status $rc); restarting it in ${delay}s (VMs are not affected)"
-    sleep "$delay" &
-    wait $! || true
-    delay=$(( delay * 2 > 30 ? 30 : delay * 2 ))
-  done
-}
+# nodeinfo publishes to the Kubernetes API: only in a pod (plain Docker has no API).
 if [ -n "${KUBERNETES_SERVICE_HOST:-}" ] && [ "${VIRTHOST_NODEINFO:-1}" = 1 ]; then
   log "starting virtkube-nodeinfo for node ${NODE_NAME:-?}"
-  supervise_nodeinfo &
-  nodeinfo_pid=$!
+  start virtkube-nodeinfo virtkube-nodeinfo
 fi
 
-rc=0
-wait -n "$libvirtd_pid" "$gate_pid" || rc=$?
-if kill -0 "$libvirtd_pid" 2>/dev/null; then
-  log "virtkube-gate exited (status $rc)"
-else
-  log "libvirtd exited (status $rc)"
-fi
-stop_all
-exit $(( rc == 0 ? 1 : rc ))
+# Until SIGTERM (the trap exits).
+while true; do
+  sleep 3600 &
+  wait $! || true
+done
