@@ -1,8 +1,8 @@
-//! What happens to running VMs when the virthost container restarts (its own
-//! test binary: cargo runs test binaries one at a time, so no other test
-//! loses its libvirtd). Today's design: QEMU lives in the virthost container,
-//! so the VM dies with it, and the VM container must fail visibly with the
-//! "lost libvirtd" code (4), not hang.
+//! What happens to running VMs when the virthost, or a daemon in it, goes
+//! away (its own test binary: cargo runs test binaries one at a time, so no
+//! other test loses its libvirtd). The VMs run on: QEMU lives in its VM
+//! container's cgroups, libvirt's state on the host; the shims reattach. A
+//! VM container that dies meanwhile has its VM destroyed when the gate is back.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::process::Command;
@@ -28,45 +28,173 @@ fn virthost_answers() -> bool {
         && virtkube_e2e::virthost_virsh("virtkube-virthost", &["version"]).0
 }
 
-#[test]
-#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
-fn restarting_the_virthost_fails_running_vm_containers_with_code_4() {
-    assert!(
-        virthost_answers(),
-        "the virthost container is not running: run scripts/virthost-up.sh"
-    );
-    let name = format!("e2e-virthost-restart-{}", std::process::id());
-    let _ = docker(&["rm", "-f", &name]);
+/// A VM container of the tiny image, booted; returns its domain's name.
+fn start_vm(name: &str) -> String {
+    let _ = docker(&["rm", "-f", name]);
     let (ok, out) = docker(&[
         "run",
         "-d",
         "--name",
-        &name,
+        name,
         "-v",
         "/var/run/virtkube:/var/run/libvirt:ro",
         "virtkube/tiny:latest",
     ]);
     assert!(ok, "{out}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !docker(&["logs", &name]).1.contains("started domain") {
-        assert!(Instant::now() < deadline, "{}", docker(&["logs", &name]).1);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !docker(&["logs", name]).1.contains("virtkube-tiny: ready") {
+        assert!(Instant::now() < deadline, "{}", docker(&["logs", name]).1);
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (ok, out) = docker(&["restart", "-t", "10", "virtkube-virthost"]);
-    assert!(ok, "{out}");
-    let (ok, code) = docker(&["wait", &name]);
-    let logs = docker(&["logs", &name]).1;
-    let _ = docker(&["rm", "-f", &name]);
-    assert!(ok, "{code}");
-    assert_eq!(code.trim(), "4", "{logs}");
-    assert!(logs.contains("lost the connection to libvirtd"), "{logs}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !virthost_answers() {
-        assert!(
-            Instant::now() < deadline,
-            "the virthost did not come back after its restart"
-        );
+    // The shim names the domain after its container (its short ID).
+    docker(&["inspect", "-f", "{{.Config.Hostname}}", name])
+        .1
+        .trim()
+        .to_owned()
+}
+
+/// QEMU's PID for `domain`, from libvirt's state on the host.
+fn qemu_pid(domain: &str) -> String {
+    std::fs::read_to_string(format!("/var/run/virtkube-virthost/run/qemu/{domain}.pid")).unwrap_or_default()
+}
+
+/// Whether process `pid` runs (exists and is not a zombie awaiting its reaper).
+fn qemu_runs(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn domain_exists(domain: &str) -> bool {
+    virtkube_e2e::virthost_virsh("virtkube-virthost", &["domstate", domain]).0
+}
+
+/// Waits until VM container `name` has logged its `n`th reattachment.
+fn reattached(name: &str, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = docker(&["logs", name]).1;
+        if logs.matches("reattached to domain").count() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {name} did not reattach:\n{logs}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn still_running(name: &str, what: &str) {
+    let (_, running) = docker(&["inspect", "-f", "{{.State.Running}}", name]);
+    assert_eq!(running.trim(), "true", "{what}: {}", docker(&["logs", name]).1);
+}
+
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn vms_outlive_their_virthost_and_never_their_container() {
+    assert!(
+        virthost_answers(),
+        "the virthost container is not running: run scripts/virthost-up.sh"
+    );
+    let (a, b) = (
+        format!("e2e-outlive-a-{}", std::process::id()),
+        format!("e2e-outlive-b-{}", std::process::id()),
+    );
+    let cleanup = [a.clone(), b.clone()];
+    let _cleanup = Defer(Box::new(move || {
+        for name in &cleanup {
+            let _ = docker(&["rm", "-f", name]);
+        }
+        let _ = docker(&["start", "virtkube-virthost"]);
+    }));
+    let (domain_a, domain_b) = (start_vm(&a), start_vm(&b));
+    let (qemu_a, qemu_b) = (qemu_pid(&domain_a), qemu_pid(&domain_b));
+    assert!(!qemu_a.is_empty() && !qemu_b.is_empty());
+
+    // libvirtd, then the gate, SIGKILLed: restarted inside the virthost.
+    let mut outages = 0;
+    for (which, kill) in [
+        ("libvirtd", "kill -KILL $(cat /run/libvirtd.pid)"),
+        ("the gate", "kill -KILL $(pidof virtkube-gate)"),
+    ] {
+        let (ok, out) = docker(&["exec", "virtkube-virthost", "sh", "-c", kill]);
+        assert!(ok, "{which}: {out}");
+        outages += 1;
+        for vm in [&a, &b] {
+            reattached(vm, outages, which);
+            still_running(vm, which);
+        }
+    }
+    let logs = docker(&["logs", "virtkube-virthost"]).1;
+    assert!(
+        logs.contains("libvirtd exited") && logs.contains("virtkube-gate exited"),
+        "{logs}"
+    );
+
+    // The whole virthost restarted.
+    let (ok, out) = docker(&["restart", "-t", "20", "virtkube-virthost"]);
+    assert!(ok, "{out}");
+    outages += 1;
+    for vm in [&a, &b] {
+        reattached(vm, outages, "a virthost restart");
+        still_running(vm, "a virthost restart");
+    }
+    assert_eq!(qemu_pid(&domain_a), qemu_a, "the same QEMU runs A");
+    assert_eq!(qemu_pid(&domain_b), qemu_b, "the same QEMU runs B");
+
+    // A reattached VM still dies with its container: its QEMU exits within
+    // 2 s. (libvirt drops the domain once QEMU is reaped; after a virthost
+    // restart QEMU's parent is the host's init, which on this machine reaps
+    // only every second or so, so that is reported, not bounded here.)
+    let killed = Instant::now();
+    let (ok, out) = docker(&["kill", &b]);
+    assert!(ok, "{out}");
+    while qemu_runs(qemu_b.trim()) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "B's QEMU outlived its container by 2 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let qemu_ended = killed.elapsed();
+    while domain_exists(&domain_b) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "libvirt kept B's domain 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "reattached VM: QEMU ended {qemu_ended:?}, domain gone {:?} after docker kill",
+        killed.elapsed()
+    );
+
+    // A VM container killed while the virthost is down: its domain is
+    // destroyed within 10 s of the virthost's return.
+    let (ok, out) = docker(&["stop", "-t", "20", "virtkube-virthost"]);
+    assert!(ok, "{out}");
+    let (ok, out) = docker(&["kill", &a]);
+    assert!(ok, "{out}");
+    std::thread::sleep(Duration::from_secs(1));
+    let returned = Instant::now();
+    let (ok, out) = docker(&["start", "virtkube-virthost"]);
+    assert!(ok, "{out}");
+    while !virthost_answers() || domain_exists(&domain_a) {
+        assert!(
+            returned.elapsed() < Duration::from_secs(10),
+            "A's domain outlived its container by 10 s after the virthost's return:\n{}",
+            docker(&["logs", "virtkube-virthost"]).1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("orphan destroyed {:?} after the virthost's return", returned.elapsed());
+}
+
+/// Runs its closure when dropped (also when the test panics).
+struct Defer(Box<dyn FnMut()>);
+
+impl Drop for Defer {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 
@@ -87,26 +215,16 @@ fn virthost_on_its_own(name: &str) -> String {
 
 #[test]
 #[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
-fn the_virthost_exits_non_zero_when_libvirtd_or_the_gate_dies_and_zero_on_sigterm() {
-    // libvirtd, and the gate (without it no VM container reaches libvirtd).
-    for (which, kill, said) in [
-        ("libvirtd", "kill -KILL $(cat /run/libvirtd.pid)", "libvirtd exited"),
-        ("gate", "kill -KILL $(pidof virtkube-gate)", "virtkube-gate exited"),
-    ] {
-        let name = virthost_on_its_own(&format!("virtkube-virthost-{which}-{}", std::process::id()));
-        // The container may die (as it should) before `docker exec` reports
-        // back, which then fails with no output: the exit code and logs decide.
-        let (_, out) = docker(&["exec", &name, "sh", "-c", kill]);
-        let (_, code) = docker(&["wait", &name]);
-        let logs = docker(&["logs", &name]).1;
-        let _ = docker(&["rm", "-f", &name]);
-        assert_ne!(code.trim(), "0", "{which}: {logs}\n(docker exec kill: {out})");
-        assert!(logs.contains(said), "{which}: {logs}\n(docker exec kill: {out})");
-    }
-
+fn the_virthost_stops_with_status_0_on_sigterm() {
     let name = virthost_on_its_own(&format!("virtkube-virthost-term-{}", std::process::id()));
+    let stopping = Instant::now();
     let logs = stop_expecting_status_0(&name);
     assert!(logs.contains("[virthost] stopping"), "{logs}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
 }
 
 /// nodeinfo holds no VM: when it dies it is restarted inside the virthost,

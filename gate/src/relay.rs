@@ -460,7 +460,7 @@ async fn connect_and_relay<S>(
             return;
         }
     };
-    let upstream = match UnixStream::connect(&gate.libvirtd).await {
+    let upstream = match connect_libvirtd(&gate.libvirtd).await {
         Ok(upstream) => upstream,
         Err(e) => {
             let why = format!("the gate cannot reach libvirtd at {}: {e}", gate.libvirtd.display());
@@ -474,6 +474,22 @@ async fn connect_and_relay<S>(
     tracing::info!(%who, pid = caller.pid, "VM container connected");
     relay(stream, upstream, who.clone(), caller, gate, revoked).await;
     tracing::info!(%who, "VM container disconnected");
+}
+
+/// How long a caller waits for a libvirtd that is (re)starting before it is
+/// refused: a restart takes a second or two.
+const LIBVIRTD_WAIT: Duration = Duration::from_secs(30);
+
+/// Connects to libvirtd, waiting up to [`LIBVIRTD_WAIT`] while it is not there.
+async fn connect_libvirtd(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    let deadline = tokio::time::Instant::now() + LIBVIRTD_WAIT;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// Answers the caller's first call with the reason it is refused, then hangs

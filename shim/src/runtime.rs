@@ -428,40 +428,27 @@ async fn reattach(
 ) -> Result<Client, Exit> {
     let give_up = tokio::time::Instant::now() + config.reattach_timeout;
     let far_future = give_up + Duration::from_secs(86_400 * 365);
-    let connecting = connect(endpoint, config.reattach_timeout);
-    tokio::pin!(connecting);
+    let finding = find_again(endpoint, domain, give_up);
+    tokio::pin!(finding);
     loop {
         let stop_at = supervision.stop_deadline.unwrap_or(far_future);
         let action = tokio::select! {
-            connected = &mut connecting => {
-                let client = match connected {
-                    Ok((client, _)) => client,
-                    Err(failed) => {
-                        return Err(Exit::LostLibvirtd(format!(
-                            "{why}; it did not come back within {} s ({})",
-                            config.reattach_timeout.as_secs(),
-                            failed.error
-                        )));
-                    }
-                };
-                match timed(CALL_TIMEOUT, procedure::DOMAIN_LOOKUP_BY_UUID, client.lookup_by_uuid(&domain.uuid)).await {
-                    Ok(_) => return Ok(client),
+            found = &mut finding => {
+                return match found {
+                    Found::Again(client) => Ok(client),
                     // libvirtd (or the gate) answered: the domain is no longer there for us.
-                    Err(libvirt_wire::Error::Libvirt(e)) => {
-                        return Err(if supervision.stop_deadline.is_some() {
-                            log(format!("the domain is gone after the requested stop: {e}"));
-                            Exit::GuestStopped
-                        } else {
-                            Exit::LostLibvirtd(format!("{why}; when libvirtd came back the domain was gone: {e}"))
-                        });
+                    Found::Gone(e) if supervision.stop_deadline.is_some() => {
+                        log(format!("the domain is gone after the requested stop: {e}"));
+                        Err(Exit::GuestStopped)
                     }
-                    Err(e) => {
-                        log(format!("finding the domain again failed ({e}); reconnecting"));
-                        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
-                        connecting.set(connect(endpoint, left));
-                        continue;
-                    }
-                }
+                    Found::Gone(e) => Err(Exit::LostLibvirtd(format!(
+                        "{why}; when libvirtd came back the domain was gone: {e}"
+                    ))),
+                    Found::TimedOut(last) => Err(Exit::LostLibvirtd(format!(
+                        "{why}; it did not come back within {} s (last: {last})",
+                        config.reattach_timeout.as_secs()
+                    ))),
+                };
             }
             Some((signal, at)) = signals.recv() => match supervision.supervisor.on(Input::Signal(signal)) {
                 Action::Shutdown { timeout } => {
@@ -489,6 +476,50 @@ async fn reattach(
             Action::Log(line) => log(line),
             Action::None | Action::Shutdown { .. } => {}
         }
+    }
+}
+
+/// How a search for the domain after an outage ended.
+enum Found {
+    /// Connected, and the domain is there.
+    Again(Client),
+    /// libvirtd (or the gate) answered that it is not.
+    Gone(LibvirtError),
+    /// The deadline passed; the last error.
+    TimedOut(String),
+}
+
+/// How often the shim tries to reach libvirtd again during an outage.
+const REATTACH_RETRY: Duration = Duration::from_millis(500);
+
+/// Connects and looks the domain up until `give_up`. Every failure but an
+/// answer about the domain is worth another try: during an outage the socket
+/// may be missing, refuse, or lead to a gate still waiting for its libvirtd.
+async fn find_again(endpoint: &Endpoint, domain: &DomainRef, give_up: tokio::time::Instant) -> Found {
+    let mut last = String::from("no attempt finished");
+    loop {
+        let attempt = async {
+            // Whatever connecting fails with (even a gate's refusal while its
+            // libvirtd is away) is part of the outage.
+            let (client, _) = connect(endpoint, Duration::ZERO)
+                .await
+                .map_err(|failed| failed.error.to_string())?;
+            let lookup = client.lookup_by_uuid(&domain.uuid);
+            match timed(CALL_TIMEOUT, procedure::DOMAIN_LOOKUP_BY_UUID, lookup).await {
+                Ok(_) => Ok(Found::Again(client)),
+                Err(libvirt_wire::Error::Libvirt(e)) => Ok(Found::Gone(e)),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match tokio::time::timeout_at(give_up, attempt).await {
+            Ok(Ok(found)) => return found,
+            Ok(Err(error)) => last = error,
+            Err(_) => return Found::TimedOut(last),
+        }
+        if tokio::time::Instant::now() + REATTACH_RETRY >= give_up {
+            return Found::TimedOut(last);
+        }
+        tokio::time::sleep(REATTACH_RETRY).await;
     }
 }
 
