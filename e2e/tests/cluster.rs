@@ -199,6 +199,7 @@ fn vm_lifecycle_through_kubectl() {
                 })
         },
     );
+    virthost_restarts_leave_vms_running(&ns);
     ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=1"]);
     eventually("one domain left", &ns, Duration::from_secs(90), || {
         virsh_list().matches(&format!("{ns}_tiny-vm")).count() == 1
@@ -251,88 +252,110 @@ fn vm_lifecycle_through_kubectl() {
     // it, and the virtkube-vm role for the pod's service account.
     template_from_the_api(&ns);
 
-    // The virthost pod is deleted and recreated by its DaemonSet while a VM
-    // runs. Today QEMU lives in the virthost pod, so the VM dies with it; its
-    // pod must fail visibly: exit 4, the reason in the termination message.
-    // (A Job with restartPolicy Never, so no restart can hide the exit code.)
-    apply(&vm_job(&ns, "tiny-survivor", ""));
-    eventually("the survivor's VirtDomain", &ns, Duration::from_secs(120), || {
-        kubectl(&["-n", &ns, "get", "virtdomains", "-o", "jsonpath={.items[*].spec.pod}"])
-            .1
-            .contains("tiny-survivor")
-    });
-    let survivor = pods_of(&ns, "app.kubernetes.io/name=tiny-survivor").remove(0);
-    // The Deployment's remaining VM pod dies too, and its restarted container
-    // waits for the new virthost (VIRTKUBE_CONNECT_TIMEOUT) instead of crash-looping.
-    let deployed = pods_of(&ns, "app.kubernetes.io/name=tiny-vm").remove(0);
-    ok(&[
-        "-n",
-        "virtkube-system",
-        "delete",
-        "pod",
-        "-l",
-        "app.kubernetes.io/name=virthost",
-        "--wait=false",
-    ]);
-    eventually("the VM container to exit 4", &ns, Duration::from_secs(90), || {
-        kubectl(&[
-            "-n",
-            &ns,
-            "get",
-            "pod",
-            &survivor,
-            "-o",
-            "jsonpath={.status.containerStatuses[0].state.terminated.exitCode}",
-        ])
-        .1
-        .trim()
-            == "4"
-    });
-    let message = ok(&[
-        "-n",
-        &ns,
-        "get",
-        "pod",
-        &survivor,
-        "-o",
-        "jsonpath={.status.containerStatuses[0].state.terminated.message}",
-    ]);
-    assert!(
-        message.contains("lost the connection to libvirtd"),
-        "termination message: {message}"
-    );
-    wait_for_virthost("the recreated virthost");
-    eventually(
-        "the Deployment's VM back, after exactly one restart",
-        &ns,
-        Duration::from_secs(120),
-        || {
-            let status = kubectl(&[
-                "-n",
-                &ns,
-                "get",
-                "pod",
-                &deployed,
-                "-o",
-                "jsonpath={.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].lastState.terminated.exitCode}",
-            ])
-            .1;
-            let state = virtdomain_state(&ns, &deployed);
-            assert!(
-                !status.starts_with('2'),
-                "the VM pod restarted twice: {status}\n{}",
-                diagnostics(&ns)
-            );
-            status.trim() == "1 4" && state == "Running"
-        },
-    );
-
     bare_kubectl_run(&ns);
     the_node_itself_is_refused_over_tcp();
     hostile_pod(&ns, "probe-socket", false);
     hostile_pod(&ns, "probe-tcp", true);
 
     drop(namespace);
+}
+
+/// Each of the namespace's domains and its QEMU's PID, as `DOMAIN PID` lines,
+/// read in the virthost.
+fn qemu_pids(ns: &str) -> Vec<String> {
+    let script = format!(
+        "for f in /run/libvirt/qemu/{ns}_*.pid; do [ -e \"$f\" ] && echo \"$(basename \"$f\" .pid) $(cat \"$f\")\"; done"
+    );
+    let mut lines: Vec<String> = ok(&[
+        "-n",
+        "virtkube-system",
+        "exec",
+        "ds/virthost",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    lines.sort();
+    lines
+}
+
+/// `rollout restart ds/virthost` twice under the Deployment's 3 VMs: each VM
+/// runs on in the same QEMU, in its pod's cgroup, without a container
+/// restart or a second boot, and its shim reattaches each time.
+fn virthost_restarts_leave_vms_running(ns: &str) {
+    let pods = pods_of(ns, "app.kubernetes.io/name=tiny-vm");
+    let before = qemu_pids(ns);
+    assert_eq!(before.len(), 3, "{before:?}");
+    // QEMU lives in its VM pod's cgroup (every hierarchy names the pod).
+    for line in &before {
+        let (domain, pid) = line.split_once(' ').unwrap();
+        let pod = domain.strip_prefix(&format!("{ns}_")).unwrap();
+        let uid = ok(&["-n", ns, "get", "pod", pod, "-o", "jsonpath={.metadata.uid}"]);
+        let cgroups = ok(&[
+            "-n",
+            "virtkube-system",
+            "exec",
+            "ds/virthost",
+            "--",
+            "cat",
+            &format!("/proc/{pid}/cgroup"),
+        ]);
+        let in_pod = cgroups
+            .lines()
+            .filter(|l| l.contains(&format!("pod{}", uid.trim())))
+            .count();
+        assert!(
+            in_pod >= cgroups.lines().filter(|l| l.contains("/kubepods")).count() && in_pod > 0,
+            "QEMU of {pod} is not in its pod's cgroups:\n{cgroups}"
+        );
+    }
+    for round in 1..=2 {
+        let restarted = Instant::now();
+        ok(&["-n", "virtkube-system", "rollout", "restart", "ds/virthost"]);
+        wait_for_virthost(&format!("the virthost after rollout restart {round}"));
+        for pod in &pods {
+            eventually(
+                &format!("{pod} to reattach ({round})"),
+                ns,
+                Duration::from_secs(120),
+                || {
+                    kubectl(&["-n", ns, "logs", pod])
+                        .1
+                        .matches("reattached to domain")
+                        .count()
+                        >= round
+                },
+            );
+        }
+        eprintln!(
+            "rollout restart {round}: every VM reattached {:?} after it began",
+            restarted.elapsed()
+        );
+    }
+    assert_eq!(qemu_pids(ns), before, "the same QEMUs run the VMs");
+    for pod in &pods {
+        let restarts = ok(&[
+            "-n",
+            ns,
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}",
+        ]);
+        assert_eq!(restarts.trim(), "0", "{pod} restarted\n{}", diagnostics(ns));
+        let logs = kubectl(&["-n", ns, "logs", pod]).1;
+        assert_eq!(
+            logs.matches("virtkube-tiny: booted").count(),
+            1,
+            "{pod} booted again:\n{logs}"
+        );
+        assert_eq!(virtdomain_state(ns, pod), "Running");
+    }
 }
 
 /// A Job of the tiny VM with `annotations` that must fail; returns `kubectl describe` of its pod.
