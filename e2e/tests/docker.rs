@@ -271,6 +271,42 @@ fn a_broken_template_fails_the_container_with_a_clear_message() {
     let _ = docker(&["rmi", &tag]);
 }
 
+/// QEMU runs in the VM container's cgroup, so its memory limit must hold the
+/// guest and QEMU: a smaller one is refused before anything starts, with the
+/// numbers and the `resources:` block to write; and a QEMU that outgrows the
+/// limit anyway (the overhead set to 0) is killed inside the container's
+/// cgroup, which the shim's exit 3 message says.
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn the_container_memory_limit_bounds_the_vm() {
+    require_setup();
+    let small = Vm::run("e2e-small", &["-m", "200m"], "virtkube/tiny:latest", &[]);
+    assert_eq!(small.exit_code(Duration::from_secs(30)), 1, "{}", small.logs());
+    let logs = small.logs();
+    assert!(
+        logs.contains(
+            "memory limit (200 MiB) cannot hold the VM: guest memory 128 MiB + QEMU's overhead 128 MiB = 256 MiB"
+        ) && logs.contains("resources: {requests: {memory: 256Mi}, limits: {memory: 256Mi}}"),
+        "{logs}"
+    );
+    drop(small);
+
+    let starved = Vm::run(
+        "e2e-oom",
+        &["-m", "130m", "-e", "VIRTKUBE_QEMU_OVERHEAD=0"],
+        "virtkube/tiny:latest",
+        &[],
+    );
+    assert_eq!(starved.exit_code(Duration::from_secs(90)), 3, "{}", starved.logs());
+    assert!(
+        starved
+            .logs()
+            .contains("the kernel killed QEMU for memory in this container's cgroup"),
+        "{}",
+        starved.logs()
+    );
+}
+
 /// The gate's hostile client in a real Docker container, mounting the socket
 /// as a VM container does: every attempt outside its own domain is refused
 /// with the gate's reason, and `docker kill` ends the domain it may have.

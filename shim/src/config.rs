@@ -165,6 +165,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// How long to keep reconnecting to a running VM after losing libvirtd (exit 4 after).
     pub reattach_timeout: Duration,
+    /// QEMU's memory beyond the guest's, in bytes (`VIRTKUBE_QEMU_OVERHEAD`).
+    pub qemu_overhead: u64,
     /// Create with AUTODESTROY.
     pub autodestroy: bool,
     /// Termination message path.
@@ -188,6 +190,12 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
     let shutdown_timeout = seconds(non_empty, "VIRTKUBE_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)?;
     let connect_timeout = seconds(non_empty, "VIRTKUBE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)?;
     let reattach_timeout = seconds(non_empty, "VIRTKUBE_REATTACH_TIMEOUT", DEFAULT_REATTACH_TIMEOUT)?;
+    let qemu_overhead = match non_empty("VIRTKUBE_QEMU_OVERHEAD") {
+        None => crate::sizing::DEFAULT_QEMU_OVERHEAD,
+        Some(text) => virtkube_api::quantity::parse_bytes(text.trim()).map_err(|e| {
+            format!("VIRTKUBE_QEMU_OVERHEAD={text:?} {e}; it is QEMU's memory beyond the guest's, e.g. 128Mi")
+        })?,
+    };
     let autodestroy = match non_empty("VIRTKUBE_AUTODESTROY").as_deref().map(str::trim) {
         None | Some("1" | "true" | "yes") => true,
         Some("0" | "false" | "no") => false,
@@ -207,6 +215,7 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
         shutdown_timeout,
         connect_timeout,
         reattach_timeout,
+        qemu_overhead,
         autodestroy,
         termination_log: non_empty("VIRTKUBE_TERMINATION_LOG")
             .unwrap_or_else(|| DEFAULT_TERMINATION_LOG.to_owned())
@@ -250,6 +259,7 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(c.connect_timeout, Duration::from_secs(30));
         assert_eq!(c.reattach_timeout, Duration::from_secs(300));
+        assert_eq!(c.qemu_overhead, 128 * 1024 * 1024);
         assert!(c.autodestroy);
         assert_eq!(c.template_name, None);
     }

@@ -12,6 +12,7 @@ pub mod instance;
 pub mod pid1;
 pub mod render;
 pub mod runtime;
+pub mod sizing;
 pub mod startup;
 pub mod supervisor;
 pub mod text;

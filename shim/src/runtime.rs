@@ -96,7 +96,16 @@ pub async fn run(
         Ok(domain) => domain,
         Err(exit) => return exit,
     };
+    let oom_before = oom_kills();
     let (exit, client) = supervise(config, endpoint, client, &domain, signals).await;
+    // QEMU runs in this container's cgroup: a kill for memory there is why it failed.
+    let exit = match exit {
+        Exit::GuestCrashed(why) if oom_kills() > oom_before => Exit::GuestCrashed(format!(
+            "{why}; the kernel killed QEMU for memory in this container's cgroup: raise the container's memory limit (guest memory + QEMU's overhead, VIRTKUBE_QEMU_OVERHEAD {} MiB)",
+            config.qemu_overhead.div_ceil(1024 * 1024)
+        )),
+        other => other,
+    };
     if !config.autodestroy
         && !matches!(
             exit,
@@ -114,6 +123,15 @@ pub async fn run(
     exit
 }
 
+/// How many processes the kernel killed for memory in this container's cgroup so far.
+fn oom_kills() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    crate::sizing::oom_kills(
+        read("/sys/fs/cgroup/memory.events").as_deref(),
+        read("/sys/fs/cgroup/memory/memory.oom_control").as_deref(),
+    )
+}
+
 /// Connects, reads the node's capabilities and renders the domain: nothing
 /// exists yet, so a stop signal may cut this short.
 async fn prepare(
@@ -122,6 +140,17 @@ async fn prepare(
     template: &ResolvedTemplate,
     instance: &Instance,
 ) -> Result<(Client, String, String), Exit> {
+    // QEMU will run in this container's cgroup: refuse a VM that cannot fit.
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let limit = crate::sizing::memory_limit(
+        read("/sys/fs/cgroup/memory.max").as_deref(),
+        read("/sys/fs/cgroup/memory/memory.limit_in_bytes").as_deref(),
+    );
+    match crate::sizing::fit(limit, template.memory_bytes, config.qemu_overhead).verdict() {
+        Err(why) => return Err(Exit::StartFailed(why)),
+        Ok(Some(warning)) => log(warning),
+        Ok(None) => {}
+    }
     let (client, uri) = connect(endpoint, config.connect_timeout).await.map_err(|failed| {
         let waited = match failed.attempts {
             1 => String::new(),
