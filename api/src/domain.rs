@@ -62,4 +62,24 @@ pub struct VirtDomainStatus {
     /// When nodeinfo first saw the domain running (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<String>,
+    /// The VM's QEMU process and where it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuProcess>,
+    /// How many times the VM's shim found its domain again after losing
+    /// libvirtd (a restart of the virthost, libvirtd or the gate), as the
+    /// gate counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reattachments: Option<u32>,
+}
+
+/// A VM's QEMU process as the node sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QemuProcess {
+    /// Its PID on the node.
+    pub pid: u32,
+    /// Its cgroup (the memory hierarchy's path on cgroup v1, the unified
+    /// one's on v2): the VM pod's once the gate has placed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }

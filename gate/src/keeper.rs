@@ -36,16 +36,19 @@ pub struct Owner {
     pub start_ticks: u64,
     /// Who it is, for the log and for operators (`pod …`, `container …`).
     pub caller: String,
+    /// How many times it found the domain again after a lost connection.
+    pub reattached: u32,
 }
 
 impl Owner {
     /// The record's element.
     pub fn to_xml(&self) -> String {
         format!(
-            r#"<owner pid="{}" start="{}" caller="{}"/>"#,
+            r#"<owner pid="{}" start="{}" caller="{}" reattached="{}"/>"#,
             self.pid,
             self.start_ticks,
-            escape(&self.caller)
+            escape(&self.caller),
+            self.reattached
         )
     }
 
@@ -70,10 +73,17 @@ impl Owner {
                 .map_err(|_| format!("the owner record's {name} is not a whole number"))
         };
         let pid = i32::try_from(number("pid")?).map_err(|_| "the owner record's pid is out of range".to_owned())?;
+        let reattached = match owner.attribute("reattached") {
+            None => 0,
+            Some(n) => n
+                .parse()
+                .map_err(|_| "the owner record's reattached is not a whole number".to_owned())?,
+        };
         Ok(Owner {
             pid,
             start_ticks: number("start")?,
             caller: attribute("caller")?.to_owned(),
+            reattached,
         })
     }
 
@@ -187,6 +197,31 @@ impl Keeper {
             exited(pidfd).await;
             keeper.end(uuid, "its container's shim exited").await;
         });
+    }
+
+    /// Counts one more reattachment of domain `uuid` by its owner, in the
+    /// record (which nodeinfo publishes). Best effort: a failure is logged.
+    pub async fn note_reattached(&self, domain: &DomainRef) {
+        let owner = {
+            let mut kept = self.lock();
+            let Some(entry) = kept.get_mut(&domain.uuid) else {
+                return;
+            };
+            entry.owner.reattached += 1;
+            entry.owner.clone()
+        };
+        let recorded = async {
+            self.control()
+                .await?
+                .set_metadata(domain, Some(&owner.to_xml()), OWNER_PREFIX, OWNER_NAMESPACE)
+                .await
+        };
+        match recorded.await {
+            Ok(()) => {
+                tracing::info!(domain = %domain.name, reattached = owner.reattached, "the owner found its domain again")
+            }
+            Err(e) => tracing::warn!(domain = %domain.name, error = %e, "cannot record the reattachment"),
+        }
     }
 
     /// Destroys domain `uuid`, trying again every second while libvirtd
@@ -320,13 +355,17 @@ mod tests {
             pid: 4242,
             start_ticks: 987_654,
             caller: "pod 4b7d3e62-<&\">".into(),
+            reattached: 3,
         };
         assert_eq!(Owner::from_xml(&owner.to_xml()), Ok(owner.clone()));
         // libvirt gives the element back with its namespace and prefix.
         let returned = format!(
-            r#"<virtkube-gate:owner xmlns:virtkube-gate="{OWNER_NAMESPACE}" pid="4242" start="987654" caller="pod 4b7d3e62-&lt;&amp;&quot;&gt;"/>"#
+            r#"<virtkube-gate:owner xmlns:virtkube-gate="{OWNER_NAMESPACE}" pid="4242" start="987654" caller="pod 4b7d3e62-&lt;&amp;&quot;&gt;" reattached="3"/>"#
         );
-        assert_eq!(Owner::from_xml(&returned), Ok(owner));
+        assert_eq!(Owner::from_xml(&returned), Ok(owner.clone()));
+        // A record without the count (an earlier gate's) has none yet.
+        let older = r#"<owner pid="4242" start="987654" caller="x"/>"#;
+        assert_eq!(Owner::from_xml(older).map(|o| o.reattached), Ok(0));
     }
 
     #[test]
@@ -345,6 +384,10 @@ mod tests {
                 "start is not a whole number",
             ),
             (r#"<owner pid="1" start="1"/>"#, "has no caller attribute"),
+            (
+                r#"<owner pid="1" start="1" caller="x" reattached="many"/>"#,
+                "reattached is not a whole number",
+            ),
         ];
         for (xml, expected) in cases {
             let error = Owner::from_xml(xml).unwrap_err();
@@ -358,6 +401,7 @@ mod tests {
             pid: 7,
             start_ticks: 1234,
             caller: "container c".into(),
+            reattached: 0,
         };
         let stat =
             |start: u64| format!("7 (virtkube shim) S 1 7 7 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {start} 1000 1");
@@ -374,6 +418,7 @@ mod tests {
             pid: std::process::id() as i32,
             start_ticks: crate::identity::start_ticks(&stat).unwrap(),
             caller: "test".into(),
+            reattached: 0,
         };
         assert!(open_owner(Path::new("/proc"), &me).is_some());
         let impostor = Owner {

@@ -659,7 +659,12 @@ async fn relay<S>(
     let mut downstream = tokio::spawn(async move {
         while let Ok(Some((header, frame))) = read_packet(&mut from_libvirtd, protocol::MAX_PACKET).await {
             let frame = match note_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]) {
-                Some(Created { domain, run }) => match finisher.finish(&domain, run).await {
+                Some(Noted::Found(domain)) => {
+                    let keeper = finisher.keeper.clone();
+                    tokio::spawn(async move { keeper.note_reattached(&domain).await });
+                    frame
+                }
+                Some(Noted::Created(Created { domain, run })) => match finisher.finish(&domain, run).await {
                     Ok(()) => {
                         admit(&replies, &domain);
                         frame
@@ -743,7 +748,7 @@ pub struct Created {
 /// domain it names this connection's; the reply to an admitted create is
 /// returned, to be handed over ([`Finisher::finish`]) before the caller sees
 /// it. A refused create or lookup admits nothing.
-pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload: &[u8]) -> Option<Created> {
+pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload: &[u8]) -> Option<Noted> {
     if header.kind != MessageType::Reply || header.program != REMOTE_PROGRAM {
         return None;
     }
@@ -754,9 +759,11 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
         && creating.serial == header.serial
     {
         session.creating = None;
-        return ok.then(domain).flatten().map(|domain| Created {
-            domain,
-            run: creating.run,
+        return ok.then(domain).flatten().map(|domain| {
+            Noted::Created(Created {
+                domain,
+                run: creating.run,
+            })
         });
     }
     if let Some((serial, uuid)) = session.finding
@@ -765,12 +772,22 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
         session.finding = None;
         if ok && let Some(domain) = domain().filter(|d| d.uuid == uuid) {
             session.domain = Some(Admitted {
-                name: domain.name,
+                name: domain.name.clone(),
                 uuid: Some(domain.uuid),
             });
+            return Some(Noted::Found(domain));
         }
     }
     None
+}
+
+/// What a reply from libvirtd settled.
+#[derive(Debug)]
+pub enum Noted {
+    /// A domain was created: hand it over before the caller sees the reply.
+    Created(Created),
+    /// The caller found its domain again after a lost connection.
+    Found(DomainRef),
 }
 
 /// The created domain becomes the connection's.
@@ -799,6 +816,7 @@ impl Finisher {
             pid: self.caller.pid,
             start_ticks: self.caller.start_ticks,
             caller: self.who.to_string(),
+            reattached: 0,
         };
         self.keeper.adopt(domain, owner).await?;
         if let Some(mountinfo) = &self.mountinfo {

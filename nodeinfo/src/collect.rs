@@ -94,8 +94,11 @@ pub fn domain(dom: &Domain) -> Result<Option<DomainSnapshot>, Error> {
     };
     let (state, reason) = raw_state(dom)?;
     let info = dom.info().map_err(err("domain info"))?;
+    let name = dom.name().map_err(err("domain name"))?;
     Ok(Some(DomainSnapshot {
-        name: dom.name().map_err(err("domain name"))?,
+        qemu: qemu_process(&name),
+        reattachments: facts::parse_reattachments(&xml),
+        name,
         uuid: dom.uuid_string().map_err(err("domain uuid"))?,
         owner,
         state: model::state_name(state).to_owned(),
@@ -104,6 +107,24 @@ pub fn domain(dom: &Domain) -> Result<Option<DomainSnapshot>, Error> {
         memory_kib: info.memory,
         cpu_time_ns: info.cpu_time,
     }))
+}
+
+/// Where libvirtd's QEMU driver writes `<domain>.pid` (libvirtd's own run
+/// directory: nodeinfo runs beside it in the virthost).
+const QEMU_RUN_DIR: &str = "/run/libvirt/qemu";
+
+/// Domain `name`'s QEMU: its PID from libvirtd's PID file, and its cgroup
+/// (with the host's PID namespace, /proc shows it).
+fn qemu_process(name: &str) -> Option<virtkube_api::domain::QemuProcess> {
+    let pid: u32 = std::fs::read_to_string(format!("{QEMU_RUN_DIR}/{name}.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()
+        .and_then(|text| facts::memory_cgroup(&text));
+    Some(virtkube_api::domain::QemuProcess { pid, cgroup })
 }
 
 /// The domain's state and reason as libvirt's numbers (the `virt` crate's

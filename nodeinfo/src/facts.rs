@@ -254,9 +254,69 @@ pub fn parse_owner(domain_xml: &str) -> Result<Option<Owner>, XmlError> {
     }))
 }
 
+/// The XML namespace of virtkube-gate's owner record in a domain's metadata.
+pub const GATE_OWNER_XMLNS: &str = "https://virtkube.io/xmlns/gate-owner/1";
+
+/// How many times the gate counted the VM's shim finding its domain again
+/// (its owner record's `reattached`); `None` without a record (a domain
+/// created around the gate) or with an unreadable count.
+pub fn parse_reattachments(domain_xml: &str) -> Option<u32> {
+    let doc = roxmltree::Document::parse(domain_xml).ok()?;
+    doc.descendants()
+        .find(|n| n.tag_name().namespace() == Some(GATE_OWNER_XMLNS) && n.tag_name().name() == "owner")
+        .map(|owner| owner.attribute("reattached").map_or(Some(0), |n| n.parse().ok()))?
+}
+
+/// The cgroup a process's `/proc/<pid>/cgroup` names for its memory: the
+/// v1 `memory` hierarchy's path, else the unified (v2) one's.
+pub fn memory_cgroup(proc_cgroup: &str) -> Option<String> {
+    let mut unified = None;
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some(path.to_owned());
+        }
+        if controllers.is_empty() {
+            unified = Some(path.to_owned());
+        }
+    }
+    unified
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gate_s_reattachment_count_is_read_from_the_domain() {
+        let xml = format!(
+            "<domain><metadata><o:owner xmlns:o='{GATE_OWNER_XMLNS}' pid='1' start='2' caller='pod x' reattached='2'/></metadata></domain>"
+        );
+        assert_eq!(parse_reattachments(&xml), Some(2));
+        let counted_none = format!("<domain><metadata><owner xmlns='{GATE_OWNER_XMLNS}' pid='1'/></metadata></domain>");
+        assert_eq!(parse_reattachments(&counted_none), Some(0));
+        assert_eq!(parse_reattachments("<domain><metadata/></domain>"), None);
+        assert_eq!(
+            parse_reattachments(&xml.replace("'2'/>", "'two'/>")),
+            None,
+            "an unreadable count is not a count"
+        );
+    }
+
+    #[test]
+    fn the_memory_cgroup_of_either_version() {
+        let v1 = "12:pids:/kubepods/besteffort/podu/c\n4:memory:/kubepods/besteffort/podu/c\n0::/\n";
+        assert_eq!(memory_cgroup(v1).as_deref(), Some("/kubepods/besteffort/podu/c"));
+        let v2 = "0::/kubepods.slice/kubepods-pod_u.slice/cri-containerd-c.scope\n";
+        assert_eq!(
+            memory_cgroup(v2).as_deref(),
+            Some("/kubepods.slice/kubepods-pod_u.slice/cri-containerd-c.scope")
+        );
+        assert_eq!(memory_cgroup("garbage"), None);
+    }
 
     const QEMU_CAPS: &str = include_str!("../tests/fixtures/qemu-capabilities.xml");
     const TEST_CAPS: &str = include_str!("../tests/fixtures/test-capabilities.xml");

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use virtkube_api::domain::QemuProcess;
 use virtkube_api::labels as keys;
 use virtkube_api::node::{Condition, PciDevice, VirtNodeStatus};
 use virtkube_api::quantity::format_bytes;
@@ -55,6 +56,10 @@ pub struct DomainSnapshot {
     pub memory_kib: u64,
     /// CPU time in ns.
     pub cpu_time_ns: u64,
+    /// Its QEMU process, when the node's state shows it.
+    pub qemu: Option<QemuProcess>,
+    /// Reattachments the gate counted.
+    pub reattachments: Option<u32>,
 }
 
 /// `9000000` → `9.0.0`.
@@ -205,6 +210,8 @@ pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> 
             memory: d.memory_kib.checked_mul(1024).map(format_bytes),
             cpu_time_ns: Some(d.cpu_time_ns),
             start_time: start_time.map(str::to_owned),
+            qemu: d.qemu.clone(),
+            reattachments: d.reattachments,
         }),
     })
 }
@@ -337,12 +344,19 @@ mod tests {
             vcpus: 1,
             memory_kib: 131072,
             cpu_time_ns: 5,
+            qemu: Some(QemuProcess {
+                pid: 42,
+                cgroup: Some("/kubepods/besteffort/podpod-uid/c".into()),
+            }),
+            reattachments: Some(2),
         };
         let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z")).unwrap();
         let owner = &v.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "pod-uid"));
         assert_eq!(v.metadata.labels.as_ref().unwrap()[NODE_LABEL], "node-1");
         assert_eq!(v.status.as_ref().unwrap().memory.as_deref(), Some("128Mi"));
+        assert_eq!(v.status.as_ref().unwrap().reattachments, Some(2));
+        assert_eq!(v.status.as_ref().unwrap().qemu.as_ref().map(|q| q.pid), Some(42));
         assert_eq!(v.spec.template.as_deref(), Some("tiny"));
         // The object as sent: apiVersion and kind (server-side apply needs
         // them), and every field with the values it had as hand-built JSON.
@@ -363,7 +377,9 @@ mod tests {
                 "spec": {"node": "node-1", "domainName": "ns_vm", "uuid": "u", "pod": "vm", "template": "tiny"},
                 "status": {
                     "state": "Running", "reason": "Booted", "vcpus": 1, "memory": "128Mi",
-                    "cpuTimeNs": 5, "startTime": "2026-11-22T10:00:00Z"
+                    "cpuTimeNs": 5, "startTime": "2026-11-22T10:00:00Z",
+                    "qemu": {"pid": 42, "cgroup": "/kubepods/besteffort/podpod-uid/c"},
+                    "reattachments": 2
                 }
             })
         );
