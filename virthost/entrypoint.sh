@@ -13,7 +13,8 @@ set -eu
 log() { echo "[virthost] $*"; }
 
 mkdir -p /run/virtkube /run/libvirt /var/log/libvirt /var/lib/libvirt /var/cache/libvirt
-rm -f /run/virtkube/libvirt-sock-ro /run/virtkube/libvirt-admin-sock
+# A socket left by the gate before would look like a live one.
+rm -f /run/virtkube/libvirt-sock /run/virtkube/libvirt-sock-ro /run/virtkube/libvirt-admin-sock
 
 # Guests' consoles are ptys. With the host's /dev/pts mounted here (so a new
 # virthost can still open them), /dev/ptmx must allocate there: a device node
@@ -39,7 +40,7 @@ fi
 procs=$(ls /sys/fs/cgroup/*/cgroup.procs /sys/fs/cgroup/cgroup.procs 2>/dev/null | head -1)
 if [ -z "$procs" ] || ! [ -w "$procs" ]; then
   log "WARNING: the host's cgroups are read-only here: the gate cannot move QEMU into its VM container's" \
-    "cgroups, so VMs die with this container. Mount the host's /sys/fs/cgroup read-write."
+    "cgroups, so every VM start fails. Mount the host's /sys/fs/cgroup read-write."
 fi
 
 supervisor_pids=""
@@ -64,7 +65,7 @@ trap stop TERM INT
 supervise() {
   local name=$1 delay=1 child="" started rc
   shift
-  trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait "$child" 2>/dev/null; exit 0' TERM INT
+  trap '[ -n "$child" ] && kill -TERM "$child" 2>/dev/null; wait "$child" 2>/dev/null || true; exit 0' TERM INT
   while true; do
     started=$(date +%s)
     "$@" &

@@ -1,11 +1,13 @@
 //! The owner of "a VM never outlives its container". Domains are created
 //! without libvirt's AUTODESTROY, which ties a VM to one libvirtd connection
 //! and so dies with every restart of libvirtd or the gate. Instead the gate
-//! records, in each domain's own metadata, the process that created it (the
-//! VM container's shim: PID and start time), watches that process, and
-//! destroys the domain when it exits. The record lives as long as the domain,
-//! in libvirt's state on the host: a restarted gate lists the domains, reads
-//! their owners, and destroys those whose owner died while it was away.
+//! writes, into each domain's XML as it is created, the process that creates
+//! it (the VM container's shim: PID and start time), watches that process,
+//! and destroys the domain when it exits. The record lives as long as the
+//! domain, in libvirt's state on the host. The gate sweeps libvirtd's domains
+//! when it starts and every few seconds after: it keeps each recorded domain
+//! whose owner lives and destroys each whose owner is gone, so no domain is
+//! left unwatched, whatever broke between its creation and its hand-over.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -23,6 +25,8 @@ pub const OWNER_NAMESPACE: &str = "https://virtkube.io/xmlns/gate-owner/1";
 const OWNER_PREFIX: &str = "virtkube-gate";
 /// How often a destroy that could not reach libvirtd is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often the gate sweeps libvirtd's domains for unwatched ones.
+const SWEEP_PERIOD: Duration = Duration::from_secs(5);
 /// libvirt's `VIR_ERR_NO_DOMAIN`.
 const ERR_NO_DOMAIN: i32 = 42;
 
@@ -87,11 +91,47 @@ impl Owner {
         })
     }
 
+    /// The record as an element of the domain XML's `<metadata>`.
+    fn to_metadata_xml(&self) -> String {
+        self.to_xml()
+            .replacen("<owner ", &format!(r#"<owner xmlns="{OWNER_NAMESPACE}" "#), 1)
+    }
+
     /// Whether the process whose `/proc/<pid>/stat` reads `stat` (`None`:
     /// no such process) is this owner.
     pub fn is(&self, stat: Option<&str>) -> bool {
         stat.and_then(crate::identity::start_ticks) == Some(self.start_ticks)
     }
+}
+
+/// Domain XML (already admitted by the policy, so well-formed) with `owner`'s
+/// record added to its `<metadata>`: the domain exists with its owner from
+/// the moment libvirtd creates it.
+pub fn with_owner_record(xml: &str, owner: &Owner) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("the domain XML does not parse: {e}"))?;
+    let root = doc.root_element();
+    let record = owner.to_metadata_xml();
+    let metadata = root
+        .children()
+        .find(|n| n.is_element() && n.tag_name().name() == "metadata" && n.tag_name().namespace().is_none());
+    let (at, insert) = match metadata {
+        Some(m) if xml[m.range()].ends_with("</metadata>") => (m.range().end - "</metadata>".len(), record),
+        Some(m) if xml[m.range()].ends_with("/>") => {
+            let range = m.range();
+            return Ok(format!(
+                "{}<metadata>{record}</metadata>{}",
+                &xml[..range.start],
+                &xml[range.end..]
+            ));
+        }
+        Some(_) => return Err("the domain's <metadata> does not end as expected".into()),
+        None if xml[root.range()].ends_with("</domain>") => (
+            root.range().end - "</domain>".len(),
+            format!("<metadata>{record}</metadata>"),
+        ),
+        None => return Err("the domain XML does not end with </domain>".into()),
+    };
+    Ok(format!("{}{insert}{}", &xml[..at], &xml[at..]))
 }
 
 fn escape(text: &str) -> String {
@@ -102,10 +142,12 @@ fn escape(text: &str) -> String {
 }
 
 /// A domain the gate keeps alive for its owner.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Kept {
     name: String,
     owner: Owner,
+    /// The task waiting for the owner to exit.
+    watcher: tokio::task::AbortHandle,
 }
 
 /// The gate's register of domains and their owners, and its own libvirtd
@@ -171,32 +213,36 @@ impl Keeper {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records `owner` in the new `domain`'s metadata and keeps the domain
-    /// until the owner exits. On error the caller must destroy the domain:
-    /// nothing would end it.
-    pub async fn adopt(self: &Arc<Self>, domain: &DomainRef, owner: Owner) -> Result<(), String> {
+    /// Keeps the new `domain` (its XML carries `owner`'s record) until the
+    /// owner exits. On error the caller must destroy the domain.
+    pub fn adopt(self: &Arc<Self>, domain: &DomainRef, owner: Owner) -> Result<(), String> {
         let pidfd = open_owner(&self.proc_root, &owner)
             .ok_or_else(|| format!("its creator (PID {}) exited before the gate could watch it", owner.pid))?;
-        let control = self
-            .control()
-            .await
-            .map_err(|e| format!("the gate cannot reach libvirtd to record the owner: {e}"))?;
-        control
-            .set_metadata(domain, Some(&owner.to_xml()), OWNER_PREFIX, OWNER_NAMESPACE)
-            .await
-            .map_err(|e| format!("libvirtd did not take the owner record: {e}"))?;
         self.keep(domain.uuid, domain.name.clone(), owner, pidfd);
         Ok(())
     }
 
+    /// Watches `owner` for domain `uuid` (once: a second call for the same
+    /// owner changes nothing).
     fn keep(self: &Arc<Self>, uuid: [u8; 16], name: String, owner: Owner, pidfd: OwnedFd) {
+        let mut kept = self.lock();
+        if kept
+            .get(&uuid)
+            .is_some_and(|k| k.owner.pid == owner.pid && k.owner.start_ticks == owner.start_ticks)
+        {
+            return;
+        }
         tracing::info!(domain = %name, owner = %owner.caller, pid = owner.pid, "keeping the domain while its owner lives");
-        self.lock().insert(uuid, Kept { name, owner });
         let keeper = self.clone();
-        tokio::spawn(async move {
+        let watched = owner.clone();
+        let watcher = tokio::spawn(async move {
             exited(pidfd).await;
-            keeper.end(uuid, "its container's shim exited").await;
-        });
+            keeper.end(uuid, Some(&watched), "its container's shim exited").await;
+        })
+        .abort_handle();
+        if let Some(old) = kept.insert(uuid, Kept { name, owner, watcher }) {
+            old.watcher.abort();
+        }
     }
 
     /// Counts one more reattachment of domain `uuid` by its owner, in the
@@ -224,9 +270,16 @@ impl Keeper {
         }
     }
 
-    /// Destroys domain `uuid`, trying again every second while libvirtd
-    /// cannot be reached (it may be restarting), and forgets it.
-    pub async fn end(&self, uuid: [u8; 16], why: &str) {
+    /// Destroys domain `uuid` of `owner` (`None`: whoever's), trying again
+    /// every second while libvirtd cannot be reached (it may be
+    /// restarting), and forgets it. A domain the gate now keeps for another
+    /// owner (the same UUID created again) is left alone.
+    pub async fn end(&self, uuid: [u8; 16], owner: Option<&Owner>, why: &str) {
+        let is_owner =
+            |kept: &Kept| owner.is_none_or(|o| kept.owner.pid == o.pid && kept.owner.start_ticks == o.start_ticks);
+        if self.lock().get(&uuid).is_some_and(|kept| !is_owner(kept)) {
+            return;
+        }
         let name = self.lock().get(&uuid).map(|kept| kept.name.clone());
         let name = name.unwrap_or_else(|| format_uuid(&uuid));
         tracing::info!(domain = %name, %why, "destroying the domain");
@@ -251,63 +304,113 @@ impl Keeper {
                 }
             }
         }
-        self.lock().remove(&uuid);
+        let mut kept = self.lock();
+        if kept.get(&uuid).is_some_and(is_owner) {
+            kept.remove(&uuid);
+        }
     }
 
-    /// Takes over the domains a previous gate kept: waits for libvirtd, then
-    /// keeps each domain with a live owner and destroys each whose owner
-    /// exited meanwhile. Domains without the gate's record (created around
-    /// the gate) are left alone.
-    pub async fn reconcile(self: &Arc<Self>) {
-        let domains = loop {
-            let listed = async { self.control().await?.list_all_domains(flags::LIST_DOMAINS_ACTIVE).await };
-            match listed.await {
-                Ok(domains) => break domains,
+    /// Destroys domain `name` if `owner` created it, once it exists: its
+    /// creation was abandoned (the connection ended before the reply), so
+    /// no one will use it. Gives up after a minute without it.
+    pub async fn end_abandoned(&self, name: &str, owner: &Owner) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
+            let found = async {
+                let control = self.control().await?;
+                let domain = control.lookup_by_name(name).await?;
+                let record = control.metadata(&domain, OWNER_NAMESPACE).await?;
+                Ok::<_, libvirt_wire::Error>((domain, record))
+            };
+            match found.await {
+                Ok((domain, Some(record))) => {
+                    if Owner::from_xml(&record).is_ok_and(|o| o.pid == owner.pid && o.start_ticks == owner.start_ticks)
+                    {
+                        self.end(domain.uuid, None, "its creation was abandoned by its caller")
+                            .await;
+                    }
+                    return;
+                }
+                Ok((_, None)) => return,
+                Err(_) => tokio::time::sleep(RETRY).await,
+            }
+        }
+    }
+
+    /// Sweeps libvirtd's domains for ever: first when the gate starts (then
+    /// [`Keeper::reconciled`] completes), then every few seconds.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            match self.sweep().await {
+                Ok((kept, ended)) => {
+                    if !*self.reconciled.borrow() {
+                        tracing::info!(kept, ended, "took over the running domains");
+                        self.reconciled.send_replace(true);
+                    } else if kept + ended > 0 {
+                        tracing::info!(kept, ended, "swept up unwatched domains");
+                    }
+                    tokio::time::sleep(SWEEP_PERIOD).await;
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "waiting for libvirtd to take over its domains");
+                    tracing::debug!(error = %e, "cannot list libvirtd's domains yet");
                     tokio::time::sleep(RETRY).await;
                 }
             }
-        };
+        }
+    }
+
+    /// One sweep: keeps each running domain with the gate's record whose
+    /// owner lives, destroys (in the background) each whose owner is gone,
+    /// and forgets kept domains that have ended. A domain whose record
+    /// cannot be read now is tried again next time; one without the gate's
+    /// record (created around the gate) is left alone. Returns how many
+    /// domains it began to keep and to end.
+    pub async fn sweep(self: &Arc<Self>) -> Result<(usize, usize), libvirt_wire::Error> {
+        let known: Vec<[u8; 16]> = self.lock().keys().copied().collect();
+        let control = self.control().await?;
+        let domains = control.list_all_domains(flags::LIST_DOMAINS_ACTIVE).await?;
+        {
+            let mut kept = self.lock();
+            for uuid in known.iter().filter(|uuid| !domains.iter().any(|d| d.uuid == **uuid)) {
+                if let Some(gone) = kept.remove(uuid) {
+                    gone.watcher.abort();
+                }
+            }
+        }
         let (mut kept, mut ended) = (0, 0);
         for domain in domains {
             if self.owner_of(&domain.uuid).is_some() {
                 continue;
             }
-            let record = match self.control().await {
-                Ok(control) => control.metadata(&domain, OWNER_NAMESPACE).await,
-                Err(e) => Err(e),
-            };
-            let owner = match record {
+            let owner = match control.metadata(&domain, OWNER_NAMESPACE).await {
                 Ok(Some(xml)) => Owner::from_xml(&xml),
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::warn!(domain = %domain.name, error = %e, "cannot read the domain's owner; left alone");
+                    tracing::debug!(domain = %domain.name, error = %e, "cannot read the domain's owner now");
                     continue;
                 }
             };
-            match owner {
-                Ok(owner) => match open_owner(&self.proc_root, &owner) {
-                    Some(pidfd) => {
-                        self.keep(domain.uuid, domain.name.clone(), owner, pidfd);
-                        kept += 1;
-                    }
-                    None => {
-                        let why = format!(
-                            "its owner ({}, PID {}) exited while the gate was away",
-                            owner.caller, owner.pid
-                        );
-                        self.end(domain.uuid, &why).await;
-                        ended += 1;
-                    }
-                },
+            let owner = match owner {
+                Ok(owner) => owner,
                 Err(why) => {
                     tracing::error!(domain = %domain.name, %why, "the gate's owner record is unreadable; left alone");
+                    continue;
+                }
+            };
+            match open_owner(&self.proc_root, &owner) {
+                Some(pidfd) => {
+                    self.keep(domain.uuid, domain.name.clone(), owner, pidfd);
+                    kept += 1;
+                }
+                None => {
+                    let why = format!("its owner ({}, PID {}) has exited", owner.caller, owner.pid);
+                    let keeper = self.clone();
+                    tokio::spawn(async move { keeper.end(domain.uuid, Some(&owner), &why).await });
+                    ended += 1;
                 }
             }
         }
-        tracing::info!(kept, ended, "took over the domains of the gate before");
-        self.reconciled.send_replace(true);
+        Ok((kept, ended))
     }
 }
 
@@ -366,6 +469,35 @@ mod tests {
         // A record without the count (an earlier gate's) has none yet.
         let older = r#"<owner pid="4242" start="987654" caller="x"/>"#;
         assert_eq!(Owner::from_xml(older).map(|o| o.reattached), Ok(0));
+    }
+
+    #[test]
+    fn the_record_goes_into_the_domain_s_metadata() {
+        let owner = Owner {
+            pid: 9,
+            start_ticks: 99,
+            caller: "pod u".into(),
+            reattached: 0,
+        };
+        let read_back = |xml: &str| {
+            let doc = roxmltree::Document::parse(xml).unwrap();
+            let node = doc
+                .descendants()
+                .find(|n| n.tag_name().namespace() == Some(OWNER_NAMESPACE))
+                .unwrap();
+            assert_eq!(node.parent_element().unwrap().tag_name().name(), "metadata");
+            Owner::from_xml(&xml[node.range()]).unwrap()
+        };
+        for xml in [
+            "<domain type='qemu'><name>a</name><metadata><v:instance xmlns:v='urn:v'/></metadata></domain>",
+            "<domain type='qemu'><name>a</name><metadata/></domain>",
+            "<domain type='qemu'><name>a</name></domain>",
+        ] {
+            let with = with_owner_record(xml, &owner).unwrap();
+            assert_eq!(read_back(&with), owner, "{with}");
+            assert_eq!(with.matches("<metadata").count(), 1, "{with}");
+        }
+        assert!(with_owner_record("<domain", &owner).is_err());
     }
 
     #[test]

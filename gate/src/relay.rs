@@ -143,8 +143,7 @@ impl Drop for Held<'_> {
 
 /// Accepts VM containers on the socket they mount, for ever.
 pub async fn serve(listener: UnixListener, gate: Arc<Gate>) -> std::io::Result<()> {
-    let keeper = gate.keeper();
-    tokio::spawn(async move { keeper.reconcile().await });
+    tokio::spawn(gate.keeper().run());
     let mut backoff = Backoff::default();
     loop {
         let Some((stream, _)) = backoff.accepted(listener.accept().await).await else {
@@ -296,8 +295,8 @@ async fn tcp_client(
     };
     drop(identifying);
     // Its pod gone from the API (or ended, or past its deletion deadline) ends
-    // the connection, and with it the VM, even if no FIN ever arrives from a
-    // torn-down network namespace.
+    // the connection, even if no FIN ever arrives from a torn-down network
+    // namespace. (The VM ends with its owner, the process holding it.)
     let uid = who.clone();
     let gone = async move {
         loop {
@@ -383,6 +382,16 @@ impl CallerProcess {
         })
     }
 
+    /// The owner record of a domain this process creates as `who`.
+    pub fn owner(&self, who: &Identity) -> Owner {
+        Owner {
+            pid: self.pid,
+            start_ticks: self.start_ticks,
+            caller: who.to_string(),
+            reattached: 0,
+        }
+    }
+
     fn owns(&self, owner: &Owner) -> bool {
         owner.pid == self.pid && owner.start_ticks == self.start_ticks
     }
@@ -409,9 +418,13 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
         },
         Err(e) => Err(format!("cannot read the caller's credentials: {e}")),
     };
+    // The owner-to-be, read with the same checks as the identity: started
+    // before the connection was accepted, and still the pidfd's process.
     let who = who.and_then(|who| {
         let pid = stream.peer_cred().ok().and_then(|c| c.pid()).unwrap_or(0);
         CallerProcess::read(&gate.proc_root, pid)
+            .filter(|caller| caller.start_ticks <= accepted_ticks)
+            .filter(|_| pidfd.as_ref().is_none_or(|pidfd| identity::pidfd_is(pidfd, pid)))
             .map(|caller| (who, caller))
             .ok_or_else(|| format!("the calling process {pid} exited while it was being identified"))
     });
@@ -470,7 +483,15 @@ async fn connect_and_relay<S>(
         }
     };
     // A shim finding its domain again must find what the gate before kept.
-    gate.keeper().reconciled().await;
+    if tokio::time::timeout(LIBVIRTD_WAIT, gate.keeper().reconciled())
+        .await
+        .is_err()
+    {
+        let why = "the gate has not taken over the running domains yet (libvirtd does not answer it); try again";
+        tracing::warn!(%who, why, "refused");
+        refuse_connection(stream, why).await;
+        return;
+    }
     tracing::info!(%who, pid = caller.pid, "VM container connected");
     relay(stream, upstream, who.clone(), caller, gate, revoked).await;
     tracing::info!(%who, "VM container disconnected");
@@ -591,11 +612,13 @@ impl Session {
 }
 
 /// A create the gate let through, paused, until its reply.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Creating {
     serial: u32,
     /// The caller did not ask for a paused domain: resume it once placed.
     run: bool,
+    /// The domain's name, as admitted.
+    name: String,
 }
 
 /// Consoles and event registrations one connection may make (the shim makes
@@ -648,14 +671,14 @@ async fn relay<S>(
     let writer = to_client.clone();
     let session = Arc::new(std::sync::Mutex::new(Session::of(caller)));
     let replies = session.clone();
-    let finisher = Finisher {
+    let finisher = Arc::new(Finisher {
         keeper: gate.keeper(),
         proc_root: gate.proc_root.clone(),
         qemu_run_dir: gate.qemu_run_dir.clone(),
         mountinfo: gate.place_qemu.then(|| gate.mountinfo.clone()),
         who: who.clone(),
         caller,
-    };
+    });
     let mut downstream = tokio::spawn(async move {
         while let Ok(Some((header, frame))) = read_packet(&mut from_libvirtd, protocol::MAX_PACKET).await {
             let frame = match note_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]) {
@@ -664,17 +687,20 @@ async fn relay<S>(
                     tokio::spawn(async move { keeper.note_reattached(&domain).await });
                     frame
                 }
-                Some(Noted::Created(Created { domain, run })) => match finisher.finish(&domain, run).await {
-                    Ok(()) => {
-                        admit(&replies, &domain);
-                        frame
+                Some(Noted::Created(Created { domain, run })) => {
+                    // Its own task: the hand-over completes (or the domain is
+                    // destroyed) even if this connection ends meanwhile.
+                    let (handing, created) = (finisher.clone(), domain.clone());
+                    let handed = tokio::spawn(async move { handing.hand_over(&created, run).await });
+                    match handed.await {
+                        Ok(Ok(())) => {
+                            admit(&replies, &domain);
+                            frame
+                        }
+                        Ok(Err(why)) => denial(&header, &format!("the domain could not be set up: {why}")),
+                        Err(e) => denial(&header, &format!("the domain could not be set up: {e}")),
                     }
-                    Err(why) => {
-                        tracing::error!(who = %finisher.who, domain = %domain.name, %why, "the new domain could not be handed over; destroying it");
-                        finisher.keeper.end(domain.uuid, &why).await;
-                        denial(&header, &format!("the domain could not be set up: {why}"))
-                    }
-                },
+                }
                 None => frame,
             };
             if writer.lock().await.write_all(&frame).await.is_err() {
@@ -729,10 +755,16 @@ async fn relay<S>(
         _ = &mut downstream => {}
         () = revoked => {}
     }
-    // Both halves of both sockets close here, whichever side ended it. A
-    // create whose reply is still being finished ends with the task: its
-    // domain is then kept (or destroyed) by the keeper, never left alone.
+    // Both halves of both sockets close here, whichever side ended it.
     downstream.abort();
+    // A create whose reply never came back: libvirtd may still create the
+    // domain, which its caller will never know of. It is destroyed.
+    let abandoned = session.lock().unwrap_or_else(|p| p.into_inner()).creating.take();
+    if let Some(creating) = abandoned {
+        let keeper = gate.keeper();
+        let owner = caller.owner(&who);
+        tokio::spawn(async move { keeper.end_abandoned(&creating.name, &owner).await });
+    }
 }
 
 /// A domain libvirtd has just created for a caller, paused.
@@ -755,19 +787,21 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
     let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
     let ok = header.status == Status::Ok;
     let domain = || DomainRef::decode(&mut Decoder::new(payload)).ok();
-    if let Some(creating) = session.creating
+    // By serial and procedure: a caller may reuse a serial for another call.
+    if let Some(creating) = session.creating.as_ref()
         && creating.serial == header.serial
+        && header.procedure == procedure::DOMAIN_CREATE_XML
     {
+        let run = creating.run;
         session.creating = None;
-        return ok.then(domain).flatten().map(|domain| {
-            Noted::Created(Created {
-                domain,
-                run: creating.run,
-            })
-        });
+        return ok
+            .then(domain)
+            .flatten()
+            .map(|domain| Noted::Created(Created { domain, run }));
     }
     if let Some((serial, uuid)) = session.finding
         && serial == header.serial
+        && header.procedure == procedure::DOMAIN_LOOKUP_BY_UUID
     {
         session.finding = None;
         if ok && let Some(domain) = domain().filter(|d| d.uuid == uuid) {
@@ -800,6 +834,7 @@ fn admit(session: &std::sync::Mutex<Session>, domain: &DomainRef) {
 
 /// Hands a new domain over: kept by the keeper for its creator, QEMU moved
 /// into the creator's cgroups, then resumed.
+#[derive(Debug)]
 struct Finisher {
     keeper: Arc<Keeper>,
     proc_root: PathBuf,
@@ -811,14 +846,18 @@ struct Finisher {
 }
 
 impl Finisher {
+    /// [`Finisher::finish`], destroying the domain when it fails.
+    async fn hand_over(&self, domain: &DomainRef, run: bool) -> Result<(), String> {
+        let finished = self.finish(domain, run).await;
+        if let Err(why) = &finished {
+            tracing::error!(who = %self.who, domain = %domain.name, %why, "the new domain could not be handed over; destroying it");
+            self.keeper.end(domain.uuid, None, why).await;
+        }
+        finished
+    }
+
     async fn finish(&self, domain: &DomainRef, run: bool) -> Result<(), String> {
-        let owner = Owner {
-            pid: self.caller.pid,
-            start_ticks: self.caller.start_ticks,
-            caller: self.who.to_string(),
-            reattached: 0,
-        };
-        self.keeper.adopt(domain, owner).await?;
+        self.keeper.adopt(domain, self.caller.owner(&self.who))?;
         if let Some(mountinfo) = &self.mountinfo {
             let (proc_root, run_dir, mountinfo) =
                 (self.proc_root.clone(), self.qemu_run_dir.clone(), mountinfo.clone());
@@ -935,9 +974,6 @@ fn check_call(
                     "this connection already has its domain; one VM per container".into(),
                 ));
             }
-            if session.caller.is_none() {
-                return Err(Denied("the gate does not know the calling process".into()));
-            }
             let xml = d.string("xml").map_err(bad_args(name))?;
             let create_flags = d.u32("flags").map_err(bad_args(name))?;
             // VALIDATE makes libvirt check the XML against its schema.
@@ -947,10 +983,18 @@ fn check_call(
                 )));
             }
             let admitted = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
+            let Some(caller) = session.caller else {
+                return Err(Denied("the gate does not know the calling process".into()));
+            };
+            // The domain carries its owner from the moment it exists, so that
+            // no break before the hand-over leaves it unowned.
+            let xml = crate::keeper::with_owner_record(&xml, &caller.owner(who))
+                .map_err(|why| Denied(format!("cannot record the domain's owner: {why}")))?;
             tracing::info!(%who, domain = %admitted.name, "domain admitted");
             session.creating = Some(Creating {
                 serial: call.serial,
                 run: create_flags & START_PAUSED == 0,
+                name: admitted.name,
             });
             // Paused until QEMU is in the caller's cgroups and the gate keeps
             // it; no AUTODESTROY: the gate, not a connection, ends it.
@@ -1042,6 +1086,39 @@ fn own_domain(named: &DomainRef, session: &Session) -> Result<(), Denied> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_create_reply_is_known_by_serial_and_procedure() {
+        let session = std::sync::Mutex::new(Session {
+            creating: Some(Creating {
+                serial: 7,
+                run: true,
+                name: "d".into(),
+            }),
+            ..Session::default()
+        });
+        let domain = DomainRef {
+            name: "d".into(),
+            uuid: [7; 16],
+            id: 1,
+        };
+        let mut payload = libvirt_wire::xdr::Encoder::new();
+        domain.encode(&mut payload);
+        let payload = payload.into_bytes();
+        // Another call reusing the create's serial: its reply settles nothing.
+        let other = Header::remote(procedure::CONNECT_GET_CAPABILITIES, MessageType::Reply, 7, Status::Ok);
+        assert!(note_reply(&session, &other, &payload).is_none());
+        assert!(
+            session.lock().unwrap().creating.is_some(),
+            "the create is still awaited"
+        );
+        // The create's own reply is handed over.
+        let reply = Header::remote(procedure::DOMAIN_CREATE_XML, MessageType::Reply, 7, Status::Ok);
+        match note_reply(&session, &reply, &payload) {
+            Some(Noted::Created(created)) => assert_eq!(created.domain, domain),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn each_caller_holds_at_most_its_share_of_connections() {

@@ -150,3 +150,109 @@ fn vms_outlive_the_gate_and_not_their_containers() {
     );
     eprintln!("taken-over domain gone {took:?} after SIGKILL of its container");
 }
+
+/// `/proc/<pid>/stat`'s start time (clock ticks since boot).
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    virtkube_gate::identity::start_ticks(&stat).unwrap()
+}
+
+/// The tiny guest's golden XML as domain `name`, owned by `pid` (started at
+/// `start`) as the gate records it, created straight on libvirtd: what a
+/// break between a create and its hand-over leaves (the gate or the
+/// connection gone before the gate watched the owner).
+fn create_recorded(name: &str, uuid: &str, pid: u32, start: u64, dir: &Path) {
+    let golden =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml")).unwrap();
+    let record = format!(
+        r#"<owner xmlns="{}" pid="{pid}" start="{start}" caller="test"/></metadata>"#,
+        virtkube_gate::keeper::OWNER_NAMESPACE
+    );
+    let xml = golden
+        .replace("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b", uuid)
+        .replace("virtkube-golden_tiny-0", name)
+        .replacen("</metadata>", &record, 1);
+    let file = dir.join(format!("{name}.xml"));
+    std::fs::write(&file, xml).unwrap();
+    let out = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system", "create", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+#[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
+fn the_gate_sweeps_up_domains_left_between_create_and_hand_over() {
+    let dir = std::env::temp_dir().join(format!("virtkube-gate-sweep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cleanup = Cleanup(Vec::new());
+    let (living, dead) = (
+        format!("gate-sweep-living-{}", std::process::id()),
+        format!("gate-sweep-dead-{}", std::process::id()),
+    );
+    for name in [living.clone(), dead.clone()] {
+        cleanup.0.push(Box::new(move || {
+            let _ = std::process::Command::new("virsh")
+                .args(["-c", "qemu:///system", "destroy", &name])
+                .output();
+        }));
+    }
+    // An owner that lives, and one that has exited.
+    let mut owner = std::process::Command::new("sleep").arg("120").spawn().unwrap();
+    let mut exited = std::process::Command::new("true").spawn().unwrap();
+    let exited_start = start_ticks(exited.id());
+    exited.wait().unwrap();
+    let owner_start = start_ticks(owner.id());
+    // Made while the gate runs (its periodic sweep finds them), after its first sweep.
+    let (gate, _socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
+    let mut gate = Some(gate);
+    cleanup.0.push(Box::new(move || {
+        if let Some(mut g) = gate.take() {
+            kill(&mut g);
+        }
+    }));
+    std::thread::sleep(Duration::from_secs(1));
+    let tag = format!("{:012x}", std::process::id());
+    create_recorded(
+        &living,
+        &format!("7d1e2f3a-4b5c-4d6e-8f70-{tag}"),
+        owner.id(),
+        owner_start,
+        &dir,
+    );
+    create_recorded(
+        &dead,
+        &format!("7d1e2f3a-4b5c-4d6e-8f71-{tag}"),
+        exited.id(),
+        exited_start,
+        &dir,
+    );
+    // The dead owner's domain goes; the live one's is kept while it lives.
+    let created = Instant::now();
+    let took = gone_within(
+        &dead,
+        created,
+        Duration::from_secs(10),
+        "a domain whose owner has exited",
+        &log,
+    );
+    eprintln!("domain of an exited owner swept up {took:?} after it was created");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        domstate(&living).as_deref(),
+        Some("running"),
+        "the living owner's domain"
+    );
+    let killed = Instant::now();
+    kill(&mut owner);
+    let took = gone_within(
+        &living,
+        killed,
+        Duration::from_secs(2),
+        "a swept-up domain whose owner exits",
+        &log,
+    );
+    eprintln!("swept-up domain gone {took:?} after its owner's SIGKILL");
+}

@@ -365,6 +365,9 @@ enum Detached {
     Exit(Exit),
     /// The connection was lost, and the VM may run on.
     Lost(String),
+    /// Reattaching failed after the domain was found (its events could not
+    /// be subscribed to again): the same outage goes on.
+    NotAttached(String),
 }
 
 /// The supervision of one VM across attachments.
@@ -415,18 +418,29 @@ async fn supervise(
         reattached: 0,
     };
     let stdin = read_stdin();
+    // When the current outage began: every attempt of one outage shares its deadline.
+    let mut outage: Option<tokio::time::Instant> = None;
     loop {
         let first = supervision.reattached == 0;
         let why = match attend(config, &client, domain, signals, &mut supervision, &stdin, first).await {
             Detached::Exit(exit) => return (exit, client),
-            Detached::Lost(why) => why,
+            Detached::Lost(why) => {
+                outage = None;
+                why
+            }
+            Detached::NotAttached(why) => why,
         };
-        let lost = tokio::time::Instant::now();
+        let lost = *outage.get_or_insert_with(tokio::time::Instant::now);
         log(format!(
             "lost libvirtd ({why}); the VM runs on: reconnecting for up to {} s",
-            config.reattach_timeout.as_secs()
+            config
+                .reattach_timeout
+                .saturating_sub(lost.elapsed())
+                .as_secs_f64()
+                .ceil()
         ));
-        match reattach(config, endpoint, domain, signals, &mut supervision, &why).await {
+        let give_up = lost + config.reattach_timeout;
+        match reattach(config, endpoint, domain, signals, &mut supervision, &why, give_up).await {
             Ok(found) => {
                 supervision.reattached += 1;
                 log(format!(
@@ -454,8 +468,8 @@ async fn reattach(
     signals: &mut mpsc::Receiver<Signal>,
     supervision: &mut Supervision,
     why: &str,
+    give_up: tokio::time::Instant,
 ) -> Result<Client, Exit> {
-    let give_up = tokio::time::Instant::now() + config.reattach_timeout;
     let far_future = give_up + Duration::from_secs(86_400 * 365);
     let finding = find_again(endpoint, domain, give_up);
     tokio::pin!(finding);
@@ -571,7 +585,9 @@ async fn attend(
     .await
     {
         Ok(events) => events,
-        Err(e) if !first => return Detached::Lost(format!("cannot subscribe to the domain's events again: {e}")),
+        Err(e) if !first => {
+            return Detached::NotAttached(format!("cannot subscribe to the domain's events again: {e}"));
+        }
         Err(e) => {
             let _ = timed(
                 DESTROY_TIMEOUT,
