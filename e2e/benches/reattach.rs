@@ -124,7 +124,7 @@ fn main() {
         p50_secs(&all),
         max_secs(&all)
     );
-    println!("  (the time includes docker stopping and starting the virthost, about 0.3 s + 1 s)");
+    println!("  (the time includes docker stopping and starting the virthost)");
 
     // QEMU's overhead: its RSS beside the guest's memory (the template's 128 MiB,
     // of which an idle tiny guest touches little under TCG).
