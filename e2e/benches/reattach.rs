@@ -8,7 +8,8 @@
 //! "reattached" line (read from `docker logs --timestamps`), and whether the
 //! same QEMU runs the VM (so the guest saw no downtime beyond the pause of
 //! its console). Then QEMU's memory beside the guest's: the overhead the
-//! VM's pod must ask for on top of its guest memory.
+//! VM's pod must ask for on top of its guest memory. Last, a SIGKILL storm:
+//! every reattached VM container killed at once, and the orphans counted.
 //!
 //! Run: `cargo bench -p virtkube-e2e --bench reattach`.
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
@@ -137,8 +138,38 @@ fn main() {
         sorted[sorted.len() - 1] as f64 / 1024.0
     );
 
+    // A SIGKILL storm on the reattached VMs: every container at once.
+    let domains: Vec<String> = names.iter().map(|n| domain_of(n)).collect();
+    let killed = Instant::now();
+    let mut kill = vec!["kill", "-s", "KILL"];
+    kill.extend(names.iter().map(String::as_str));
+    let (ok, out) = docker(&kill);
+    assert!(ok, "docker kill: {out}");
+    let qemu_alive = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|stat| {
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    while after.iter().any(|p| qemu_alive(p)) && killed.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let qemus_ended = killed.elapsed();
+    let listed = || virtkube_e2e::virthost_virsh("virtkube-virthost", &["list", "--name"]).1;
+    while domains.iter().any(|d| listed().contains(d.as_str())) && killed.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let orphans = domains.iter().filter(|d| listed().contains(d.as_str())).count();
+    println!(
+        "  SIGKILL of all {vms} reattached VM containers at once: every QEMU ended within {:.2} s; {orphans} orphans after {:.1} s",
+        qemus_ended.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
+
     for name in &names {
         let _ = docker(&["rm", "-f", name]);
     }
     assert_eq!(same, vms, "a VM did not survive the restarts in its QEMU");
+    assert_eq!(orphans, 0, "domains outlived their containers");
 }

@@ -29,6 +29,8 @@ const RETRY: Duration = Duration::from_secs(1);
 const SWEEP_PERIOD: Duration = Duration::from_secs(5);
 /// libvirt's `VIR_ERR_NO_DOMAIN`.
 const ERR_NO_DOMAIN: i32 = 42;
+/// libvirt's `VIR_ERR_OPERATION_INVALID` (e.g. "domain is not running").
+const ERR_OPERATION_INVALID: i32 = 55;
 
 /// The process a domain lives for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +158,7 @@ struct Kept {
 pub struct Keeper {
     uri: String,
     proc_root: PathBuf,
+    qemu_run_dir: PathBuf,
     control: tokio::sync::Mutex<Option<Client>>,
     kept: std::sync::Mutex<HashMap<[u8; 16], Kept>>,
     /// Whether the domains of the gate before have been taken over.
@@ -164,10 +167,12 @@ pub struct Keeper {
 
 impl Keeper {
     /// A keeper using libvirtd's socket `libvirtd` and processes under `proc_root`.
-    pub fn new(libvirtd: &Path, proc_root: PathBuf) -> Keeper {
+    /// `qemu_run_dir` is where libvirtd's QEMU driver writes `<domain>.pid`.
+    pub fn new(libvirtd: &Path, proc_root: PathBuf, qemu_run_dir: PathBuf) -> Keeper {
         Keeper {
             uri: format!("qemu+unix:///system?socket={}", libvirtd.display()),
             proc_root,
+            qemu_run_dir,
             control: tokio::sync::Mutex::new(None),
             kept: std::sync::Mutex::new(HashMap::new()),
             reconciled: tokio::sync::watch::Sender::new(false),
@@ -280,9 +285,18 @@ impl Keeper {
         if self.lock().get(&uuid).is_some_and(|kept| !is_owner(kept)) {
             return;
         }
-        let name = self.lock().get(&uuid).map(|kept| kept.name.clone());
-        let name = name.unwrap_or_else(|| format_uuid(&uuid));
+        let known = self.lock().get(&uuid).map(|kept| kept.name.clone());
+        let name = known.clone().unwrap_or_else(|| format_uuid(&uuid));
         tracing::info!(domain = %name, %why, "destroying the domain");
+        // QEMU is killed at once, not after libvirtd's gentler destroy, which
+        // waits for each QEMU in turn and for this node's init to reap it:
+        // a storm of dying containers would wait in line.
+        if let Some(known) = &known {
+            match kill_qemu(&self.proc_root, &self.qemu_run_dir, known) {
+                Ok(pid) => tracing::debug!(domain = %name, pid, "QEMU killed"),
+                Err(why) => tracing::debug!(domain = %name, %why, "QEMU not killed directly"),
+            }
+        }
         loop {
             let attempt = async {
                 let control = self.control().await?;
@@ -294,8 +308,8 @@ impl Keeper {
                     tracing::info!(domain = %name, "destroyed");
                     break;
                 }
-                Err(libvirt_wire::Error::Libvirt(e)) if e.code == ERR_NO_DOMAIN => {
-                    tracing::info!(domain = %name, "already gone");
+                Err(libvirt_wire::Error::Libvirt(e)) if e.code == ERR_NO_DOMAIN || e.code == ERR_OPERATION_INVALID => {
+                    tracing::info!(domain = %name, "gone");
                     break;
                 }
                 Err(e) => {
@@ -412,6 +426,61 @@ impl Keeper {
         }
         Ok((kept, ended))
     }
+}
+
+/// Domain `name`'s QEMU: the PID in libvirtd's PID file, checked to be a
+/// process whose command line names that guest.
+pub fn qemu_of(proc_root: &Path, run_dir: &Path, name: &str) -> Result<i32, String> {
+    let pid_file = run_dir.join(format!("{name}.pid"));
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .map_err(|e| format!("cannot read QEMU's PID from {}: {e}", pid_file.display()))?
+        .trim()
+        .parse()
+        .map_err(|_| format!("{} does not hold a PID", pid_file.display()))?;
+    let cmdline = std::fs::read(proc_root.join(pid.to_string()).join("cmdline")).unwrap_or_default();
+    let guest = format!("guest={name},");
+    if !cmdline.split(|b| *b == 0).any(|arg| arg.starts_with(guest.as_bytes())) {
+        return Err(format!(
+            "process {pid} (from {}) is not domain {name}'s QEMU",
+            pid_file.display()
+        ));
+    }
+    Ok(pid)
+}
+
+/// SIGKILLs domain `name`'s QEMU through a pidfd taken before the check, so
+/// the signal cannot reach a process that got its PID since.
+fn kill_qemu(proc_root: &Path, run_dir: &Path, name: &str) -> Result<i32, String> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let pid = qemu_of(proc_root, run_dir, name)?;
+    // SAFETY: pidfd_open takes a PID and flags and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(format!("QEMU (PID {pid}) has exited"));
+    }
+    // SAFETY: on success the kernel gave us a new descriptor that we now own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if qemu_of(proc_root, run_dir, name)? != pid {
+        return Err("the PID file changed".into());
+    }
+    // SAFETY: pidfd_send_signal takes a live pidfd, a signal, no siginfo and
+    // no flags; it touches no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(format!(
+            "cannot signal QEMU (PID {pid}): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(pid)
 }
 
 /// A pidfd for `owner`'s process, or `None` when it has exited (or its PID

@@ -78,7 +78,13 @@ impl Gate {
     /// the settings then).
     pub fn keeper(&self) -> Arc<Keeper> {
         self.keeper
-            .get_or_init(|| Arc::new(Keeper::new(&self.libvirtd, self.proc_root.clone())))
+            .get_or_init(|| {
+                Arc::new(Keeper::new(
+                    &self.libvirtd,
+                    self.proc_root.clone(),
+                    self.qemu_run_dir.clone(),
+                ))
+            })
             .clone()
     }
 }
@@ -893,21 +899,7 @@ fn place_qemu(
     name: &str,
     caller: CallerProcess,
 ) -> Result<(i32, usize), String> {
-    let pid_file = run_dir.join(format!("{name}.pid"));
-    let qemu: i32 = std::fs::read_to_string(&pid_file)
-        .map_err(|e| format!("cannot read QEMU's PID from {}: {e}", pid_file.display()))?
-        .trim()
-        .parse()
-        .map_err(|_| format!("{} does not hold a PID", pid_file.display()))?;
-    // The PID file is libvirtd's; check it names this domain's QEMU.
-    let cmdline = std::fs::read(proc_root.join(qemu.to_string()).join("cmdline")).unwrap_or_default();
-    let guest = format!("guest={name},");
-    if !cmdline.split(|b| *b == 0).any(|arg| arg.starts_with(guest.as_bytes())) {
-        return Err(format!(
-            "process {qemu} (from {}) is not domain {name}'s QEMU",
-            pid_file.display()
-        ));
-    }
+    let qemu = crate::keeper::qemu_of(proc_root, run_dir, name)?;
     let caller_dir = proc_root.join(caller.pid.to_string());
     let cgroups = std::fs::read_to_string(caller_dir.join("cgroup"))
         .map_err(|e| format!("cannot read the caller's cgroups: {e}"))?;
