@@ -111,26 +111,42 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
         "QEMU should be in the VM container's cgroup /virtkube-test/{container_path}:\n{qemu_cgroups}"
     );
 
-    // Another process of the same pod cannot take the domain over.
+    // Another process of the same pod cannot take the domain over,
     let uuid = rx
         .recv_timeout(Duration::from_secs(5))
         .ok()
         .and_then(|l| l.strip_prefix("uuid ").map(str::to_owned))
         .expect("the probe prints its domain's UUID after ready");
-    let mut intruder = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
-        .args(["--find", socket.to_str().unwrap(), &uuid])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    support::enter(&cgroup, intruder.id());
-    intruder.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let taken = String::from_utf8_lossy(&intruder.wait_with_output().unwrap().stdout).into_owned();
-    assert!(
-        taken.starts_with("take over another process's domain\tREFUSED\t")
-            && taken.contains("belongs to another process"),
-        "{taken}"
+    // Nor can a process of another pod.
+    let other_pod = support::pod_cgroup(
+        "/virtkube-test",
+        "burstable",
+        "9e8d7c6b-5a49-4382-9716-0f1e2d3c4b5a",
+        &format!("{:064x}", std::process::id() + 1),
     );
+    let op = other_pod.clone();
+    cleanup.0.push(Box::new(move || {
+        let _ = std::fs::remove_dir(&op);
+        if let Some(pod) = op.parent() {
+            let _ = std::fs::remove_dir(pod);
+        }
+    }));
+    for (from, whose) in [(&cgroup, "the same pod"), (&other_pod, "another pod")] {
+        let mut intruder = Command::new(env!("CARGO_BIN_EXE_virtkube-gate-probe"))
+            .args(["--find", socket.to_str().unwrap(), &uuid])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        support::enter(from, intruder.id());
+        intruder.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let taken = String::from_utf8_lossy(&intruder.wait_with_output().unwrap().stdout).into_owned();
+        assert!(
+            taken.starts_with("take over another process's domain\tREFUSED\t")
+                && taken.contains("belongs to another process"),
+            "a process of {whose}: {taken}"
+        );
+    }
 
     // SIGKILL of the VM container: its domain is gone within 2 s.
     let killed = Instant::now();
