@@ -37,6 +37,18 @@ if [ "$$" = 1 ]; then
   # libvirtd would take for QEMUs: without the host's PIDs they are stale.
   rm -f /run/libvirt/qemu/*.xml /run/libvirt/qemu/*.pid 2>/dev/null || true
 fi
+# A status file whose QEMU has gone (it died while no virthost ran) names a
+# PID that may now be another process of the node, which libvirtd would take
+# for that QEMU and kill when it fails to reach it: such files are removed.
+for status in /run/libvirt/qemu/*.xml; do
+  [ -e "$status" ] || continue
+  name=$(basename "$status" .xml)
+  pid=$(cat "/run/libvirt/qemu/$name.pid" 2>/dev/null || true)
+  if [ -z "$pid" ] || ! tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "^guest=$name,"; then
+    log "removing the state of domain $name: its QEMU (PID ${pid:-?}) is gone"
+    rm -f "$status" "/run/libvirt/qemu/$name.pid"
+  fi
+done
 procs=$(ls /sys/fs/cgroup/*/cgroup.procs /sys/fs/cgroup/cgroup.procs 2>/dev/null | head -1)
 if [ -z "$procs" ] || ! [ -w "$procs" ]; then
   log "WARNING: the host's cgroups are read-only here: the gate cannot move QEMU into its VM container's" \
