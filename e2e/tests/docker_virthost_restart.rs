@@ -187,6 +187,35 @@ fn vms_outlive_their_virthost_and_never_their_container() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("orphan destroyed {:?} after the virthost's return", returned.elapsed());
+
+    // A QEMU that dies while no virthost runs: its state is removed when the
+    // virthost starts (its PID may name another process by then), and its
+    // shim, finding no domain, exits 4 saying so.
+    let c = format!("e2e-outlive-c-{}", std::process::id());
+    let domain_c = start_vm(&c);
+    let c_name = c.clone();
+    let _remove_c = Defer(Box::new(move || {
+        let _ = docker(&["rm", "-f", &c_name]);
+    }));
+    let qemu_c = qemu_pid(&domain_c);
+    let (ok, out) = docker(&["stop", "-t", "20", "virtkube-virthost"]);
+    assert!(ok, "{out}");
+    // SAFETY: kill(2) with QEMU's PID, read from libvirt's state just now.
+    unsafe { libc::kill(qemu_c.trim().parse().unwrap(), libc::SIGKILL) };
+    let (ok, out) = docker(&["start", "virtkube-virthost"]);
+    assert!(ok, "{out}");
+    let (_, code) = docker(&["wait", &c]);
+    let logs = docker(&["logs", &c]).1;
+    assert_eq!(code.trim(), "4", "{logs}");
+    assert!(logs.contains("when libvirtd came back the domain was gone"), "{logs}");
+    let virthost = docker(&["logs", "virtkube-virthost"]).1;
+    assert!(
+        virthost.contains(&format!(
+            "removing the state of domain {domain_c}: its QEMU (PID {}) is gone",
+            qemu_c.trim()
+        )),
+        "{virthost}"
+    );
 }
 
 /// Runs its closure when dropped (also when the test panics).
