@@ -417,9 +417,19 @@ mod malformed {
             Err(e) => println!("a flood of 200000 refused calls, answers unread\tconnect failed\t{e}"),
         }
 
-        // More connections than one caller may hold.
-        let held: Vec<UnixStream> = (0..4).filter_map(|_| UnixStream::connect(socket).ok()).collect();
-        std::thread::sleep(Duration::from_millis(300));
+        // More connections than one caller may hold. Each of the four has
+        // had a call answered (refused for its URI, the connection kept), so
+        // the gate holds all four before the fifth comes, however busy it is.
+        let open = call(procedure::CONNECT_OPEN, 1, &[0, 0, 0, 0, 0, 0, 0, 0]);
+        let held: Vec<UnixStream> = (0..4)
+            .filter_map(|_| UnixStream::connect(socket).ok())
+            .map(|mut stream| {
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+                let _ = stream.write_all(&open);
+                let _ = outcome(&mut stream);
+                stream
+            })
+            .collect();
         attempt(
             socket,
             "a fifth connection",
