@@ -145,14 +145,7 @@ fn main() {
     kill.extend(names.iter().map(String::as_str));
     let (ok, out) = docker(&kill);
     assert!(ok, "docker kill: {out}");
-    let qemu_alive = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|stat| {
-            stat.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        })
-    };
-    while after.iter().any(|p| qemu_alive(p)) && killed.elapsed() < Duration::from_secs(10) {
+    while after.iter().any(|p| virtkube_e2e::process_runs(p)) && killed.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let qemus_ended = killed.elapsed();

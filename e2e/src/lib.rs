@@ -46,6 +46,15 @@ pub fn virthost_virsh(container: &str, args: &[&str]) -> (bool, String) {
     run("/usr/bin/docker", &full, None)
 }
 
+/// Whether process `pid` (the node's) runs: it exists and is not a zombie
+/// awaiting its reaper.
+pub fn process_runs(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .ok()
+        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
 /// A running command whose stdin we type into and whose stdout we watch
 /// (`docker run -i`, `kubectl attach -i`). Killed when dropped.
 #[derive(Debug)]

@@ -58,14 +58,6 @@ fn qemu_pid(domain: &str) -> String {
     std::fs::read_to_string(format!("/var/run/virtkube-virthost/run/qemu/{domain}.pid")).unwrap_or_default()
 }
 
-/// Whether process `pid` runs (exists and is not a zombie awaiting its reaper).
-fn qemu_runs(pid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| stat.rsplit(')').next().map(|rest| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
-
 fn domain_exists(domain: &str) -> bool {
     virtkube_e2e::virthost_virsh("virtkube-virthost", &["domstate", domain]).0
 }
@@ -148,7 +140,7 @@ fn vms_outlive_their_virthost_and_never_their_container() {
     let killed = Instant::now();
     let (ok, out) = docker(&["kill", &b]);
     assert!(ok, "{out}");
-    while qemu_runs(qemu_b.trim()) {
+    while virtkube_e2e::process_runs(&qemu_b) {
         assert!(
             killed.elapsed() < Duration::from_secs(2),
             "B's QEMU outlived its container by 2 s"

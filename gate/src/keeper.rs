@@ -99,6 +99,11 @@ impl Owner {
             .replacen("<owner ", &format!(r#"<owner xmlns="{OWNER_NAMESPACE}" "#), 1)
     }
 
+    /// Whether `other` names the same process (PID and start time).
+    fn same_process(&self, other: &Owner) -> bool {
+        self.pid == other.pid && self.start_ticks == other.start_ticks
+    }
+
     /// Whether the process whose `/proc/<pid>/stat` reads `stat` (`None`:
     /// no such process) is this owner.
     pub fn is(&self, stat: Option<&str>) -> bool {
@@ -204,16 +209,6 @@ impl Keeper {
         self.lock().get(uuid).map(|kept| kept.owner.clone())
     }
 
-    /// How many domains the gate keeps.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether it keeps none.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 16], Kept>> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -231,10 +226,7 @@ impl Keeper {
     /// owner changes nothing).
     fn keep(self: &Arc<Self>, uuid: [u8; 16], name: String, owner: Owner, pidfd: OwnedFd) {
         let mut kept = self.lock();
-        if kept
-            .get(&uuid)
-            .is_some_and(|k| k.owner.pid == owner.pid && k.owner.start_ticks == owner.start_ticks)
-        {
+        if kept.get(&uuid).is_some_and(|k| k.owner.same_process(&owner)) {
             return;
         }
         tracing::info!(domain = %name, owner = %owner.caller, pid = owner.pid, "keeping the domain while its owner lives");
@@ -280,8 +272,7 @@ impl Keeper {
     /// restarting), and forgets it. A domain the gate now keeps for another
     /// owner (the same UUID created again) is left alone.
     pub async fn end(&self, uuid: [u8; 16], owner: Option<&Owner>, why: &str) {
-        let is_owner =
-            |kept: &Kept| owner.is_none_or(|o| kept.owner.pid == o.pid && kept.owner.start_ticks == o.start_ticks);
+        let is_owner = |kept: &Kept| owner.is_none_or(|o| kept.owner.same_process(o));
         if self.lock().get(&uuid).is_some_and(|kept| !is_owner(kept)) {
             return;
         }
@@ -338,8 +329,7 @@ impl Keeper {
             };
             match found.await {
                 Ok((domain, Some(record))) => {
-                    if Owner::from_xml(&record).is_ok_and(|o| o.pid == owner.pid && o.start_ticks == owner.start_ticks)
-                    {
+                    if Owner::from_xml(&record).is_ok_and(|o| o.same_process(owner)) {
                         self.end(domain.uuid, None, "its creation was abandoned by its caller")
                             .await;
                     }
@@ -451,15 +441,9 @@ pub fn qemu_of(proc_root: &Path, run_dir: &Path, name: &str) -> Result<i32, Stri
 /// SIGKILLs domain `name`'s QEMU through a pidfd taken before the check, so
 /// the signal cannot reach a process that got its PID since.
 fn kill_qemu(proc_root: &Path, run_dir: &Path, name: &str) -> Result<i32, String> {
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::AsRawFd;
     let pid = qemu_of(proc_root, run_dir, name)?;
-    // SAFETY: pidfd_open takes a PID and flags and touches no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(format!("QEMU (PID {pid}) has exited"));
-    }
-    // SAFETY: on success the kernel gave us a new descriptor that we now own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let pidfd = pidfd_open(pid).ok_or_else(|| format!("QEMU (PID {pid}) has exited"))?;
     if qemu_of(proc_root, run_dir, name)? != pid {
         return Err("the PID file changed".into());
     }
@@ -483,17 +467,19 @@ fn kill_qemu(proc_root: &Path, run_dir: &Path, name: &str) -> Result<i32, String
     Ok(pid)
 }
 
+/// A pidfd for process `pid`, or `None` when there is none.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a PID and flags and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: on success the kernel gave us a new descriptor that we now own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// A pidfd for `owner`'s process, or `None` when it has exited (or its PID
 /// now names another process).
 fn open_owner(proc_root: &Path, owner: &Owner) -> Option<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a PID and flags and touches no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, owner.pid, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: on success the kernel gave us a new descriptor that we now own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let pidfd = pidfd_open(owner.pid)?;
     // Read after opening: if the start time still matches, the pidfd names
     // the owner, not a later process that got its PID.
     let stat = std::fs::read_to_string(proc_root.join(owner.pid.to_string()).join("stat")).ok();
