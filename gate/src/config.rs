@@ -32,6 +32,8 @@ pub struct GateConfig {
     pub kubepods_parent: Option<String>,
     /// Most connections one pod or container may hold at once.
     pub max_connections_per_caller: Option<usize>,
+    /// QEMU's memory beyond the guest's, in MiB (the RuntimeClass's overhead).
+    pub qemu_overhead_mib: Option<u64>,
 }
 
 /// A policy file the gate will not run with.
@@ -42,7 +44,7 @@ pub enum ConfigError {
     TooLarge(usize),
     /// Not YAML, or a key or value of the wrong kind.
     #[error(
-        "the gate's policy file is not valid: {0} (keys: imagesRoots, maxMemoryKib, maxVcpus, interfaceTypes, uris, networkDisks, kubepodsParent, maxConnectionsPerCaller)"
+        "the gate's policy file is not valid: {0} (keys: imagesRoots, maxMemoryKib, maxVcpus, interfaceTypes, uris, networkDisks, kubepodsParent, maxConnectionsPerCaller, qemuOverheadMib)"
     )]
     Syntax(String),
     /// A value that parses but cannot be a policy.
@@ -101,6 +103,11 @@ impl GateConfig {
                 )));
             }
             gate.kubepods_parent = parent;
+        }
+        if let Some(mib) = self.qemu_overhead_mib {
+            gate.qemu_overhead = mib
+                .checked_mul(1024 * 1024)
+                .ok_or_else(|| ConfigError::Value(format!("qemuOverheadMib {mib} is too large")))?;
         }
         match self.max_connections_per_caller {
             Some(0) => {

@@ -122,31 +122,38 @@ pub fn from_cgroup_under(pid: i32, text: &str, kubepods_parent: &str) -> Result<
 }
 
 fn pod_of(path: &str, kubepods_parent: &str) -> Option<Identity> {
+    pod_cgroup_of(path, kubepods_parent).map(|(uid, _)| Identity::Pod { uid })
+}
+
+/// The pod UID in a cgroup `path` and the pod's own cgroup (the prefix of
+/// `path` that ends with the pod's component).
+pub fn pod_cgroup_of<'a>(path: &'a str, kubepods_parent: &str) -> Option<(String, &'a str)> {
     let parent = kubepods_parent.trim_end_matches('/');
     let rest = path.strip_prefix(parent)?;
     let mut components = rest.trim_start_matches('/').split('/');
     // cgroupfs driver: kubepods/[<qos>/]pod<uid>/<ctr>
     // systemd driver: kubepods.slice/[kubepods-<qos>.slice/]kubepods-[<qos>-]pod<uid_>.slice/<ctr>.scope
-    match components.next()? {
+    let (uid, pod) = match components.next()? {
         "kubepods" => {
-            let next = components.next()?;
-            let pod = match next {
+            let pod = match components.next()? {
                 "burstable" | "besteffort" => components.next()?,
                 other => other,
             };
-            canonical_uuid(pod.strip_prefix("pod")?).map(|uid| Identity::Pod { uid })
+            (canonical_uuid(pod.strip_prefix("pod")?)?, pod)
         }
         "kubepods.slice" => {
-            let next = components.next()?;
-            let pod = match next {
+            let pod = match components.next()? {
                 "kubepods-burstable.slice" | "kubepods-besteffort.slice" => components.next()?,
                 other => other,
             };
             let uid = pod.strip_suffix(".slice")?.rsplit_once("-pod")?.1.replace('_', "-");
-            canonical_uuid(&uid).map(|uid| Identity::Pod { uid })
+            (canonical_uuid(&uid)?, pod)
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    // `pod` is a slice of `path`: the pod's cgroup ends where it ends.
+    let end = pod.as_ptr() as usize - path.as_ptr() as usize + pod.len();
+    Some((uid, &path[..end]))
 }
 
 fn container_of(path: &str) -> Option<Identity> {

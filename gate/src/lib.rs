@@ -12,3 +12,4 @@ pub mod pods;
 pub mod policy;
 pub mod probe_report;
 pub mod relay;
+pub mod sizing;

@@ -16,7 +16,8 @@ virtkube-gate: lets each VM container create and control its own libvirt domain,
 usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc PATH] [--images-root DIR]...
                      [--max-memory-kib N] [--max-vcpus N] [--interface-types LIST] [--uri URI]...
                      [--kubepods-parent PATH] [--network-disks allow|deny]
-                     [--max-connections-per-caller N] [--listen-tcp ADDRESS:PORT [--node NAME]]
+                     [--max-connections-per-caller N] [--qemu-overhead-mib N]
+                     [--listen-tcp ADDRESS:PORT [--node NAME]]
 
   --config FILE           the policy file (YAML, see docs/gate.md); flags override it
   --listen PATH           the socket VM containers mount (default /var/run/virtkube/libvirt-sock)
@@ -30,6 +31,8 @@ usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc P
   --kubepods-parent PATH  the cgroup the kubelet's kubepods cgroup is under (its --cgroup-root; default /)
   --network-disks allow|deny  whether VMs may use nbd/rbd/iscsi disks with the node's credentials (default deny)
   --max-connections-per-caller N  connections one pod or container may hold at once (default 4)
+  --qemu-overhead-mib N   QEMU's memory beyond the guest's: a VM's pod (or Docker container) must allow
+                          guest memory + N MiB, or its create is refused (default 128)
   --listen-tcp ADDRESS:PORT   also serve VM pods over TCP (e.g. 0.0.0.0:16509), each known by its pod IP
                           among the pods of this node, read from the Kubernetes API (in-cluster config)
   --node NAME             the node whose pods may call over TCP (default: $NODE_NAME)
@@ -103,6 +106,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
                 }
             }
             "--kubepods-parent" => gate.kubepods_parent = value,
+            "--qemu-overhead-mib" => {
+                gate.qemu_overhead = number("--qemu-overhead-mib")?
+                    .checked_mul(1024 * 1024)
+                    .context("--qemu-overhead-mib is too large")?
+            }
             "--network-disks" => {
                 gate.policy.network_disks = config::network_disks(&value).map_err(anyhow::Error::msg)?
             }

@@ -7,9 +7,14 @@
 //! and Docker name their cgroups differently, but placement only follows
 //! paths, so all of them work alike.
 //!
-//! QEMU joins the container's own cgroup, a leaf that already holds the
-//! container's processes, so cgroup v2's rule that processes live only in
-//! leaves holds without making a cgroup of our own.
+//! Where exactly: in a Kubernetes pod, the **pod's** cgroup, so that the
+//! pod's limit — its containers' limits plus the RuntimeClass's
+//! `overhead.podFixed` — bounds QEMU, and the VM container's own limit can
+//! be the guest's memory. cgroup v1 lets a process live in the pod cgroup
+//! itself; cgroup v2 allows processes only in leaves, so there QEMU gets a
+//! leaf of its own, `virtkube-qemu`, under the pod (the kubelet removes it
+//! with the pod). Outside Kubernetes (Docker) there is no pod: QEMU joins
+//! the VM container's cgroup, a leaf already.
 
 use std::path::PathBuf;
 
@@ -63,9 +68,31 @@ pub enum PlacementError {
 pub struct Placement {
     /// `cgroup.procs` files, one per mounted hierarchy.
     pub procs_files: Vec<PathBuf>,
+    /// Cgroups to make before joining them (cgroup v2 leaves under a pod).
+    pub make_dirs: Vec<PathBuf>,
+    /// The cgroup whose memory limit bounds QEMU: the one in the v1 memory
+    /// hierarchy, else the v2 one (its parent, for a leaf of our own, which
+    /// has no limit of its own).
+    pub memory_cgroup: Option<PathBuf>,
     /// Hierarchies of the caller that no mount shows (as the cgroup file names them).
     pub unmounted: Vec<String>,
 }
+
+/// Whose cgroup QEMU joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// The caller's own (a Docker container).
+    Container,
+    /// The pod the caller is in, its pods' cgroups under
+    /// `kubepods_parent`/kubepods (see [`crate::identity`]).
+    Pod {
+        /// The kubelet's cgroup root.
+        kubepods_parent: &'a str,
+    },
+}
+
+/// QEMU's own leaf under a pod's cgroup in cgroup v2.
+pub const V2_POD_LEAF: &str = "virtkube-qemu";
 
 /// The cgroup mounts in a `/proc/self/mountinfo` text.
 pub fn cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
@@ -130,9 +157,11 @@ fn unescape(field: &str) -> String {
     out
 }
 
-/// Where a process whose `/proc/<pid>/cgroup` reads `proc_cgroup` lives, in
-/// every hierarchy the gate has mounted.
-pub fn placement(proc_cgroup: &str, mounts: &[CgroupMount]) -> Result<Placement, PlacementError> {
+/// Where QEMU goes for a caller whose `/proc/<pid>/cgroup` reads
+/// `proc_cgroup`, in every hierarchy the gate has mounted: the caller's
+/// cgroup, or for [`Scope::Pod`] its pod's (a hierarchy where the caller is
+/// in no pod keeps the caller's cgroup).
+pub fn placement(proc_cgroup: &str, mounts: &[CgroupMount], scope: Scope<'_>) -> Result<Placement, PlacementError> {
     let mut result = Placement::default();
     for line in proc_cgroup.lines().filter(|l| !l.trim().is_empty()) {
         let mut fields = line.splitn(3, ':');
@@ -166,8 +195,24 @@ pub fn placement(proc_cgroup: &str, mounts: &[CgroupMount]) -> Result<Placement,
             path: path.to_owned(),
             root: mount.root.clone(),
         })?;
+        let pod = match scope {
+            Scope::Pod { kubepods_parent } => crate::identity::pod_cgroup_of(path, kubepods_parent)
+                .map(|(_, pod)| &relative[..relative.len() - (path.len() - pod.len())]),
+            Scope::Container => None,
+        };
         let mut dir = mount.mount_point.clone();
-        dir.extend(relative.split('/').filter(|c| !c.is_empty()));
+        dir.extend(pod.unwrap_or(relative).split('/').filter(|c| !c.is_empty()));
+        let is_memory = match &mount.hierarchy {
+            Hierarchy::V1(controllers) => controllers.iter().any(|c| c == "memory"),
+            Hierarchy::V2 => result.memory_cgroup.is_none(),
+        };
+        if is_memory {
+            result.memory_cgroup = Some(dir.clone());
+        }
+        if pod.is_some() && mount.hierarchy == Hierarchy::V2 {
+            dir.push(V2_POD_LEAF);
+            result.make_dirs.push(dir.clone());
+        }
         result.procs_files.push(dir.join("cgroup.procs"));
     }
     if result.procs_files.is_empty() {
@@ -207,13 +252,13 @@ mod tests {
 
     /// A kubelet with the cgroupfs driver on that machine.
     const POD_V1: &str = "\
-12:pids:/kubepods/burstable/pod1b2c/ctr1
-11:cpuset:/kubepods/burstable/pod1b2c/ctr1
-5:cpu,cpuacct:/kubepods/burstable/pod1b2c/ctr1
-4:memory:/kubepods/burstable/pod1b2c/ctr1
-3:blkio:/kubepods/burstable/pod1b2c/ctr1
-1:name=systemd:/kubepods/burstable/pod1b2c/ctr1
-0::/kubepods/burstable/pod1b2c/ctr1
+12:pids:/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1
+11:cpuset:/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1
+5:cpu,cpuacct:/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1
+4:memory:/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1
+3:blkio:/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1
+1:name=systemd:/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1
+0::/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1
 ";
 
     #[test]
@@ -240,36 +285,108 @@ mod tests {
 
     #[test]
     fn a_v1_pod_container_is_joined_in_every_mounted_hierarchy() {
-        let placed = placement(POD_V1, &cgroup_mounts(MOUNTINFO_V1)).unwrap();
+        let placed = placement(POD_V1, &cgroup_mounts(MOUNTINFO_V1), Scope::Container).unwrap();
         let files: Vec<String> = placed.procs_files.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(
             files,
             [
-                "/sys/fs/cgroup/pids/kubepods/burstable/pod1b2c/ctr1/cgroup.procs",
-                "/sys/fs/cgroup/cpuset/kubepods/burstable/pod1b2c/ctr1/cgroup.procs",
-                "/sys/fs/cgroup/cpu,cpuacct/kubepods/burstable/pod1b2c/ctr1/cgroup.procs",
-                "/sys/fs/cgroup/memory/kubepods/burstable/pod1b2c/ctr1/cgroup.procs",
-                "/sys/fs/cgroup/systemd/kubepods/burstable/pod1b2c/ctr1/cgroup.procs",
-                "/sys/fs/cgroup/unified/kubepods/burstable/pod1b2c/ctr1/cgroup.procs",
+                "/sys/fs/cgroup/pids/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs",
+                "/sys/fs/cgroup/cpuset/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs",
+                "/sys/fs/cgroup/cpu,cpuacct/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs",
+                "/sys/fs/cgroup/memory/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs",
+                "/sys/fs/cgroup/systemd/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs",
+                "/sys/fs/cgroup/unified/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs",
             ]
         );
         assert_eq!(placed.unmounted, ["blkio"]);
     }
 
+    const POD: Scope<'static> = Scope::Pod { kubepods_parent: "/" };
+
     #[test]
-    fn a_v2_systemd_driver_pod_and_a_docker_container() {
+    fn in_a_pod_qemu_joins_the_pod_cgroup_itself_under_v1() {
+        let placed = placement(POD_V1, &cgroup_mounts(MOUNTINFO_V1), POD).unwrap();
+        let files: Vec<String> = placed.procs_files.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(
+            files,
+            [
+                "/sys/fs/cgroup/pids/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
+                "/sys/fs/cgroup/cpuset/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
+                "/sys/fs/cgroup/cpu,cpuacct/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
+                "/sys/fs/cgroup/memory/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
+                "/sys/fs/cgroup/systemd/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
+                // The unified hierarchy: a leaf of QEMU's own.
+                "/sys/fs/cgroup/unified/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/virtkube-qemu/cgroup.procs",
+            ]
+        );
+        assert_eq!(
+            placed.make_dirs,
+            [PathBuf::from("/sys/fs/cgroup/unified/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/virtkube-qemu")]
+        );
+        assert_eq!(
+            placed.memory_cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/memory/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b"))
+        );
+    }
+
+    #[test]
+    fn in_a_v2_pod_qemu_gets_a_leaf_and_the_pod_limit_bounds_it() {
         let mountinfo = "35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
-        let pod = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c_3d4e.slice/cri-containerd-abc.scope\n";
-        let placed = placement(pod, &cgroup_mounts(mountinfo)).unwrap();
+        let pod = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod4b7d3e62_5b2f_4c3a_9a8e_0c1d2e3f4a5b.slice/cri-containerd-abc.scope\n";
+        let slice = "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod4b7d3e62_5b2f_4c3a_9a8e_0c1d2e3f4a5b.slice";
+        let placed = placement(pod, &cgroup_mounts(mountinfo), POD).unwrap();
+        assert_eq!(placed.procs_files, [PathBuf::from(format!("{slice}/virtkube-qemu/cgroup.procs"))]);
+        assert_eq!(placed.make_dirs, [PathBuf::from(format!("{slice}/virtkube-qemu"))]);
+        assert_eq!(placed.memory_cgroup, Some(PathBuf::from(slice)));
+        // A guaranteed pod under cgroupfs, seen through a subtree mount.
+        let subtree = "35 24 0:30 /kubepods /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let placed = placement(
+            "0::/kubepods/pod1b2c3d4e-0000-4000-8000-000000000001/ctr\n",
+            &cgroup_mounts(subtree),
+            POD,
+        )
+        .unwrap();
         assert_eq!(
             placed.procs_files,
             [PathBuf::from(
-                "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c_3d4e.slice/cri-containerd-abc.scope/cgroup.procs"
+                "/sys/fs/cgroup/pod1b2c3d4e-0000-4000-8000-000000000001/virtkube-qemu/cgroup.procs"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_docker_container_or_a_path_outside_the_kubelets_root_keeps_its_cgroup() {
+        let docker = "4:memory:/docker/0123\n0::/docker/0123\n";
+        let placed = placement(docker, &cgroup_mounts(MOUNTINFO_V1), POD).unwrap();
+        assert_eq!(
+            placed.procs_files,
+            [
+                PathBuf::from("/sys/fs/cgroup/memory/docker/0123/cgroup.procs"),
+                PathBuf::from("/sys/fs/cgroup/unified/docker/0123/cgroup.procs"),
+            ]
+        );
+        assert!(placed.make_dirs.is_empty());
+        assert_eq!(placed.memory_cgroup, Some(PathBuf::from("/sys/fs/cgroup/memory/docker/0123")));
+        // A pod-looking path that is not under the kubelet's root is no pod.
+        let elsewhere = Scope::Pod { kubepods_parent: "/virtkube-test" };
+        let placed = placement(POD_V1, &cgroup_mounts(MOUNTINFO_V1), elsewhere).unwrap();
+        assert!(placed.procs_files[0].ends_with("pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs"), "{placed:?}");
+    }
+
+    #[test]
+    fn a_v2_systemd_driver_pod_and_a_docker_container() {
+        let mountinfo = "35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+        let pod = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod4b7d3e62_5b2f_4c3a_9a8e_0c1d2e3f4a5b.slice/cri-containerd-abc.scope\n";
+        let placed = placement(pod, &cgroup_mounts(mountinfo), Scope::Container).unwrap();
+        assert_eq!(
+            placed.procs_files,
+            [PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod4b7d3e62_5b2f_4c3a_9a8e_0c1d2e3f4a5b.slice/cri-containerd-abc.scope/cgroup.procs"
             )]
         );
         let docker = "0::/system.slice/docker-0123abcd.scope\n";
         assert_eq!(
-            placement(docker, &cgroup_mounts(mountinfo)).unwrap().procs_files,
+            placement(docker, &cgroup_mounts(mountinfo), Scope::Container).unwrap().procs_files,
             [PathBuf::from(
                 "/sys/fs/cgroup/system.slice/docker-0123abcd.scope/cgroup.procs"
             )]
@@ -282,13 +399,13 @@ mod tests {
         let mountinfo = "35 24 0:30 /kubepods /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
         let mounts = cgroup_mounts(mountinfo);
         assert_eq!(
-            placement("0::/kubepods/besteffort/pod9/c\n", &mounts)
+            placement("0::/kubepods/besteffort/pod9/c\n", &mounts, Scope::Container)
                 .unwrap()
                 .procs_files,
             [PathBuf::from("/sys/fs/cgroup/besteffort/pod9/c/cgroup.procs")]
         );
         for outside in ["0::/system.slice/x\n", "0::/kubepodsX/y\n", "0::/kubepods/../etc\n"] {
-            let e = placement(outside, &mounts).unwrap_err();
+            let e = placement(outside, &mounts, Scope::Container).unwrap_err();
             assert!(matches!(e, PlacementError::OutsideMount { .. }), "{outside:?}: {e}");
             assert!(e.to_string().contains("host's cgroup namespace"), "{e}");
         }
@@ -299,15 +416,15 @@ mod tests {
         let mounts = cgroup_mounts(MOUNTINFO_V1);
         for bad in ["garbage\n", "1:memory\n", "4:memory:relative/path\n"] {
             assert!(
-                matches!(placement(bad, &mounts), Err(PlacementError::BadLine(_))),
+                matches!(placement(bad, &mounts, Scope::Container), Err(PlacementError::BadLine(_))),
                 "{bad:?}"
             );
         }
         assert_eq!(
-            placement("7:hugetlb:/a\n", &mounts),
+            placement("7:hugetlb:/a\n", &mounts, Scope::Container),
             Err(PlacementError::NothingMounted)
         );
-        assert_eq!(placement("", &mounts), Err(PlacementError::NothingMounted));
+        assert_eq!(placement("", &mounts, Scope::Container), Err(PlacementError::NothingMounted));
         // Escaped mount points.
         let spaced = cgroup_mounts("1 1 0:1 / /mnt/cg\\040v2 rw - cgroup2 none rw\n");
         assert_eq!(spaced[0].mount_point, PathBuf::from("/mnt/cg v2"));

@@ -109,6 +109,15 @@ pub struct Admitted {
     pub uuid: Option<[u8; 16]>,
 }
 
+/// What an admitted domain XML says that the gate goes on to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The domain, which later calls may name.
+    pub domain: Admitted,
+    /// Its memory, in KiB (checked against the cgroup QEMU will join).
+    pub memory_kib: u64,
+}
+
 /// virtkube's metadata namespace (virtkube-api's `METADATA_XMLNS`, which the
 /// gate does not link: that crate carries the Kubernetes client types).
 const METADATA_NS: &str = "https://virtkube.io/xmlns/domain/v1alpha1";
@@ -219,7 +228,7 @@ const LIFECYCLE_ACTIONS: &[&str] = &["destroy", "restart", "preserve", "rename-r
 const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template"];
 
 /// Checks a domain XML from `who` against `policy`.
-pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl Paths) -> Result<Admitted, Denied> {
+pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl Paths) -> Result<Admission, Denied> {
     // The renderer writes none of these, and each is a place where this parser
     // and libvirt's could read different text (a comment splitting a path, an
     // encoding declaration, a DOCTYPE).
@@ -254,11 +263,14 @@ pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl
         None => None,
     };
     check_owner(root, who, name, uuid.as_ref())?;
-    check_sizes(root, policy)?;
+    let memory_kib = check_sizes(root, policy)?;
     check_devices(root, policy, paths)?;
-    Ok(Admitted {
-        name: name.to_owned(),
-        uuid,
+    Ok(Admission {
+        domain: Admitted {
+            name: name.to_owned(),
+            uuid,
+        },
+        memory_kib,
     })
 }
 
@@ -391,7 +403,8 @@ fn check_owner(
     Ok(())
 }
 
-fn check_sizes(root: roxmltree::Node<'_, '_>, policy: &Policy) -> Result<(), Denied> {
+/// Checks memory and vCPUs against the policy; returns the memory in KiB.
+fn check_sizes(root: roxmltree::Node<'_, '_>, policy: &Policy) -> Result<u64, Denied> {
     let memory = child(root, "memory").ok_or(Denied("the domain has no <memory>".into()))?;
     if memory.attribute("unit").unwrap_or("KiB") != "KiB" {
         return deny("<memory> must be in KiB");
@@ -415,7 +428,7 @@ fn check_sizes(root: roxmltree::Node<'_, '_>, policy: &Policy) -> Result<(), Den
             policy.max_vcpus
         ));
     }
-    Ok(())
+    Ok(kib)
 }
 
 fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<(), Denied> {
@@ -579,8 +592,9 @@ mod tests {
     #[test]
     fn what_the_renderer_produces_for_the_caller_is_admitted() {
         let admitted = check_domain_xml(&golden("server"), &pod(), &server_policy(), &no_links()).unwrap();
-        assert_eq!(admitted.name, "virtkube-golden_server-0");
-        assert_eq!(admitted.uuid, libvirt_wire::protocol::parse_uuid(UID));
+        assert_eq!(admitted.domain.name, "virtkube-golden_server-0");
+        assert_eq!(admitted.domain.uuid, libvirt_wire::protocol::parse_uuid(UID));
+        assert_eq!(admitted.memory_kib, 2 * 1024 * 1024);
     }
 
     #[test]

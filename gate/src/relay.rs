@@ -30,6 +30,7 @@ use tokio::sync::Mutex;
 use crate::identity::{self, Identity};
 use crate::keeper::{Keeper, Owner};
 use crate::placement;
+use crate::sizing;
 use crate::pods::UnknownAddress;
 use crate::policy::{self, Admitted, Denied, Policy, RealPaths};
 
@@ -70,6 +71,9 @@ pub struct Gate {
     pub place_qemu: bool,
     /// Where the gate's own mounts are read (`/proc/self/mountinfo`).
     pub mountinfo: PathBuf,
+    /// QEMU's memory beyond the guest's, in bytes: the cgroup QEMU joins
+    /// must allow the guest's memory plus this.
+    pub qemu_overhead: u64,
     keeper: std::sync::OnceLock<Arc<Keeper>>,
 }
 
@@ -101,6 +105,7 @@ impl Default for Gate {
             qemu_run_dir: PathBuf::from("/run/libvirt/qemu"),
             place_qemu: true,
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
+            qemu_overhead: crate::sizing::DEFAULT_QEMU_OVERHEAD,
             keeper: std::sync::OnceLock::new(),
         }
     }
@@ -682,6 +687,7 @@ async fn relay<S>(
         proc_root: gate.proc_root.clone(),
         qemu_run_dir: gate.qemu_run_dir.clone(),
         mountinfo: gate.place_qemu.then(|| gate.mountinfo.clone()),
+        kubepods_parent: gate.kubepods_parent.clone(),
         who: who.clone(),
         caller,
     });
@@ -847,6 +853,8 @@ struct Finisher {
     qemu_run_dir: PathBuf,
     /// The gate's mountinfo, when QEMU is to be placed.
     mountinfo: Option<PathBuf>,
+    /// The kubelet's cgroup root: a pod's QEMU joins the pod's cgroup.
+    kubepods_parent: String,
     who: Identity,
     caller: CallerProcess,
 }
@@ -868,11 +876,17 @@ impl Finisher {
             let (proc_root, run_dir, mountinfo) =
                 (self.proc_root.clone(), self.qemu_run_dir.clone(), mountinfo.clone());
             let (name, caller) = (domain.name.clone(), self.caller);
-            let placed =
-                tokio::task::spawn_blocking(move || place_qemu(&proc_root, &run_dir, &mountinfo, &name, caller))
+            let pod_of = matches!(self.who, Identity::Pod { .. }).then(|| self.kubepods_parent.clone());
+            let placed = tokio::task::spawn_blocking(move || {
+                let scope = match &pod_of {
+                    Some(kubepods_parent) => placement::Scope::Pod { kubepods_parent },
+                    None => placement::Scope::Container,
+                };
+                place_qemu(&proc_root, &run_dir, &mountinfo, &name, caller, scope)
+            })
                     .await
                     .map_err(|e| format!("placing QEMU failed: {e}"))??;
-            tracing::info!(who = %self.who, domain = %domain.name, qemu = placed.0, cgroups = placed.1, "QEMU placed in the caller's cgroups");
+            tracing::info!(who = %self.who, domain = %domain.name, qemu = placed.0, cgroups = placed.1, "QEMU placed in the caller's pod or container cgroups");
         }
         if run {
             let control = self
@@ -898,10 +912,37 @@ fn place_qemu(
     mountinfo: &std::path::Path,
     name: &str,
     caller: CallerProcess,
+    scope: placement::Scope<'_>,
 ) -> Result<(i32, usize), String> {
     let qemu = crate::keeper::qemu_of(proc_root, run_dir, name)?;
-    let caller_dir = proc_root.join(caller.pid.to_string());
-    let cgroups = std::fs::read_to_string(caller_dir.join("cgroup"))
+    let (cgroups, mounts) = caller_cgroups(proc_root, mountinfo, caller)?;
+    let places = placement::placement(&cgroups, &mounts, scope).map_err(|e| e.to_string())?;
+    if !places.unmounted.is_empty() {
+        tracing::debug!(unmounted = ?places.unmounted, "hierarchies of the caller the gate has not mounted");
+    }
+    for dir in &places.make_dirs {
+        match std::fs::create_dir(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("cannot make QEMU's cgroup {}: {e}", dir.display()));
+            }
+            _ => {}
+        }
+    }
+    for procs in &places.procs_files {
+        std::fs::write(procs, qemu.to_string())
+            .map_err(|e| format!("cannot move QEMU (PID {qemu}) into {}: {e}", procs.display()))?;
+    }
+    Ok((qemu, places.procs_files.len()))
+}
+
+/// The caller's `/proc/<pid>/cgroup` text and the gate's cgroup mounts,
+/// provided the caller still runs.
+fn caller_cgroups(
+    proc_root: &std::path::Path,
+    mountinfo: &std::path::Path,
+    caller: CallerProcess,
+) -> Result<(String, Vec<placement::CgroupMount>), String> {
+    let cgroups = std::fs::read_to_string(proc_root.join(caller.pid.to_string()).join("cgroup"))
         .map_err(|e| format!("cannot read the caller's cgroups: {e}"))?;
     if CallerProcess::read(proc_root, caller.pid) != Some(caller) {
         return Err("the caller exited while its VM was being created".into());
@@ -909,15 +950,45 @@ fn place_qemu(
     let mounts = placement::cgroup_mounts(
         &std::fs::read_to_string(mountinfo).map_err(|e| format!("cannot read {}: {e}", mountinfo.display()))?,
     );
-    let places = placement::placement(&cgroups, &mounts).map_err(|e| e.to_string())?;
-    if !places.unmounted.is_empty() {
-        tracing::debug!(unmounted = ?places.unmounted, "hierarchies of the caller the gate has not mounted");
+    Ok((cgroups, mounts))
+}
+
+/// Where QEMU goes for `who`: its pod's cgroup, or its container's.
+fn scope_of<'a>(gate: &'a Gate, who: &Identity) -> placement::Scope<'a> {
+    match who {
+        Identity::Pod { .. } => placement::Scope::Pod {
+            kubepods_parent: &gate.kubepods_parent,
+        },
+        _ => placement::Scope::Container,
     }
-    for procs in &places.procs_files {
-        std::fs::write(procs, qemu.to_string())
-            .map_err(|e| format!("cannot move QEMU (PID {qemu}) into {}: {e}", procs.display()))?;
-    }
-    Ok((qemu, places.procs_files.len()))
+}
+
+/// Refuses a VM of `guest` bytes that the cgroup its QEMU will join cannot
+/// hold with QEMU's overhead. A cgroup the gate cannot read is the
+/// placement's failure to report, after the create.
+fn check_fit(gate: &Gate, who: &Identity, caller: CallerProcess, guest: u64) -> Result<(), Denied> {
+    let Ok((cgroups, mounts)) = caller_cgroups(&gate.proc_root, &gate.mountinfo, caller) else {
+        return Ok(());
+    };
+    let scope = scope_of(gate, who);
+    let Some(memory_cgroup) = placement::placement(&cgroups, &mounts, scope)
+        .ok()
+        .and_then(|placed| placed.memory_cgroup)
+    else {
+        return Ok(());
+    };
+    let bound = match scope {
+        placement::Scope::Pod { .. } => sizing::Bound::Pod,
+        placement::Scope::Container => sizing::Bound::Container,
+    };
+    sizing::check(
+        sizing::memory_limit_of(&memory_cgroup),
+        guest,
+        gate.qemu_overhead,
+        bound,
+        &memory_cgroup.display().to_string(),
+    )
+    .map_err(Denied)
 }
 
 /// Decides one call from a VM container.
@@ -974,10 +1045,14 @@ fn check_call(
                     "a domain must be created with VALIDATE (flags {create_flags:#x})"
                 )));
             }
-            let admitted = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
+            let policy::Admission { domain: admitted, memory_kib } =
+                policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
             let Some(caller) = session.caller else {
                 return Err(Denied("the gate does not know the calling process".into()));
             };
+            if gate.place_qemu {
+                check_fit(gate, who, caller, memory_kib.saturating_mul(1024))?;
+            }
             // The domain carries its owner from the moment it exists, so that
             // no break before the hand-over leaves it unowned.
             let xml = crate::keeper::with_owner_record(&xml, &caller.owner(who))

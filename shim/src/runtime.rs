@@ -98,11 +98,16 @@ pub async fn run(
     };
     let oom_before = oom_kills();
     let (exit, client) = supervise(config, endpoint, client, &domain, signals).await;
-    // QEMU runs in this container's cgroup: a kill for memory there is why it failed.
+    // On Docker QEMU runs in this container's cgroup: a kill for memory there
+    // is why it failed. In a pod it runs in the pod's cgroup, which the shim
+    // cannot see; the virthost reports a kill there as an event on the pod.
     let exit = match exit {
         Exit::GuestCrashed(why) if oom_kills() > oom_before => Exit::GuestCrashed(format!(
             "{why}; the kernel killed QEMU for memory in this container's cgroup: raise the container's memory limit (guest memory + QEMU's overhead, VIRTKUBE_QEMU_OVERHEAD {} MiB)",
             config.qemu_overhead.div_ceil(1024 * 1024)
+        )),
+        Exit::GuestCrashed(why) if instance.pod_uid.is_some() => Exit::GuestCrashed(format!(
+            "{why}; if the pod ran out of memory, its events say so (kubectl describe pod: OOMKilled from virtkube-nodeinfo)"
         )),
         other => other,
     };
@@ -140,16 +145,15 @@ async fn prepare(
     template: &ResolvedTemplate,
     instance: &Instance,
 ) -> Result<(Client, String, String), Exit> {
-    // QEMU will run in this container's cgroup: refuse a VM that cannot fit.
+    // A limit too small for the VM is the gate's to refuse (it knows the
+    // cgroup QEMU joins); no limit at all is worth a warning.
     let read = |path: &str| std::fs::read_to_string(path).ok();
     let limit = crate::sizing::memory_limit(
         read("/sys/fs/cgroup/memory.max").as_deref(),
         read("/sys/fs/cgroup/memory/memory.limit_in_bytes").as_deref(),
     );
-    match crate::sizing::fit(limit, template.memory_bytes, config.qemu_overhead).verdict() {
-        Err(why) => return Err(Exit::StartFailed(why)),
-        Ok(Some(warning)) => log(warning),
-        Ok(None) => {}
+    if let Some(warning) = crate::sizing::unlimited_warning(limit, template.memory_bytes, config.qemu_overhead) {
+        log(warning);
     }
     let (client, uri) = connect(endpoint, config.connect_timeout).await.map_err(|failed| {
         let waited = match failed.attempts {

@@ -1,11 +1,13 @@
-//! Whether the VM fits in its container. The gate moves QEMU into the VM
-//! container's cgroups, so the container's memory limit bounds the guest's
-//! memory plus QEMU's own. Pure: the limit comes in as the text of the
-//! container's cgroup files.
+//! The VM's size as its container sees it. The gate moves QEMU into the
+//! VM's pod cgroup (or, on Docker, its container's) and refuses a VM that
+//! cannot fit there; the shim warns about a container without a memory
+//! limit and tells a kill for memory apart from a crash. Pure: the cgroup
+//! files come in as text.
 
-/// QEMU's memory beyond the guest's, measured with the tiny guest under TCG
-/// (RSS 217 MiB for 128 MiB of guest memory: 89 MiB more), rounded up for
-/// headroom. `VIRTKUBE_QEMU_OVERHEAD` overrides it.
+/// QEMU's memory beyond the guest's, as the gate assumes it by default
+/// (measured with the tiny guest under TCG: RSS 217 MiB for 128 MiB of guest
+/// memory, 89 MiB more, rounded up). `VIRTKUBE_QEMU_OVERHEAD` changes the
+/// figure the shim's messages use.
 pub const DEFAULT_QEMU_OVERHEAD: u64 = 128 * MIB;
 
 const MIB: u64 = 1024 * 1024;
@@ -26,69 +28,25 @@ pub fn memory_limit(v2_max: Option<&str>, v1_limit: Option<&str>) -> Option<u64>
         .filter(|limit| *limit < V1_UNLIMITED)
 }
 
-/// How the VM's memory compares with its container's limit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fit {
-    /// The limit holds the guest and QEMU.
-    Fits,
-    /// No limit: the VM starts, but the scheduler does not know its size.
-    Unlimited {
-        /// Guest memory plus QEMU's overhead, in bytes.
-        needed: u64,
-    },
-    /// The limit is below guest memory plus QEMU's overhead.
-    TooSmall {
-        /// The container's limit, in bytes.
-        limit: u64,
-        /// Guest memory, in bytes.
-        guest: u64,
-        /// QEMU's overhead, in bytes.
-        overhead: u64,
-    },
-}
-
-/// Compares the container's `limit` with `guest` memory plus QEMU's `overhead`.
-pub fn fit(limit: Option<u64>, guest: u64, overhead: u64) -> Fit {
-    let needed = guest.saturating_add(overhead);
-    match limit {
-        None => Fit::Unlimited { needed },
-        Some(limit) if limit < needed => Fit::TooSmall { limit, guest, overhead },
-        Some(_) => Fit::Fits,
-    }
-}
-
 /// Bytes as whole MiB, rounded up (how a `resources:` block is best written).
 fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(MIB)
 }
 
-/// The `resources:` block that fits `needed` bytes.
-pub fn resources_block(needed: u64) -> String {
-    let m = mib(needed);
-    format!("resources: {{requests: {{memory: {m}Mi}}, limits: {{memory: {m}Mi}}}}")
-}
-
-impl Fit {
-    /// What to tell the user: `Err` refuses the start (exit 1), `Ok(Some)` is
-    /// a warning, `Ok(None)` nothing.
-    pub fn verdict(&self) -> Result<Option<String>, String> {
-        match self {
-            Fit::Fits => Ok(None),
-            Fit::Unlimited { needed } => Ok(Some(format!(
-                "the container has no memory limit, so the scheduler does not know this VM's size ({} MiB with QEMU); set {}",
-                mib(*needed),
-                resources_block(*needed)
-            ))),
-            Fit::TooSmall { limit, guest, overhead } => Err(format!(
-                "the container's memory limit ({} MiB) cannot hold the VM: guest memory {} MiB + QEMU's overhead {} MiB = {} MiB (QEMU runs in this container's cgroup); set {} on the VM container, or give the guest less memory",
-                mib(*limit),
-                mib(*guest),
-                mib(*overhead),
-                mib(guest + overhead),
-                resources_block(guest + overhead)
-            )),
-        }
+/// The warning for a VM container without a memory limit (`limit` `None`),
+/// which leaves the VM's size unknown to the scheduler and its QEMU
+/// unbounded. A limit that is too small is the gate's to refuse: it knows
+/// which cgroup QEMU joins (the pod's, or a Docker container's) and its limit.
+pub fn unlimited_warning(limit: Option<u64>, guest: u64, overhead: u64) -> Option<String> {
+    if limit.is_some() {
+        return None;
     }
+    let (g, n) = (mib(guest), mib(guest.saturating_add(overhead)));
+    Some(format!(
+        "the container has no memory limit, so the scheduler does not know this VM's size ({n} MiB with QEMU) and nothing bounds it; \
+         give the pod runtimeClassName: virtkube and this container resources: {{requests: {{memory: {g}Mi}}, limits: {{memory: {g}Mi}}}}, \
+         or without that RuntimeClass resources: {{requests: {{memory: {n}Mi}}, limits: {{memory: {n}Mi}}}}"
+    ))
 }
 
 /// How many processes the kernel has killed for memory in the container's
@@ -126,25 +84,12 @@ mod tests {
     }
 
     #[test]
-    fn a_limit_below_guest_plus_overhead_is_refused_with_the_numbers() {
-        let verdict = fit(Some(200 * MIB), 128 * MIB, DEFAULT_QEMU_OVERHEAD).verdict();
-        let message = verdict.unwrap_err();
-        assert!(message.contains("memory limit (200 MiB)"), "{message}");
-        assert!(
-            message.contains("guest memory 128 MiB + QEMU's overhead 128 MiB = 256 MiB"),
-            "{message}"
-        );
-        assert!(
-            message.contains("resources: {requests: {memory: 256Mi}, limits: {memory: 256Mi}}"),
-            "{message}"
-        );
-    }
-
-    #[test]
-    fn enough_or_no_limit_starts() {
-        assert_eq!(fit(Some(256 * MIB), 128 * MIB, 128 * MIB).verdict(), Ok(None));
-        let warning = fit(None, 2048 * MIB, 128 * MIB).verdict().unwrap().unwrap();
+    fn only_a_missing_limit_is_warned_about() {
+        assert_eq!(unlimited_warning(Some(64 * MIB), 128 * MIB, 128 * MIB), None);
+        let warning = unlimited_warning(None, 2048 * MIB, 128 * MIB).unwrap();
         assert!(warning.contains("no memory limit"), "{warning}");
-        assert!(warning.contains("memory: 2176Mi"), "{warning}");
+        assert!(warning.contains("limits: {memory: 2048Mi}"), "{warning}");
+        assert!(warning.contains("limits: {memory: 2176Mi}"), "{warning}");
+        assert!(warning.contains("runtimeClassName: virtkube"), "{warning}");
     }
 }
