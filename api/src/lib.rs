@@ -46,6 +46,9 @@ pub mod annotations {
 
 /// Node label keys published by nodeinfo.
 pub mod labels {
+    /// `"true"` on every node with a virthost (the `virtkube` RuntimeClass
+    /// schedules VM pods there).
+    pub const VIRTHOST: &str = "virtkube.io/virthost";
     /// `"true"` when the node's QEMU can use KVM.
     pub const KVM: &str = "virtkube.io/kvm";
     /// The host architecture (`x86_64`, `aarch64`).

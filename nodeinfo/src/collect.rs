@@ -95,8 +95,14 @@ pub fn domain(dom: &Domain) -> Result<Option<DomainSnapshot>, Error> {
     let (state, reason) = raw_state(dom)?;
     let info = dom.info().map_err(err("domain info"))?;
     let name = dom.name().map_err(err("domain name"))?;
+    let qemu = qemu_process(&name);
     Ok(Some(DomainSnapshot {
-        qemu: qemu_process(&name),
+        qemu_uptime_secs: qemu.as_ref().and_then(|q| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", q.pid)).ok()?;
+            facts::process_uptime_secs(&stat, &std::fs::read_to_string("/proc/uptime").ok()?)
+        }),
+        oom_kills: qemu.as_ref().and_then(|q| oom_kills_in(q.cgroup.as_deref()?)),
+        qemu,
         reattachments: facts::parse_reattachments(&xml),
         name,
         uuid: dom.uuid_string().map_err(err("domain uuid"))?,
@@ -125,6 +131,24 @@ fn qemu_process(name: &str) -> Option<virtkube_api::domain::QemuProcess> {
         .ok()
         .and_then(|text| facts::memory_cgroup(&text));
     Some(virtkube_api::domain::QemuProcess { pid, cgroup })
+}
+
+/// Kills for memory so far in memory cgroup `cgroup` (a path in the v1
+/// memory hierarchy or the v2 one, as `/proc/<pid>/cgroup` names it), read
+/// from the host's cgroupfs that the virthost mounts.
+pub fn oom_kills_in(cgroup: &str) -> Option<u64> {
+    let relative = cgroup.trim_start_matches('/');
+    if relative.split('/').any(|c| c == "..") {
+        return None;
+    }
+    [
+        format!("/sys/fs/cgroup/memory/{relative}/memory.oom_control"),
+        format!("/sys/fs/cgroup/{relative}/memory.events"),
+    ]
+    .iter()
+    .find_map(|file| std::fs::read_to_string(file).ok())
+    .as_deref()
+    .and_then(facts::oom_kills)
 }
 
 /// The domain's state and reason as libvirt's numbers (the `virt` crate's

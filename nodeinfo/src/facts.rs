@@ -286,9 +286,46 @@ pub fn memory_cgroup(proc_cgroup: &str) -> Option<String> {
     unified
 }
 
+/// How many processes the kernel killed for memory in a cgroup: the
+/// `oom_kill` line of v2 `memory.events` or v1 `memory.oom_control`.
+pub fn oom_kills(events_or_oom_control: &str) -> Option<u64> {
+    events_or_oom_control
+        .lines()
+        .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
+/// The clock ticks per second of `/proc/<pid>/stat`'s times: USER_HZ, fixed
+/// at 100 by the kernel's ABI on the architectures virtkube runs on.
+const USER_HZ: u64 = 100;
+
+/// How long a process has run, in seconds, from its `/proc/<pid>/stat` and
+/// the node's `/proc/uptime`.
+pub fn process_uptime_secs(stat: &str, proc_uptime: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // are counted after its last ')'. Field 22 is the start time.
+    let started_ticks: u64 = stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()?;
+    let uptime: f64 = proc_uptime.split_whitespace().next()?.parse().ok()?;
+    // Whole seconds are enough to tell a QEMU that outlived a restart.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let uptime_secs = uptime.max(0.0) as u64;
+    Some(uptime_secs.saturating_sub(started_ticks / USER_HZ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kills_for_memory_and_process_uptime_are_read() {
+        assert_eq!(oom_kills("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n"), Some(2));
+        assert_eq!(oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n"), Some(5));
+        assert_eq!(oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
+        // A command name with a space and a parenthesis; started 1000 s after boot.
+        let stat = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 0 0 0 0 5 6 0 0 20 0 3 0 100000 1000 10 18446744073709551615";
+        assert_eq!(process_uptime_secs(stat, "1600.25 3000.00\n"), Some(600));
+        assert_eq!(process_uptime_secs("garbage", "1600.25 3000.00\n"), None);
+        assert_eq!(process_uptime_secs(stat, ""), None);
+    }
 
     #[test]
     fn the_gate_s_reattachment_count_is_read_from_the_domain() {

@@ -271,8 +271,60 @@ fn daemon(args: &Args) -> Result<()> {
     })
 }
 
-/// Domain name → (namespace, pod, start time) of each VirtDomain published.
-type Published = BTreeMap<String, (String, String, String)>;
+/// What nodeinfo published and remembers, by domain name; and since when it
+/// runs (a QEMU much older than that outlived a virthost restart).
+struct Published {
+    domains: BTreeMap<String, model::Seen>,
+    started: Instant,
+}
+
+impl Published {
+    fn new() -> Published {
+        Published {
+            domains: BTreeMap::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The VirtDomain start time of domain `name`: when first seen.
+    fn start_of(&self, name: &str) -> String {
+        self.domains.get(name).map_or_else(now, |seen| seen.start.clone())
+    }
+
+    /// Remembers `d`, and returns the events the look at it adds to its pod's story.
+    fn look(&mut self, d: &model::DomainSnapshot) -> (model::Seen, Vec<model::PodEvent>) {
+        let before = self.domains.get(&d.name);
+        let events = model::events_on_sight(before, d, self.started.elapsed().as_secs());
+        let seen = model::Seen::of(d, self.start_of(&d.name));
+        self.domains.insert(d.name.clone(), seen.clone());
+        (seen, events)
+    }
+}
+
+/// Tells a pod's story: each event is published on the pod (best effort:
+/// a failure is logged, the VirtDomain is what matters).
+async fn tell(publisher: &Publisher, seen: &model::Seen, events: Vec<model::PodEvent>) {
+    for event in events {
+        if let Err(e) = publisher.pod_event(seen, &event).await {
+            warn!(namespace = %seen.namespace, pod = %seen.pod, reason = event.reason, "event not published: {e}");
+        }
+    }
+}
+
+/// The end of domain `name`, last seen as `seen`: its pod's last event.
+async fn tell_end(publisher: &Publisher, name: &str, seen: &model::Seen) {
+    let oom_kills_now = match &seen.memory {
+        Some((cgroup, _)) => {
+            let cgroup = cgroup.clone();
+            tokio::task::spawn_blocking(move || collect::oom_kills_in(&cgroup))
+                .await
+                .ok()
+                .flatten()
+        }
+        None => None,
+    };
+    tell(publisher, seen, model::events_on_end(seen, name, oom_kills_now)).await;
+}
 
 /// Runs until libvirt goes away (an error to reconnect after) or SIGTERM (Ok).
 async fn serve(
@@ -385,9 +437,9 @@ async fn full_sync(
     // deleted this round.
     let mut may_delete = true;
     for name in &unreadable {
-        match published.get(name) {
+        match published.domains.get(name) {
             Some(entry) => {
-                keep.insert((entry.0.clone(), entry.1.clone()));
+                keep.insert((entry.namespace.clone(), entry.pod.clone()));
                 seen.insert(name.clone(), entry.clone());
             }
             None => may_delete = false,
@@ -403,10 +455,12 @@ async fn full_sync(
         }
     };
     for d in &domains {
-        let start = published.get(&d.name).map(|p| p.2.clone()).unwrap_or_else(now);
+        let start = published.start_of(&d.name);
         if let Some(object) = model::virt_domain(&args.node, d, Some(&start)) {
             keep.insert((d.owner.namespace.clone(), d.owner.pod.clone()));
-            seen.insert(d.name.clone(), (d.owner.namespace.clone(), d.owner.pod.clone(), start));
+            let (remembered, events) = published.look(d);
+            seen.insert(d.name.clone(), remembered.clone());
+            tell(publisher, &remembered, events).await;
             if tasks.len() >= PUBLISH_CONCURRENCY {
                 count(tasks.join_next().await);
             }
@@ -427,7 +481,14 @@ async fn full_sync(
     while let Some(joined) = tasks.join_next().await {
         count(Some(joined));
     }
-    *published = seen;
+    // Domains gone since the last look whose end no event reported.
+    let gone: Vec<(String, model::Seen)> = std::mem::replace(&mut published.domains, seen)
+        .into_iter()
+        .filter(|(name, _)| !published.domains.contains_key(name))
+        .collect();
+    for (name, last) in &gone {
+        tell_end(publisher, name, last).await;
+    }
     let deleted = if !may_delete {
         warn!("stale VirtDomains not cleaned this round: a domain could not be read");
         0
@@ -448,7 +509,7 @@ async fn full_sync(
     info!(
         node = %args.node,
         domains = domains.len(),
-        virtdomains = published.len(),
+        virtdomains = published.domains.len(),
         failed,
         unreadable = unreadable.len(),
         deleted,
@@ -477,9 +538,10 @@ async fn domain_changed(
     };
     match snapshot {
         Some(d) => {
-            let start = published.get(&d.name).map(|p| p.2.clone()).unwrap_or_else(now);
+            let start = published.start_of(&d.name);
             if let Some(object) = model::virt_domain(&args.node, &d, Some(&start)) {
-                published.insert(d.name.clone(), (d.owner.namespace.clone(), d.owner.pod.clone(), start));
+                let (remembered, events) = published.look(&d);
+                tell(publisher, &remembered, events).await;
                 if let Err(e) = publisher.apply_domain(&object).await {
                     warn!(
                         domain = %name,
@@ -491,8 +553,10 @@ async fn domain_changed(
             }
         }
         None => {
-            if let Some((ns, pod, _)) = published.remove(name) {
-                if let Err(e) = publisher.delete_domain(&ns, &pod).await {
+            if let Some(last) = published.domains.remove(name) {
+                tell_end(publisher, name, &last).await;
+                let (ns, pod) = (&last.namespace, &last.pod);
+                if let Err(e) = publisher.delete_domain(ns, pod).await {
                     warn!(domain = %name, namespace = %ns, pod = %pod, "VirtDomain not deleted: {e}");
                 } else {
                     info!(domain = %name, namespace = %ns, pod = %pod, "domain is gone: deleted its VirtDomain");

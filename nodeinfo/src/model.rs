@@ -60,6 +60,128 @@ pub struct DomainSnapshot {
     pub qemu: Option<QemuProcess>,
     /// Reattachments the gate counted.
     pub reattachments: Option<u32>,
+    /// How long its QEMU has run, in seconds.
+    pub qemu_uptime_secs: Option<u64>,
+    /// Processes the kernel killed for memory so far in QEMU's memory cgroup.
+    pub oom_kills: Option<u64>,
+}
+
+/// What nodeinfo remembers of a domain it published, to tell what changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub pod: String,
+    /// The pod's UID.
+    pub uid: Option<String>,
+    /// When nodeinfo first saw the domain (RFC 3339): the VirtDomain's start time.
+    pub start: String,
+    /// Its QEMU's PID.
+    pub qemu_pid: Option<u32>,
+    /// QEMU's memory cgroup, and the kills for memory counted there then.
+    pub memory: Option<(String, Option<u64>)>,
+    /// Reattachments the gate had counted.
+    pub reattachments: u32,
+}
+
+impl Seen {
+    /// What to remember of `d`, first seen at `start`.
+    pub fn of(d: &DomainSnapshot, start: String) -> Seen {
+        Seen {
+            namespace: d.owner.namespace.clone(),
+            pod: d.owner.pod.clone(),
+            uid: d.owner.uid.clone(),
+            start,
+            qemu_pid: d.qemu.as_ref().map(|q| q.pid),
+            memory: d
+                .qemu
+                .as_ref()
+                .and_then(|q| q.cgroup.clone())
+                .map(|cgroup| (cgroup, d.oom_kills)),
+            reattachments: d.reattachments.unwrap_or(0),
+        }
+    }
+}
+
+/// An event for the VM's pod, shown by `kubectl describe pod`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEvent {
+    /// A Warning rather than a Normal event.
+    pub warning: bool,
+    /// `PascalCase` reason.
+    pub reason: &'static str,
+    /// What happened, for a person.
+    pub note: String,
+}
+
+fn normal(reason: &'static str, note: String) -> PodEvent {
+    PodEvent {
+        warning: false,
+        reason,
+        note,
+    }
+}
+
+/// How much older than nodeinfo a QEMU must be to have outlived a virthost
+/// restart rather than started with it.
+pub const KEPT_RUNNING_SLACK_SECS: u64 = 10;
+
+/// The events a look at domain `now` adds to its pod's story, given what was
+/// remembered `before` (`None`: first look by this nodeinfo, which has run
+/// `nodeinfo_uptime_secs`).
+pub fn events_on_sight(before: Option<&Seen>, now: &DomainSnapshot, nodeinfo_uptime_secs: u64) -> Vec<PodEvent> {
+    let pid = now.qemu.as_ref().map_or_else(|| "unknown".to_owned(), |q| q.pid.to_string());
+    let reattachments = now.reattachments.unwrap_or(0);
+    let Some(before) = before else {
+        let kept = now
+            .qemu_uptime_secs
+            .is_some_and(|up| up > nodeinfo_uptime_secs + KEPT_RUNNING_SLACK_SECS);
+        if !kept {
+            return vec![normal(
+                "VMStarted",
+                format!("domain {} started on this node (QEMU PID {pid})", now.name),
+            )];
+        }
+        let up = now.qemu_uptime_secs.unwrap_or(0);
+        let reattached = match reattachments {
+            0 => String::new(),
+            1 => "; its shim has reattached once".to_owned(),
+            n => format!("; its shim has reattached {n} times"),
+        };
+        return vec![normal(
+            "VMKeptRunning",
+            format!("the virthost restarted and this VM kept running: same QEMU (PID {pid}), up {up} s{reattached}"),
+        )];
+    };
+    let mut events = Vec::new();
+    if reattachments > before.reattachments {
+        events.push(normal(
+            "VMReattached",
+            format!(
+                "the VM container lost its connection to the virthost and found its running VM again (QEMU PID {pid}; reattachment {reattachments})"
+            ),
+        ));
+    }
+    events
+}
+
+/// The events for a domain that is gone: a kill for memory in QEMU's cgroup
+/// since it was last seen (`oom_kills_now` counted there now) is a Warning.
+pub fn events_on_end(before: &Seen, name: &str, oom_kills_now: Option<u64>) -> Vec<PodEvent> {
+    let pid = before.qemu_pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+    if let Some((cgroup, Some(then))) = &before.memory
+        && oom_kills_now.is_some_and(|now| now > *then)
+    {
+        return vec![PodEvent {
+            warning: true,
+            reason: "OOMKilled",
+            note: format!(
+                "the kernel killed QEMU (PID {pid}) for memory in cgroup {cgroup}: the pod's memory limit must hold the guest's memory and QEMU's overhead (use runtimeClassName: virtkube, or raise the limit)"
+            ),
+        }];
+    }
+    vec![normal("VMEnded", format!("domain {name} is gone from this node (QEMU PID {pid})"))]
 }
 
 /// `9000000` → `9.0.0`.
@@ -155,6 +277,7 @@ pub fn label_name(raw: &str) -> Option<String> {
 /// The scheduling labels of the Node.
 pub fn node_labels(status: &VirtNodeStatus) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::new();
+    labels.insert(keys::VIRTHOST.to_owned(), "true".to_owned());
     labels.insert(keys::KVM.to_owned(), status.kvm.unwrap_or(false).to_string());
     if let Some(arch) = status.arch.as_deref().and_then(label_name) {
         labels.insert(keys::ARCH.to_owned(), arch);
@@ -328,9 +451,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn virt_domains_need_an_owner_pod_uid() {
-        let mut d = DomainSnapshot {
+    fn snapshot() -> DomainSnapshot {
+        DomainSnapshot {
             name: "ns_vm".into(),
             uuid: "u".into(),
             owner: Owner {
@@ -349,7 +471,55 @@ mod tests {
                 cgroup: Some("/kubepods/besteffort/podpod-uid/c".into()),
             }),
             reattachments: Some(2),
+            qemu_uptime_secs: Some(600),
+            oom_kills: Some(0),
+        }
+    }
+
+    #[test]
+    fn a_pods_story_started_kept_running_reattached_ended() {
+        let d = snapshot();
+        // QEMU younger than this nodeinfo: it started now.
+        let young = DomainSnapshot {
+            qemu_uptime_secs: Some(3),
+            reattachments: Some(0),
+            ..d.clone()
         };
+        let started = events_on_sight(None, &young, 5);
+        assert_eq!(started.len(), 1);
+        assert_eq!(started[0].reason, "VMStarted");
+        assert!(started[0].note.contains("QEMU PID 42"), "{:?}", started[0]);
+        // QEMU much older than nodeinfo: it outlived the virthost's restart.
+        let kept = events_on_sight(None, &d, 5);
+        assert_eq!(kept[0].reason, "VMKeptRunning");
+        assert!(kept[0].note.contains("same QEMU (PID 42), up 600 s"), "{:?}", kept[0]);
+        assert!(kept[0].note.contains("reattached 2 times"), "{:?}", kept[0]);
+        // Later looks: only a new reattachment is news.
+        let seen = Seen::of(&d, "t".into());
+        assert_eq!(events_on_sight(Some(&seen), &d, 500), []);
+        let again = DomainSnapshot {
+            reattachments: Some(3),
+            ..d.clone()
+        };
+        let reattached = events_on_sight(Some(&seen), &again, 500);
+        assert_eq!(reattached.len(), 1);
+        assert_eq!(reattached[0].reason, "VMReattached");
+        assert!(reattached[0].note.contains("reattachment 3"), "{:?}", reattached[0]);
+        assert!(!reattached[0].warning);
+        // The end: plain, or killed for memory in the cgroup last seen.
+        let ended = events_on_end(&seen, "ns_vm", Some(0));
+        assert_eq!((ended[0].reason, ended[0].warning), ("VMEnded", false));
+        let killed = events_on_end(&seen, "ns_vm", Some(1));
+        assert_eq!((killed[0].reason, killed[0].warning), ("OOMKilled", true));
+        assert!(killed[0].note.contains("/kubepods/besteffort/podpod-uid/c"), "{:?}", killed[0]);
+        // No count then or now: no claim of a kill.
+        let unknown = Seen { memory: None, ..seen };
+        assert_eq!(events_on_end(&unknown, "ns_vm", Some(9))[0].reason, "VMEnded");
+    }
+
+    #[test]
+    fn virt_domains_need_an_owner_pod_uid() {
+        let mut d = snapshot();
         let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z")).unwrap();
         let owner = &v.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "pod-uid"));

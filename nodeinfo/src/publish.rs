@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::warn;
@@ -26,6 +28,7 @@ pub const LABELS_MANAGER: &str = "virtkube-nodeinfo-labels";
 pub struct Publisher {
     client: Client,
     node: String,
+    recorder: Recorder,
     attempts: u32,
     backoff: Duration,
 }
@@ -47,9 +50,15 @@ fn transient(e: &kube::Error) -> bool {
 impl Publisher {
     /// A publisher for `node`.
     pub fn new(client: Client, node: impl Into<String>) -> Publisher {
+        let node = node.into();
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: Some(node.clone()),
+        };
         Publisher {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
-            node: node.into(),
+            node,
             attempts: 5,
             backoff: Duration::from_millis(200),
         }
@@ -102,6 +111,31 @@ impl Publisher {
         self.retry("apply VirtNode status", || api.patch_status(name, &params, &patch))
             .await?;
         Ok(())
+    }
+
+    /// Publishes an event on a VM's pod (`kubectl describe pod` shows it).
+    pub async fn pod_event(&self, pod: &crate::model::Seen, event: &crate::model::PodEvent) -> Result<(), kube::Error> {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(pod.namespace.clone()),
+            name: Some(pod.pod.clone()),
+            uid: pod.uid.clone(),
+            ..ObjectReference::default()
+        };
+        let event = Event {
+            type_: if event.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: event.reason.into(),
+            note: Some(event.note.clone()),
+            action: "Observe".into(),
+            secondary: None,
+        };
+        self.retry("publish pod event", || self.recorder.publish(&event, &reference))
+            .await
     }
 
     /// Applies the Node's virtkube labels; labels left out are removed. A

@@ -252,3 +252,36 @@ async fn stale_virtdomains_of_this_node_are_deleted() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_pod_event_is_created_on_the_pod_by_nodeinfo_of_this_node() {
+    let (publisher, mut handle) = mock();
+    let seen = virtkube_nodeinfo::model::Seen {
+        namespace: "prod".into(),
+        pod: "vm-0".into(),
+        uid: Some("4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b".into()),
+        start: "2026-11-23T10:00:00Z".into(),
+        qemu_pid: Some(42),
+        memory: None,
+        reattachments: 1,
+    };
+    let event = virtkube_nodeinfo::model::PodEvent {
+        warning: true,
+        reason: "OOMKilled",
+        note: "the kernel killed QEMU".into(),
+    };
+    let task = tokio::spawn(async move { publisher.pod_event(&seen, &event).await });
+    let created = expect(&mut handle, StatusCode::CREATED, json!({})).await;
+    assert_eq!(created.method, Method::POST);
+    assert_eq!(created.path, "/apis/events.k8s.io/v1/namespaces/prod/events");
+    let body = &created.body;
+    assert_eq!(body["type"], "Warning");
+    assert_eq!(body["reason"], "OOMKilled");
+    assert_eq!(body["note"], "the kernel killed QEMU");
+    assert_eq!(body["regarding"]["kind"], "Pod");
+    assert_eq!(body["regarding"]["name"], "vm-0");
+    assert_eq!(body["regarding"]["uid"], "4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b");
+    assert_eq!(body["reportingController"], "virtkube-nodeinfo");
+    assert_eq!(body["reportingInstance"], "node-1");
+    task.await.unwrap().unwrap();
+}
