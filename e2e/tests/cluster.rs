@@ -235,6 +235,17 @@ fn vm_lifecycle_through_kubectl() {
     );
     assert!(describe.contains("Exit Code:    1"), "{describe}");
 
+    // A guest bigger than its pod can hold (the pod: 160Mi + the
+    // RuntimeClass's 128Mi): refused by the gate, with the numbers.
+    let describe = failed_vm_job(&ns, "tiny-too-big", "        virtkube.io/memory: 512Mi\n");
+    assert!(
+        describe.contains(
+            "the pod's memory limit (288 MiB) cannot hold the VM: guest memory 512 MiB + QEMU's overhead 128 MiB = 640 MiB"
+        ) && describe.contains("runtimeClassName: virtkube"),
+        "{describe}"
+    );
+    assert!(describe.contains("Exit Code:    1"), "{describe}");
+
     // A guest kernel panic (pvpanic): the pod fails with exit 3, and says so.
     let describe = failed_vm_job(
         &ns,
@@ -290,7 +301,8 @@ fn virthost_restarts_leave_vms_running(ns: &str) {
     let pods = pods_of(ns, "app.kubernetes.io/name=tiny-vm");
     let before = qemu_pids(ns);
     assert_eq!(before.len(), 3, "{before:?}");
-    // QEMU lives in its VM pod's cgroup (every hierarchy names the pod).
+    // QEMU lives in its VM pod's cgroup itself, in every hierarchy (cgroup
+    // v2: in its own leaf under the pod), not in a container's.
     for line in &before {
         let (domain, pid) = line.split_once(' ').unwrap();
         let pod = domain.strip_prefix(&format!("{ns}_")).unwrap();
@@ -304,14 +316,17 @@ fn virthost_restarts_leave_vms_running(ns: &str) {
             "cat",
             &format!("/proc/{pid}/cgroup"),
         ]);
+        let pod_cgroup = format!("pod{}", uid.trim());
         let in_pod = cgroups
             .lines()
-            .filter(|l| l.contains(&format!("pod{}", uid.trim())))
+            .filter(|l| l.ends_with(&pod_cgroup) || l.ends_with(&format!("{pod_cgroup}/virtkube-qemu")))
             .count();
         assert!(
             in_pod >= cgroups.lines().filter(|l| l.contains("/kubepods")).count() && in_pod > 0,
-            "QEMU of {pod} is not in its pod's cgroups:\n{cgroups}"
+            "QEMU of {pod} is not in its pod's cgroup:\n{cgroups}"
         );
+        let story = describe_events(ns, pod);
+        assert!(story.contains("VMStarted"), "{pod}'s events:\n{story}");
     }
     for round in 1..=2 {
         let restarted = Instant::now();
@@ -355,7 +370,21 @@ fn virthost_restarts_leave_vms_running(ns: &str) {
             "{pod} booted again:\n{logs}"
         );
         assert_eq!(virtdomain_state(ns, pod), "Running");
+        // kubectl describe tells the outage: the VM kept running, and its shim reattached.
+        eventually(&format!("{pod}'s events"), ns, Duration::from_secs(60), || {
+            describe_events(ns, pod).contains("VMKeptRunning")
+        });
+        let story = describe_events(ns, pod);
+        assert!(story.contains("same QEMU (PID"), "{pod}'s events:\n{story}");
     }
+}
+
+/// The Events section of `kubectl describe pod`.
+fn describe_events(ns: &str, pod: &str) -> String {
+    let describe = kubectl(&["-n", ns, "describe", "pod", pod]).1;
+    describe
+        .split_once("\nEvents:")
+        .map_or_else(String::new, |(_, events)| events.to_owned())
 }
 
 /// A Job of the tiny VM with `annotations` that must fail; returns `kubectl describe` of its pod.

@@ -54,10 +54,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
     );
     let cg = cgroup.clone();
     cleanup.0.push(Box::new(move || {
-        let _ = std::fs::remove_dir(&cg);
-        if let Some(pod) = cg.parent() {
-            let _ = std::fs::remove_dir(pod);
-        }
+        support::remove_pod_cgroup(&cg);
     }));
     let (mut probe, _stdin, rx, lines) = support::run_probe(&socket, &uid, &xml_file, &cgroup, &log);
     let report = lines.join("\n");
@@ -102,13 +99,15 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
         "the probe's own domain"
     );
 
-    // Its QEMU was moved into the probe's (the VM container's) cgroup.
+    // Its QEMU was moved into the probe's pod's cgroup (v2: a leaf under it),
+    // whose limit includes the RuntimeClass's overhead.
     let qemu = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).unwrap();
     let qemu_cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", qemu.trim())).unwrap();
-    let container_path = cgroup.to_str().unwrap().split("/virtkube-test/").nth(1).unwrap();
+    let pod_dir = cgroup.parent().unwrap().to_str().unwrap();
+    let pod_path = format!("/virtkube-test/{}", pod_dir.split("/virtkube-test/").nth(1).unwrap());
     assert!(
-        qemu_cgroups.contains(&format!("/virtkube-test/{container_path}\n")),
-        "QEMU should be in the VM container's cgroup /virtkube-test/{container_path}:\n{qemu_cgroups}"
+        qemu_cgroups.contains(&format!("{pod_path}\n")) || qemu_cgroups.contains(&format!("{pod_path}/virtkube-qemu\n")),
+        "QEMU should be in the pod's cgroup {pod_path}:\n{qemu_cgroups}"
     );
 
     // Another process of the same pod cannot take the domain over,

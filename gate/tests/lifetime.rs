@@ -38,15 +38,7 @@ fn start_vm(dir: &Path, socket: &Path, log: &Path, tag: u32, cleanup: &mut Clean
             .args(["-c", "qemu:///system", "destroy", &domain])
             .output();
         // QEMU leaves the cgroup when it dies; the directories go after it.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&cg).is_ok() || !cg.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if let Some(pod) = cg.parent() {
-            let _ = std::fs::remove_dir(pod);
-        }
+        support::remove_pod_cgroup(&cg);
     }));
     let (probe, stdin, _rx, lines) = support::run_probe(socket, &uid, &xml_file, &cgroup, log);
     // (The hostile test judges the refusals; here only the VM matters.)

@@ -142,6 +142,5 @@ fn the_shim_runs_its_vm_through_the_gate_unchanged() {
     if let Some(root) = cgroup.ancestors().nth(5) {
         let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
     }
-    let _ = std::fs::remove_dir(&cgroup);
-    let _ = std::fs::remove_dir(cgroup.parent().unwrap());
+    support::remove_pod_cgroup(&cgroup);
 }

@@ -32,6 +32,21 @@ pub fn pod_cgroup(root: &str, qos: &str, uid: &str, container: &str) -> PathBuf 
     dir
 }
 
+/// Removes a container cgroup made by [`pod_cgroup`] and its pod's, with
+/// QEMU's v2 leaf: each once empty (a process leaves its cgroup only when
+/// reaped, so this waits up to 5 s).
+pub fn remove_pod_cgroup(container: &Path) {
+    let pod = container.parent().unwrap();
+    for dir in [container.to_path_buf(), pod.join("virtkube-qemu"), pod.to_path_buf()] {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// Moves process `pid` into `cgroup`.
 pub fn enter(cgroup: &Path, pid: u32) {
     std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
