@@ -135,7 +135,12 @@ pub fn deploy_virtkube() {
 
 /// The container runtime of the cluster's (first) node, e.g. `docker://20.10.5`.
 pub fn node_runtime() -> String {
-    ok(&["get", "nodes", "-o", "jsonpath={.items[0].status.nodeInfo.containerRuntimeVersion}"])
+    ok(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={.items[0].status.nodeInfo.containerRuntimeVersion}",
+    ])
 }
 
 /// Waits for the virthost DaemonSet's rollout (3 minutes); `what` names the moment.
@@ -209,8 +214,8 @@ pub fn vm_job(namespace: &str, name: &str, annotations: &str) -> String {
         .replace("tiny-vm", name)
         .replace("        virtkube.io/memory: 160Mi\n", annotations)
         .replace(
-            "    spec:\n      # Under",
-            "    spec:\n      restartPolicy: Never\n      # Under",
+            "      terminationGracePeriodSeconds:",
+            "      restartPolicy: Never\n      terminationGracePeriodSeconds:",
         )
 }
 

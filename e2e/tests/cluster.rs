@@ -246,6 +246,8 @@ fn vm_lifecycle_through_kubectl() {
     );
     assert!(describe.contains("Exit Code:    1"), "{describe}");
 
+    a_vm_outgrowing_its_pod_is_killed_there(&ns);
+
     // A guest kernel panic (pvpanic): the pod fails with exit 3, and says so.
     let describe = failed_vm_job(
         &ns,
@@ -407,6 +409,76 @@ fn failed_vm_job(ns: &str, name: &str, annotations: &str) -> String {
     });
     let pod = pods_of(ns, &selector).remove(0);
     ok(&["-n", ns, "describe", "pod", &pod])
+}
+
+/// A VM that touches more memory than its pod allows (the pod cgroup's limit
+/// lowered under the running VM, as a QEMU outgrowing its overhead would):
+/// the kernel kills QEMU inside the pod's cgroup, the shim exits 3 pointing
+/// at the pod's events, and nodeinfo's OOMKilled event names the cgroup.
+fn a_vm_outgrowing_its_pod_is_killed_there(ns: &str) {
+    apply(&vm_job(ns, "tiny-oom", ""));
+    let selector = "app.kubernetes.io/name=tiny-oom";
+    let mut pod = String::new();
+    eventually("the tiny-oom guest ready", ns, Duration::from_secs(120), || {
+        pod = pods_of(ns, selector).first().cloned().unwrap_or_default();
+        !pod.is_empty() && kubectl(&["-n", ns, "logs", &pod]).1.contains("virtkube-tiny: ready")
+    });
+    let mut cgroup = String::new();
+    eventually("QEMU in the pod's cgroup", ns, Duration::from_secs(30), || {
+        cgroup = ok(&[
+            "-n",
+            ns,
+            "get",
+            "virtdomain",
+            &pod,
+            "-o",
+            "jsonpath={.status.qemu.cgroup}",
+        ]);
+        cgroup.trim().ends_with(&format!(
+            "pod{}",
+            ok(&["-n", ns, "get", "pod", &pod, "-o", "jsonpath={.metadata.uid}"]).trim()
+        ))
+    });
+    // 8 MiB above what the pod uses now (cgroup v1 or v2), set from the virthost.
+    let squeeze = format!(
+        "cd /sys/fs/cgroup/memory{0} 2>/dev/null && echo $(( $(cat memory.usage_in_bytes) + 8388608 )) > memory.limit_in_bytes \
+         || {{ cd /sys/fs/cgroup{0} && echo $(( $(cat memory.current) + 8388608 )) > memory.max; }}",
+        cgroup.trim()
+    );
+    ok(&[
+        "-n",
+        "virtkube-system",
+        "exec",
+        "ds/virthost",
+        "--",
+        "sh",
+        "-c",
+        &squeeze,
+    ]);
+    // The guest fills 120 MiB of its RAM (its root is a RAM file system).
+    attach_and_type(
+        ns,
+        &pod,
+        "dd if=/dev/zero of=/fill bs=1M count=120; echo filled\n",
+        "exit 3",
+    );
+    eventually("the tiny-oom pod to fail", ns, Duration::from_secs(60), || {
+        ok(&["-n", ns, "get", "pod", &pod, "-o", "jsonpath={.status.phase}"]).trim() == "Failed"
+    });
+    eventually("the OOMKilled event", ns, Duration::from_secs(30), || {
+        describe_events(ns, &pod).contains("OOMKilled")
+    });
+    let describe = ok(&["-n", ns, "describe", "pod", &pod]);
+    assert!(describe.contains("Exit Code:    3"), "{describe}");
+    assert!(
+        describe.contains("if the pod ran out of memory, its events say so"),
+        "{describe}"
+    );
+    let events = describe_events(ns, &pod);
+    assert!(
+        events.contains(&format!("for memory in cgroup {}", cgroup.trim())),
+        "{events}"
+    );
 }
 
 /// Bare `kubectl run IMAGE`: no volumes, no downward API. The shim reads its pod

@@ -11,9 +11,9 @@
 //! pod's limit — its containers' limits plus the RuntimeClass's
 //! `overhead.podFixed` — bounds QEMU, and the VM container's own limit can
 //! be the guest's memory. cgroup v1 lets a process live in the pod cgroup
-//! itself; cgroup v2 allows processes only in leaves, so there QEMU gets a
-//! leaf of its own, `virtkube-qemu`, under the pod (the kubelet removes it
-//! with the pod). Outside Kubernetes (Docker) there is no pod: QEMU joins
+//! itself; cgroup v2 with its controllers allows processes only in leaves,
+//! so there QEMU gets a leaf of its own, `virtkube-qemu`, under the pod (the
+//! kubelet removes it with the pod). Outside Kubernetes (Docker) there is no pod: QEMU joins
 //! the VM container's cgroup, a leaf already.
 
 use std::path::PathBuf;
@@ -163,6 +163,14 @@ fn unescape(field: &str) -> String {
 /// in no pod keeps the caller's cgroup).
 pub fn placement(proc_cgroup: &str, mounts: &[CgroupMount], scope: Scope<'_>) -> Result<Placement, PlacementError> {
     let mut result = Placement::default();
+    // The rule that only leaves hold processes binds where the v2 hierarchy
+    // has the controllers. On a hybrid host (controllers on v1, a bare
+    // unified hierarchy beside them) it does not, and the kubelet there never
+    // removes pod cgroups from the unified hierarchy: no leaf of our own.
+    let controllers_in_v2 = !mounts.iter().any(|m| match &m.hierarchy {
+        Hierarchy::V1(controllers) => controllers.iter().any(|c| !c.starts_with("name=")),
+        Hierarchy::V2 => false,
+    });
     for line in proc_cgroup.lines().filter(|l| !l.trim().is_empty()) {
         let mut fields = line.splitn(3, ':');
         let (Some(_id), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
@@ -209,7 +217,7 @@ pub fn placement(proc_cgroup: &str, mounts: &[CgroupMount], scope: Scope<'_>) ->
         if is_memory {
             result.memory_cgroup = Some(dir.clone());
         }
-        if pod.is_some() && mount.hierarchy == Hierarchy::V2 {
+        if pod.is_some() && mount.hierarchy == Hierarchy::V2 && controllers_in_v2 {
             dir.push(V2_POD_LEAF);
             result.make_dirs.push(dir.clone());
         }
@@ -315,17 +323,17 @@ mod tests {
                 "/sys/fs/cgroup/cpu,cpuacct/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
                 "/sys/fs/cgroup/memory/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
                 "/sys/fs/cgroup/systemd/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
-                // The unified hierarchy: a leaf of QEMU's own.
-                "/sys/fs/cgroup/unified/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/virtkube-qemu/cgroup.procs",
+                // The unified hierarchy of a hybrid host holds no controllers,
+                // so the pod cgroup may hold QEMU itself there too.
+                "/sys/fs/cgroup/unified/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/cgroup.procs",
             ]
         );
-        assert_eq!(
-            placed.make_dirs,
-            [PathBuf::from("/sys/fs/cgroup/unified/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/virtkube-qemu")]
-        );
+        assert!(placed.make_dirs.is_empty(), "{placed:?}");
         assert_eq!(
             placed.memory_cgroup,
-            Some(PathBuf::from("/sys/fs/cgroup/memory/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b"))
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/memory/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b"
+            ))
         );
     }
 
@@ -335,7 +343,10 @@ mod tests {
         let pod = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod4b7d3e62_5b2f_4c3a_9a8e_0c1d2e3f4a5b.slice/cri-containerd-abc.scope\n";
         let slice = "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod4b7d3e62_5b2f_4c3a_9a8e_0c1d2e3f4a5b.slice";
         let placed = placement(pod, &cgroup_mounts(mountinfo), POD).unwrap();
-        assert_eq!(placed.procs_files, [PathBuf::from(format!("{slice}/virtkube-qemu/cgroup.procs"))]);
+        assert_eq!(
+            placed.procs_files,
+            [PathBuf::from(format!("{slice}/virtkube-qemu/cgroup.procs"))]
+        );
         assert_eq!(placed.make_dirs, [PathBuf::from(format!("{slice}/virtkube-qemu"))]);
         assert_eq!(placed.memory_cgroup, Some(PathBuf::from(slice)));
         // A guaranteed pod under cgroupfs, seen through a subtree mount.
@@ -366,11 +377,19 @@ mod tests {
             ]
         );
         assert!(placed.make_dirs.is_empty());
-        assert_eq!(placed.memory_cgroup, Some(PathBuf::from("/sys/fs/cgroup/memory/docker/0123")));
+        assert_eq!(
+            placed.memory_cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/memory/docker/0123"))
+        );
         // A pod-looking path that is not under the kubelet's root is no pod.
-        let elsewhere = Scope::Pod { kubepods_parent: "/virtkube-test" };
+        let elsewhere = Scope::Pod {
+            kubepods_parent: "/virtkube-test",
+        };
         let placed = placement(POD_V1, &cgroup_mounts(MOUNTINFO_V1), elsewhere).unwrap();
-        assert!(placed.procs_files[0].ends_with("pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs"), "{placed:?}");
+        assert!(
+            placed.procs_files[0].ends_with("pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b/ctr1/cgroup.procs"),
+            "{placed:?}"
+        );
     }
 
     #[test]
@@ -386,7 +405,9 @@ mod tests {
         );
         let docker = "0::/system.slice/docker-0123abcd.scope\n";
         assert_eq!(
-            placement(docker, &cgroup_mounts(mountinfo), Scope::Container).unwrap().procs_files,
+            placement(docker, &cgroup_mounts(mountinfo), Scope::Container)
+                .unwrap()
+                .procs_files,
             [PathBuf::from(
                 "/sys/fs/cgroup/system.slice/docker-0123abcd.scope/cgroup.procs"
             )]
@@ -416,7 +437,10 @@ mod tests {
         let mounts = cgroup_mounts(MOUNTINFO_V1);
         for bad in ["garbage\n", "1:memory\n", "4:memory:relative/path\n"] {
             assert!(
-                matches!(placement(bad, &mounts, Scope::Container), Err(PlacementError::BadLine(_))),
+                matches!(
+                    placement(bad, &mounts, Scope::Container),
+                    Err(PlacementError::BadLine(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -424,7 +448,10 @@ mod tests {
             placement("7:hugetlb:/a\n", &mounts, Scope::Container),
             Err(PlacementError::NothingMounted)
         );
-        assert_eq!(placement("", &mounts, Scope::Container), Err(PlacementError::NothingMounted));
+        assert_eq!(
+            placement("", &mounts, Scope::Container),
+            Err(PlacementError::NothingMounted)
+        );
         // Escaped mount points.
         let spaced = cgroup_mounts("1 1 0:1 / /mnt/cg\\040v2 rw - cgroup2 none rw\n");
         assert_eq!(spaced[0].mount_point, PathBuf::from("/mnt/cg v2"));

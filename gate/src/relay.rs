@@ -30,9 +30,9 @@ use tokio::sync::Mutex;
 use crate::identity::{self, Identity};
 use crate::keeper::{Keeper, Owner};
 use crate::placement;
-use crate::sizing;
 use crate::pods::UnknownAddress;
 use crate::policy::{self, Admitted, Denied, Policy, RealPaths};
+use crate::sizing;
 
 /// The default of [`Gate::max_connections_per_caller`].
 pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: usize = 4;
@@ -884,8 +884,8 @@ impl Finisher {
                 };
                 place_qemu(&proc_root, &run_dir, &mountinfo, &name, caller, scope)
             })
-                    .await
-                    .map_err(|e| format!("placing QEMU failed: {e}"))??;
+            .await
+            .map_err(|e| format!("placing QEMU failed: {e}"))??;
             tracing::info!(who = %self.who, domain = %domain.name, qemu = placed.0, cgroups = placed.1, "QEMU placed in the caller's pod or container cgroups");
         }
         if run {
@@ -1045,8 +1045,10 @@ fn check_call(
                     "a domain must be created with VALIDATE (flags {create_flags:#x})"
                 )));
             }
-            let policy::Admission { domain: admitted, memory_kib } =
-                policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
+            let policy::Admission {
+                domain: admitted,
+                memory_kib,
+            } = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
             let Some(caller) = session.caller else {
                 return Err(Denied("the gate does not know the calling process".into()));
             };

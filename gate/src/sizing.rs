@@ -96,7 +96,14 @@ mod tests {
 
     #[test]
     fn a_pod_below_guest_plus_overhead_is_refused_with_the_numbers_and_both_remedies() {
-        let message = check(Some(200 * MIB), 160 * MIB, DEFAULT_QEMU_OVERHEAD, Bound::Pod, "/kubepods/pod1").unwrap_err();
+        let message = check(
+            Some(200 * MIB),
+            160 * MIB,
+            DEFAULT_QEMU_OVERHEAD,
+            Bound::Pod,
+            "/kubepods/pod1",
+        )
+        .unwrap_err();
         for part in [
             "pod's memory limit (200 MiB)",
             "guest memory 160 MiB + QEMU's overhead 128 MiB = 288 MiB",

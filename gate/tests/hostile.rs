@@ -106,7 +106,8 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
     let pod_dir = cgroup.parent().unwrap().to_str().unwrap();
     let pod_path = format!("/virtkube-test/{}", pod_dir.split("/virtkube-test/").nth(1).unwrap());
     assert!(
-        qemu_cgroups.contains(&format!("{pod_path}\n")) || qemu_cgroups.contains(&format!("{pod_path}/virtkube-qemu\n")),
+        qemu_cgroups.contains(&format!("{pod_path}\n"))
+            || qemu_cgroups.contains(&format!("{pod_path}/virtkube-qemu\n")),
         "QEMU should be in the pod's cgroup {pod_path}:\n{qemu_cgroups}"
     );
 

@@ -120,10 +120,7 @@ fn broken_frames_end_only_their_own_connection() {
 
     let _ = gate.kill();
     let _ = gate.wait();
-    let _ = std::fs::remove_dir(&cgroup);
-    if let Some(pod) = cgroup.parent() {
-        let _ = std::fs::remove_dir(pod);
-    }
+    support::remove_pod_cgroup(&cgroup);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -321,7 +321,8 @@ mod tests {
         assert_eq!(oom_kills("oom_kill_disable 0\nunder_oom 0\noom_kill 5\n"), Some(5));
         assert_eq!(oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
         // A command name with a space and a parenthesis; started 1000 s after boot.
-        let stat = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 0 0 0 0 5 6 0 0 20 0 3 0 100000 1000 10 18446744073709551615";
+        let stat =
+            "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 0 0 0 0 5 6 0 0 20 0 3 0 100000 1000 10 18446744073709551615";
         assert_eq!(process_uptime_secs(stat, "1600.25 3000.00\n"), Some(600));
         assert_eq!(process_uptime_secs("garbage", "1600.25 3000.00\n"), None);
         assert_eq!(process_uptime_secs(stat, ""), None);

@@ -131,7 +131,10 @@ pub const KEPT_RUNNING_SLACK_SECS: u64 = 10;
 /// remembered `before` (`None`: first look by this nodeinfo, which has run
 /// `nodeinfo_uptime_secs`).
 pub fn events_on_sight(before: Option<&Seen>, now: &DomainSnapshot, nodeinfo_uptime_secs: u64) -> Vec<PodEvent> {
-    let pid = now.qemu.as_ref().map_or_else(|| "unknown".to_owned(), |q| q.pid.to_string());
+    let pid = now
+        .qemu
+        .as_ref()
+        .map_or_else(|| "unknown".to_owned(), |q| q.pid.to_string());
     let reattachments = now.reattachments.unwrap_or(0);
     let Some(before) = before else {
         let kept = now
@@ -181,7 +184,10 @@ pub fn events_on_end(before: &Seen, name: &str, oom_kills_now: Option<u64>) -> V
             ),
         }];
     }
-    vec![normal("VMEnded", format!("domain {name} is gone from this node (QEMU PID {pid})"))]
+    vec![normal(
+        "VMEnded",
+        format!("domain {name} is gone from this node (QEMU PID {pid})"),
+    )]
 }
 
 /// `9000000` → `9.0.0`.
@@ -511,7 +517,11 @@ mod tests {
         assert_eq!((ended[0].reason, ended[0].warning), ("VMEnded", false));
         let killed = events_on_end(&seen, "ns_vm", Some(1));
         assert_eq!((killed[0].reason, killed[0].warning), ("OOMKilled", true));
-        assert!(killed[0].note.contains("/kubepods/besteffort/podpod-uid/c"), "{:?}", killed[0]);
+        assert!(
+            killed[0].note.contains("/kubepods/besteffort/podpod-uid/c"),
+            "{:?}",
+            killed[0]
+        );
         // No count then or now: no claim of a kill.
         let unknown = Seen { memory: None, ..seen };
         assert_eq!(events_on_end(&unknown, "ns_vm", Some(9))[0].reason, "VMEnded");
