@@ -296,9 +296,10 @@ fn qemu_pids(ns: &str) -> Vec<String> {
     lines
 }
 
-/// `rollout restart ds/virthost` twice under the Deployment's 3 VMs: each VM
-/// runs on in the same QEMU, in its pod's cgroup, without a container
-/// restart or a second boot, and its shim reattaches each time.
+/// Three virthost rollouts under the Deployment's 3 VMs (a restart, a switch
+/// to the capabilities mode and back): each VM runs on in the same QEMU, in
+/// its pod's cgroup, without a container restart or a second boot, its shim
+/// reattaches each time, and `kubectl describe` tells it.
 fn virthost_restarts_leave_vms_running(ns: &str) {
     let pods = pods_of(ns, "app.kubernetes.io/name=tiny-vm");
     let before = qemu_pids(ns);
@@ -330,10 +331,48 @@ fn virthost_restarts_leave_vms_running(ns: &str) {
         let story = describe_events(ns, pod);
         assert!(story.contains("VMStarted"), "{pod}'s events:\n{story}");
     }
-    for round in 1..=2 {
+    // 1: a rollout restart; 2: an upgrade to the capabilities mode (every
+    // capability but CAP_SYS_RESOURCE, deploy/examples); 3: back again.
+    let capabilities_patch = repo_file("deploy/examples/virthost-capabilities-patch.yaml");
+    let back = r#"[{"op": "remove", "path": "/spec/template/spec/containers/0/securityContext"}]"#;
+    for round in 1..=3 {
         let restarted = Instant::now();
-        ok(&["-n", "virtkube-system", "rollout", "restart", "ds/virthost"]);
-        wait_for_virthost(&format!("the virthost after rollout restart {round}"));
+        let how = match round {
+            1 => ok(&["-n", "virtkube-system", "rollout", "restart", "ds/virthost"]),
+            2 => ok(&[
+                "-n",
+                "virtkube-system",
+                "patch",
+                "ds/virthost",
+                "--patch",
+                &capabilities_patch,
+            ]),
+            _ => ok(&[
+                "-n",
+                "virtkube-system",
+                "patch",
+                "ds/virthost",
+                "--type",
+                "json",
+                "--patch",
+                back,
+            ]),
+        };
+        wait_for_virthost(&format!("the virthost after change {round} ({})", how.trim()));
+        if round == 2 {
+            let caps = ok(&[
+                "-n",
+                "virtkube-system",
+                "get",
+                "ds/virthost",
+                "-o",
+                "jsonpath={.spec.template.spec.containers[0].securityContext.capabilities.drop}",
+            ]);
+            assert!(
+                caps.contains("SYS_RESOURCE"),
+                "the capabilities patch did not apply: {caps}"
+            );
+        }
         for pod in &pods {
             eventually(
                 &format!("{pod} to reattach ({round})"),
@@ -349,7 +388,7 @@ fn virthost_restarts_leave_vms_running(ns: &str) {
             );
         }
         eprintln!(
-            "rollout restart {round}: every VM reattached {:?} after it began",
+            "virthost change {round}: every VM reattached {:?} after it began",
             restarted.elapsed()
         );
     }
