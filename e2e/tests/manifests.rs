@@ -9,6 +9,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Serialize;
@@ -91,6 +92,7 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
                 "Deployment" => check::<Deployment>(&doc, &file),
                 "CustomResourceDefinition" => check::<CustomResourceDefinition>(&doc, &file),
                 "VirtTemplate" => check::<virtkube_api::VirtTemplate>(&doc, &file),
+                "RuntimeClass" => check::<RuntimeClass>(&doc, &file),
                 "(patch)" => check::<DaemonSet>(&doc, &file),
                 other => panic!("{}: no test knows kind {other}", file.display()),
             }
@@ -105,6 +107,7 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
         "ConfigMap",
         "Deployment",
         "VirtTemplate",
+        "RuntimeClass",
     ] {
         assert!(
             kinds.iter().any(|k| k == expected),
@@ -188,8 +191,22 @@ fn the_api_server_accepts_the_manifests() {
         "crd/virttemplates.virtkube.io",
     ]);
     assert!(ok, "{out}");
-    let (ok, out) = kubectl(&["apply", "--dry-run=server", "-f", dir.to_str().unwrap()]);
-    assert!(ok, "kubectl apply --dry-run=server -f deploy/: {out}");
+    // A RuntimeClass's handler cannot change: where the cluster tests made
+    // it already (with a dockershim node's handler), that one is checked.
+    let handler = kubectl(&["get", "runtimeclass", "virtkube", "-o", "jsonpath={.handler}"]);
+    let mut out = String::new();
+    for file in yaml_files(&dir) {
+        let mut text = std::fs::read_to_string(&file).unwrap();
+        if let (true, existing) = &handler
+            && !existing.trim().is_empty()
+        {
+            text = text.replace("\nhandler: runc\n", &format!("\nhandler: {}\n", existing.trim()));
+        }
+        let (ok, applied) = virtkube_e2e::cluster::kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&text));
+        assert!(ok, "kubectl apply --dry-run=server -f {}: {applied}", file.display());
+        out.push_str(&applied);
+    }
+    assert!(out.contains("runtimeclass.node.k8s.io/virtkube"), "{out}");
     assert!(
         out.contains("daemonset.apps/virthost") && out.contains("clusterrole.rbac.authorization.k8s.io/virtkube-vm"),
         "{out}"
