@@ -202,7 +202,8 @@ fn the_api_server_accepts_the_manifests() {
         {
             text = text.replace("\nhandler: runc\n", &format!("\nhandler: {}\n", existing.trim()));
         }
-        let (ok, applied) = virtkube_e2e::cluster::kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&text));
+        let (ok, applied) =
+            virtkube_e2e::cluster::kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], Some(&text));
         assert!(ok, "kubectl apply --dry-run=server -f {}: {applied}", file.display());
         out.push_str(&applied);
     }

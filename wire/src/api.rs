@@ -30,6 +30,10 @@ pub mod flags {
     pub const CONSOLE_FORCE: u32 = 1 << 0;
     /// `VIR_DOMAIN_CONSOLE_SAFE`: refuse if the driver cannot guard it.
     pub const CONSOLE_SAFE: u32 = 1 << 1;
+    /// `VIR_DOMAIN_DEFINE_VALIDATE`: validate the XML against the schema.
+    pub const DEFINE_VALIDATE: u32 = 1 << 0;
+    /// `VIR_DOMAIN_FD_ASSOCIATE_SECLABEL_WRITABLE`: label the files for writing.
+    pub const FD_ASSOCIATE_SECLABEL_WRITABLE: u32 = 1 << 1;
 }
 
 /// `VIR_DRV_FEATURE_PROGRAM_KEEPALIVE`.
@@ -199,7 +203,7 @@ impl Client {
                     target: target.describe(),
                     source,
                 })?;
-                Client::open(stream, &target, options).await
+                Client::open_unix(stream, &target, options).await
             }
             Transport::Tcp { host, port } => {
                 let stream = TcpStream::connect((host.as_str(), *port))
@@ -224,9 +228,17 @@ impl Client {
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
-        let client = Client {
-            conn: Connection::start(stream, options),
-        };
+        Client::handshake(Connection::start(stream, options), target).await
+    }
+
+    /// [`Client::open`] over a unix socket, which can also pass file
+    /// descriptors ([`Client::fd_associate`]).
+    pub async fn open_unix(stream: UnixStream, target: &Target, options: Options) -> Result<Client> {
+        Client::handshake(Connection::start_unix(stream, options), target).await
+    }
+
+    async fn handshake(conn: Connection, target: &Target) -> Result<Client> {
+        let client = Client { conn };
         let auth = client.conn.call(procedure::AUTH_LIST, &[]).await?;
         let types = decode(procedure::AUTH_LIST, &auth, |d| {
             let n = d.array_len("auth types", 20, 4)?;
@@ -331,6 +343,59 @@ impl Client {
         args.string(xml).u32(flags);
         let reply = self.conn.call(procedure::DOMAIN_CREATE_XML, &args.into_bytes()).await?;
         decode(procedure::DOMAIN_CREATE_XML, &reply, DomainRef::decode)
+    }
+
+    /// DOMAIN_DEFINE_XML_FLAGS: defines a persistent (inactive) domain.
+    pub async fn define_xml(&self, xml: &str, flags: u32) -> Result<DomainRef> {
+        check_string("the domain XML", xml)?;
+        let mut args = Encoder::new();
+        args.string(xml).u32(flags);
+        let reply = self
+            .conn
+            .call(procedure::DOMAIN_DEFINE_XML_FLAGS, &args.into_bytes())
+            .await?;
+        decode(procedure::DOMAIN_DEFINE_XML_FLAGS, &reply, DomainRef::decode)
+    }
+
+    /// DOMAIN_FD_ASSOCIATE: hands libvirtd `fds` (duplicates; the caller's
+    /// stay open) as the descriptor group `name` of a defined domain, for
+    /// its disks whose `<source fdgroup=…>` names it. Needs a unix socket.
+    pub async fn fd_associate(
+        &self,
+        domain: &DomainRef,
+        name: &str,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+        flags: u32,
+    ) -> Result<()> {
+        check_string("the descriptor group name", name)?;
+        if fds.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "descriptor group {name:?} has no file descriptors"
+            )));
+        }
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.string(name).u32(flags);
+        self.conn
+            .call_with_fds(procedure::DOMAIN_FD_ASSOCIATE, &args.into_bytes(), fds)
+            .await
+            .map(drop)
+    }
+
+    /// DOMAIN_CREATE_WITH_FLAGS: starts a defined domain.
+    pub async fn create_defined(&self, domain: &DomainRef, flags: u32) -> Result<DomainRef> {
+        let reply = self
+            .domain_call(procedure::DOMAIN_CREATE_WITH_FLAGS, domain, flags)
+            .await?;
+        decode(procedure::DOMAIN_CREATE_WITH_FLAGS, &reply, DomainRef::decode)
+    }
+
+    /// DOMAIN_UNDEFINE_FLAGS: forgets a domain's persistent definition (a
+    /// running domain goes on as a transient one).
+    pub async fn undefine(&self, domain: &DomainRef, flags: u32) -> Result<()> {
+        self.domain_call(procedure::DOMAIN_UNDEFINE_FLAGS, domain, flags)
+            .await
+            .map(drop)
     }
 
     /// DOMAIN_LOOKUP_BY_UUID.

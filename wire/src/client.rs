@@ -11,8 +11,11 @@
 //! peer's 16 MiB frame costs the client no more than its limits allow.
 
 use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -129,7 +132,12 @@ impl ClosedReason {
     }
 }
 
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+/// The sending half: any byte stream, or a unix socket, which can also
+/// carry file descriptors.
+struct Writer {
+    bytes: Box<dyn AsyncWrite + Send + Unpin>,
+    unix: Option<Arc<tokio::net::unix::OwnedWriteHalf>>,
+}
 
 pub(crate) struct Inner {
     writer: tokio::sync::Mutex<Writer>,
@@ -191,15 +199,28 @@ impl Inner {
     }
 
     async fn send(&self, header: &Header, payload: &[u8]) -> Result<()> {
-        self.send_then(header, payload, || {}).await
+        self.send_then(header, payload, &[], || {}).await
     }
 
     /// Sends a packet; `locked` runs once this sender holds the writer. A
     /// write that is still blocked when the connection closes (a keepalive
     /// timeout, the reader's end) gives up at once.
-    async fn send_then(&self, header: &Header, payload: &[u8], locked: impl FnOnce()) -> Result<()> {
+    async fn send_then(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+        locked: impl FnOnce(),
+    ) -> Result<()> {
         if let Some(reason) = &self.routes().closed {
             return Err(reason.to_error());
+        }
+        if fds.len() > crate::fdpass::MAX_FDS {
+            return Err(Error::InvalidRequest(format!(
+                "{} file descriptors in one call; libvirt takes at most {}",
+                fds.len(),
+                crate::fdpass::MAX_FDS
+            )));
         }
         let packet = protocol::encode_packet(header, payload);
         if packet.len() > protocol::MAX_PACKET {
@@ -214,10 +235,23 @@ impl Inner {
             writer = self.writer.lock() => writer,
             _ = closed.wait_for(|closed| *closed) => return Err(self.closed_error()),
         };
+        if !fds.is_empty() && writer.unix.is_none() {
+            return Err(Error::InvalidRequest(
+                "file descriptors can only be passed over a unix socket, and this connection is not one".into(),
+            ));
+        }
         locked();
         let write = async {
-            writer.write_all(&packet).await?;
-            writer.flush().await
+            writer.bytes.write_all(&packet).await?;
+            writer.bytes.flush().await?;
+            // Each descriptor right after its message, as libvirtd reads them.
+            if let Some(unix) = &writer.unix {
+                let stream: &tokio::net::UnixStream = (**unix).as_ref();
+                for fd in fds {
+                    crate::fdpass::send_fd(stream, *fd).await?;
+                }
+            }
+            Ok::<(), std::io::Error>(())
         };
         let result = tokio::select! {
             result = write => result,
@@ -278,9 +312,35 @@ impl Connection {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (reader, writer): (ReadHalf<S>, WriteHalf<S>) = tokio::io::split(stream);
+        Connection::start_halves(
+            Box::new(reader),
+            Writer {
+                bytes: Box::new(writer),
+                unix: None,
+            },
+            options,
+        )
+    }
+
+    /// [`Connection::start`] over a unix socket, which can also pass file
+    /// descriptors ([`Connection::call_with_fds`]).
+    pub fn start_unix(stream: tokio::net::UnixStream, options: Options) -> Connection {
+        let (reader, writer) = stream.into_split();
+        let writer = Arc::new(writer);
+        Connection::start_halves(
+            Box::new(reader),
+            Writer {
+                bytes: Box::new(SharedWriteHalf(writer.clone())),
+                unix: Some(writer),
+            },
+            options,
+        )
+    }
+
+    fn start_halves(reader: Reader, writer: Writer, options: Options) -> Connection {
         let (closed_tx, _) = watch::channel(false);
         let inner = Arc::new(Inner {
-            writer: tokio::sync::Mutex::new(Box::new(writer)),
+            writer: tokio::sync::Mutex::new(writer),
             serial: AtomicU32::new(1),
             pong_owed: AtomicBool::new(false),
             ping_in_flight: AtomicBool::new(false),
@@ -290,7 +350,7 @@ impl Connection {
             options,
             tasks: Mutex::new(Vec::new()),
         });
-        let reader_task = tokio::spawn(read_loop(inner.clone(), Box::new(reader)));
+        let reader_task = tokio::spawn(read_loop(inner.clone(), reader));
         inner.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(reader_task);
         Connection {
             _guard: Arc::new(CloseOnDrop(inner.clone())),
@@ -376,7 +436,31 @@ impl Connection {
         self.call_with_serial(proc_, serial, args, limit).await
     }
 
+    /// Calls a remote procedure passing file descriptors (CALL_WITH_FDS):
+    /// libvirtd gets its own duplicates; the caller's stay open. Only over a
+    /// unix socket ([`Connection::start_unix`]).
+    pub async fn call_with_fds(&self, proc_: i32, args: &[u8], fds: &[BorrowedFd<'_>]) -> Result<Vec<u8>> {
+        let serial = self.next_serial();
+        let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+        let mut payload = Vec::with_capacity(4 + args.len());
+        payload.extend_from_slice(&count.to_be_bytes());
+        payload.extend_from_slice(args);
+        self.call_full(proc_, serial, &payload, fds, self.inner.options.max_reply)
+            .await
+    }
+
     pub(crate) async fn call_with_serial(&self, proc_: i32, serial: u32, args: &[u8], limit: usize) -> Result<Vec<u8>> {
+        self.call_full(proc_, serial, args, &[], limit).await
+    }
+
+    async fn call_full(
+        &self,
+        proc_: i32,
+        serial: u32,
+        args: &[u8],
+        fds: &[BorrowedFd<'_>],
+        limit: usize,
+    ) -> Result<Vec<u8>> {
         let (tx, rx) = oneshot::channel();
         {
             let mut routes = self.inner.routes();
@@ -391,10 +475,15 @@ impl Connection {
             inner: &self.inner,
             serial,
         };
-        let header = Header::remote(proc_, MessageType::Call, serial, Status::Ok);
+        let kind = if fds.is_empty() {
+            MessageType::Call
+        } else {
+            MessageType::CallWithFds
+        };
+        let header = Header::remote(proc_, kind, serial, Status::Ok);
         let timeout = self.inner.options.call_timeout;
         let call = async {
-            self.inner.send(&header, args).await?;
+            self.inner.send_then(&header, args, fds, || {}).await?;
             rx.await.map_err(|_| self.closed_error())?
         };
         tokio::time::timeout(timeout, call).await.unwrap_or(Err(Error::Timeout {
@@ -463,6 +552,36 @@ impl Drop for ForgetOnDrop<'_> {
 }
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// A unix socket's write half, shared between byte writes and descriptor
+/// passing (both under the connection's writer lock).
+struct SharedWriteHalf(Arc<tokio::net::unix::OwnedWriteHalf>);
+
+impl AsyncWrite for SharedWriteHalf {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        // Writes go to the socket itself: `&UnixStream` writes through try_write.
+        let stream: &tokio::net::UnixStream = (*self.0).as_ref();
+        loop {
+            match stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            match stream.try_write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
 
 async fn read_loop(inner: Arc<Inner>, mut reader: Reader) {
     let reason = loop {
@@ -659,7 +778,7 @@ fn pong(inner: &Arc<Inner>) {
         // sends meanwhile.
         let owed = &inner.pong_owed;
         let _ = inner
-            .send_then(&Header::keepalive(KEEPALIVE_PONG), &[], || {
+            .send_then(&Header::keepalive(KEEPALIVE_PONG), &[], &[], || {
                 owed.store(false, Ordering::Release)
             })
             .await;

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod client;
 pub mod error;
+pub mod fdpass;
 pub mod protocol;
 mod queue;
 pub mod uri;

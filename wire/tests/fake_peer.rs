@@ -13,13 +13,13 @@ use libvirt_wire::protocol::{
 use libvirt_wire::uri;
 use libvirt_wire::xdr::{Decoder, Encoder};
 use libvirt_wire::{Client, ConsoleOutput, DomainState, Error, LibvirtError, LifecycleEvent, Options, StoppedReason};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 
-struct FakeDaemon {
-    io: DuplexStream,
+struct FakeDaemon<S = DuplexStream> {
+    io: S,
 }
 
-impl FakeDaemon {
+impl<S: AsyncRead + AsyncWrite + Unpin> FakeDaemon<S> {
     async fn read(&mut self) -> (Header, Vec<u8>) {
         let mut len = [0u8; 4];
         self.io.read_exact(&mut len).await.unwrap();
@@ -821,4 +821,81 @@ async fn a_flood_of_empty_stream_packets_is_bounded_like_data() {
     }
     // 64 KiB of budget at 64 bytes of bookkeeping per packet.
     assert!(queued <= 1025, "{queued} empty packets were queued");
+}
+
+/// A file holding `text`, already unlinked.
+fn scratch_file(text: &str) -> std::fs::File {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!("wire-fake-peer-{}-{text}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file
+}
+
+#[tokio::test]
+async fn descriptors_follow_their_call_on_a_unix_socket_and_nowhere_else() {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsFd;
+    let (client_io, daemon_io) = tokio::net::UnixStream::pair().unwrap();
+    let mut daemon = FakeDaemon { io: daemon_io };
+    let target = uri::parse("qemu:///system").unwrap();
+    let (client, ()) = tokio::join!(
+        async { Client::open_unix(client_io, &target, options()).await.unwrap() },
+        daemon.handshake(false)
+    );
+    let (first, second) = (scratch_file("first"), scratch_file("second"));
+    let caller = client.clone();
+    let call = tokio::spawn(async move {
+        caller
+            .fd_associate(&domain("vm", 7), "root", &[first.as_fd(), second.as_fd()], 0)
+            .await
+    });
+    let (header, payload) = daemon.read().await;
+    assert_eq!(header.kind, MessageType::CallWithFds);
+    assert_eq!(header.procedure, procedure::DOMAIN_FD_ASSOCIATE);
+    let mut args = Decoder::new(&payload);
+    assert_eq!(args.u32("nfds").unwrap(), 2);
+    assert_eq!(DomainRef::decode(&mut args).unwrap(), domain("vm", 7));
+    assert_eq!(args.string("name").unwrap(), "root");
+    assert_eq!(args.u32("flags").unwrap(), 0);
+    args.finish().unwrap();
+    // Each descriptor after the message, in order, opening the caller's file.
+    for expected in ["first", "second"] {
+        let fd = libvirt_wire::fdpass::recv_fd(&daemon.io).await.unwrap();
+        let mut file = std::fs::File::from(fd);
+        file.rewind().unwrap();
+        let mut text = String::new();
+        file.read_to_string(&mut text).unwrap();
+        assert_eq!(text, expected);
+    }
+    daemon.reply(&header, &[]).await;
+    call.await.unwrap().unwrap();
+    // The next call is an ordinary one again.
+    let caller = client.clone();
+    let state = tokio::spawn(async move { caller.get_state(&domain("vm", 7)).await });
+    let (header, _) = daemon.read_call().await;
+    daemon.reply(&header, &state_reply(1, 1)).await;
+    assert_eq!(state.await.unwrap().unwrap().0, DomainState::Running);
+
+    // A byte stream (TCP, or this duplex) cannot carry descriptors; an empty
+    // group is no group. Neither call reaches the daemon.
+    let (plain, _daemon) = pair(false).await;
+    let file = scratch_file("plain");
+    let e = plain
+        .fd_associate(&domain("vm", 7), "root", &[file.as_fd()], 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidRequest(_)) && e.to_string().contains("unix socket"),
+        "{e}"
+    );
+    let e = client.fd_associate(&domain("vm", 7), "root", &[], 0).await.unwrap_err();
+    assert!(e.to_string().contains("no file descriptors"), "{e}");
 }

@@ -243,3 +243,42 @@ async fn autodestroy_domain_dies_with_the_connection() {
     }
     assert!(gone, "the AUTODESTROY domain outlived its connection by 5 s");
 }
+
+/// The tiny guest with a raw disk that libvirtd never opens by path: its
+/// source names a descriptor group, and the file comes as a descriptor.
+#[tokio::test]
+#[ignore = "needs libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
+async fn a_disk_passed_as_a_descriptor_is_what_qemu_opens() {
+    use std::os::fd::AsFd;
+    let client = connect("qemu:///system").await;
+    let name = format!("wire-fd-{}", std::process::id());
+    let path = std::env::temp_dir().join(format!("{name}.raw"));
+    std::fs::write(&path, vec![0u8; 1024 * 1024]).unwrap();
+    let disk = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    // A path QEMU cannot open: only the descriptor can reach the file.
+    let xml = tiny_xml(&name, "").replace(
+        "<memballoon",
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='/nonexistent/virtkube/root.raw' fdgroup='root'/><target dev='vda' bus='virtio'/></disk><memballoon",
+    );
+    let defined = client.define_xml(&xml, flags::DEFINE_VALIDATE).await.unwrap();
+    client
+        .fd_associate(&defined, "root", &[disk.as_fd()], flags::FD_ASSOCIATE_SECLABEL_WRITABLE)
+        .await
+        .unwrap();
+    let running = client.create_defined(&defined, flags::START_PAUSED).await.unwrap();
+    // Transient from here on: destroying it leaves nothing defined.
+    client.undefine(&running, 0).await.unwrap();
+    let qemu = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).unwrap();
+    let held = std::fs::read_dir(format!("/proc/{}/fd", qemu.trim()))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .any(|target| target == path);
+    let live = client.xml_desc(&running, 0).await.unwrap();
+    client.destroy(&running, 0).await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert!(held, "QEMU (PID {}) does not hold {}", qemu.trim(), path.display());
+    assert!(live.contains("fdgroup='root'"), "{live}");
+    let gone = client.lookup_by_name(&name).await.unwrap_err();
+    assert!(gone.libvirt().is_some_and(|e| e.is_no_domain()), "{gone}");
+}
