@@ -341,6 +341,31 @@ impl Keeper {
         }
     }
 
+    /// Forgets the definition of `domain`, defined through the gate and
+    /// abandoned before it started (its connection ended). A domain that
+    /// runs after all is left to its owner's keeping; retried while
+    /// libvirtd is away, for a minute.
+    pub async fn forget_definition(&self, domain: &DomainRef) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
+            let forgotten = async {
+                let control = self.control().await?;
+                if control.get_state(domain).await?.0 == libvirt_wire::DomainState::Running {
+                    return Ok(());
+                }
+                control.undefine(domain, 0).await
+            };
+            match forgotten.await {
+                Ok(()) => {
+                    tracing::info!(domain = %domain.name, "undefined a domain whose definition was abandoned");
+                    return;
+                }
+                Err(e) if e.libvirt().is_some_and(|e| e.is_no_domain()) => return,
+                Err(_) => tokio::time::sleep(RETRY).await,
+            }
+        }
+    }
+
     /// Sweeps libvirtd's domains for ever: first when the gate starts (then
     /// [`Keeper::reconciled`] completes), then every few seconds.
     pub async fn run(self: Arc<Self>) {

@@ -31,6 +31,12 @@ pub enum Refused {
         /// Which file system.
         fs: &'static str,
     },
+    /// A regular file of no bytes: no disk at all.
+    #[error("descriptor {index} is an empty file; a disk image has a size")]
+    Empty {
+        /// Its position in the call.
+        index: usize,
+    },
     /// fstat/fstatfs/fcntl failed.
     #[error("descriptor {index} cannot be examined: {error}")]
     Unreadable {
@@ -110,6 +116,9 @@ pub fn check(index: usize, fd: BorrowedFd<'_>) -> Result<(), Refused> {
     if let Some(name) = kernel_fs(fs.f_type as i64) {
         return Err(Refused::KernelFs { index, fs: name });
     }
+    if kind == libc::S_IFREG && st.st_size == 0 {
+        return Err(Refused::Empty { index });
+    }
     Ok(())
 }
 
@@ -180,6 +189,12 @@ mod tests {
             open(fifo.to_str().unwrap(), libc::O_RDONLY | libc::O_NONBLOCK).as_fd(),
         );
         assert_eq!(e, Err(Refused::Kind { index: 7, kind: "FIFO" }));
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(
+            check(8, open(empty.to_str().unwrap(), libc::O_RDONLY).as_fd()),
+            Err(Refused::Empty { index: 8 })
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

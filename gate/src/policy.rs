@@ -11,7 +11,7 @@ use crate::identity::Identity;
 
 /// The version of [`ALLOWED_CALLS`]; raise it when the list changes, so a
 /// shim and a gate can say which list they speak.
-pub const ALLOWED_CALLS_VERSION: u32 = 2;
+pub const ALLOWED_CALLS_VERSION: u32 = 3;
 
 /// Every remote procedure the shim makes (shim/src/runtime.rs), and no other.
 pub const ALLOWED_CALLS: &[(i32, &str)] = &[
@@ -22,6 +22,12 @@ pub const ALLOWED_CALLS: &[(i32, &str)] = &[
     (procedure::DOMAIN_CREATE_XML, "DOMAIN_CREATE_XML"),
     // v2: a shim that lost its connection finds its domain again.
     (procedure::DOMAIN_LOOKUP_BY_UUID, "DOMAIN_LOOKUP_BY_UUID"),
+    // v3: disks passed as file descriptors: define, associate, start, and
+    // make the running domain transient.
+    (procedure::DOMAIN_DEFINE_XML_FLAGS, "DOMAIN_DEFINE_XML_FLAGS"),
+    (procedure::DOMAIN_FD_ASSOCIATE, "DOMAIN_FD_ASSOCIATE"),
+    (procedure::DOMAIN_CREATE_WITH_FLAGS, "DOMAIN_CREATE_WITH_FLAGS"),
+    (procedure::DOMAIN_UNDEFINE_FLAGS, "DOMAIN_UNDEFINE_FLAGS"),
     (
         procedure::CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY,
         "CONNECT_DOMAIN_EVENT_CALLBACK_REGISTER_ANY",
@@ -116,6 +122,9 @@ pub struct Admission {
     pub domain: Admitted,
     /// Its memory, in KiB (checked against the cgroup QEMU will join).
     pub memory_kib: u64,
+    /// The descriptor groups its disks name (each must be associated with
+    /// descriptors before it starts).
+    pub fd_groups: Vec<String>,
 }
 
 /// virtkube's metadata namespace (virtkube-api's `METADATA_XMLNS`, which the
@@ -188,7 +197,7 @@ const ATTRIBUTES: &[(&str, &[&str])] = &[
     ("domain/devices/controller", &["type", "index", "model"]),
     ("domain/devices/disk", &["type", "device"]),
     ("domain/devices/disk/driver", &["name", "type"]),
-    ("domain/devices/disk/source", &["file", "protocol", "name"]),
+    ("domain/devices/disk/source", &["file", "protocol", "name", "fdgroup"]),
     ("domain/devices/disk/source/host", &["name", "port"]),
     ("domain/devices/disk/target", &["dev", "bus"]),
     ("domain/devices/disk/boot", &["order"]),
@@ -264,13 +273,20 @@ pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl
     };
     check_owner(root, who, name, uuid.as_ref())?;
     let memory_kib = check_sizes(root, policy)?;
-    check_devices(root, policy, paths)?;
+    let fd_groups = check_devices(root, policy, paths)?;
+    if fd_groups.len() > MAX_FD_GROUPS {
+        return deny(format!(
+            "{} disks passed as descriptors; at most {MAX_FD_GROUPS}",
+            fd_groups.len()
+        ));
+    }
     Ok(Admission {
         domain: Admitted {
             name: name.to_owned(),
             uuid,
         },
         memory_kib,
+        fd_groups,
     })
 }
 
@@ -431,7 +447,37 @@ fn check_sizes(root: roxmltree::Node<'_, '_>, policy: &Policy) -> Result<u64, De
     Ok(kib)
 }
 
-fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<(), Denied> {
+/// Where the renderer names a disk passed as descriptors: a path that exists
+/// on no node (libvirt opens only the descriptors; the name appears in
+/// QEMU's block-job metadata at most). The shim's renderer uses the same.
+pub const FD_DISK_PREFIX: &str = "/virtkube-fd/";
+
+/// Most descriptor groups (disks passed as descriptors) one domain may have.
+pub const MAX_FD_GROUPS: usize = 16;
+
+/// A descriptor group's name: the shim's disk names, `[a-z0-9-]`, 1–63.
+fn check_fd_disk(group: &str, file: &str) -> Result<(), Denied> {
+    if group.is_empty()
+        || group.len() > 63
+        || !group
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return deny(format!(
+            "descriptor group {group:?} is not a disk name (1–63 of a-z, 0-9, -)"
+        ));
+    }
+    if file != format!("{FD_DISK_PREFIX}{group}") {
+        return deny(format!(
+            "a disk passed as descriptors must be named {FD_DISK_PREFIX}{group}, not {file:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the devices; returns the descriptor groups the disks name.
+fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<Vec<String>, Denied> {
+    let mut groups: Vec<String> = Vec::new();
     if let Some(os) = child(root, "os") {
         if os.attribute("firmware").is_some_and(|f| f != "efi") {
             return deny("<os firmware> may only be efi");
@@ -449,7 +495,16 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                 let file = source
                     .and_then(|s| s.attribute("file"))
                     .ok_or(Denied("a file disk needs <source file>".into()))?;
-                check_file("a disk", file, policy, paths)?;
+                match source.and_then(|s| s.attribute("fdgroup")) {
+                    Some(group) => {
+                        check_fd_disk(group, file)?;
+                        if groups.iter().any(|g| g == group) {
+                            return deny(format!("descriptor group {group:?} is named by two disks"));
+                        }
+                        groups.push(group.to_owned());
+                    }
+                    None => check_file("a disk", file, policy, paths)?,
+                }
             }
             Some("network") if !policy.network_disks => {
                 return deny(
@@ -505,7 +560,7 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
             return deny("graphics may not listen on a host socket");
         }
     }
-    Ok(())
+    Ok(groups)
 }
 
 /// A file a domain uses must be an absolute path under one of the roots, with
@@ -871,6 +926,62 @@ mod tests {
         ] {
             assert_eq!(allowed_call(refused), None, "procedure {refused}");
         }
-        assert_eq!(ALLOWED_CALLS.len(), 12);
+        assert_eq!(ALLOWED_CALLS.len(), 16);
+        // v3: disks passed as descriptors.
+        for (call, name) in [
+            (procedure::DOMAIN_DEFINE_XML_FLAGS, "DOMAIN_DEFINE_XML_FLAGS"),
+            (procedure::DOMAIN_FD_ASSOCIATE, "DOMAIN_FD_ASSOCIATE"),
+            (procedure::DOMAIN_CREATE_WITH_FLAGS, "DOMAIN_CREATE_WITH_FLAGS"),
+            (procedure::DOMAIN_UNDEFINE_FLAGS, "DOMAIN_UNDEFINE_FLAGS"),
+        ] {
+            assert_eq!(allowed_call(call), Some(name));
+        }
+    }
+
+    /// The server template with its system disk passed as descriptors.
+    fn with_fd_disk(source: &str) -> String {
+        golden("server").replace(r#"<source file="/var/lib/virtkube/images/server/root.qcow2"/>"#, source)
+    }
+
+    #[test]
+    fn disks_passed_as_descriptors_name_their_group_and_no_host_file() {
+        let admitted = check_domain_xml(
+            &with_fd_disk(r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#),
+            &pod(),
+            &server_policy(),
+            &no_links(),
+        )
+        .unwrap();
+        assert_eq!(admitted.fd_groups, ["root"]);
+        // No group: an ordinary host file, under the roots as ever.
+        assert_eq!(
+            check_domain_xml(&golden("server"), &pod(), &server_policy(), &no_links())
+                .unwrap()
+                .fd_groups,
+            Vec::<String>::new()
+        );
+        for (source, why) in [
+            (
+                r#"<source file="/etc/shadow" fdgroup="root"/>"#,
+                "must be named /virtkube-fd/root",
+            ),
+            (
+                r#"<source file="/virtkube-fd/../etc" fdgroup="../etc"/>"#,
+                "is not a disk name",
+            ),
+            (r#"<source file="/virtkube-fd/" fdgroup=""/>"#, "is not a disk name"),
+            (
+                r#"<source file="/virtkube-fd/Root" fdgroup="Root"/>"#,
+                "is not a disk name",
+            ),
+        ] {
+            denied(&with_fd_disk(source), &pod(), why);
+        }
+        // Two disks cannot share a group.
+        let twice = with_fd_disk(r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#).replace(
+            r#"<source file="/var/lib/virtkube/images/server/install.iso"/>"#,
+            r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#,
+        );
+        denied(&twice, &pod(), "named by two disks");
     }
 }

@@ -41,7 +41,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: usize = 4;
 pub const ERR_ACCESS_DENIED: i32 = 88;
 /// libvirt's `VIR_FROM_ACCESS`.
 pub const FROM_ACCESS: i32 = 55;
-use libvirt_wire::flags::{START_AUTODESTROY, START_PAUSED, START_VALIDATE};
+use libvirt_wire::flags::{DEFINE_VALIDATE, START_AUTODESTROY, START_PAUSED, START_VALIDATE};
 
 /// The largest packet a VM container may send: a domain XML (libvirt takes
 /// at most 4 MiB in one string) and its header. Larger is not a shim.
@@ -467,15 +467,13 @@ async fn client(stream: UnixStream, accepted_ticks: u64, gate: &Gate) {
 
 /// Opens the caller's own libvirtd connection and relays until either side
 /// closes or `revoked` completes.
-async fn connect_and_relay<S>(
+async fn connect_and_relay<S: ClientStream>(
     stream: S,
     who: Identity,
     caller: CallerProcess,
     gate: &Gate,
     revoked: impl Future<Output = ()>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let _held = match gate.connections.hold(&who, gate.max_connections_per_caller) {
         Ok(held) => held,
         Err(why) => {
@@ -606,6 +604,11 @@ pub struct Session {
     creating: Option<Creating>,
     /// The serial and UUID of an admitted DOMAIN_LOOKUP_BY_UUID whose reply is awaited.
     finding: Option<(u32, [u8; 16])>,
+    /// An admitted DOMAIN_DEFINE_XML_FLAGS whose reply is awaited.
+    defining: Option<Defining>,
+    /// The domain it defined (not yet started), and its descriptor groups:
+    /// each to be associated once before DOMAIN_CREATE_WITH_FLAGS.
+    pub defined: Option<Defined>,
     /// Serials of the consoles it opened: its stream packets go only there.
     consoles: Vec<u32>,
     /// Event registrations it made.
@@ -613,6 +616,15 @@ pub struct Session {
 }
 
 impl Session {
+    /// Whether this connection has (or is getting) its one domain.
+    fn busy(&self) -> bool {
+        self.domain.is_some()
+            || self.creating.is_some()
+            || self.finding.is_some()
+            || self.defining.is_some()
+            || self.defined.is_some()
+    }
+
     /// The session of a connection from `caller`.
     pub fn of(caller: CallerProcess) -> Session {
         Session {
@@ -622,12 +634,30 @@ impl Session {
     }
 }
 
+/// A define the gate let through, until its reply.
+#[derive(Debug, Clone)]
+struct Defining {
+    serial: u32,
+    groups: Vec<String>,
+}
+
+/// A domain defined through this connection and not started yet.
+#[derive(Debug, Clone)]
+pub struct Defined {
+    /// As libvirtd named it.
+    pub domain: DomainRef,
+    /// Descriptor groups its disks name, and whether each has its descriptors.
+    groups: Vec<(String, bool)>,
+}
+
 /// A create the gate let through, paused, until its reply.
 #[derive(Debug, Clone)]
 struct Creating {
     serial: u32,
     /// The caller did not ask for a paused domain: resume it once placed.
     run: bool,
+    /// DOMAIN_CREATE_WITH_FLAGS of a defined domain (made transient once started).
+    defined: bool,
     /// The domain's name, as admitted.
     name: String,
 }
@@ -656,6 +686,10 @@ pub fn decide(header: &Header, payload: &[u8], who: &Identity, gate: &Gate, sess
     match (header.program, header.kind) {
         (KEEPALIVE_PROGRAM, MessageType::Message) => Verdict::Forward,
         (REMOTE_PROGRAM, MessageType::Call) => judge(header, payload, who, gate, session),
+        (REMOTE_PROGRAM, MessageType::CallWithFds) => match judge_fds(header, payload, session) {
+            Ok(()) => Verdict::Forward,
+            Err(Denied(why)) => Verdict::Deny(why),
+        },
         (REMOTE_PROGRAM, MessageType::Stream) if session.consoles.contains(&header.serial) => Verdict::Forward,
         (program, kind) => Verdict::Close(format!(
             "a packet the shim never sends (program {program:#x}, {kind:?}, serial {})",
@@ -664,17 +698,103 @@ pub fn decide(header: &Header, payload: &[u8], who: &Identity, gate: &Gate, sess
     }
 }
 
-async fn relay<S>(
+/// A VM container's connection: a unix socket (which can carry file
+/// descriptors) or TCP.
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Its reading and writing halves.
+    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>);
+}
+
+impl ClientStream for UnixStream {
+    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>) {
+        let (reader, writer) = self.into_split();
+        (ClientReader::Unix(reader), Box::new(writer))
+    }
+}
+
+impl ClientStream for TcpStream {
+    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>) {
+        let (reader, writer) = self.into_split();
+        (ClientReader::Other(Box::new(reader)), Box::new(writer))
+    }
+}
+
+/// The reading half of a VM container's connection.
+enum ClientReader {
+    /// A unix socket's: descriptors can be received from it.
+    Unix(tokio::net::unix::OwnedReadHalf),
+    /// Any other.
+    Other(Box<dyn AsyncRead + Send + Sync + Unpin>),
+}
+
+impl ClientReader {
+    /// The socket, if descriptors can come through it.
+    fn unix(&self) -> Option<&UnixStream> {
+        match self {
+            ClientReader::Unix(reader) => Some(reader.as_ref()),
+            ClientReader::Other(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for ClientReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientReader::Unix(reader) => std::pin::Pin::new(reader).poll_read(cx, buf),
+            ClientReader::Other(reader) => std::pin::Pin::new(reader).poll_read(cx, buf),
+        }
+    }
+}
+
+/// Receives the descriptors a CALL_WITH_FDS announces (its payload's first
+/// word) and judges each ([`crate::passed::check`]). `Err(Err)`: the
+/// connection must end (framing broken); `Err(Ok(why))`: refuse the call.
+async fn receive_passed(
+    from_client: &ClientReader,
+    payload: &[u8],
+) -> Result<Vec<std::os::fd::OwnedFd>, Result<String, String>> {
+    let count = payload
+        .get(..4)
+        .map(|word| u32::from_be_bytes([word[0], word[1], word[2], word[3]]) as usize)
+        .ok_or_else(|| Err("a CALL_WITH_FDS without a descriptor count".to_owned()))?;
+    if count > libvirt_wire::fdpass::MAX_FDS {
+        return Err(Err(format!(
+            "a call announcing {count} descriptors; libvirt passes at most {}",
+            libvirt_wire::fdpass::MAX_FDS
+        )));
+    }
+    let Some(socket) = from_client.unix() else {
+        return Err(Err(
+            "file descriptors can only be passed over the unix socket".to_owned()
+        ));
+    };
+    let mut passed = Vec::with_capacity(count);
+    for _ in 0..count {
+        passed.push(
+            libvirt_wire::fdpass::recv_fd(socket)
+                .await
+                .map_err(|e| Err(format!("receiving a passed descriptor: {e}")))?,
+        );
+    }
+    for (index, fd) in passed.iter().enumerate() {
+        crate::passed::check(index, std::os::fd::AsFd::as_fd(fd)).map_err(|refused| Ok(refused.to_string()))?;
+    }
+    Ok(passed)
+}
+
+async fn relay<S: ClientStream>(
     client: S,
     upstream: UnixStream,
     who: Identity,
     caller: CallerProcess,
     gate: &Gate,
     revoked: impl Future<Output = ()>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut from_client, to_client) = tokio::io::split(client);
+) {
+    let (mut from_client, to_client) = client.into_halves();
     let (mut from_libvirtd, mut to_libvirtd) = upstream.into_split();
     let to_client = Arc::new(Mutex::new(to_client));
     // libvirtd → VM container: whole frames, so a denial written meanwhile
@@ -699,11 +819,11 @@ async fn relay<S>(
                     tokio::spawn(async move { keeper.note_reattached(&domain).await });
                     frame
                 }
-                Some(Noted::Created(Created { domain, run })) => {
+                Some(Noted::Created(Created { domain, run, defined })) => {
                     // Its own task: the hand-over completes (or the domain is
                     // destroyed) even if this connection ends meanwhile.
                     let (handing, created) = (finisher.clone(), domain.clone());
-                    let handed = tokio::spawn(async move { handing.hand_over(&created, run).await });
+                    let handed = tokio::spawn(async move { handing.hand_over(&created, run, defined).await });
                     match handed.await {
                         Ok(Ok(())) => {
                             admit(&replies, &domain);
@@ -730,14 +850,42 @@ async fn relay<S>(
                     return;
                 }
             };
-            let verdict = {
-                let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-                decide(&header, &frame[LEN_SIZE + HEADER_SIZE..], &who, gate, &mut session)
+            let payload = &frame[LEN_SIZE + HEADER_SIZE..];
+            // Descriptors follow their call on the socket: all are taken
+            // (the stream stays in step), and judged before the call is.
+            let mut passed = Vec::new();
+            let verdict = if header.kind == MessageType::CallWithFds {
+                match receive_passed(&from_client, payload).await {
+                    Ok(fds) => {
+                        passed = fds;
+                        None
+                    }
+                    Err(Ok(why)) => Some(Verdict::Deny(why)),
+                    Err(Err(why)) => Some(Verdict::Close(why)),
+                }
+            } else {
+                None
             };
+            let verdict = verdict.unwrap_or_else(|| {
+                let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+                decide(&header, payload, &who, gate, &mut session)
+            });
             match verdict {
                 Verdict::Forward => {
                     if to_libvirtd.write_all(&frame).await.is_err() {
                         return;
+                    }
+                    for fd in &passed {
+                        let socket: &UnixStream = to_libvirtd.as_ref();
+                        if libvirt_wire::fdpass::send_fd(socket, std::os::fd::AsFd::as_fd(fd))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    if !passed.is_empty() {
+                        tracing::info!(%who, count = passed.len(), "passed descriptors on to libvirtd");
                     }
                 }
                 Verdict::Rewrite(payload) => {
@@ -771,7 +919,16 @@ async fn relay<S>(
     downstream.abort();
     // A create whose reply never came back: libvirtd may still create the
     // domain, which its caller will never know of. It is destroyed.
-    let abandoned = session.lock().unwrap_or_else(|p| p.into_inner()).creating.take();
+    let (abandoned, defined) = {
+        let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+        (session.creating.take(), session.defined.take())
+    };
+    if let Some(Defined { domain, .. }) = defined
+        && abandoned.is_none()
+    {
+        let keeper = gate.keeper();
+        tokio::spawn(async move { keeper.forget_definition(&domain).await });
+    }
     if let Some(creating) = abandoned {
         let keeper = gate.keeper();
         let owner = caller.owner(&who);
@@ -786,6 +943,8 @@ pub struct Created {
     pub domain: DomainRef,
     /// Whether to resume it once handed over (the caller did not ask for it paused).
     pub run: bool,
+    /// Started from a definition: the gate makes it transient.
+    pub defined: bool,
 }
 
 /// Notes a reply from libvirtd: the reply to an admitted lookup makes the
@@ -802,14 +961,33 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
     // By serial and procedure: a caller may reuse a serial for another call.
     if let Some(creating) = session.creating.as_ref()
         && creating.serial == header.serial
-        && header.procedure == procedure::DOMAIN_CREATE_XML
+        && header.procedure
+            == if creating.defined {
+                procedure::DOMAIN_CREATE_WITH_FLAGS
+            } else {
+                procedure::DOMAIN_CREATE_XML
+            }
     {
-        let run = creating.run;
+        let (run, defined) = (creating.run, creating.defined);
         session.creating = None;
+        if defined && ok {
+            session.defined = None;
+        }
         return ok
             .then(domain)
             .flatten()
-            .map(|domain| Noted::Created(Created { domain, run }));
+            .map(|domain| Noted::Created(Created { domain, run, defined }));
+    }
+    if let Some(defining) = session.defining.as_ref()
+        && defining.serial == header.serial
+        && header.procedure == procedure::DOMAIN_DEFINE_XML_FLAGS
+    {
+        let groups = defining.groups.iter().map(|g| (g.clone(), false)).collect();
+        session.defining = None;
+        if ok && let Some(domain) = domain() {
+            session.defined = Some(Defined { domain, groups });
+        }
+        return None;
     }
     if let Some((serial, uuid)) = session.finding
         && serial == header.serial
@@ -861,17 +1039,33 @@ struct Finisher {
 
 impl Finisher {
     /// [`Finisher::finish`], destroying the domain when it fails.
-    async fn hand_over(&self, domain: &DomainRef, run: bool) -> Result<(), String> {
-        let finished = self.finish(domain, run).await;
+    async fn hand_over(&self, domain: &DomainRef, run: bool, defined: bool) -> Result<(), String> {
+        let finished = self.finish(domain, run, defined).await;
         if let Err(why) = &finished {
             tracing::error!(who = %self.who, domain = %domain.name, %why, "the new domain could not be handed over; destroying it");
             self.keeper.end(domain.uuid, None, why).await;
+            if defined {
+                self.keeper.forget_definition(domain).await;
+            }
         }
         finished
     }
 
-    async fn finish(&self, domain: &DomainRef, run: bool) -> Result<(), String> {
+    async fn finish(&self, domain: &DomainRef, run: bool, defined: bool) -> Result<(), String> {
         self.keeper.adopt(domain, self.caller.owner(&self.who))?;
+        if defined {
+            // Transient from now on, as a created domain is: destroying it
+            // leaves nothing behind.
+            let control = self
+                .keeper
+                .control()
+                .await
+                .map_err(|e| format!("the gate cannot reach libvirtd to make the domain transient: {e}"))?;
+            control
+                .undefine(domain, 0)
+                .await
+                .map_err(|e| format!("libvirtd did not forget the domain's definition: {e}"))?;
+        }
         if let Some(mountinfo) = &self.mountinfo {
             let (proc_root, run_dir, mountinfo) =
                 (self.proc_root.clone(), self.qemu_run_dir.clone(), mountinfo.clone());
@@ -1032,7 +1226,7 @@ fn check_call(
             }
         }
         procedure::DOMAIN_CREATE_XML => {
-            if session.domain.is_some() || session.creating.is_some() || session.finding.is_some() {
+            if session.busy() {
                 return Err(Denied(
                     "this connection already has its domain; one VM per container".into(),
                 ));
@@ -1048,7 +1242,14 @@ fn check_call(
             let policy::Admission {
                 domain: admitted,
                 memory_kib,
+                fd_groups,
             } = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
+            if !fd_groups.is_empty() {
+                return Err(Denied(format!(
+                    "disks passed as descriptors ({}) need DOMAIN_DEFINE_XML_FLAGS, DOMAIN_FD_ASSOCIATE and DOMAIN_CREATE_WITH_FLAGS, not DOMAIN_CREATE_XML",
+                    fd_groups.join(", ")
+                )));
+            }
             let Some(caller) = session.caller else {
                 return Err(Denied("the gate does not know the calling process".into()));
             };
@@ -1063,6 +1264,7 @@ fn check_call(
             session.creating = Some(Creating {
                 serial: call.serial,
                 run: create_flags & START_PAUSED == 0,
+                defined: false,
                 name: admitted.name,
             });
             // Paused until QEMU is in the caller's cgroups and the gate keeps
@@ -1075,7 +1277,7 @@ fn check_call(
         }
         procedure::DOMAIN_LOOKUP_BY_UUID => {
             let uuid = d.fixed_opaque::<16>("uuid").map_err(bad_args(name))?;
-            if session.domain.is_some() || session.creating.is_some() || session.finding.is_some() {
+            if session.busy() {
                 return Err(Denied(
                     "this connection already has its domain; one VM per container".into(),
                 ));
@@ -1126,12 +1328,153 @@ fn check_call(
             session.consoles.push(call.serial);
             Ok(None)
         }
+        procedure::DOMAIN_DEFINE_XML_FLAGS => {
+            if session.busy() {
+                return Err(Denied(
+                    "this connection already has its domain; one VM per container".into(),
+                ));
+            }
+            let xml = d.string("xml").map_err(bad_args(name))?;
+            let define_flags = d.u32("flags").map_err(bad_args(name))?;
+            if define_flags != DEFINE_VALIDATE {
+                return Err(Denied(format!(
+                    "a domain must be defined with VALIDATE and nothing else (flags {define_flags:#x})"
+                )));
+            }
+            let policy::Admission {
+                domain: admitted,
+                memory_kib,
+                fd_groups,
+            } = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
+            let Some(caller) = session.caller else {
+                return Err(Denied("the gate does not know the calling process".into()));
+            };
+            if gate.place_qemu {
+                check_fit(gate, who, caller, memory_kib.saturating_mul(1024))?;
+            }
+            // Owned from the moment it exists, like a created domain.
+            let xml = crate::keeper::with_owner_record(&xml, &caller.owner(who))
+                .map_err(|why| Denied(format!("cannot record the domain's owner: {why}")))?;
+            tracing::info!(%who, domain = %admitted.name, groups = ?fd_groups, "domain definition admitted");
+            session.defining = Some(Defining {
+                serial: call.serial,
+                groups: fd_groups,
+            });
+            let mut rewritten = libvirt_wire::xdr::Encoder::new();
+            rewritten.string(&xml).u32(define_flags);
+            Ok(Some(rewritten.into_bytes()))
+        }
+        procedure::DOMAIN_CREATE_WITH_FLAGS => {
+            let named = DomainRef::decode(&mut d).map_err(bad_args(name))?;
+            let create_flags = d.u32("flags").map_err(bad_args(name))?;
+            let defined = own_defined(&named, session)?;
+            if let Some((group, _)) = defined.groups.iter().find(|(_, associated)| !associated) {
+                return Err(Denied(format!(
+                    "descriptor group {group:?} has no descriptors yet: DOMAIN_FD_ASSOCIATE it first"
+                )));
+            }
+            if create_flags & !(START_PAUSED | START_AUTODESTROY) != 0 {
+                return Err(Denied(format!(
+                    "start flags {create_flags:#x}: only PAUSED and AUTODESTROY are known"
+                )));
+            }
+            let name_of = defined.domain.name.clone();
+            session.creating = Some(Creating {
+                serial: call.serial,
+                run: create_flags & START_PAUSED == 0,
+                defined: true,
+                name: name_of,
+            });
+            // As for a create: paused until handed over; no AUTODESTROY.
+            let mut rewritten = libvirt_wire::xdr::Encoder::new();
+            named.encode(&mut rewritten);
+            rewritten.u32((create_flags & !START_AUTODESTROY) | START_PAUSED);
+            Ok(Some(rewritten.into_bytes()))
+        }
+        procedure::DOMAIN_UNDEFINE_FLAGS => {
+            let named = DomainRef::decode(&mut d).map_err(bad_args(name))?;
+            if d.u32("flags").map_err(bad_args(name))? != 0 {
+                return Err(Denied("undefine takes no flags here".into()));
+            }
+            if own_defined(&named, session).is_err() {
+                own_domain(&named, session)?;
+            }
+            Ok(None)
+        }
         procedure::DOMAIN_GET_STATE | procedure::DOMAIN_SHUTDOWN_FLAGS | procedure::DOMAIN_DESTROY_FLAGS => {
             own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session).map(|()| None)
         }
         _ => Ok(None),
     }
 }
+
+/// The domain this connection defined and has not started, if `named` is it.
+fn own_defined<'a>(named: &DomainRef, session: &'a Session) -> Result<&'a Defined, Denied> {
+    match &session.defined {
+        Some(defined) if defined.domain.uuid == named.uuid && defined.domain.name == named.name => Ok(defined),
+        Some(defined) => Err(Denied(format!(
+            "domain {:?} ({}) is not the one this connection defined ({:?})",
+            named.name,
+            named.uuid_string(),
+            defined.domain.name
+        ))),
+        None => Err(Denied(format!(
+            "domain {:?} was not defined through this connection (or has started)",
+            named.name
+        ))),
+    }
+}
+
+/// Judges a DOMAIN_FD_ASSOCIATE (a CALL_WITH_FDS whose payload is the
+/// descriptor count, then the arguments): for this connection's defined
+/// domain, a group its disks name, once. The descriptors themselves are
+/// judged by [`crate::passed::check`] as they arrive.
+fn judge_fds(call: &Header, payload: &[u8], session: &mut Session) -> Result<(), Denied> {
+    if call.procedure != procedure::DOMAIN_FD_ASSOCIATE {
+        return Err(Denied(format!(
+            "procedure {} may not pass file descriptors (only DOMAIN_FD_ASSOCIATE)",
+            call.procedure
+        )));
+    }
+    let bad = bad_args("DOMAIN_FD_ASSOCIATE");
+    let mut d = Decoder::new(payload);
+    let count = d.u32("nfds").map_err(&bad)?;
+    let named = DomainRef::decode(&mut d).map_err(&bad)?;
+    let group = d.string("name").map_err(&bad)?;
+    let flags = d.u32("flags").map_err(&bad)?;
+    d.finish().map_err(&bad)?;
+    if count == 0 {
+        return Err(Denied("DOMAIN_FD_ASSOCIATE with no descriptors".into()));
+    }
+    if flags & !(FD_ASSOCIATE_SECLABEL_RESTORE | libvirt_wire::flags::FD_ASSOCIATE_SECLABEL_WRITABLE) != 0 {
+        return Err(Denied(format!("descriptor flags {flags:#x} are not known")));
+    }
+    own_defined(&named, session)?;
+    let Some(defined) = session.defined.as_mut() else {
+        return Err(Denied("no domain defined".into()));
+    };
+    match defined.groups.iter_mut().find(|(name, _)| *name == group) {
+        Some((_, associated)) if *associated => Err(Denied(format!(
+            "descriptor group {group:?} already has its descriptors"
+        ))),
+        Some((_, associated)) => {
+            *associated = true;
+            Ok(())
+        }
+        None => Err(Denied(format!(
+            "descriptor group {group:?} is named by none of the domain's disks ({})",
+            defined
+                .groups
+                .iter()
+                .map(|(g, _)| g.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// `VIR_DOMAIN_FD_ASSOCIATE_SECLABEL_RESTORE`.
+const FD_ASSOCIATE_SECLABEL_RESTORE: u32 = 1 << 0;
 
 /// A call may name only the domain this connection created.
 fn own_domain(named: &DomainRef, session: &Session) -> Result<(), Denied> {
@@ -1162,6 +1505,7 @@ mod tests {
             creating: Some(Creating {
                 serial: 7,
                 run: true,
+                defined: false,
                 name: "d".into(),
             }),
             ..Session::default()
@@ -1187,6 +1531,145 @@ mod tests {
             Some(Noted::Created(created)) => assert_eq!(created.domain, domain),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn call(procedure: i32, kind: MessageType, serial: u32) -> Header {
+        Header::remote(procedure, kind, serial, Status::Ok)
+    }
+
+    fn reply_naming(procedure: i32, serial: u32, domain: &DomainRef) -> (Header, Vec<u8>) {
+        let mut payload = libvirt_wire::xdr::Encoder::new();
+        domain.encode(&mut payload);
+        (
+            Header::remote(procedure, MessageType::Reply, serial, Status::Ok),
+            payload.into_bytes(),
+        )
+    }
+
+    fn associate(domain: &DomainRef, group: &str, count: u32) -> Vec<u8> {
+        let mut args = libvirt_wire::xdr::Encoder::new();
+        args.u32(count);
+        domain.encode(&mut args);
+        args.string(group).u32(0);
+        args.into_bytes()
+    }
+
+    fn start(domain: &DomainRef, flags: u32) -> Vec<u8> {
+        let mut args = libvirt_wire::xdr::Encoder::new();
+        domain.encode(&mut args);
+        args.u32(flags);
+        args.into_bytes()
+    }
+
+    #[test]
+    fn a_domain_with_descriptor_disks_is_defined_associated_then_started_paused() {
+        let uid = "6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+        let who = Identity::Pod { uid: uid.into() };
+        let gate = Gate {
+            place_qemu: false,
+            ..Gate::default()
+        };
+        let session = std::sync::Mutex::new(Session::of(CallerProcess {
+            pid: 4242,
+            start_ticks: 1,
+        }));
+        let xml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml"))
+            .unwrap()
+            .replace(
+                "<devices>",
+                r#"<devices><disk type="file" device="disk"><driver name="qemu" type="raw"/><source file="/virtkube-fd/root" fdgroup="root"/><target dev="vda" bus="virtio"/></disk>"#,
+            );
+        let decided =
+            |header: &Header, payload: &[u8]| decide(header, payload, &who, &gate, &mut session.lock().unwrap());
+        // CREATE_XML cannot carry such disks.
+        let mut create = libvirt_wire::xdr::Encoder::new();
+        create.string(&xml).u32(START_VALIDATE);
+        let create = create.into_bytes();
+        match decided(&call(procedure::DOMAIN_CREATE_XML, MessageType::Call, 1), &create) {
+            Verdict::Deny(why) => assert!(why.contains("need DOMAIN_DEFINE_XML_FLAGS"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Defined with the owner's record.
+        let mut define = libvirt_wire::xdr::Encoder::new();
+        define.string(&xml).u32(DEFINE_VALIDATE);
+        match decided(
+            &call(procedure::DOMAIN_DEFINE_XML_FLAGS, MessageType::Call, 2),
+            &define.into_bytes(),
+        ) {
+            Verdict::Rewrite(payload) => {
+                let rewritten = Decoder::new(&payload).string("xml").unwrap();
+                assert!(rewritten.contains(crate::keeper::OWNER_NAMESPACE), "{rewritten}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let domain = DomainRef {
+            name: "virtkube-golden_tiny-0".into(),
+            uuid: libvirt_wire::protocol::parse_uuid(uid).unwrap(),
+            id: -1,
+        };
+        let (header, payload) = reply_naming(procedure::DOMAIN_DEFINE_XML_FLAGS, 2, &domain);
+        assert!(note_reply(&session, &header, &payload).is_none());
+        assert!(
+            session.lock().unwrap().defined.is_some(),
+            "the definition is this connection's"
+        );
+        // Not started before its group has descriptors.
+        let starting = call(procedure::DOMAIN_CREATE_WITH_FLAGS, MessageType::Call, 3);
+        match decided(&starting, &start(&domain, 0)) {
+            Verdict::Deny(why) => assert!(why.contains(r#"group "root" has no descriptors yet"#), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Descriptors: only for its own domain, a group its disks name, once.
+        let passing = call(procedure::DOMAIN_FD_ASSOCIATE, MessageType::CallWithFds, 4);
+        let other = DomainRef {
+            name: "someone-else".into(),
+            uuid: [9; 16],
+            id: -1,
+        };
+        for (payload, why) in [
+            (associate(&other, "root", 1), "not the one this connection defined"),
+            (
+                associate(&domain, "data", 1),
+                "named by none of the domain's disks (root)",
+            ),
+            (associate(&domain, "root", 0), "with no descriptors"),
+        ] {
+            match decided(&passing, &payload) {
+                Verdict::Deny(reason) => assert!(reason.contains(why), "{reason}"),
+                verdict => panic!("{verdict:?}"),
+            }
+        }
+        assert_eq!(decided(&passing, &associate(&domain, "root", 1)), Verdict::Forward);
+        match decided(&passing, &associate(&domain, "root", 1)) {
+            Verdict::Deny(why) => assert!(why.contains("already has its descriptors"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Descriptors with any other call: refused.
+        match decided(
+            &call(procedure::DOMAIN_GET_STATE, MessageType::CallWithFds, 5),
+            &[0, 0, 0, 1],
+        ) {
+            Verdict::Deny(why) => assert!(why.contains("only DOMAIN_FD_ASSOCIATE"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Started paused, without AUTODESTROY, whatever was asked.
+        match decided(&starting, &start(&domain, START_AUTODESTROY)) {
+            Verdict::Rewrite(payload) => {
+                let mut d = Decoder::new(&payload);
+                assert_eq!(DomainRef::decode(&mut d).unwrap(), domain);
+                assert_eq!(d.u32("flags").unwrap(), START_PAUSED);
+            }
+            other => panic!("{other:?}"),
+        }
+        let (header, payload) = reply_naming(procedure::DOMAIN_CREATE_WITH_FLAGS, 3, &domain);
+        match note_reply(&session, &header, &payload) {
+            Some(Noted::Created(created)) => {
+                assert!(created.defined && created.run, "{created:?}");
+                assert_eq!(created.domain, domain);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(session.lock().unwrap().defined.is_none());
     }
 
     #[test]
