@@ -72,6 +72,13 @@ fn join(errors: &[FieldError]) -> String {
 pub enum DiskSource {
     /// A file on the virthost.
     File(String),
+    /// A file inside the VM container, passed as a file descriptor.
+    Container {
+        /// Its path in the container.
+        path: String,
+        /// The guest writes to it in place (else to a private copy).
+        persistent: bool,
+    },
     /// A network block device.
     Network {
         /// Protocol.
@@ -733,8 +740,47 @@ fn check_host_path(problems: &mut Problems, field: &str, path: &str) {
     }
 }
 
+/// The path given for a disk described as a descriptor group: a name that
+/// exists on no node. The gate admits such a disk only under this prefix.
+pub const FD_DISK_PREFIX: &str = "/virtkube-fd/";
+
 fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option<ResolvedDisk> {
+    let sources = [
+        disk.file.is_some(),
+        disk.container_file.is_some(),
+        disk.network.is_some(),
+    ];
+    if sources.iter().filter(|set| **set).count() > 1 {
+        problems.add(
+            field,
+            "sets more than one of file, containerFile and network; a disk has exactly one source",
+        );
+        return None;
+    }
+    if disk.persistent.is_some() && disk.container_file.is_none() {
+        problems.add(
+            format!("{field}.persistent"),
+            "applies to a containerFile disk only (a file on the virthost or a network disk is always written in place)",
+        );
+    }
+    if let Some(path) = &disk.container_file {
+        if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+            problems.add(
+                format!("{field}.containerFile"),
+                format!("{path:?} is not an absolute path inside the VM container (no ..), e.g. /disk/root.qcow2"),
+            );
+        } else if path.chars().any(char::is_control) {
+            problems.add(
+                format!("{field}.containerFile"),
+                format!("{path:?} contains a control character"),
+            );
+        }
+    }
     let source = match (&disk.file, &disk.network) {
+        (None, None) if disk.container_file.is_some() => DiskSource::Container {
+            path: disk.container_file.clone().unwrap_or_default(),
+            persistent: disk.persistent.unwrap_or(false),
+        },
         (Some(file), None) => {
             check_host_path(problems, &format!("{field}.file"), file);
             DiskSource::File(file.clone())
@@ -795,7 +841,7 @@ fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option
         (None, None) => {
             problems.add(
                 field,
-                "has no source; set file (a path on the virthost) or network (nbd, rbd, iscsi)",
+                "has no source; set containerFile (a path in the VM container), file (a path on the virthost) or network (nbd, rbd, iscsi)",
             );
             return None;
         }

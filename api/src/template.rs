@@ -230,10 +230,22 @@ pub enum Firmware {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DiskSpec {
     /// A file on the virthost (e.g. under `/var/lib/virtkube/images`), visible
-    /// to libvirtd. Exactly one of `file` and `network`.
+    /// to libvirtd. Exactly one of `file`, `containerFile` and `network`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
-    /// A network block device. Exactly one of `file` and `network`.
+    /// A file inside the VM container: the image's own (`COPY root.raw
+    /// /disk/` in its Dockerfile) or one on a mounted volume (a PVC, an
+    /// emptyDir). The shim opens it and passes it to libvirtd as a file
+    /// descriptor (needs the virthost's unix socket). Exactly one of `file`,
+    /// `containerFile` and `network`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_file: Option<String>,
+    /// For `containerFile`: the guest writes to the file itself, which must
+    /// then be on a volume. Default false: the guest writes to a private copy
+    /// that disappears with the container (read-only disks are never copied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent: Option<bool>,
+    /// A network block device. Exactly one of `file`, `containerFile` and `network`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkDiskSource>,
     /// Image format: `raw` (default) or `qcow2`.

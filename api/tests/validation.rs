@@ -155,10 +155,26 @@ fn bad_values_name_the_field_the_value_and_what_is_accepted() {
         "boot: {kernel: /k, cmdline: \"a\\nb\"}",
         "spec.boot.cmdline: \"a\\nb\" contains a control character",
     );
-    assert_error("disks: [{}]", "spec.disks[0]: has no source; set file");
+    assert_error("disks: [{}]", "spec.disks[0]: has no source; set containerFile");
+    assert_error(
+        "disks: [{file: /a, containerFile: /disk/a}]",
+        "spec.disks[0]: sets more than one of file, containerFile and network",
+    );
+    assert_error(
+        "disks: [{containerFile: disk/a}]",
+        "spec.disks[0].containerFile: \"disk/a\" is not an absolute path inside the VM container",
+    );
+    assert_error(
+        "disks: [{containerFile: /disk/../etc/shadow}]",
+        "is not an absolute path inside the VM container (no ..)",
+    );
+    assert_error(
+        "disks: [{file: /a, persistent: true}]",
+        "spec.disks[0].persistent: applies to a containerFile disk only",
+    );
     assert_error(
         "disks: [{file: /a, network: {protocol: nbd, hosts: [{name: h}]}}]",
-        "spec.disks[0]: sets both file and network",
+        "spec.disks[0]: sets more than one of file, containerFile and network",
     );
     assert_error(
         "disks: [{network: {protocol: nbd, hosts: []}}]",
@@ -235,6 +251,29 @@ fn shape_errors_carry_the_field_path() {
     assert_error("[1, 2]", "(document): is not a mapping; expected a whole VirtTemplate");
     assert_error("", "(document): is not a mapping");
     assert_error("memory: [", "(document): not valid YAML: unclosed bracket");
+}
+
+#[test]
+fn a_container_file_disk_is_persistent_only_when_asked() {
+    use virtkube_api::resolve::DiskSource;
+    let t = parse_yaml(
+        "disks: [{containerFile: /disk/root.qcow2, format: qcow2}, {containerFile: /data/d.raw, persistent: true}]",
+    )
+    .unwrap();
+    assert_eq!(
+        t.disks[0].source,
+        DiskSource::Container {
+            path: "/disk/root.qcow2".into(),
+            persistent: false
+        }
+    );
+    assert_eq!(
+        t.disks[1].source,
+        DiskSource::Container {
+            path: "/data/d.raw".into(),
+            persistent: true
+        }
+    );
 }
 
 #[test]

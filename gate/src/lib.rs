@@ -7,7 +7,6 @@
 pub mod config;
 pub mod identity;
 pub mod keeper;
-pub mod passed;
 pub mod placement;
 pub mod pods;
 pub mod policy;

@@ -751,7 +751,7 @@ impl AsyncRead for ClientReader {
 }
 
 /// Receives the descriptors a CALL_WITH_FDS announces (its payload's first
-/// word) and judges each ([`crate::passed::check`]). `Err(Err)`: the
+/// word) and judges each ([`libvirt_wire::disk_fd::check`]). `Err(Err)`: the
 /// connection must end (framing broken); `Err(Ok(why))`: refuse the call.
 async fn receive_passed(
     from_client: &ClientReader,
@@ -781,7 +781,7 @@ async fn receive_passed(
         );
     }
     for (index, fd) in passed.iter().enumerate() {
-        crate::passed::check(index, std::os::fd::AsFd::as_fd(fd)).map_err(|refused| Ok(refused.to_string()))?;
+        libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd)).map_err(|refused| Ok(refused.to_string()))?;
     }
     Ok(passed)
 }
@@ -1428,7 +1428,7 @@ fn own_defined<'a>(named: &DomainRef, session: &'a Session) -> Result<&'a Define
 /// Judges a DOMAIN_FD_ASSOCIATE (a CALL_WITH_FDS whose payload is the
 /// descriptor count, then the arguments): for this connection's defined
 /// domain, a group its disks name, once. The descriptors themselves are
-/// judged by [`crate::passed::check`] as they arrive.
+/// judged by [`libvirt_wire::disk_fd::check`] as they arrive.
 fn judge_fds(call: &Header, payload: &[u8], session: &mut Session) -> Result<(), Denied> {
     if call.procedure != procedure::DOMAIN_FD_ASSOCIATE {
         return Err(Denied(format!(

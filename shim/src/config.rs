@@ -48,6 +48,8 @@ environment:
                              destroy the domain on exit instead
   VIRTKUBE_ANNOTATIONS_FILE  the pod's annotations from a downward API volume
                              (default /etc/podinfo/annotations)
+  VIRTKUBE_SCRATCH_DIR       where the guest's private copies of containerFile disks go
+                             (default /, the container's writable layer; an emptyDir has room)
   POD_NAME, POD_NAMESPACE, POD_UID  the pod, from the downward API (else read from the API)
   HOST_IP                    the node's IP, from the downward API (else read from the API)
 
@@ -173,6 +175,8 @@ pub struct Config {
     pub termination_log: PathBuf,
     /// Downward API annotations file.
     pub annotations_file: PathBuf,
+    /// Where private copies of `containerFile` disks go (`VIRTKUBE_SCRATCH_DIR`).
+    pub scratch_dir: PathBuf,
 }
 
 /// Reads the configuration. `env` looks up a variable; `args` excludes argv[0].
@@ -222,6 +226,9 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
             .into(),
         annotations_file: non_empty("VIRTKUBE_ANNOTATIONS_FILE")
             .unwrap_or_else(|| DEFAULT_ANNOTATIONS_FILE.to_owned())
+            .into(),
+        scratch_dir: non_empty("VIRTKUBE_SCRATCH_DIR")
+            .unwrap_or_else(|| "/".to_owned())
             .into(),
     })
 }

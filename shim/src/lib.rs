@@ -5,6 +5,7 @@
 #[cfg(feature = "kube")]
 pub mod cluster;
 pub mod config;
+pub mod disks;
 pub mod endpoint;
 pub mod exit;
 pub mod host;

@@ -304,15 +304,7 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
                 .with_attributes([("type", "scsi"), ("index", "0"), ("model", "virtio-scsi")])
                 .write_empty()?;
         }
-        let mut per_prefix = [0usize; 3];
-        for disk in &t.disks {
-            let slot = match disk.bus {
-                DiskBus::Virtio => 0,
-                DiskBus::Sata | DiskBus::Scsi => 1,
-                DiskBus::Ide => 2,
-            };
-            let target = disk_target_name(["vd", "sd", "hd"][slot], per_prefix[slot]);
-            per_prefix[slot] += 1;
+        for (disk, target) in t.disks.iter().zip(disk_targets(t)) {
             write_disk(w, disk, &target)?;
         }
         for (index, nic) in t.interfaces.iter().enumerate() {
@@ -360,7 +352,7 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
 fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
     let (source_type, device) = (
         match disk.source {
-            DiskSource::File(_) => "file",
+            DiskSource::File(_) | DiskSource::Container { .. } => "file",
             DiskSource::Network { .. } => "network",
         },
         match disk.device {
@@ -388,6 +380,14 @@ fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
                 DiskSource::File(path) => {
                     w.create_element("source")
                         .with_attribute(("file", path.as_str()))
+                        .write_empty()?;
+                }
+                // Passed as descriptors, the group named after the target:
+                // libvirtd opens nothing by path.
+                DiskSource::Container { .. } => {
+                    let name = format!("{}{target}", virtkube_api::resolve::FD_DISK_PREFIX);
+                    w.create_element("source")
+                        .with_attributes([("file", name.as_str()), ("fdgroup", target)])
                         .write_empty()?;
                 }
                 DiskSource::Network { protocol, name, hosts } => {
@@ -450,6 +450,30 @@ fn write_boot_order(w: &mut W, order: Option<u32>) -> io::Result<()> {
             .write_empty()?;
     }
     Ok(())
+}
+
+/// The target device name of each disk, in order: `vd*` for virtio, `sd*`
+/// for SATA and SCSI, `hd*` for IDE, counted per prefix.
+pub fn disk_targets(t: &ResolvedTemplate) -> Vec<String> {
+    let mut per_prefix = [0usize; 3];
+    t.disks
+        .iter()
+        .map(|disk| {
+            let slot = match disk.bus {
+                DiskBus::Virtio => 0,
+                DiskBus::Sata | DiskBus::Scsi => 1,
+                DiskBus::Ide => 2,
+            };
+            per_prefix[slot] += 1;
+            disk_target_name(["vd", "sd", "hd"][slot], per_prefix[slot] - 1)
+        })
+        .collect()
+}
+
+/// The target of the template's `index`-th disk (its descriptor group, when
+/// it is passed as descriptors).
+pub fn disk_target_for(t: &ResolvedTemplate, index: usize) -> String {
+    disk_targets(t).swap_remove(index)
 }
 
 /// libvirt's disk naming: `vda` … `vdz`, `vdaa` … (like virIndexToDiskName).

@@ -85,17 +85,19 @@ pub async fn run(
             return Exit::Signal(signal);
         }
     };
-    let (client, uri, xml) = match prepared {
+    let (client, uri, xml, disks) = match prepared {
         Ok(prepared) => prepared,
         Err(exit) => return exit,
     };
     // Once DOMAIN_CREATE_XML is sent the domain may exist: the call is not
     // abandoned for a signal (which waits in the channel, its deadline
     // running from its arrival), so the domain is never left behind.
-    let domain = match create(config, &client, &uri, &xml).await {
+    let domain = match create(config, &client, &uri, &xml, &disks).await {
         Ok(domain) => domain,
         Err(exit) => return exit,
     };
+    // QEMU holds its own duplicates now.
+    drop(disks);
     let oom_before = oom_kills();
     let (exit, client) = supervise(config, endpoint, client, &domain, signals).await;
     // On Docker QEMU runs in this container's cgroup: a kill for memory there
@@ -137,14 +139,16 @@ fn oom_kills() -> Option<u64> {
     )
 }
 
-/// Connects, reads the node's capabilities and renders the domain: nothing
-/// exists yet, so a stop signal may cut this short.
+/// Opens the disks from the container, connects, reads the node's
+/// capabilities and renders the domain: nothing exists yet, so a stop signal
+/// may cut this short.
 async fn prepare(
     config: &Config,
     endpoint: &Endpoint,
     template: &ResolvedTemplate,
     instance: &Instance,
-) -> Result<(Client, String, String), Exit> {
+) -> Result<(Client, String, String, Vec<crate::disks::Opened>), Exit> {
+    let disks = crate::disks::open_all(template, &config.scratch_dir).map_err(Exit::StartFailed)?;
     // A limit too small for the VM is the gate's to refuse (it knows the
     // cgroup QEMU joins); no limit at all is worth a warning.
     let read = |path: &str| std::fs::read_to_string(path).ok();
@@ -165,34 +169,61 @@ async fn prepare(
             None => Exit::StartFailed(format!("{}{waited}", failed.error)),
         }
     })?;
+    let over_unix = matches!(
+        libvirt_wire::uri::parse(&uri).map(|target| target.transport),
+        Ok(libvirt_wire::uri::Transport::Unix(_))
+    );
+    if let (Some(disk), false) = (disks.first(), over_unix) {
+        return Err(Exit::StartFailed(format!(
+            "disk {} ({}) comes from the VM container and is passed as a file descriptor, which needs the virthost's unix socket, but the shim reached libvirt at {uri}; mount the node's /var/run/virtkube at /var/run/libvirt (a pod reaching the gate over TCP, like a bare kubectl run, cannot pass files)",
+            disk.group, disk.path
+        )));
+    }
     let caps = client
         .capabilities()
         .await
         .map_err(|e| Exit::StartFailed(format!("cannot read the node's capabilities: {e}")))?;
     let host = host::facts_from_capabilities(&caps, template.arch.as_str()).map_err(Exit::StartFailed)?;
     let xml = render::render(template, instance, &host).map_err(|e| Exit::StartFailed(e.to_string()))?;
-    Ok((client, uri, xml))
+    Ok((client, uri, xml, disks))
 }
 
 /// Longest the shim waits for libvirtd to create the domain (QEMU starts
 /// within a second or two; a loaded node takes longer).
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn create(config: &Config, client: &Client, uri: &str, xml: &str) -> Result<DomainRef, Exit> {
-    let mut create_flags = flags::START_VALIDATE;
-    if config.autodestroy {
-        create_flags |= flags::START_AUTODESTROY;
-    }
-    let creating = client.create_xml(xml, create_flags);
-    let domain = timed(CREATE_TIMEOUT, procedure::DOMAIN_CREATE_XML, creating)
+async fn create(
+    config: &Config,
+    client: &Client,
+    uri: &str,
+    xml: &str,
+    disks: &[crate::disks::Opened],
+) -> Result<DomainRef, Exit> {
+    let refused = |e: libvirt_wire::Error| {
+        Exit::StartFailed(match e {
+            libvirt_wire::Error::Libvirt(e) => format!("libvirt refused the domain: {e}"),
+            libvirt_wire::Error::InvalidRequest(why) => format!("the domain cannot be sent to libvirt: {why}"),
+            other => format!("creating the domain failed: {other}"),
+        })
+    };
+    let domain = if disks.is_empty() {
+        let mut create_flags = flags::START_VALIDATE;
+        if config.autodestroy {
+            create_flags |= flags::START_AUTODESTROY;
+        }
+        let creating = client.create_xml(xml, create_flags);
+        timed(CREATE_TIMEOUT, procedure::DOMAIN_CREATE_XML, creating)
+            .await
+            .map_err(refused)?
+    } else {
+        timed(
+            CREATE_TIMEOUT,
+            procedure::DOMAIN_CREATE_WITH_FLAGS,
+            create_with_disks(config, client, xml, disks),
+        )
         .await
-        .map_err(|e| {
-            Exit::StartFailed(match e {
-                libvirt_wire::Error::Libvirt(e) => format!("libvirt refused the domain: {e}"),
-                libvirt_wire::Error::InvalidRequest(why) => format!("the domain cannot be sent to libvirt: {why}"),
-                other => format!("creating the domain failed: {other}"),
-            })
-        })?;
+        .map_err(refused)?
+    };
     log(format!(
         "started domain {} ({}) on {}{}",
         domain.name,
@@ -202,6 +233,55 @@ async fn create(config: &Config, client: &Client, uri: &str, xml: &str) -> Resul
     ));
     Ok(domain)
 }
+
+/// A domain with disks passed as descriptors: defined, its descriptors
+/// associated, started, and made transient (libvirt takes descriptors only
+/// for a domain that exists). A failure before the start undefines it again.
+async fn create_with_disks(
+    config: &Config,
+    client: &Client,
+    xml: &str,
+    disks: &[crate::disks::Opened],
+) -> libvirt_wire::Result<DomainRef> {
+    use std::os::fd::AsFd;
+    let defined = client.define_xml(xml, flags::DEFINE_VALIDATE).await?;
+    let started = async {
+        for disk in disks {
+            let label = if disk.writable {
+                flags::FD_ASSOCIATE_SECLABEL_WRITABLE
+            } else {
+                0
+            };
+            client
+                .fd_associate(&defined, &disk.group, &[disk.fd.as_fd()], label)
+                .await?;
+        }
+        let start_flags = if config.autodestroy {
+            flags::START_AUTODESTROY
+        } else {
+            0
+        };
+        client.create_defined(&defined, start_flags).await
+    };
+    match started.await {
+        Ok(running) => {
+            // Through the gate it is transient already, and libvirt says so.
+            if let Err(e) = client.undefine(&running, 0).await
+                && e.libvirt().is_none_or(|e| e.code != OPERATION_INVALID)
+            {
+                log(format!("the domain runs, but its definition could not be removed: {e}"));
+            }
+            Ok(running)
+        }
+        Err(e) => {
+            let _ = client.undefine(&defined, 0).await;
+            Err(e)
+        }
+    }
+}
+
+/// libvirt's `VIR_ERR_OPERATION_INVALID` (e.g. undefining a transient domain).
+const OPERATION_INVALID: i32 = 55;
 
 /// Why connecting failed, after how many attempts and how long.
 struct ConnectFailed {

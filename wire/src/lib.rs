@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod client;
+pub mod disk_fd;
 pub mod error;
 pub mod fdpass;
 pub mod protocol;

@@ -1,8 +1,10 @@
-//! What a VM container may pass as a disk: a descriptor it opened itself, of
-//! a regular file or a block device, on an ordinary file system. Never a
-//! path (an `O_PATH` descriptor), a directory, a FIFO, a socket, or a file
-//! of the kernel's own file systems (`/proc/self/mem`, sysfs, cgroupfs…),
-//! whose "contents" are the kernel's state rather than a disk's.
+//! What may be passed to libvirtd as a disk: an open descriptor of a
+//! regular file or a block device, on an ordinary file system. Never a path
+//! (an `O_PATH` descriptor), a directory, a FIFO, a socket, a device other
+//! than a disk, an empty file, or a file of the kernel's own file systems
+//! (`/proc/self/mem`, sysfs, cgroupfs…), whose "contents" are the kernel's
+//! state rather than a disk's. The shim checks what it opens; the gate
+//! checks what a VM container passes.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 

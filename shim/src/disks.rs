@@ -1,0 +1,280 @@
+//! Disks from the VM container (`containerFile`): the shim opens them in its
+//! own mount namespace, where the image's files and the pod's volumes are,
+//! and passes the descriptors to libvirtd. Each is opened without following
+//! any symbolic link, and judged as the gate judges what it is passed (a
+//! regular file or a block device, not empty, not a kernel file). How:
+//!
+//! - read-only: the file itself, read-only (an image's layer is shared);
+//! - persistent: the file itself, read-write; it must be on a volume, not in
+//!   the container's own file system, which disappears with the container;
+//! - otherwise: a private copy in the scratch directory (the container's
+//!   writable layer unless `VIRTKUBE_SCRATCH_DIR` says otherwise), unlinked
+//!   at once, so the guest's writes vanish with the container.
+
+use std::fs::File;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use virtkube_api::resolve::{DiskSource, ResolvedTemplate};
+
+/// How a container disk is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The file, read-only.
+    ReadOnly,
+    /// The file, read-write (on a volume).
+    InPlace,
+    /// A private, unlinked copy, read-write.
+    Copy,
+}
+
+/// How to open a disk: read-only wins; then persistent or a copy.
+pub fn mode(read_only: bool, persistent: bool) -> Mode {
+    match (read_only, persistent) {
+        (true, _) => Mode::ReadOnly,
+        (false, true) => Mode::InPlace,
+        (false, false) => Mode::Copy,
+    }
+}
+
+/// One disk opened for passing: its descriptor group (the target name the
+/// renderer gave it) and the descriptor.
+#[derive(Debug)]
+pub struct Opened {
+    /// The descriptor group: the disk's target (`vda`, `sda`, …).
+    pub group: String,
+    /// The open file.
+    pub fd: OwnedFd,
+    /// Whether QEMU may write to it.
+    pub writable: bool,
+    /// What was opened, for messages.
+    pub path: String,
+}
+
+/// Opens every `containerFile` disk of `template`, in the order of the
+/// rendered domain's disks; `scratch` holds private copies. The error names
+/// the disk's field and what to do.
+pub fn open_all(template: &ResolvedTemplate, scratch: &Path) -> Result<Vec<Opened>, String> {
+    let mut opened = Vec::new();
+    for (index, disk) in template.disks.iter().enumerate() {
+        let DiskSource::Container { path, persistent } = &disk.source else {
+            continue;
+        };
+        let field = format!("disks[{index}].containerFile");
+        let group = crate::render::disk_target_for(template, index);
+        let how = mode(disk.read_only, *persistent);
+        let fd = open_one(path, how, scratch).map_err(|why| format!("{field} {path:?}: {why}"))?;
+        opened.push(Opened {
+            group,
+            fd,
+            writable: how != Mode::ReadOnly,
+            path: path.clone(),
+        });
+    }
+    Ok(opened)
+}
+
+fn open_one(path: &str, how: Mode, scratch: &Path) -> Result<OwnedFd, String> {
+    let flags = match how {
+        Mode::InPlace => libc::O_RDWR,
+        Mode::ReadOnly | Mode::Copy => libc::O_RDONLY,
+    };
+    let fd = open_no_symlinks(path, flags)?;
+    libvirt_wire::disk_fd::check(0, fd.as_fd()).map_err(|refused| {
+        // The check speaks of "descriptor 0": here it is the named file.
+        refused.to_string().replacen("descriptor 0", "it", 1)
+    })?;
+    let file = File::from(fd);
+    let meta = file.metadata().map_err(|e| format!("cannot stat it: {e}"))?;
+    match how {
+        Mode::ReadOnly => Ok(file.into()),
+        Mode::InPlace => {
+            let root = std::fs::metadata("/").map_err(|e| format!("cannot stat /: {e}"))?;
+            if meta.dev() == root.dev() {
+                return Err(
+                    "a persistent disk must be on a volume (a PersistentVolumeClaim), but this file is in the container's own file system, which disappears with the container; mount a volume there, or drop persistent"
+                        .into(),
+                );
+            }
+            Ok(file.into())
+        }
+        Mode::Copy => private_copy(file, scratch),
+    }
+}
+
+/// Opens `path` without following a symbolic link anywhere in it (openat2's
+/// RESOLVE_NO_SYMLINKS), never blocking on a FIFO (O_NONBLOCK, cleared again).
+fn open_no_symlinks(path: &str, flags: i32) -> Result<OwnedFd, String> {
+    let c_path = std::ffi::CString::new(path).map_err(|_| "contains a NUL byte".to_owned())?;
+    // SAFETY: an all-zero open_how is a valid value; the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 reads the C string and the open_how of the given size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                "is reached through a symbolic link; name the file itself (links are not followed)".into()
+            }
+            Some(libc::ENOENT) => "does not exist in the VM container".into(),
+            Some(libc::EISDIR) => "is a directory; a disk must be a regular file or a block device".into(),
+            Some(libc::ENOSYS) => "cannot be opened safely: the kernel lacks openat2 (Linux 5.6)".into(),
+            _ => format!("cannot be opened: {e}"),
+        });
+    }
+    // SAFETY: the syscall returned a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: fcntl on a descriptor we own; clears O_NONBLOCK for QEMU.
+    unsafe {
+        let flags = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::F_SETFL,
+                flags & !libc::O_NONBLOCK,
+            );
+        }
+    }
+    Ok(fd)
+}
+
+/// A read-write copy of `source` in `scratch`, unlinked at once: only the
+/// descriptor holds it, and it is gone when QEMU and the shim close it.
+fn private_copy(mut source: File, scratch: &Path) -> Result<OwnedFd, String> {
+    let name = scratch.join(format!(".virtkube-disk-{}-{}", std::process::id(), unique()));
+    let mut copy = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&name)
+        .map_err(|e| {
+            format!(
+                "cannot make its private copy in {} ({e}); set VIRTKUBE_SCRATCH_DIR to a writable directory with room (an emptyDir), or make the disk readOnly or persistent",
+                scratch.display()
+            )
+        })?;
+    let _ = std::fs::remove_file(&name);
+    std::io::copy(&mut source, &mut copy).map_err(|e| {
+        format!(
+            "copying it into {} failed ({e}); give VIRTKUBE_SCRATCH_DIR more room",
+            scratch.display()
+        )
+    })?;
+    std::io::Seek::rewind(&mut copy).map_err(|e| format!("cannot rewind its copy: {e}"))?;
+    Ok(copy.into())
+}
+
+/// A number no other copy of this process has used.
+fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("shim-disks-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn read_only_wins_then_persistent_else_a_copy() {
+        assert_eq!(mode(true, true), Mode::ReadOnly);
+        assert_eq!(mode(true, false), Mode::ReadOnly);
+        assert_eq!(mode(false, true), Mode::InPlace);
+        assert_eq!(mode(false, false), Mode::Copy);
+    }
+
+    #[test]
+    fn a_private_copy_takes_the_writes_and_leaves_the_image_alone() {
+        let dir = scratch("copy");
+        let image = dir.join("root.raw");
+        std::fs::write(&image, b"original").unwrap();
+        let fd = open_one(image.to_str().unwrap(), Mode::Copy, &dir).unwrap();
+        let mut copy = File::from(fd);
+        copy.write_all(b"CHANGED!").unwrap();
+        copy.rewind().unwrap();
+        let mut seen = String::new();
+        copy.read_to_string(&mut seen).unwrap();
+        assert_eq!(seen, "CHANGED!");
+        assert_eq!(std::fs::read_to_string(&image).unwrap(), "original");
+        // Unlinked: only the image is left in the directory.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("root.raw")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hostile_paths_are_refused_with_the_reason() {
+        let dir = scratch("hostile");
+        let image = dir.join("root.raw");
+        std::fs::write(&image, b"disk").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join("link")).unwrap();
+        std::os::unix::fs::symlink(&image, dir.join("inner-link")).unwrap();
+        std::fs::write(dir.join("empty"), b"").unwrap();
+        let fifo = std::ffi::CString::new(dir.join("fifo").to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let at = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        for (path, how, why) in [
+            (at("link"), Mode::ReadOnly, "symbolic link"),
+            (at("inner-link"), Mode::ReadOnly, "symbolic link"),
+            (at("empty"), Mode::ReadOnly, "empty file"),
+            (at("fifo"), Mode::ReadOnly, "is a FIFO"),
+            (at("missing"), Mode::ReadOnly, "does not exist"),
+            (dir.to_str().unwrap().to_owned(), Mode::ReadOnly, "is a directory"),
+            (dir.to_str().unwrap().to_owned(), Mode::InPlace, "is a directory"),
+            // /proc/self is a link; /proc/PID/mem is not, and is the kernel's.
+            ("/proc/self/mem".to_owned(), Mode::ReadOnly, "symbolic link"),
+            (format!("/proc/{}/mem", std::process::id()), Mode::ReadOnly, "procfs"),
+            ("/dev/null".to_owned(), Mode::ReadOnly, "character device"),
+        ] {
+            let e = open_one(&path, how, &dir).unwrap_err();
+            assert!(e.contains(why), "{path}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_persistent_disk_must_be_on_another_file_system_than_the_root() {
+        // /tmp here is on the root file system unless a tmpfs is mounted.
+        let dir = scratch("persistent");
+        let image = dir.join("root.raw");
+        std::fs::write(&image, b"disk").unwrap();
+        let on_root = std::fs::metadata(&dir).unwrap().dev() == std::fs::metadata("/").unwrap().dev();
+        let opened = open_one(image.to_str().unwrap(), Mode::InPlace, &dir);
+        if on_root {
+            assert!(opened.unwrap_err().contains("must be on a volume"));
+        } else {
+            opened.unwrap();
+        }
+        // /dev/shm is a tmpfs of its own: a "volume" as far as the check goes.
+        let shm = Path::new("/dev/shm").join(format!("shim-disks-{}", std::process::id()));
+        std::fs::write(&shm, b"disk").unwrap();
+        let fd = open_one(shm.to_str().unwrap(), Mode::InPlace, &dir).unwrap();
+        let mut file = File::from(fd);
+        file.write_all(b"DISK").unwrap();
+        assert_eq!(std::fs::read_to_string(&shm).unwrap(), "DISK", "written in place");
+        std::fs::remove_file(&shm).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
