@@ -22,7 +22,7 @@ fi
 
 mkdir -p "$OUT"
 chmod 755 "$OUT"
-if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/pvpanic-mmio.ko" ]; then
+if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/virtio_blk.ko" ]; then
   [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -qq
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$pkg" ] || { log "cannot resolve linux-image-cloud-amd64 to a kernel package"; exit 1; }
@@ -36,8 +36,13 @@ if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/pvpanic-mmio.ko" ]; then
   # reports a kernel panic to QEMU (ACPI device QEMU0001, the template's
   # features.pvpanic), so a crash is seen as one.
   mkdir -p "$OUT/modules"
+  # virtio (PCI) and virtio-blk let the guest see disks, e.g. those a VM
+  # image carries and the shim passes as file descriptors.
   for m in drivers/acpi/button.ko drivers/input/evdev.ko \
-    drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko; do
+    drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko \
+    drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko \
+    drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
+    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko; do
     install -m 0644 "$work"/root/lib/modules/*/kernel/$m "$OUT/modules/"
   done
   rm -rf "$work"
@@ -65,6 +70,9 @@ insmod /lib/modules/evdev.ko 2>/dev/null
 insmod /lib/modules/button.ko 2>/dev/null
 insmod /lib/modules/pvpanic.ko 2>/dev/null
 insmod /lib/modules/pvpanic-mmio.ko 2>/dev/null
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+  insmod /lib/modules/$m.ko 2>/dev/null
+done
 printf '#!/bin/sh\necho "virtkube-tiny: power button pressed, powering off"\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod +x /etc/acpi/PWRF/00000080
 for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
@@ -78,10 +86,24 @@ case " $(cat /proc/cmdline) " in
   *) acpid -d -c /etc/acpi >/dev/null 2>&1 & ;;
 esac
 echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) cpu(s)"
+# The first disk, if any (a virtio-blk PCI device, legacy 0x1001 or modern
+# 0x1042): its first line, which the tests write. Its driver binds and its
+# device node appears a moment after the modules load.
+if grep -qxE '0x1001|0x1042' /sys/bus/pci/devices/*/device 2>/dev/null; then
+  for _ in $(seq 1 100); do
+    [ -b /dev/vda ] && break
+    sleep 0.1
+  done
+fi
+if [ -b /dev/vda ]; then
+  echo "virtkube-tiny: vda says: $(head -c 128 /dev/vda | head -n 1 | tr -d '\000')"
+fi
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 3; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; sleep 3; echo c > /proc/sysrq-trigger ;;
+    virtkube.scribble) echo "virtkube-disk:SCRIBBLED" | dd of=/dev/vda conv=notrunc 2>/dev/null && sync &&
+      echo "virtkube-tiny: scribbled on vda: $(head -c 128 /dev/vda | head -n 1)" ;;
   esac
 done
 echo "virtkube-tiny: ready"

@@ -389,3 +389,115 @@ fn a_hostile_docker_container_reaches_only_its_own_domain() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(link);
 }
+
+/// A VM image that carries its own disk (`COPY root.raw /disk/`), through
+/// the gate: the guest reads the disk the shim passed as a descriptor. By
+/// default it writes to a private copy, so a second container of the same
+/// image sees the image's disk again; a persistent disk on a volume keeps
+/// what the guest wrote. `--print-xml` shows the descriptor group.
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn a_vm_image_carries_its_disk() {
+    require_setup();
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("volume")).unwrap();
+    let mut disk = b"virtkube-disk:ORIGINAL\n".to_vec();
+    disk.resize(1024 * 1024, 0);
+    std::fs::write(dir.join("root.raw"), &disk).unwrap();
+    std::fs::write(dir.join("volume/data.raw"), &disk).unwrap();
+    let template = |source: &str| {
+        format!(
+            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: disk}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet virtkube.scribble virtkube.poweroff\n  disks:\n    - {source}\n"
+        )
+    };
+    std::fs::write(dir.join("image.yaml"), template("containerFile: /disk/root.raw")).unwrap();
+    std::fs::write(
+        dir.join("volume.yaml"),
+        template("{containerFile: /data/data.raw, persistent: true}"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("misplaced.yaml"),
+        template("{containerFile: /disk/root.raw, persistent: true}"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY volume.yaml misplaced.yaml /etc/virtkube/\n",
+    )
+    .unwrap();
+    let tag = format!("virtkube/e2e-disk:{}", std::process::id());
+    let out = Command::new(DOCKER)
+        .args(["build", "-q", "-t", &tag])
+        .arg(&dir)
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let printed = docker_ok(&["run", "--rm", &tag, "--print-xml"]);
+    assert!(
+        printed.contains(r#"<source file="/virtkube-fd/vda" fdgroup="vda"/>"#),
+        "{printed}"
+    );
+
+    // The image's disk, twice: each container's guest sees the original.
+    for round in 1..=2 {
+        let vm = Vm::run(&format!("e2e-disk-{round}"), &[], &tag, &[]);
+        assert_eq!(vm.exit_code(BOOT), 0, "{}", vm.logs());
+        let logs = vm.logs();
+        assert!(
+            logs.contains("virtkube-tiny: vda says: virtkube-disk:ORIGINAL")
+                && logs.contains("virtkube-tiny: scribbled on vda: virtkube-disk:SCRIBBLED"),
+            "round {round}:\n{logs}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(dir.join("root.raw")).unwrap(),
+        disk,
+        "the build context is untouched"
+    );
+
+    // A persistent disk on a volume: the second boot sees the first's write.
+    let volume = format!("{}:/data", dir.join("volume").display());
+    let persistent = ["-v", &volume, "-e", "VIRTKUBE_TEMPLATE_FILE=/etc/virtkube/volume.yaml"];
+    let first = Vm::run("e2e-disk-volume-1", &persistent, &tag, &[]);
+    assert_eq!(first.exit_code(BOOT), 0, "{}", first.logs());
+    assert!(
+        first.logs().contains("vda says: virtkube-disk:ORIGINAL"),
+        "{}",
+        first.logs()
+    );
+    let second = Vm::run("e2e-disk-volume-2", &persistent, &tag, &[]);
+    assert_eq!(second.exit_code(BOOT), 0, "{}", second.logs());
+    assert!(
+        second.logs().contains("vda says: virtkube-disk:SCRIBBLED"),
+        "{}",
+        second.logs()
+    );
+    assert!(
+        std::fs::read(dir.join("volume/data.raw"))
+            .unwrap()
+            .starts_with(b"virtkube-disk:SCRIBBLED")
+    );
+
+    // Persistent but in the container's own layer: refused, saying why.
+    let misplaced = Vm::run(
+        "e2e-disk-misplaced",
+        &["-e", "VIRTKUBE_TEMPLATE_FILE=/etc/virtkube/misplaced.yaml"],
+        &tag,
+        &[],
+    );
+    assert_eq!(misplaced.exit_code(Duration::from_secs(30)), 1, "{}", misplaced.logs());
+    assert!(
+        misplaced
+            .logs()
+            .contains(r#"disks[0].containerFile "/disk/root.raw": a persistent disk must be on a volume"#),
+        "{}",
+        misplaced.logs()
+    );
+    drop((first, second, misplaced));
+    let _ = docker(&["rmi", &tag]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
