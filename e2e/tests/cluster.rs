@@ -265,6 +265,7 @@ fn vm_lifecycle_through_kubectl() {
     // it, and the virtkube-vm role for the pod's service account.
     template_from_the_api(&ns);
 
+    disks_from_the_pod(&ns);
     bare_kubectl_run(&ns);
     the_node_itself_is_refused_over_tcp();
     hostile_pod(&ns, "probe-socket", false);
@@ -518,6 +519,98 @@ fn a_vm_outgrowing_its_pod_is_killed_there(ns: &str) {
         events.contains(&format!("for memory in cgroup {}", cgroup.trim())),
         "{events}"
     );
+}
+
+/// A pod of an image that carries its disk, and one whose disk is a
+/// PersistentVolumeClaim: the guest reads the disk the shim passed as a
+/// descriptor and writes to it. A second pod of the image sees the image's
+/// disk again (the first one's writes went to its private copy); a second
+/// pod on the claim sees the first one's write.
+fn disks_from_the_pod(ns: &str) {
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-cluster-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut disk = b"virtkube-disk:ORIGINAL\n".to_vec();
+    disk.resize(1024 * 1024, 0);
+    std::fs::write(dir.join("root.raw"), &disk).unwrap();
+    let template = |source: &str| {
+        format!(
+            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: disk}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet virtkube.scribble virtkube.poweroff\n  disks:\n    - {source}\n"
+        )
+    };
+    std::fs::write(dir.join("image.yaml"), template("containerFile: /disk/root.raw")).unwrap();
+    std::fs::write(
+        dir.join("claim.yaml"),
+        template("{containerFile: /data/data.raw, persistent: true}"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY claim.yaml /etc/virtkube/\n",
+    )
+    .unwrap();
+    let tag = format!("virtkube/e2e-cluster-disk:{}", std::process::id());
+    let (built, out) = virtkube_e2e::run(
+        "/usr/bin/docker",
+        &["build", "-q", "-t", &tag, dir.to_str().unwrap()],
+        None,
+    );
+    assert!(built, "docker build: {out}");
+
+    // A volume on the node (this cluster's node is this machine), claimed.
+    let volume = format!("/var/lib/virtkube-e2e-volume-{}", std::process::id());
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(format!("{volume}/data.raw"), &disk).unwrap();
+    let class = format!("virtkube-e2e-manual-{}", std::process::id());
+    apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {ns}-disk}}\nspec:\n  storageClassName: {class}\n  capacity: {{storage: 16Mi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {volume}, type: Directory}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: disk, namespace: {ns}}}\nspec:\n  storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 16Mi}}}}\n"
+    ));
+    let pod = |name: &str, claim: bool| {
+        let (env, mount, volume) = if claim {
+            (
+                "        - {name: VIRTKUBE_TEMPLATE_FILE, value: /etc/virtkube/claim.yaml}\n",
+                "        - {name: data, mountPath: /data}\n",
+                "    - {name: data, persistentVolumeClaim: {claimName: disk}}\n",
+            )
+        } else {
+            ("", "", "")
+        };
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  restartPolicy: Never\n  runtimeClassName: virtkube\n  containers:\n    - name: vm\n      image: {tag}\n      imagePullPolicy: IfNotPresent\n      resources: {{limits: {{memory: 160Mi}}}}\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n        - {{name: POD_UID, valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}}}\n{env}      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n{mount}  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n{volume}"
+        )
+    };
+    let run_to_completion = |name: &str, claim: bool| -> String {
+        apply(&pod(name, claim));
+        eventually(&format!("pod {name} to succeed"), ns, Duration::from_secs(180), || {
+            let phase = ok(&["-n", ns, "get", "pod", name, "-o", "jsonpath={.status.phase}"]);
+            assert_ne!(phase.trim(), "Failed", "{}", kubectl(&["-n", ns, "logs", name]).1);
+            phase.trim() == "Succeeded"
+        });
+        kubectl(&["-n", ns, "logs", name]).1
+    };
+    for name in ["disk-image-1", "disk-image-2"] {
+        let logs = run_to_completion(name, false);
+        assert!(
+            logs.contains("vda says: virtkube-disk:ORIGINAL")
+                && logs.contains("scribbled on vda: virtkube-disk:SCRIBBLED"),
+            "{name}:\n{logs}"
+        );
+    }
+    let first = run_to_completion("disk-claim-1", true);
+    assert!(first.contains("vda says: virtkube-disk:ORIGINAL"), "{first}");
+    let second = run_to_completion("disk-claim-2", true);
+    assert!(
+        second.contains("vda says: virtkube-disk:SCRIBBLED"),
+        "the claim lost the write:\n{second}"
+    );
+    for name in ["disk-image-1", "disk-image-2", "disk-claim-1", "disk-claim-2"] {
+        ok(&["-n", ns, "delete", "pod", name, "--wait=false"]);
+    }
+    ok(&["-n", ns, "delete", "pvc", "disk", "--wait=false"]);
+    let _ = kubectl(&["delete", "pv", &format!("{ns}-disk"), "--wait=false"]);
+    let _ = virtkube_e2e::run("/usr/bin/docker", &["rmi", "-f", &tag], None);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&volume);
 }
 
 /// Bare `kubectl run IMAGE`: no volumes, no downward API. The shim reads its pod
