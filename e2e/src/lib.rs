@@ -4,6 +4,7 @@
 //! (scripts/test.sh does both).
 
 pub mod cluster;
+pub mod disk_image;
 pub mod probe;
 
 use std::io::{Read, Write};

@@ -529,33 +529,9 @@ fn a_vm_outgrowing_its_pod_is_killed_there(ns: &str) {
 fn disks_from_the_pod(ns: &str) {
     let dir = std::env::temp_dir().join(format!("virtkube-e2e-cluster-disk-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut disk = b"virtkube-disk:ORIGINAL\n".to_vec();
-    disk.resize(1024 * 1024, 0);
-    std::fs::write(dir.join("root.raw"), &disk).unwrap();
-    let template = |source: &str| {
-        format!(
-            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: disk}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet virtkube.scribble virtkube.poweroff\n  disks:\n    - {source}\n"
-        )
-    };
-    std::fs::write(dir.join("image.yaml"), template("containerFile: /disk/root.raw")).unwrap();
-    std::fs::write(
-        dir.join("claim.yaml"),
-        template("{containerFile: /data/data.raw, persistent: true}"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY claim.yaml /etc/virtkube/\n",
-    )
-    .unwrap();
+    let disk = virtkube_e2e::disk_image::original_disk();
     let tag = format!("virtkube/e2e-cluster-disk:{}", std::process::id());
-    let (built, out) = virtkube_e2e::run(
-        "/usr/bin/docker",
-        &["build", "-q", "-t", &tag, dir.to_str().unwrap()],
-        None,
-    );
-    assert!(built, "docker build: {out}");
+    virtkube_e2e::disk_image::build(&dir, &tag);
 
     // A volume on the node (this cluster's node is this machine), claimed.
     let volume = format!("/var/lib/virtkube-e2e-volume-{}", std::process::id());
@@ -568,7 +544,7 @@ fn disks_from_the_pod(ns: &str) {
     let pod = |name: &str, claim: bool| {
         let (env, mount, volume) = if claim {
             (
-                "        - {name: VIRTKUBE_TEMPLATE_FILE, value: /etc/virtkube/claim.yaml}\n",
+                "        - {name: VIRTKUBE_TEMPLATE_FILE, value: /etc/virtkube/volume.yaml}\n",
                 "        - {name: data, mountPath: /data}\n",
                 "    - {name: data, persistentVolumeClaim: {claimName: disk}}\n",
             )

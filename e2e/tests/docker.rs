@@ -252,13 +252,7 @@ fn a_broken_template_fails_the_container_with_a_clear_message() {
     )
     .unwrap();
     let tag = format!("virtkube/e2e-broken:{}", std::process::id());
-    let out = Command::new(DOCKER)
-        .args(["build", "-q", "-t", &tag])
-        .arg(&dir)
-        .env("DOCKER_BUILDKIT", "0")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    virtkube_e2e::disk_image::build_context(&dir, &tag);
     let vm = Vm::run("e2e-broken", &[], &tag, &[]);
     assert_eq!(vm.exit_code(Duration::from_secs(30)), 1);
     assert!(
@@ -401,40 +395,11 @@ fn a_vm_image_carries_its_disk() {
     require_setup();
     let dir = std::env::temp_dir().join(format!("virtkube-e2e-disk-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let disk = virtkube_e2e::disk_image::original_disk();
     std::fs::create_dir_all(dir.join("volume")).unwrap();
-    let mut disk = b"virtkube-disk:ORIGINAL\n".to_vec();
-    disk.resize(1024 * 1024, 0);
-    std::fs::write(dir.join("root.raw"), &disk).unwrap();
     std::fs::write(dir.join("volume/data.raw"), &disk).unwrap();
-    let template = |source: &str| {
-        format!(
-            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: disk}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet virtkube.scribble virtkube.poweroff\n  disks:\n    - {source}\n"
-        )
-    };
-    std::fs::write(dir.join("image.yaml"), template("containerFile: /disk/root.raw")).unwrap();
-    std::fs::write(
-        dir.join("volume.yaml"),
-        template("{containerFile: /data/data.raw, persistent: true}"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("misplaced.yaml"),
-        template("{containerFile: /disk/root.raw, persistent: true}"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("Dockerfile"),
-        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY volume.yaml misplaced.yaml /etc/virtkube/\n",
-    )
-    .unwrap();
     let tag = format!("virtkube/e2e-disk:{}", std::process::id());
-    let out = Command::new(DOCKER)
-        .args(["build", "-q", "-t", &tag])
-        .arg(&dir)
-        .env("DOCKER_BUILDKIT", "0")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    virtkube_e2e::disk_image::build(&dir.join("context"), &tag);
 
     let printed = docker_ok(&["run", "--rm", &tag, "--print-xml"]);
     assert!(
@@ -454,7 +419,7 @@ fn a_vm_image_carries_its_disk() {
         );
     }
     assert_eq!(
-        std::fs::read(dir.join("root.raw")).unwrap(),
+        std::fs::read(dir.join("context/root.raw")).unwrap(),
         disk,
         "the build context is untouched"
     );

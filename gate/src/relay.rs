@@ -1051,17 +1051,21 @@ impl Finisher {
         finished
     }
 
+    /// The keeper's control connection, to do `what`.
+    async fn control(&self, what: &str) -> Result<libvirt_wire::Client, String> {
+        self.keeper
+            .control()
+            .await
+            .map_err(|e| format!("the gate cannot reach libvirtd to {what}: {e}"))
+    }
+
     async fn finish(&self, domain: &DomainRef, run: bool, defined: bool) -> Result<(), String> {
         self.keeper.adopt(domain, self.caller.owner(&self.who))?;
         if defined {
             // Transient from now on, as a created domain is: destroying it
             // leaves nothing behind.
-            let control = self
-                .keeper
-                .control()
-                .await
-                .map_err(|e| format!("the gate cannot reach libvirtd to make the domain transient: {e}"))?;
-            control
+            self.control("make the domain transient")
+                .await?
                 .undefine(domain, 0)
                 .await
                 .map_err(|e| format!("libvirtd did not forget the domain's definition: {e}"))?;
@@ -1083,12 +1087,8 @@ impl Finisher {
             tracing::info!(who = %self.who, domain = %domain.name, qemu = placed.0, cgroups = placed.1, "QEMU placed in the caller's pod or container cgroups");
         }
         if run {
-            let control = self
-                .keeper
-                .control()
-                .await
-                .map_err(|e| format!("the gate cannot reach libvirtd to start the domain: {e}"))?;
-            control
+            self.control("start the domain")
+                .await?
                 .resume(domain)
                 .await
                 .map_err(|e| format!("libvirtd did not start the domain's CPUs: {e}"))?;
@@ -1239,27 +1239,13 @@ fn check_call(
                     "a domain must be created with VALIDATE (flags {create_flags:#x})"
                 )));
             }
-            let policy::Admission {
-                domain: admitted,
-                memory_kib,
-                fd_groups,
-            } = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
+            let (xml, admitted, fd_groups) = admit_domain_xml(&xml, who, gate, session)?;
             if !fd_groups.is_empty() {
                 return Err(Denied(format!(
                     "disks passed as descriptors ({}) need DOMAIN_DEFINE_XML_FLAGS, DOMAIN_FD_ASSOCIATE and DOMAIN_CREATE_WITH_FLAGS, not DOMAIN_CREATE_XML",
                     fd_groups.join(", ")
                 )));
             }
-            let Some(caller) = session.caller else {
-                return Err(Denied("the gate does not know the calling process".into()));
-            };
-            if gate.place_qemu {
-                check_fit(gate, who, caller, memory_kib.saturating_mul(1024))?;
-            }
-            // The domain carries its owner from the moment it exists, so that
-            // no break before the hand-over leaves it unowned.
-            let xml = crate::keeper::with_owner_record(&xml, &caller.owner(who))
-                .map_err(|why| Denied(format!("cannot record the domain's owner: {why}")))?;
             tracing::info!(%who, domain = %admitted.name, "domain admitted");
             session.creating = Some(Creating {
                 serial: call.serial,
@@ -1341,20 +1327,7 @@ fn check_call(
                     "a domain must be defined with VALIDATE and nothing else (flags {define_flags:#x})"
                 )));
             }
-            let policy::Admission {
-                domain: admitted,
-                memory_kib,
-                fd_groups,
-            } = policy::check_domain_xml(&xml, who, &gate.policy, &RealPaths)?;
-            let Some(caller) = session.caller else {
-                return Err(Denied("the gate does not know the calling process".into()));
-            };
-            if gate.place_qemu {
-                check_fit(gate, who, caller, memory_kib.saturating_mul(1024))?;
-            }
-            // Owned from the moment it exists, like a created domain.
-            let xml = crate::keeper::with_owner_record(&xml, &caller.owner(who))
-                .map_err(|why| Denied(format!("cannot record the domain's owner: {why}")))?;
+            let (xml, admitted, fd_groups) = admit_domain_xml(&xml, who, gate, session)?;
             tracing::info!(%who, domain = %admitted.name, groups = ?fd_groups, "domain definition admitted");
             session.defining = Some(Defining {
                 serial: call.serial,
@@ -1406,6 +1379,33 @@ fn check_call(
         }
         _ => Ok(None),
     }
+}
+
+/// Checks a domain XML to create or define (the policy, and that the VM fits
+/// where its QEMU will run) and adds its owner's record, so that the domain
+/// has its owner from the moment it exists and no break before the
+/// hand-over leaves it unowned. Returns the XML to send, the domain, and its
+/// descriptor groups.
+fn admit_domain_xml(
+    xml: &str,
+    who: &Identity,
+    gate: &Gate,
+    session: &Session,
+) -> Result<(String, Admitted, Vec<String>), Denied> {
+    let policy::Admission {
+        domain,
+        memory_kib,
+        fd_groups,
+    } = policy::check_domain_xml(xml, who, &gate.policy, &RealPaths)?;
+    let Some(caller) = session.caller else {
+        return Err(Denied("the gate does not know the calling process".into()));
+    };
+    if gate.place_qemu {
+        check_fit(gate, who, caller, memory_kib.saturating_mul(1024))?;
+    }
+    let xml = crate::keeper::with_owner_record(xml, &caller.owner(who))
+        .map_err(|why| Denied(format!("cannot record the domain's owner: {why}")))?;
+    Ok((xml, domain, fd_groups))
 }
 
 /// The domain this connection defined and has not started, if `named` is it.
