@@ -256,16 +256,18 @@ fn shape_errors_carry_the_field_path() {
 #[test]
 fn a_container_file_disk_is_persistent_only_when_asked() {
     use virtkube_api::resolve::DiskSource;
-    let t = parse_yaml(
-        "disks: [{containerFile: /disk/root.qcow2, format: qcow2}, {containerFile: /data/d.raw, persistent: true}]",
-    )
-    .unwrap();
+    let t =
+        parse_yaml("disks: [{containerFile: /disk/root.raw}, {containerFile: /data/d.raw, persistent: true}]").unwrap();
     assert_eq!(
         t.disks[0].source,
         DiskSource::Container {
-            path: "/disk/root.qcow2".into(),
+            path: "/disk/root.raw".into(),
             persistent: false
         }
+    );
+    assert_error(
+        "disks: [{containerFile: /disk/root.qcow2, format: qcow2}]",
+        "spec.disks[0].format: qcow2 is not taken from the container yet",
     );
     assert_eq!(
         t.disks[1].source,

@@ -29,6 +29,10 @@ const RETRY: Duration = Duration::from_secs(1);
 const SWEEP_PERIOD: Duration = Duration::from_secs(5);
 /// libvirt's `VIR_ERR_NO_DOMAIN`.
 const ERR_NO_DOMAIN: i32 = 42;
+/// How long an abandoned definition is looked for before it counts as never
+/// made (libvirtd may still be carrying out the define).
+const DEFINE_IN_FLIGHT: Duration = Duration::from_secs(3);
+
 /// libvirt's `VIR_ERR_OPERATION_INVALID` (e.g. "domain is not running").
 const ERR_OPERATION_INVALID: i32 = 55;
 
@@ -341,26 +345,44 @@ impl Keeper {
         }
     }
 
-    /// Forgets the definition of `domain`, defined through the gate and
-    /// abandoned before it started (its connection ended). A domain that
-    /// runs after all is left to its owner's keeping; retried while
-    /// libvirtd is away, for a minute.
-    pub async fn forget_definition(&self, domain: &DomainRef) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    /// Forgets the definition of domain `name`, defined through the gate for
+    /// `owner` and abandoned (its connection ended before or while it
+    /// started, or its hand-over failed): undefined whatever its state — a
+    /// running one becomes transient, as every gate domain is, and is then
+    /// the keeper's or [`Keeper::end_abandoned`]'s. A domain whose record
+    /// names another owner is left alone. Retried while libvirtd is away,
+    /// for a minute.
+    pub async fn forget_definition(&self, name: &str, owner: &Owner) {
+        let started = tokio::time::Instant::now();
+        let deadline = started + Duration::from_secs(60);
         while tokio::time::Instant::now() < deadline {
             let forgotten = async {
                 let control = self.control().await?;
-                if control.get_state(domain).await?.0 == libvirt_wire::DomainState::Running {
-                    return Ok(());
+                let domain = control.lookup_by_name(name).await?;
+                let record = control.metadata_of(&domain, OWNER_NAMESPACE, 0).await?;
+                if !record.is_some_and(|r| Owner::from_xml(&r).is_ok_and(|o| o.same_process(owner))) {
+                    return Ok(false);
                 }
-                control.undefine(domain, 0).await
+                control.undefine(&domain, 0).await.map(|()| true)
             };
             match forgotten.await {
-                Ok(()) => {
-                    tracing::info!(domain = %domain.name, "undefined a domain whose definition was abandoned");
+                Ok(true) => {
+                    tracing::info!(domain = %name, "undefined a domain whose definition was abandoned");
                     return;
                 }
-                Err(e) if e.libvirt().is_some_and(|e| e.is_no_domain()) => return,
+                Ok(false) => return,
+                // Not there yet: a define the connection asked for may
+                // still be on its way through libvirtd.
+                Err(e) if e.libvirt().is_some_and(|e| e.is_no_domain()) && started.elapsed() < DEFINE_IN_FLIGHT => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                // Gone, or transient already.
+                Err(e)
+                    if e.libvirt()
+                        .is_some_and(|e| e.is_no_domain() || e.code == ERR_OPERATION_INVALID) =>
+                {
+                    return;
+                }
                 Err(_) => tokio::time::sleep(RETRY).await,
             }
         }

@@ -203,9 +203,12 @@ pub fn placement(proc_cgroup: &str, mounts: &[CgroupMount], scope: Scope<'_>) ->
             path: path.to_owned(),
             root: mount.root.clone(),
         })?;
+        // The pod's own path, within the mount (a mount rooted below the
+        // pod shows no pod: the caller's cgroup is used, as for Docker).
         let pod = match scope {
-            Scope::Pod { kubepods_parent } => crate::identity::pod_cgroup_of(path, kubepods_parent)
-                .map(|(_, pod)| &relative[..relative.len() - (path.len() - pod.len())]),
+            Scope::Pod { kubepods_parent } => {
+                crate::identity::pod_cgroup_of(path, kubepods_parent).and_then(|(_, pod)| within(&mount.root, pod))
+            }
             Scope::Container => None,
         };
         let mut dir = mount.mount_point.clone();
@@ -363,6 +366,14 @@ mod tests {
                 "/sys/fs/cgroup/pod1b2c3d4e-0000-4000-8000-000000000001/virtkube-qemu/cgroup.procs"
             )]
         );
+    }
+
+    #[test]
+    fn a_mount_rooted_inside_the_pod_shows_no_pod() {
+        let pod = "/kubepods/burstable/pod4b7d3e62-5b2f-4c3a-9a8e-0c1d2e3f4a5b";
+        let mountinfo = format!("35 24 0:30 {pod}/ctr /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+        let placed = placement(&format!("0::{pod}/ctr\n"), &cgroup_mounts(&mountinfo), POD).unwrap();
+        assert_eq!(placed.procs_files, [PathBuf::from("/sys/fs/cgroup/cgroup.procs")]);
     }
 
     #[test]

@@ -498,6 +498,16 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                 match source.and_then(|s| s.attribute("fdgroup")) {
                     Some(group) => {
                         check_fd_disk(group, file)?;
+                        // A qcow2 image names its backing file in its header,
+                        // which QEMU could open on the node: raw only, until
+                        // the gate reads the header itself.
+                        let format = child(disk, "driver").and_then(|d| d.attribute("type"));
+                        if format != Some("raw") {
+                            return deny(format!(
+                                "a disk passed as descriptors must be raw, not {}",
+                                format.unwrap_or("unset")
+                            ));
+                        }
                         if groups.iter().any(|g| g == group) {
                             return deny(format!("descriptor group {group:?} is named by two disks"));
                         }
@@ -525,6 +535,9 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                     "disk type {other:?} is not allowed (file or network; no host block devices)"
                 ));
             }
+        }
+        if disk.attribute("type") != Some("file") && source.is_some_and(|s| s.has_attribute("fdgroup")) {
+            return deny("only a file disk may be passed as descriptors");
         }
         if let Some(source) = source
             && (source.has_attribute("dev") || source.has_attribute("dir") || source.has_attribute("pool"))
@@ -938,9 +951,15 @@ mod tests {
         }
     }
 
-    /// The server template with its system disk passed as descriptors.
+    /// The server template with its system disk (raw) passed as descriptors.
     fn with_fd_disk(source: &str) -> String {
-        golden("server").replace(r#"<source file="/var/lib/virtkube/images/server/root.qcow2"/>"#, source)
+        golden("server")
+            .replacen(
+                r#"<driver name="qemu" type="qcow2"/>"#,
+                r#"<driver name="qemu" type="raw"/>"#,
+                1,
+            )
+            .replace(r#"<source file="/var/lib/virtkube/images/server/root.qcow2"/>"#, source)
     }
 
     #[test]
@@ -983,5 +1002,11 @@ mod tests {
             r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#,
         );
         denied(&twice, &pod(), "named by two disks");
+        // qcow2 could name a backing file on the node.
+        let qcow2 = golden("server").replace(
+            r#"<source file="/var/lib/virtkube/images/server/root.qcow2"/>"#,
+            r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#,
+        );
+        denied(&qcow2, &pod(), "must be raw, not qcow2");
     }
 }

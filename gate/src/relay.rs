@@ -638,6 +638,8 @@ impl Session {
 #[derive(Debug, Clone)]
 struct Defining {
     serial: u32,
+    /// The domain's name, as admitted (to forget it if the reply never comes).
+    name: String,
     groups: Vec<String>,
 }
 
@@ -774,17 +776,21 @@ async fn receive_passed(
     };
     let mut passed = Vec::with_capacity(count);
     for _ in 0..count {
-        passed.push(
-            libvirt_wire::fdpass::recv_fd(socket)
-                .await
-                .map_err(|e| Err(format!("receiving a passed descriptor: {e}")))?,
-        );
+        // They follow their call at once; a caller that announces and never
+        // sends them ends its own connection.
+        let received = tokio::time::timeout(PASSED_FD_WAIT, libvirt_wire::fdpass::recv_fd(socket))
+            .await
+            .map_err(|_| Err(format!("announced descriptors did not come within {PASSED_FD_WAIT:?}")))?;
+        passed.push(received.map_err(|e| Err(format!("receiving a passed descriptor: {e}")))?);
     }
     for (index, fd) in passed.iter().enumerate() {
         libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd)).map_err(|refused| Ok(refused.to_string()))?;
     }
     Ok(passed)
 }
+
+/// How long the descriptors a call announced may take to follow it.
+const PASSED_FD_WAIT: Duration = Duration::from_secs(10);
 
 async fn relay<S: ClientStream>(
     client: S,
@@ -818,6 +824,19 @@ async fn relay<S: ClientStream>(
                     let keeper = finisher.keeper.clone();
                     tokio::spawn(async move { keeper.note_reattached(&domain).await });
                     frame
+                }
+                Some(Noted::TookOver(domain)) => {
+                    tracing::warn!(who = %finisher.who, domain = %domain.name, "a definition landed on a running domain: undoing it");
+                    if let Ok(control) = finisher.keeper.control().await {
+                        let _ = control.undefine(&domain, 0).await;
+                    }
+                    denial(
+                        &header,
+                        &format!(
+                            "domain {:?} runs already; a definition may not take it over",
+                            domain.name
+                        ),
+                    )
                 }
                 Some(Noted::Created(Created { domain, run, defined })) => {
                     // Its own task: the hand-over completes (or the domain is
@@ -919,17 +938,29 @@ async fn relay<S: ClientStream>(
     downstream.abort();
     // A create whose reply never came back: libvirtd may still create the
     // domain, which its caller will never know of. It is destroyed.
-    let (abandoned, defined) = {
+    let (abandoned, defined, defining) = {
         let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-        (session.creating.take(), session.defined.take())
+        (session.creating.take(), session.defined.take(), session.defining.take())
     };
-    if let Some(Defined { domain, .. }) = defined
-        && abandoned.is_none()
-    {
+    // A definition this connection made or asked for, and did not start:
+    // forgotten (a start in flight makes it run; it is then ended below).
+    let definition = match (&abandoned, defined, defining) {
+        (Some(creating), _, _) if creating.defined => Some(creating.name.clone()),
+        (None, Some(defined), _) => Some(defined.domain.name),
+        (None, None, Some(defining)) => Some(defining.name),
+        _ => None,
+    };
+    if let Some(name) = definition {
         let keeper = gate.keeper();
-        tokio::spawn(async move { keeper.forget_definition(&domain).await });
-    }
-    if let Some(creating) = abandoned {
+        let owner = caller.owner(&who);
+        let ending = abandoned.is_some();
+        tokio::spawn(async move {
+            keeper.forget_definition(&name, &owner).await;
+            if ending {
+                keeper.end_abandoned(&name, &owner).await;
+            }
+        });
+    } else if let Some(creating) = abandoned {
         let keeper = gate.keeper();
         let owner = caller.owner(&who);
         tokio::spawn(async move { keeper.end_abandoned(&creating.name, &owner).await });
@@ -984,10 +1015,16 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
     {
         let groups = defining.groups.iter().map(|g| (g.clone(), false)).collect();
         session.defining = None;
-        if ok && let Some(domain) = domain() {
-            session.defined = Some(Defined { domain, groups });
-        }
-        return None;
+        return match (ok, domain()) {
+            // A definition that landed on a running domain (same name or
+            // UUID) made it persistent: not this connection's to start.
+            (true, Some(domain)) if domain.id != -1 => Some(Noted::TookOver(domain)),
+            (true, Some(domain)) => {
+                session.defined = Some(Defined { domain, groups });
+                None
+            }
+            _ => None,
+        };
     }
     if let Some((serial, uuid)) = session.finding
         && serial == header.serial
@@ -1012,6 +1049,9 @@ pub enum Noted {
     Created(Created),
     /// The caller found its domain again after a lost connection.
     Found(DomainRef),
+    /// A definition landed on a domain that runs: to be undone (undefined:
+    /// transient again) and refused.
+    TookOver(DomainRef),
 }
 
 /// The created domain becomes the connection's.
@@ -1045,7 +1085,9 @@ impl Finisher {
             tracing::error!(who = %self.who, domain = %domain.name, %why, "the new domain could not be handed over; destroying it");
             self.keeper.end(domain.uuid, None, why).await;
             if defined {
-                self.keeper.forget_definition(domain).await;
+                self.keeper
+                    .forget_definition(&domain.name, &self.caller.owner(&self.who))
+                    .await;
             }
         }
         finished
@@ -1331,6 +1373,7 @@ fn check_call(
             tracing::info!(%who, domain = %admitted.name, groups = ?fd_groups, "domain definition admitted");
             session.defining = Some(Defining {
                 serial: call.serial,
+                name: admitted.name,
                 groups: fd_groups,
             });
             let mut rewritten = libvirt_wire::xdr::Encoder::new();
@@ -1340,6 +1383,11 @@ fn check_call(
         procedure::DOMAIN_CREATE_WITH_FLAGS => {
             let named = DomainRef::decode(&mut d).map_err(bad_args(name))?;
             let create_flags = d.u32("flags").map_err(bad_args(name))?;
+            if session.creating.is_some() || session.domain.is_some() {
+                return Err(Denied(
+                    "this connection is starting or has its domain already; one start per definition".into(),
+                ));
+            }
             let defined = own_defined(&named, session)?;
             if let Some((group, _)) = defined.groups.iter().find(|(_, associated)| !associated) {
                 return Err(Denied(format!(
@@ -1446,8 +1494,11 @@ fn judge_fds(call: &Header, payload: &[u8], session: &mut Session) -> Result<(),
     if count == 0 {
         return Err(Denied("DOMAIN_FD_ASSOCIATE with no descriptors".into()));
     }
-    if flags & !(FD_ASSOCIATE_SECLABEL_RESTORE | libvirt_wire::flags::FD_ASSOCIATE_SECLABEL_WRITABLE) != 0 {
-        return Err(Denied(format!("descriptor flags {flags:#x} are not known")));
+    if flags & !libvirt_wire::flags::FD_ASSOCIATE_SECLABEL_WRITABLE != 0 {
+        return Err(Denied(format!(
+            "descriptor flags {flags:#x}: only SECLABEL_WRITABLE ({:#x}) may be asked",
+            libvirt_wire::flags::FD_ASSOCIATE_SECLABEL_WRITABLE
+        )));
     }
     own_defined(&named, session)?;
     let Some(defined) = session.defined.as_mut() else {
@@ -1472,9 +1523,6 @@ fn judge_fds(call: &Header, payload: &[u8], session: &mut Session) -> Result<(),
         ))),
     }
 }
-
-/// `VIR_DOMAIN_FD_ASSOCIATE_SECLABEL_RESTORE`.
-const FD_ASSOCIATE_SECLABEL_RESTORE: u32 = 1 << 0;
 
 /// A call may name only the domain this connection created.
 fn own_domain(named: &DomainRef, session: &Session) -> Result<(), Denied> {

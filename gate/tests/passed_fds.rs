@@ -5,8 +5,9 @@
 //! disk must not be — a directory, `/proc/self/mem`, an `O_PATH` descriptor,
 //! a FIFO, a socket, an empty file — each refused with the reason while the
 //! connection stays usable; then a real file, which QEMU ends up holding
-//! though its path exists nowhere in QEMU's view. A definition abandoned
-//! before its start is forgotten.
+//! though its path exists nowhere in QEMU's view. Another connection's
+//! definition of the running domain is refused and undone; a definition
+//! abandoned before its start is forgotten.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod support;
@@ -135,9 +136,20 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
             .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
             .any(|target| target == disk);
         assert!(held, "QEMU does not hold {}\n{}", disk.display(), report());
+        // Another connection of the pod defining it again, to make it
+        // persistent and pass descriptors to it: refused and undone.
+        let intruder = Client::connect(&uri, Options::default()).await.unwrap();
+        let refused = intruder.define_xml(&xml, flags::DEFINE_VALIDATE).await.unwrap_err();
+        assert!(refused.to_string().contains("runs already"), "{refused}\n{}", report());
+        let direct = Client::connect("qemu:///system", Options::default()).await.unwrap();
+        let transient = direct.undefine(&running, 0).await.unwrap_err();
+        assert!(
+            transient.libvirt().is_some_and(|e| e.code == 55),
+            "the running domain stayed defined: {transient}"
+        );
+        drop(intruder);
         // The gate made it transient: destroyed, nothing stays defined.
         client.destroy(&running, 0).await.unwrap();
-        let direct = Client::connect("qemu:///system", Options::default()).await.unwrap();
         let gone = direct.lookup_by_name(&name).await.unwrap_err();
         assert!(gone.libvirt().is_some_and(|e| e.is_no_domain()), "{gone}");
 

@@ -158,6 +158,18 @@ pub fn events_on_sight(before: Option<&Seen>, now: &DomainSnapshot, nodeinfo_upt
         )];
     };
     let mut events = Vec::new();
+    // The same name, another QEMU: the domain ended (its events were
+    // missed) and its container made a new one.
+    if let (Some(then), Some(now_pid)) = (before.qemu_pid, now.qemu.as_ref().map(|q| q.pid))
+        && then != now_pid
+    {
+        events.extend(events_on_end(before, &now.name, None));
+        events.push(normal(
+            "VMStarted",
+            format!("domain {} started on this node (QEMU PID {now_pid})", now.name),
+        ));
+        return events;
+    }
     if reattachments > before.reattachments {
         events.push(normal(
             "VMReattached",
@@ -522,6 +534,16 @@ mod tests {
             "{:?}",
             killed[0]
         );
+        // Another QEMU under the same name: the old one ended, a new one started.
+        let replaced = DomainSnapshot {
+            qemu: Some(QemuProcess { pid: 43, cgroup: None }),
+            ..d.clone()
+        };
+        let reasons: Vec<&str> = events_on_sight(Some(&seen), &replaced, 500)
+            .iter()
+            .map(|e| e.reason)
+            .collect();
+        assert_eq!(reasons, ["VMEnded", "VMStarted"]);
         // No count then or now: no claim of a kill.
         let unknown = Seen { memory: None, ..seen };
         assert_eq!(events_on_end(&unknown, "ns_vm", Some(9))[0].reason, "VMEnded");

@@ -13,7 +13,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use virtkube_api::resolve::{DiskSource, ResolvedTemplate};
@@ -76,31 +75,49 @@ pub fn open_all(template: &ResolvedTemplate, scratch: &Path) -> Result<Vec<Opene
 }
 
 fn open_one(path: &str, how: Mode, scratch: &Path) -> Result<OwnedFd, String> {
-    let flags = match how {
-        Mode::InPlace => libc::O_RDWR,
-        Mode::ReadOnly | Mode::Copy => libc::O_RDONLY,
-    };
-    let fd = open_no_symlinks(path, flags)?;
+    // Read-only first, whatever the mode: opening a file of the image's
+    // layer for writing would copy it up whole before any check.
+    let fd = open_no_symlinks(path, libc::O_RDONLY)?;
     libvirt_wire::disk_fd::check(0, fd.as_fd()).map_err(|refused| {
         // The check speaks of "descriptor 0": here it is the named file.
         refused.to_string().replacen("descriptor 0", "it", 1)
     })?;
-    let file = File::from(fd);
-    let meta = file.metadata().map_err(|e| format!("cannot stat it: {e}"))?;
     match how {
-        Mode::ReadOnly => Ok(file.into()),
+        Mode::ReadOnly => Ok(fd),
         Mode::InPlace => {
-            let root = std::fs::metadata("/").map_err(|e| format!("cannot stat /: {e}"))?;
-            if meta.dev() == root.dev() {
-                return Err(
-                    "a persistent disk must be on a volume (a PersistentVolumeClaim), but this file is in the container's own file system, which disappears with the container; mount a volume there, or drop persistent"
-                        .into(),
-                );
+            // A volume is a mount of its own; the container's file system is
+            // the mount of /.
+            let root = open_no_symlinks("/", libc::O_RDONLY | libc::O_DIRECTORY)?;
+            match (mount_id(&fd), mount_id(&root)) {
+                (Some(file), Some(root)) if file != root => {}
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "a persistent disk must be on a volume (a PersistentVolumeClaim), but this file is in the container's own file system, which disappears with the container; mount a volume there, or drop persistent"
+                            .into(),
+                    );
+                }
+                _ => return Err("cannot tell which mount it is on (/proc/self/fdinfo)".into()),
             }
-            Ok(file.into())
+            // The same file, now for writing (through the descriptor, so no
+            // path is resolved again).
+            let reopened = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&reopened)
+                .map(OwnedFd::from)
+                .map_err(|e| format!("cannot open it for writing: {e}"))
         }
-        Mode::Copy => private_copy(file, scratch),
+        Mode::Copy => private_copy(File::from(fd), scratch),
     }
+}
+
+/// The mount a descriptor's file is on, from `/proc/self/fdinfo`.
+fn mount_id(fd: &OwnedFd) -> Option<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(fd))).ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("mnt_id:"))
+        .and_then(|id| id.trim().parse().ok())
 }
 
 /// Opens `path` without following a symbolic link anywhere in it (openat2's
@@ -260,7 +277,8 @@ mod tests {
         let dir = scratch("persistent");
         let image = dir.join("root.raw");
         std::fs::write(&image, b"disk").unwrap();
-        let on_root = std::fs::metadata(&dir).unwrap().dev() == std::fs::metadata("/").unwrap().dev();
+        let on_root = mount_id(&open_no_symlinks(dir.to_str().unwrap(), libc::O_RDONLY).unwrap())
+            == mount_id(&open_no_symlinks("/", libc::O_RDONLY).unwrap());
         let opened = open_one(image.to_str().unwrap(), Mode::InPlace, &dir);
         if on_root {
             assert!(opened.unwrap_err().contains("must be on a volume"));

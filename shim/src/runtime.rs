@@ -148,7 +148,13 @@ async fn prepare(
     template: &ResolvedTemplate,
     instance: &Instance,
 ) -> Result<(Client, String, String, Vec<crate::disks::Opened>), Exit> {
-    let disks = crate::disks::open_all(template, &config.scratch_dir).map_err(Exit::StartFailed)?;
+    // A private copy may take a while: off the runtime's thread, so that a
+    // stop signal is heard meanwhile.
+    let (disk_template, scratch) = (template.clone(), config.scratch_dir.clone());
+    let disks = tokio::task::spawn_blocking(move || crate::disks::open_all(&disk_template, &scratch))
+        .await
+        .map_err(|e| Exit::StartFailed(format!("opening the disks failed: {e}")))?
+        .map_err(Exit::StartFailed)?;
     // A limit too small for the VM is the gate's to refuse (it knows the
     // cgroup QEMU joins); no limit at all is worth a warning.
     let read = |path: &str| std::fs::read_to_string(path).ok();

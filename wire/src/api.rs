@@ -501,9 +501,15 @@ impl Client {
     /// DOMAIN_GET_METADATA of the running domain: the element under
     /// namespace `uri`, or `None` when it has none.
     pub async fn metadata(&self, domain: &DomainRef, uri: &str) -> Result<Option<String>> {
+        self.metadata_of(domain, uri, flags::AFFECT_LIVE).await
+    }
+
+    /// As [`Client::metadata`], of the running domain (`AFFECT_LIVE`) or of
+    /// whatever it is now (0: the definition of an inactive domain).
+    pub async fn metadata_of(&self, domain: &DomainRef, uri: &str, affect: u32) -> Result<Option<String>> {
         let mut args = Encoder::new();
         domain.encode(&mut args);
-        args.i32(METADATA_ELEMENT).opt_string(Some(uri)).u32(flags::AFFECT_LIVE);
+        args.i32(METADATA_ELEMENT).opt_string(Some(uri)).u32(affect);
         match self.conn.call(procedure::DOMAIN_GET_METADATA, &args.into_bytes()).await {
             Ok(reply) => decode(procedure::DOMAIN_GET_METADATA, &reply, |d| d.string("metadata")).map(Some),
             Err(Error::Libvirt(e)) if e.code == ERR_NO_DOMAIN_METADATA => Ok(None),

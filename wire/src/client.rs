@@ -241,6 +241,10 @@ impl Inner {
             ));
         }
         locked();
+        // From here the stream is mid-message: a caller that gives up (a
+        // timeout drops this future) must not leave half a packet, or a
+        // packet without its descriptors, for the next writer to continue.
+        let mut unfinished = CloseIfUnfinished(Some(self));
         let write = async {
             writer.bytes.write_all(&packet).await?;
             writer.bytes.flush().await?;
@@ -257,11 +261,25 @@ impl Inner {
             result = write => result,
             _ = closed.wait_for(|closed| *closed) => return Err(self.closed_error()),
         };
+        unfinished.0 = None;
         if let Err(e) = result {
             self.close(ClosedReason::Lost(format!("write failed: {e}")));
             return Err(Error::ConnectionLost(format!("write failed: {e}")));
         }
         Ok(())
+    }
+}
+
+/// Ends the connection when dropped still armed: a write abandoned midway.
+struct CloseIfUnfinished<'a>(Option<&'a Inner>);
+
+impl Drop for CloseIfUnfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0 {
+            inner.close(ClosedReason::Lost(
+                "a write was abandoned midway (its caller gave up); the stream cannot be trusted".into(),
+            ));
+        }
     }
 }
 

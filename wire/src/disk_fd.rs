@@ -76,6 +76,14 @@ pub fn kernel_fs(magic: i64) -> Option<&'static str> {
         0xcafe_4a11 => "bpffs",
         0x6e73_6673 => "nsfs",
         0x0000_1cd1 => "devpts",
+        0x6265_6570 => "configfs",
+        0xde5e_81e4 => "efivarfs",
+        0x6165_676c => "pstore",
+        0xf97c_ff8c => "selinuxfs",
+        0x4249_4e4d => "binfmt_misc",
+        0x6573_5543 => "fusectl",
+        0x7375_7245 => "autofs",
+        0x0000_9fa2 => "usbdevfs",
         _ => return None,
     })
 }
