@@ -102,6 +102,9 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in
     virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 3; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; sleep 3; echo c > /proc/sysrq-trigger ;;
+    virtkube.ddread) s=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null
+      e=$(cut -d' ' -f1 /proc/uptime)
+      echo "virtkube-tiny: read vda in $(awk "BEGIN {printf \"%d\", ($e - $s) * 1000}") ms" ;;
     virtkube.scribble) echo "virtkube-disk:SCRIBBLED" | dd of=/dev/vda conv=notrunc 2>/dev/null && sync &&
       echo "virtkube-tiny: scribbled on vda: $(head -c 128 /dev/vda | head -n 1)" ;;
   esac
