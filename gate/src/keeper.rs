@@ -461,7 +461,42 @@ impl Keeper {
                 }
             }
         }
+        ended += self.sweep_definitions(&control).await?;
         Ok((kept, ended))
+    }
+
+    /// Undefines the definitions the gate made for owners that have exited
+    /// and that never started (their connection's end would have undefined
+    /// them, but the gate itself may have stopped meanwhile). Returns how
+    /// many.
+    async fn sweep_definitions(&self, control: &Client) -> Result<usize, libvirt_wire::Error> {
+        let mut undefined = 0;
+        for domain in control.list_all_domains(flags::LIST_DOMAINS_INACTIVE).await? {
+            let record = match control.metadata_of(&domain, OWNER_NAMESPACE, 0).await {
+                Ok(Some(xml)) => xml,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(domain = %domain.name, error = %e, "cannot read the definition's owner now");
+                    continue;
+                }
+            };
+            let Ok(owner) = Owner::from_xml(&record) else {
+                continue;
+            };
+            if open_owner(&self.proc_root, &owner).is_some() {
+                continue;
+            }
+            match control.undefine(&domain, 0).await {
+                Ok(()) => {
+                    tracing::info!(domain = %domain.name, pid = owner.pid, "undefined a definition whose owner has exited");
+                    undefined += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(domain = %domain.name, error = %e, "an abandoned definition could not be undefined")
+                }
+            }
+        }
+        Ok(undefined)
     }
 }
 

@@ -22,6 +22,8 @@ pub mod flags {
     pub const AFFECT_LIVE: u32 = 1 << 0;
     /// `VIR_CONNECT_LIST_DOMAINS_ACTIVE`.
     pub const LIST_DOMAINS_ACTIVE: u32 = 1 << 0;
+    /// `VIR_CONNECT_LIST_DOMAINS_INACTIVE`: defined domains that do not run.
+    pub const LIST_DOMAINS_INACTIVE: u32 = 1 << 1;
     /// `VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN`.
     pub const SHUTDOWN_ACPI_POWER_BTN: u32 = 1 << 0;
     /// `VIR_DOMAIN_DESTROY_GRACEFUL`: SIGTERM only, no SIGKILL.
