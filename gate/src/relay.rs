@@ -608,7 +608,7 @@ pub struct Session {
     defining: Option<Defining>,
     /// The domain it defined (not yet started), and its descriptor groups:
     /// each to be associated once before DOMAIN_CREATE_WITH_FLAGS.
-    pub defined: Option<Defined>,
+    defined: Option<Defined>,
     /// Serials of the consoles it opened: its stream packets go only there.
     consoles: Vec<u32>,
     /// Event registrations it made.
@@ -645,9 +645,9 @@ struct Defining {
 
 /// A domain defined through this connection and not started yet.
 #[derive(Debug, Clone)]
-pub struct Defined {
+struct Defined {
     /// As libvirtd named it.
-    pub domain: DomainRef,
+    domain: DomainRef,
     /// Descriptor groups its disks name, and whether each has its descriptors.
     groups: Vec<(String, bool)>,
 }
@@ -753,25 +753,22 @@ impl AsyncRead for ClientReader {
 }
 
 /// Receives the descriptors a CALL_WITH_FDS announces (its payload's first
-/// word) and judges each ([`libvirt_wire::disk_fd::check`]). `Err(Err)`: the
-/// connection must end (framing broken); `Err(Ok(why))`: refuse the call.
-async fn receive_passed(
-    from_client: &ClientReader,
-    payload: &[u8],
-) -> Result<Vec<std::os::fd::OwnedFd>, Result<String, String>> {
+/// word) and judges each ([`libvirt_wire::disk_fd::check`]). The error is
+/// the verdict: refuse the call, or end the connection (framing broken).
+async fn receive_passed(from_client: &ClientReader, payload: &[u8]) -> Result<Vec<std::os::fd::OwnedFd>, Verdict> {
     let count = payload
         .get(..4)
         .map(|word| u32::from_be_bytes([word[0], word[1], word[2], word[3]]) as usize)
-        .ok_or_else(|| Err("a CALL_WITH_FDS without a descriptor count".to_owned()))?;
+        .ok_or_else(|| Verdict::Close("a CALL_WITH_FDS without a descriptor count".to_owned()))?;
     if count > libvirt_wire::fdpass::MAX_FDS {
-        return Err(Err(format!(
+        return Err(Verdict::Close(format!(
             "a call announcing {count} descriptors; libvirt passes at most {}",
             libvirt_wire::fdpass::MAX_FDS
         )));
     }
     let Some(socket) = from_client.unix() else {
-        return Err(Err(
-            "file descriptors can only be passed over the unix socket".to_owned()
+        return Err(Verdict::Close(
+            "file descriptors can only be passed over the unix socket".to_owned(),
         ));
     };
     let mut passed = Vec::with_capacity(count);
@@ -780,11 +777,12 @@ async fn receive_passed(
         // sends them ends its own connection.
         let received = tokio::time::timeout(PASSED_FD_WAIT, libvirt_wire::fdpass::recv_fd(socket))
             .await
-            .map_err(|_| Err(format!("announced descriptors did not come within {PASSED_FD_WAIT:?}")))?;
-        passed.push(received.map_err(|e| Err(format!("receiving a passed descriptor: {e}")))?);
+            .map_err(|_| Verdict::Close(format!("announced descriptors did not come within {PASSED_FD_WAIT:?}")))?;
+        passed.push(received.map_err(|e| Verdict::Close(format!("receiving a passed descriptor: {e}")))?);
     }
     for (index, fd) in passed.iter().enumerate() {
-        libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd)).map_err(|refused| Ok(refused.to_string()))?;
+        libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd))
+            .map_err(|refused| Verdict::Deny(refused.to_string()))?;
     }
     Ok(passed)
 }
@@ -879,8 +877,7 @@ async fn relay<S: ClientStream>(
                         passed = fds;
                         None
                     }
-                    Err(Ok(why)) => Some(Verdict::Deny(why)),
-                    Err(Err(why)) => Some(Verdict::Close(why)),
+                    Err(verdict) => Some(verdict),
                 }
             } else {
                 None

@@ -178,6 +178,52 @@ fn make_recorded(verb: &str, name: &str, uuid: &str, pid: u32, start: u64, dir: 
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Two owners for recorded domains: a process that lives (`sleep`), and one
+/// that has exited; each with its start time.
+struct Owners {
+    living: std::process::Child,
+    living_start: u64,
+    exited: u32,
+    exited_start: u64,
+}
+
+fn two_owners() -> Owners {
+    let living = std::process::Command::new("sleep").arg("120").spawn().unwrap();
+    let mut exited = std::process::Command::new("true").spawn().unwrap();
+    let exited_start = start_ticks(exited.id());
+    exited.wait().unwrap();
+    Owners {
+        living_start: start_ticks(living.id()),
+        living,
+        exited: exited.id(),
+        exited_start,
+    }
+}
+
+/// `virsh VERB NAME` for each name when `cleanup` runs.
+fn virsh_at_cleanup(cleanup: &mut Cleanup, verb: &'static str, names: [&String; 2]) {
+    for name in names {
+        let name = name.clone();
+        cleanup.0.push(Box::new(move || {
+            let _ = std::process::Command::new("virsh")
+                .args(["-c", "qemu:///system", verb, &name])
+                .output();
+        }));
+    }
+}
+
+/// The gate in front of libvirtd, killed when `cleanup` runs; its log.
+fn gate_until_cleanup(cleanup: &mut Cleanup, dir: &Path) -> std::path::PathBuf {
+    let (gate, _socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), dir, "/virtkube-test");
+    let mut gate = Some(gate);
+    cleanup.0.push(Box::new(move || {
+        if let Some(mut g) = gate.take() {
+            kill(&mut g);
+        }
+    }));
+    log
+}
+
 #[test]
 #[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn the_gate_sweeps_up_domains_left_between_create_and_hand_over() {
@@ -189,41 +235,24 @@ fn the_gate_sweeps_up_domains_left_between_create_and_hand_over() {
         format!("gate-sweep-living-{}", std::process::id()),
         format!("gate-sweep-dead-{}", std::process::id()),
     );
-    for name in [living.clone(), dead.clone()] {
-        cleanup.0.push(Box::new(move || {
-            let _ = std::process::Command::new("virsh")
-                .args(["-c", "qemu:///system", "destroy", &name])
-                .output();
-        }));
-    }
-    // An owner that lives, and one that has exited.
-    let mut owner = std::process::Command::new("sleep").arg("120").spawn().unwrap();
-    let mut exited = std::process::Command::new("true").spawn().unwrap();
-    let exited_start = start_ticks(exited.id());
-    exited.wait().unwrap();
-    let owner_start = start_ticks(owner.id());
+    virsh_at_cleanup(&mut cleanup, "destroy", [&living, &dead]);
+    let mut owners = two_owners();
     // Made while the gate runs (its periodic sweep finds them), after its first sweep.
-    let (gate, _socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
-    let mut gate = Some(gate);
-    cleanup.0.push(Box::new(move || {
-        if let Some(mut g) = gate.take() {
-            kill(&mut g);
-        }
-    }));
+    let log = gate_until_cleanup(&mut cleanup, &dir);
     std::thread::sleep(Duration::from_secs(1));
     let tag = format!("{:012x}", std::process::id());
     create_recorded(
         &living,
         &format!("7d1e2f3a-4b5c-4d6e-8f70-{tag}"),
-        owner.id(),
-        owner_start,
+        owners.living.id(),
+        owners.living_start,
         &dir,
     );
     create_recorded(
         &dead,
         &format!("7d1e2f3a-4b5c-4d6e-8f71-{tag}"),
-        exited.id(),
-        exited_start,
+        owners.exited,
+        owners.exited_start,
         &dir,
     );
     // The dead owner's domain goes; the live one's is kept while it lives.
@@ -243,7 +272,7 @@ fn the_gate_sweeps_up_domains_left_between_create_and_hand_over() {
         "the living owner's domain"
     );
     let killed = Instant::now();
-    kill(&mut owner);
+    kill(&mut owners.living);
     let took = gone_within(
         &living,
         killed,
@@ -268,43 +297,27 @@ fn the_gate_sweeps_up_definitions_whose_owner_has_exited() {
         format!("gate-defs-living-{}", std::process::id()),
         format!("gate-defs-dead-{}", std::process::id()),
     );
-    for name in [living.clone(), dead.clone()] {
-        cleanup.0.push(Box::new(move || {
-            let _ = std::process::Command::new("virsh")
-                .args(["-c", "qemu:///system", "undefine", &name])
-                .output();
-        }));
-    }
-    let mut owner = std::process::Command::new("sleep").arg("120").spawn().unwrap();
-    let mut exited = std::process::Command::new("true").spawn().unwrap();
-    let exited_start = start_ticks(exited.id());
-    exited.wait().unwrap();
-    let owner_start = start_ticks(owner.id());
+    virsh_at_cleanup(&mut cleanup, "undefine", [&living, &dead]);
+    let mut owners = two_owners();
     let tag = format!("{:012x}", std::process::id());
     make_recorded(
         "define",
         &living,
         &format!("7d1e2f3a-4b5c-4d6e-8f72-{tag}"),
-        owner.id(),
-        owner_start,
+        owners.living.id(),
+        owners.living_start,
         &dir,
     );
     make_recorded(
         "define",
         &dead,
         &format!("7d1e2f3a-4b5c-4d6e-8f73-{tag}"),
-        exited.id(),
-        exited_start,
+        owners.exited,
+        owners.exited_start,
         &dir,
     );
     assert_eq!(domstate(&dead).as_deref(), Some("shut off"), "defined, not started");
-    let (gate, _socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
-    let mut gate = Some(gate);
-    cleanup.0.push(Box::new(move || {
-        if let Some(mut g) = gate.take() {
-            kill(&mut g);
-        }
-    }));
+    let log = gate_until_cleanup(&mut cleanup, &dir);
     let started = Instant::now();
     let took = gone_within(
         &dead,
@@ -321,7 +334,7 @@ fn the_gate_sweeps_up_definitions_whose_owner_has_exited() {
         "the living owner's definition"
     );
     let killed = Instant::now();
-    kill(&mut owner);
+    kill(&mut owners.living);
     gone_within(
         &living,
         killed,

@@ -294,14 +294,7 @@ impl Published {
     /// Remembers `d`, and returns the events the look at it adds to its pod's story.
     fn look(&mut self, d: &model::DomainSnapshot) -> (model::Seen, Vec<model::PodEvent>) {
         let before = self.domains.get(&d.name);
-        let mut events = model::events_on_sight(before, d, self.started.elapsed().as_secs());
-        // An old QEMU that ended unseen: was it killed for memory?
-        if let (Some(before), Some(ended)) = (before, events.iter_mut().find(|e| e.reason == "VMEnded"))
-            && let Some((cgroup, _)) = &before.memory
-            && let Some(end) = model::events_on_end(before, &d.name, collect::oom_kills_in(cgroup)).pop()
-        {
-            *ended = end;
-        }
+        let events = model::events_on_sight(before, d, self.started.elapsed().as_secs(), collect::oom_kills_in);
         let seen = model::Seen::of(d, self.start_of(&d.name));
         self.domains.insert(d.name.clone(), seen.clone());
         (seen, events)

@@ -129,8 +129,14 @@ pub const KEPT_RUNNING_SLACK_SECS: u64 = 10;
 
 /// The events a look at domain `now` adds to its pod's story, given what was
 /// remembered `before` (`None`: first look by this nodeinfo, which has run
-/// `nodeinfo_uptime_secs`).
-pub fn events_on_sight(before: Option<&Seen>, now: &DomainSnapshot, nodeinfo_uptime_secs: u64) -> Vec<PodEvent> {
+/// `nodeinfo_uptime_secs`). `count_kills` reads the kills for memory in a
+/// cgroup now, for an old QEMU that ended unseen.
+pub fn events_on_sight(
+    before: Option<&Seen>,
+    now: &DomainSnapshot,
+    nodeinfo_uptime_secs: u64,
+    count_kills: impl FnOnce(&str) -> Option<u64>,
+) -> Vec<PodEvent> {
     let pid = now
         .qemu
         .as_ref()
@@ -163,7 +169,8 @@ pub fn events_on_sight(before: Option<&Seen>, now: &DomainSnapshot, nodeinfo_upt
     if let (Some(then), Some(now_pid)) = (before.qemu_pid, now.qemu.as_ref().map(|q| q.pid))
         && then != now_pid
     {
-        events.extend(events_on_end(before, &now.name, None));
+        let kills_now = before.memory.as_ref().and_then(|(cgroup, _)| count_kills(cgroup));
+        events.extend(events_on_end(before, &now.name, kills_now));
         events.push(normal(
             "VMStarted",
             format!("domain {} started on this node (QEMU PID {now_pid})", now.name),
@@ -503,23 +510,23 @@ mod tests {
             reattachments: Some(0),
             ..d.clone()
         };
-        let started = events_on_sight(None, &young, 5);
+        let started = events_on_sight(None, &young, 5, |_| None);
         assert_eq!(started.len(), 1);
         assert_eq!(started[0].reason, "VMStarted");
         assert!(started[0].note.contains("QEMU PID 42"), "{:?}", started[0]);
         // QEMU much older than nodeinfo: it outlived the virthost's restart.
-        let kept = events_on_sight(None, &d, 5);
+        let kept = events_on_sight(None, &d, 5, |_| None);
         assert_eq!(kept[0].reason, "VMKeptRunning");
         assert!(kept[0].note.contains("same QEMU (PID 42), up 600 s"), "{:?}", kept[0]);
         assert!(kept[0].note.contains("reattached 2 times"), "{:?}", kept[0]);
         // Later looks: only a new reattachment is news.
         let seen = Seen::of(&d, "t".into());
-        assert_eq!(events_on_sight(Some(&seen), &d, 500), []);
+        assert_eq!(events_on_sight(Some(&seen), &d, 500, |_| None), []);
         let again = DomainSnapshot {
             reattachments: Some(3),
             ..d.clone()
         };
-        let reattached = events_on_sight(Some(&seen), &again, 500);
+        let reattached = events_on_sight(Some(&seen), &again, 500, |_| None);
         assert_eq!(reattached.len(), 1);
         assert_eq!(reattached[0].reason, "VMReattached");
         assert!(reattached[0].note.contains("reattachment 3"), "{:?}", reattached[0]);
@@ -539,11 +546,15 @@ mod tests {
             qemu: Some(QemuProcess { pid: 43, cgroup: None }),
             ..d.clone()
         };
-        let reasons: Vec<&str> = events_on_sight(Some(&seen), &replaced, 500)
-            .iter()
-            .map(|e| e.reason)
-            .collect();
-        assert_eq!(reasons, ["VMEnded", "VMStarted"]);
+        let reasons = |kills: Option<u64>| -> Vec<&str> {
+            events_on_sight(Some(&seen), &replaced, 500, |_| kills)
+                .iter()
+                .map(|e| e.reason)
+                .collect()
+        };
+        assert_eq!(reasons(Some(0)), ["VMEnded", "VMStarted"]);
+        // …killed for memory in its cgroup, as counted now.
+        assert_eq!(reasons(Some(1)), ["OOMKilled", "VMStarted"]);
         // No count then or now: no claim of a kill.
         let unknown = Seen { memory: None, ..seen };
         assert_eq!(events_on_end(&unknown, "ns_vm", Some(9))[0].reason, "VMEnded");

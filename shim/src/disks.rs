@@ -56,12 +56,12 @@ pub struct Opened {
 /// the disk's field and what to do.
 pub fn open_all(template: &ResolvedTemplate, scratch: &Path) -> Result<Vec<Opened>, String> {
     let mut opened = Vec::new();
-    for (index, disk) in template.disks.iter().enumerate() {
+    let targets = crate::render::disk_targets(template);
+    for (index, (disk, group)) in template.disks.iter().zip(targets).enumerate() {
         let DiskSource::Container { path, persistent } = &disk.source else {
             continue;
         };
         let field = format!("disks[{index}].containerFile");
-        let group = crate::render::disk_target_for(template, index);
         let how = mode(disk.read_only, *persistent);
         let fd = open_one(path, how, scratch).map_err(|why| format!("{field} {path:?}: {why}"))?;
         opened.push(Opened {

@@ -453,7 +453,8 @@ fn write_boot_order(w: &mut W, order: Option<u32>) -> io::Result<()> {
 }
 
 /// The target device name of each disk, in order: `vd*` for virtio, `sd*`
-/// for SATA and SCSI, `hd*` for IDE, counted per prefix.
+/// for SATA and SCSI, `hd*` for IDE, counted per prefix. A disk passed as
+/// descriptors has its target as its descriptor group.
 pub fn disk_targets(t: &ResolvedTemplate) -> Vec<String> {
     let mut per_prefix = [0usize; 3];
     t.disks
@@ -468,12 +469,6 @@ pub fn disk_targets(t: &ResolvedTemplate) -> Vec<String> {
             disk_target_name(["vd", "sd", "hd"][slot], per_prefix[slot] - 1)
         })
         .collect()
-}
-
-/// The target of the template's `index`-th disk (its descriptor group, when
-/// it is passed as descriptors).
-pub fn disk_target_for(t: &ResolvedTemplate, index: usize) -> String {
-    disk_targets(t).swap_remove(index)
 }
 
 /// libvirt's disk naming: `vda` … `vdz`, `vdaa` … (like virIndexToDiskName).
