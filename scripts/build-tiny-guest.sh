@@ -22,7 +22,7 @@ fi
 
 mkdir -p "$OUT"
 chmod 755 "$OUT"
-if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/virtio_blk.ko" ]; then
+if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/cdrom.ko" ]; then
   [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -qq
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$pkg" ] || { log "cannot resolve linux-image-cloud-amd64 to a kernel package"; exit 1; }
@@ -37,12 +37,14 @@ if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/virtio_blk.ko" ]; then
   # features.pvpanic), so a crash is seen as one.
   mkdir -p "$OUT/modules"
   # virtio (PCI) and virtio-blk let the guest see disks, e.g. those a VM
-  # image carries and the shim passes as file descriptors.
+  # image carries and the shim passes as file descriptors; isofs reads the
+  # cloud-init seed the shim builds.
   for m in drivers/acpi/button.ko drivers/input/evdev.ko \
     drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko \
     drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko \
     drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
-    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko; do
+    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko \
+    drivers/cdrom/cdrom.ko fs/isofs/isofs.ko; do
     install -m 0644 "$work"/root/lib/modules/*/kernel/$m "$OUT/modules/"
   done
   rm -rf "$work"
@@ -86,17 +88,41 @@ case " $(cat /proc/cmdline) " in
   *) acpid -d -c /etc/acpi >/dev/null 2>&1 & ;;
 esac
 echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) cpu(s)"
-# The first disk, if any (a virtio-blk PCI device, legacy 0x1001 or modern
-# 0x1042): its first line, which the tests write. Its driver binds and its
-# device node appears a moment after the modules load.
-if grep -qxE '0x1001|0x1042' /sys/bus/pci/devices/*/device 2>/dev/null; then
-  for _ in $(seq 1 100); do
-    [ -b /dev/vda ] && break
-    sleep 0.1
-  done
-fi
+# The disks (virtio-blk PCI devices, legacy 0x1001 or modern 0x1042): their
+# drivers bind and their device nodes appear a moment after the modules load.
+disks=$(cat /sys/bus/pci/devices/*/device 2>/dev/null | grep -cxE '0x1001|0x1042')
+for _ in $(seq 1 100); do
+  [ "$(ls /dev/vd? 2>/dev/null | wc -l)" -ge "$disks" ] && break
+  sleep 0.1
+done
+# The first disk's first line, which the tests write (none on a disk that
+# starts with zeros, such as the cloud-init seed).
 if [ -b /dev/vda ]; then
-  echo "virtkube-tiny: vda says: $(head -c 128 /dev/vda | head -n 1 | tr -d '\000')"
+  first=$(head -c 128 /dev/vda | head -n 1 | tr -d '\000')
+  [ -n "$first" ] && echo "virtkube-tiny: vda says: $first"
+fi
+# Cloud-init's NoCloud seed, a disk labelled cidata. In place of cloud-init,
+# the tiny guest takes its hostname from the meta-data and runs a user-data
+# script (#!), printing each line it prints.
+# (This busybox has no blkid: the label is read from the ISO 9660 volume
+# descriptor itself, 40 bytes into sector 16.)
+insmod /lib/modules/cdrom.ko 2>/dev/null
+insmod /lib/modules/isofs.ko 2>/dev/null
+for dev in /dev/vd?; do
+  if [ "$(dd if="$dev" bs=1 skip=32808 count=6 2>/dev/null)" = cidata ]; then
+    mkdir -p /cidata && mount -t iso9660 -o ro "$dev" /cidata && break
+  fi
+done
+if [ -f /cidata/meta-data ]; then
+  field() { sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p" /cidata/meta-data; }
+  name=$(field local-hostname)
+  [ -n "$name" ] && hostname "$name"
+  echo "virtkube-tiny: cloud-init seed: instance-id $(field instance-id), hostname $(hostname)"
+  case "$(head -c 2 /cidata/user-data)" in
+    '#!') cp /cidata/user-data /tmp/user-data && chmod +x /tmp/user-data &&
+      /tmp/user-data 2>&1 | sed 's/^/virtkube-tiny: user-data: /' ;;
+    *) echo "virtkube-tiny: user-data: $(head -n 1 /cidata/user-data)" ;;
+  esac
 fi
 for arg in $(cat /proc/cmdline); do
   case "$arg" in

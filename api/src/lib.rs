@@ -42,6 +42,9 @@ pub mod annotations {
     pub const CMDLINE: &str = "virtkube.io/cmdline";
     /// MAC address of the first network interface.
     pub const MAC: &str = "virtkube.io/mac";
+    /// Cloud-init user-data for this pod (replaces the template's; adds a
+    /// `cidata` disk to a template without `cloudInit`).
+    pub const USER_DATA: &str = "virtkube.io/user-data";
 }
 
 /// Node label keys published by nodeinfo.

@@ -1,5 +1,5 @@
 //! Per-pod overrides from annotations (`virtkube.io/memory`, `virtkube.io/cpus`,
-//! `virtkube.io/cmdline`, `virtkube.io/mac`).
+//! `virtkube.io/cmdline`, `virtkube.io/mac`, `virtkube.io/user-data`).
 
 use std::collections::BTreeMap;
 
@@ -36,14 +36,17 @@ pub struct Overrides {
     pub cmdline: Option<String>,
     /// MAC of the first interface.
     pub mac: Option<MacAddr>,
+    /// Cloud-init user-data.
+    pub user_data: Option<String>,
 }
 
-const KNOWN: [&str; 5] = [
+const KNOWN: [&str; 6] = [
     annotations::TEMPLATE,
     annotations::MEMORY,
     annotations::CPUS,
     annotations::CMDLINE,
     annotations::MAC,
+    annotations::USER_DATA,
 ];
 
 impl Overrides {
@@ -70,6 +73,15 @@ impl Overrides {
                 }
                 annotations::MAC => {
                     overrides.mac = Some(MacAddr::parse(value.trim()).map_err(|m| err(key, m))?);
+                }
+                annotations::USER_DATA => {
+                    if value.trim().is_empty() {
+                        return Err(err(
+                            key,
+                            "is empty; give the user-data (a #cloud-config document or a script), or remove the annotation",
+                        ));
+                    }
+                    overrides.user_data = Some(value.clone());
                 }
                 annotations::TEMPLATE => {}
                 other if other.starts_with("virtkube.io/") => {
@@ -129,6 +141,19 @@ impl Overrides {
                         index + 1
                     ),
                 ));
+            }
+        }
+        if let Some(user_data) = &self.user_data {
+            let existing = template.disks.iter_mut().find_map(|disk| match &mut disk.source {
+                resolve::DiskSource::CloudInit(source) => Some(source),
+                _ => None,
+            });
+            match existing {
+                Some(source) => source.user_data = Some(user_data.clone()),
+                None => template.disks.push(resolve::cloud_init_disk(resolve::CloudInitSource {
+                    directory: None,
+                    user_data: Some(user_data.clone()),
+                })),
             }
         }
         Ok(())

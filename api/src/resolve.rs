@@ -11,8 +11,8 @@ use thiserror::Error;
 
 use crate::quantity::{self, QuantityError};
 use crate::template::{
-    Arch, CpuFeaturePolicy, CpuMode, CpuTopology, DiskBus, DiskDevice, DiskFormat, DiskSpec, DomainType, Firmware,
-    GraphicsType, InterfaceSpec, InterfaceType, LifecycleAction, NetworkDiskProtocol, NicModel, VirtTemplate,
+    Arch, CloudInitSpec, CpuFeaturePolicy, CpuMode, CpuTopology, DiskBus, DiskDevice, DiskFormat, DiskSpec, DomainType,
+    Firmware, GraphicsType, InterfaceSpec, InterfaceType, LifecycleAction, NetworkDiskProtocol, NicModel, VirtTemplate,
     VirtTemplateSpec,
 };
 
@@ -79,6 +79,8 @@ pub enum DiskSource {
         /// The guest writes to it in place (else to a private copy).
         persistent: bool,
     },
+    /// The cloud-init `cidata` disk the shim builds (read-only, last).
+    CloudInit(CloudInitSource),
     /// A network block device.
     Network {
         /// Protocol.
@@ -88,6 +90,29 @@ pub enum DiskSource {
         /// Servers as (host, port).
         hosts: Vec<(String, u16)>,
     },
+}
+
+/// Where the cloud-init data comes from: at least one of the two.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudInitSource {
+    /// A directory in the VM container (`user-data`, optional `meta-data`,
+    /// `network-config`, `vendor-data`).
+    pub directory: Option<String>,
+    /// The user-data itself; it replaces the directory's `user-data`.
+    pub user_data: Option<String>,
+}
+
+/// Checks a path in the VM container: absolute, no `..`, no control
+/// characters; `example` shows the expected form.
+fn check_container_path(problems: &mut Problems, field: &str, path: &str, example: &str) {
+    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        problems.add(
+            field,
+            format!("{path:?} is not an absolute path inside the VM container (no ..), e.g. {example}"),
+        );
+    } else if path.chars().any(char::is_control) {
+        problems.add(field, format!("{path:?} contains a control character"));
+    }
 }
 
 /// A validated disk.
@@ -479,6 +504,12 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
         }
     }
 
+    if let Some(cloud_init) = &spec.cloud_init
+        && let Some(disk) = resolve_cloud_init(&mut problems, cloud_init)
+    {
+        disks.push(disk);
+    }
+
     let mut interfaces = Vec::new();
     let mut macs = BTreeSet::new();
     for (i, nic) in spec.interfaces.iter().enumerate() {
@@ -744,6 +775,47 @@ fn check_host_path(problems: &mut Problems, field: &str, path: &str) {
 /// exists on no node. The gate admits such a disk only under this prefix.
 pub const FD_DISK_PREFIX: &str = "/virtkube-fd/";
 
+fn resolve_cloud_init(problems: &mut Problems, spec: &CloudInitSpec) -> Option<ResolvedDisk> {
+    let field = "spec.cloudInit";
+    match (&spec.directory, &spec.user_data) {
+        (Some(_), Some(_)) => {
+            problems.add(
+                field,
+                "sets both directory and userData; give the user-data in one place (a user-data file in the directory, or userData)",
+            );
+            return None;
+        }
+        (None, None) => {
+            problems.add(
+                field,
+                "has neither directory nor userData; set directory (a Secret or ConfigMap volume with user-data) or userData",
+            );
+            return None;
+        }
+        (Some(directory), None) => {
+            check_container_path(problems, &format!("{field}.directory"), directory, "/etc/cloud-init")
+        }
+        (None, Some(_)) => {}
+    }
+    Some(cloud_init_disk(CloudInitSource {
+        directory: spec.directory.clone(),
+        user_data: spec.user_data.clone(),
+    }))
+}
+
+/// The `cidata` disk: read-only, virtio (every cloud image's kernel has
+/// the driver built in or in its initramfs), never booted from.
+pub fn cloud_init_disk(source: CloudInitSource) -> ResolvedDisk {
+    ResolvedDisk {
+        source: DiskSource::CloudInit(source),
+        format: DiskFormat::Raw,
+        device: DiskDevice::Disk,
+        bus: DiskBus::Virtio,
+        read_only: true,
+        boot_order: None,
+    }
+}
+
 fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option<ResolvedDisk> {
     let sources = [
         disk.file.is_some(),
@@ -764,17 +836,7 @@ fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option
         );
     }
     if let Some(path) = &disk.container_file {
-        if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-            problems.add(
-                format!("{field}.containerFile"),
-                format!("{path:?} is not an absolute path inside the VM container (no ..), e.g. /disk/root.qcow2"),
-            );
-        } else if path.chars().any(char::is_control) {
-            problems.add(
-                format!("{field}.containerFile"),
-                format!("{path:?} contains a control character"),
-            );
-        }
+        check_container_path(problems, &format!("{field}.containerFile"), path, "/disk/root.raw");
     }
     if disk.container_file.is_some() && disk.format == Some(DiskFormat::Qcow2) {
         problems.add(

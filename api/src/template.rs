@@ -61,6 +61,10 @@ pub struct VirtTemplateSpec {
     /// Network interfaces, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<InterfaceSpec>,
+    /// Cloud-init (NoCloud): the shim builds a `cidata` disk from the pod
+    /// and attaches it read-only after the template's disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInitSpec>,
     /// The serial console the shim streams to the container's stdout/stdin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialSpec>,
@@ -263,6 +267,26 @@ pub struct DiskSpec {
     /// Position in the boot order (1 boots first). Unset: not bootable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_order: Option<u32>,
+}
+
+/// Cloud-init's NoCloud data source. The guest's `meta-data` always carries
+/// an `instance-id` (the pod's UID, so each pod is a new instance to
+/// cloud-init) and a `local-hostname` (the pod's name), unless the given
+/// meta-data sets them. The annotation `virtkube.io/user-data` replaces the
+/// user-data for one pod.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudInitSpec {
+    /// A directory in the VM container, typically a Secret or ConfigMap
+    /// volume, holding `user-data` and optionally `meta-data`,
+    /// `network-config` and `vendor-data`. Exactly one of `directory` and
+    /// `userData`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
+    /// The user-data itself (a `#cloud-config` document or a script).
+    /// Exactly one of `directory` and `userData`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
 
 /// A network block device.

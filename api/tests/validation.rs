@@ -279,6 +279,49 @@ fn a_container_file_disk_is_persistent_only_when_asked() {
 }
 
 #[test]
+fn cloud_init_becomes_a_last_read_only_disk_and_the_annotation_replaces_its_user_data() {
+    use virtkube_api::resolve::{CloudInitSource, DiskSource};
+    let mut t =
+        parse_yaml("disks: [{containerFile: /disk/root.raw}]\ncloudInit: {directory: /etc/cloud-init}\n").unwrap();
+    assert_eq!(t.disks.len(), 2);
+    assert!(t.disks[1].read_only && t.disks[1].boot_order.is_none());
+    let overrides = Overrides::from_annotations(&annotations(&[(
+        annotations::USER_DATA,
+        "#cloud-config\nhostname: x\n",
+    )]))
+    .unwrap();
+    overrides.apply(&mut t).unwrap();
+    assert_eq!(
+        t.disks[1].source,
+        DiskSource::CloudInit(CloudInitSource {
+            directory: Some("/etc/cloud-init".into()),
+            user_data: Some("#cloud-config\nhostname: x\n".into()),
+        })
+    );
+    // Without cloudInit in the template, the annotation adds the disk.
+    let mut bare = parse_yaml("{}").unwrap();
+    overrides.apply(&mut bare).unwrap();
+    assert_eq!(bare.disks.len(), 1);
+    assert!(matches!(&bare.disks[0].source, DiskSource::CloudInit(s) if s.directory.is_none()));
+    assert_error(
+        "cloudInit: {directory: /a, userData: x}",
+        "spec.cloudInit: sets both directory and userData",
+    );
+    assert_error("cloudInit: {}", "spec.cloudInit: has neither directory nor userData");
+    assert_error(
+        "cloudInit: {directory: etc/ci}",
+        "spec.cloudInit.directory: \"etc/ci\" is not an absolute path inside the VM container",
+    );
+    let message = Overrides::from_annotations(&annotations(&[(annotations::USER_DATA, " \n")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("annotation virtkube.io/user-data: is empty"),
+        "{message}"
+    );
+}
+
+#[test]
 fn other_kinds_are_refused() {
     let err = parse_yaml("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n").unwrap_err();
     assert!(

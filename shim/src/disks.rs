@@ -10,12 +10,15 @@
 //! - otherwise: a private copy in the scratch directory (the container's
 //!   writable layer unless `VIRTKUBE_SCRATCH_DIR` says otherwise), unlinked
 //!   at once, so the guest's writes vanish with the container.
+//!
+//! The cloud-init disk is built here too: a `cidata` volume in a sealed
+//! memfd (see [`crate::cidata`]).
 
 use std::fs::File;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use virtkube_api::resolve::{DiskSource, ResolvedTemplate};
+use virtkube_api::resolve::{CloudInitSource, DiskSource, ResolvedTemplate};
 
 /// How a container disk is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,13 +54,50 @@ pub struct Opened {
     pub path: String,
 }
 
-/// Opens every `containerFile` disk of `template`, in the order of the
-/// rendered domain's disks; `scratch` holds private copies. The error names
-/// the disk's field and what to do.
-pub fn open_all(template: &ResolvedTemplate, scratch: &Path) -> Result<Vec<Opened>, String> {
+/// Who the guest is to cloud-init: its `instance-id` and `local-hostname`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    /// The pod's UID (each pod is a new instance).
+    pub instance_id: String,
+    /// The pod's name.
+    pub hostname: String,
+}
+
+impl Seed {
+    /// The pod's UID and name; outside Kubernetes, the domain's UUID if it
+    /// has one, and the container's hostname (the domain's name).
+    pub fn of(instance: &crate::render::Instance) -> Seed {
+        Seed {
+            instance_id: instance
+                .pod_uid
+                .clone()
+                .or_else(|| instance.uuid.clone())
+                .unwrap_or_else(|| instance.domain_name.clone()),
+            hostname: instance
+                .pod_name
+                .clone()
+                .unwrap_or_else(|| instance.domain_name.clone()),
+        }
+    }
+}
+
+/// Opens every `containerFile` disk of `template` and builds its cloud-init
+/// disk, in the order of the rendered domain's disks; `scratch` holds
+/// private copies. The error names the disk's field and what to do.
+pub fn open_all(template: &ResolvedTemplate, scratch: &Path, seed: &Seed) -> Result<Vec<Opened>, String> {
     let mut opened = Vec::new();
     let targets = crate::render::disk_targets(template);
     for (index, (disk, group)) in template.disks.iter().zip(targets).enumerate() {
+        if let DiskSource::CloudInit(source) = &disk.source {
+            let fd = cloud_init_disk(source, seed)?;
+            opened.push(Opened {
+                group,
+                fd,
+                writable: false,
+                path: format!("(cloud-init {})", crate::cidata::LABEL),
+            });
+            continue;
+        }
         let DiskSource::Container { path, persistent } = &disk.source else {
             continue;
         };
@@ -166,6 +206,111 @@ fn open_no_symlinks(path: &str, flags: i32) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
+/// The `cidata` volume for `source`, in a sealed memfd. Errors name
+/// `spec.cloudInit` and the file.
+fn cloud_init_disk(source: &CloudInitSource, seed: &Seed) -> Result<OwnedFd, String> {
+    let field = "spec.cloudInit";
+    let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
+        let Some(directory) = &source.directory else {
+            return Ok(None);
+        };
+        read_seed_file(&Path::new(directory).join(name))
+            .map_err(|why| format!("{field}.directory {directory:?}: {name} {why}"))
+    };
+    let mut files = std::collections::BTreeMap::new();
+    let user_data = match (&source.user_data, &source.directory) {
+        (Some(inline), _) => inline.clone().into_bytes(),
+        (None, Some(directory)) => read("user-data")?.ok_or_else(|| {
+            let present = std::fs::read_dir(directory)
+                .map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                        .filter(|name| !name.starts_with(".."))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            format!(
+                "{field}.directory {directory:?} has no user-data file (it holds: {}); name the Secret's or ConfigMap's key user-data, or mount the volume there",
+                if present.is_empty() { "nothing" } else { &present }
+            )
+        })?,
+        (None, None) => return Err(format!("{field}: no user-data given")),
+    };
+    files.insert("user-data".to_owned(), user_data);
+    let given_meta = read("meta-data")?;
+    let given_meta = given_meta
+        .as_deref()
+        .map(|bytes| std::str::from_utf8(bytes).map_err(|_| format!("{field}: meta-data is not UTF-8 text")))
+        .transpose()?;
+    let meta = crate::cidata::meta_data(given_meta, &seed.instance_id, &seed.hostname)
+        .map_err(|why| format!("{field}: meta-data {why}"))?;
+    files.insert("meta-data".to_owned(), meta);
+    for name in crate::cidata::OPTIONAL_FILES {
+        if let Some(data) = read(name)? {
+            files.insert(name.to_owned(), data);
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let image = crate::cidata::iso9660(crate::cidata::LABEL, &files, now).map_err(|why| format!("{field}: {why}"))?;
+    sealed_memfd("virtkube-cidata", &image)
+        .map_err(|e| format!("{field}: cannot hold the cloud-init disk in memory: {e}"))
+}
+
+/// A seed file's bytes, `None` when it does not exist. Links are followed:
+/// a Secret or ConfigMap volume is made of them, and the shim copies the
+/// bytes rather than passing the file.
+fn read_seed_file(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot be read: {e}")),
+    };
+    let meta = file.metadata().map_err(|e| format!("cannot be examined: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mut data = Vec::new();
+    file.take(crate::cidata::MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if data.len() > crate::cidata::MAX_FILE_BYTES {
+        return Err(format!(
+            "is larger than {} MiB; cloud-init's seed files are small",
+            crate::cidata::MAX_FILE_BYTES >> 20
+        ));
+    }
+    Ok(Some(data))
+}
+
+/// `bytes` in an anonymous memory file, sealed against any change (what
+/// the guest reads is what the shim wrote), opened read-only.
+fn sealed_memfd(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    use std::io::Write;
+    let c_name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: memfd_create reads the C string and returns a new descriptor.
+    let fd = unsafe { libc::memfd_create(c_name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is new and nothing else owns it.
+    let mut file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.write_all(bytes)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // QEMU takes a read-only disk's descriptor only if it was opened
+    // read-only: the same memory file, reopened so.
+    let read_only = File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)))?;
+    Ok(read_only.into())
+}
+
 /// A read-write copy of `source` in `scratch`, unlinked at once: only the
 /// descriptor holds it, and it is gone when QEMU and the shim close it.
 fn private_copy(mut source: File, scratch: &Path) -> Result<OwnedFd, String> {
@@ -268,6 +413,129 @@ mod tests {
             let e = open_one(&path, how, &dir).unwrap_err();
             assert!(e.contains(why), "{path}: {e}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A directory laid out as the kubelet lays out a Secret volume: each
+    /// key a link into a timestamped directory through `..data`.
+    fn secret_volume(tag: &str, keys: &[(&str, &str)]) -> std::path::PathBuf {
+        let dir = scratch(tag);
+        let data = dir.join("..2026_11_23_20_00_00.000000001");
+        std::fs::create_dir(&data).unwrap();
+        for (key, value) in keys {
+            std::fs::write(data.join(key), value).unwrap();
+            std::os::unix::fs::symlink(format!("..data/{key}"), dir.join(key)).unwrap();
+        }
+        std::os::unix::fs::symlink(data.file_name().unwrap(), dir.join("..data")).unwrap();
+        dir
+    }
+
+    fn tool(program: &str, args: &[&str]) -> Option<String> {
+        let out = std::process::Command::new(program).args(args).output().ok()?;
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    #[test]
+    fn the_cloud_init_disk_is_a_sealed_cidata_volume_that_blkid_and_isoinfo_read() {
+        let dir = secret_volume(
+            "cidata",
+            &[
+                ("user-data", "#cloud-config\nruncmd: [echo hi]\n"),
+                ("meta-data", "public-keys: [ssh-ed25519 AAAA me]\n"),
+                ("network-config", "version: 2\n"),
+            ],
+        );
+        let source = CloudInitSource {
+            directory: Some(dir.to_str().unwrap().to_owned()),
+            user_data: None,
+        };
+        let seed = Seed {
+            instance_id: "6f1c0b9e-1111-2222-3333-444455556666".into(),
+            hostname: "web-0".into(),
+        };
+        let fd = cloud_init_disk(&source, &seed).unwrap();
+        libvirt_wire::disk_fd::check(0, fd.as_fd()).unwrap();
+        // SAFETY: F_GETFL/F_GET_SEALS only read the state of a descriptor we hold.
+        let (flags, seals) = unsafe {
+            (
+                libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_GETFL),
+                libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::F_GET_SEALS),
+            )
+        };
+        assert_eq!(
+            flags & libc::O_ACCMODE,
+            libc::O_RDONLY,
+            "QEMU takes a read-only disk read-only"
+        );
+        assert_eq!(seals & libc::F_SEAL_WRITE, libc::F_SEAL_WRITE, "sealed against writes");
+        let mut file = File::from(fd);
+        let mut image = Vec::new();
+        file.read_to_end(&mut image).unwrap();
+        let path = dir.join("seed.iso");
+        std::fs::write(&path, &image).unwrap();
+        let path = path.to_str().unwrap();
+        // util-linux's blkid is everywhere; it is how cloud-init finds the disk.
+        let probed = tool("blkid", &["-p", "-o", "export", path]).unwrap();
+        assert!(
+            probed.contains("TYPE=iso9660") && probed.contains("LABEL=cidata"),
+            "{probed}"
+        );
+        // isoinfo (genisoimage) reads the Rock Ridge names and the files.
+        let Some(listing) = tool("isoinfo", &["-R", "-f", "-i", path]) else {
+            eprintln!("isoinfo is not installed (apt-get install genisoimage); skipping the Rock Ridge read-back");
+            return;
+        };
+        let mut names: Vec<_> = listing.lines().collect();
+        names.sort();
+        assert_eq!(names, ["/meta-data", "/network-config", "/user-data"]);
+        let user_data = tool("isoinfo", &["-R", "-i", path, "-x", "/user-data"]).unwrap();
+        assert_eq!(user_data, "#cloud-config\nruncmd: [echo hi]\n");
+        let meta: serde_json::Value =
+            serde_json::from_str(&tool("isoinfo", &["-R", "-i", path, "-x", "/meta-data"]).unwrap()).unwrap();
+        assert_eq!(meta["instance-id"], "6f1c0b9e-1111-2222-3333-444455556666");
+        assert_eq!(meta["local-hostname"], "web-0");
+        assert_eq!(meta["public-keys"][0], "ssh-ed25519 AAAA me");
+        // Without Rock Ridge, the ISO 9660 names still read as the files'.
+        let plain = tool("isoinfo", &["-f", "-i", path]).unwrap();
+        assert!(plain.contains("/USER-DATA.;1"), "{plain}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cloud_init_errors_name_the_directory_and_the_file() {
+        let seed = Seed {
+            instance_id: "i".into(),
+            hostname: "h".into(),
+        };
+        let dir = secret_volume("cidata-bad", &[("userdata", "x"), ("meta-data", "- not a mapping\n")]);
+        let source = |user_data: Option<&str>| CloudInitSource {
+            directory: Some(dir.to_str().unwrap().to_owned()),
+            user_data: user_data.map(str::to_owned),
+        };
+        let e = cloud_init_disk(&source(None), &seed).unwrap_err();
+        assert!(
+            e.contains("has no user-data file (it holds: userdata, meta-data)")
+                || e.contains("(it holds: meta-data, userdata)"),
+            "{e}"
+        );
+        let e = cloud_init_disk(&source(Some("#!/bin/sh\n")), &seed).unwrap_err();
+        assert!(e.starts_with("spec.cloudInit: meta-data is not a YAML mapping"), "{e}");
+        std::fs::remove_file(dir.join("meta-data")).unwrap();
+        std::fs::create_dir(dir.join("network-config")).unwrap();
+        let e = cloud_init_disk(&source(Some("#!/bin/sh\n")), &seed).unwrap_err();
+        assert!(e.ends_with("network-config is not a regular file"), "{e}");
+        std::fs::remove_dir(dir.join("network-config")).unwrap();
+        let missing = CloudInitSource {
+            directory: Some(dir.join("absent").to_str().unwrap().to_owned()),
+            user_data: None,
+        };
+        let e = cloud_init_disk(&missing, &seed).unwrap_err();
+        assert!(e.contains("has no user-data file (it holds: nothing)"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

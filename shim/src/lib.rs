@@ -3,6 +3,7 @@
 //! syscall trait) are separate from the I/O in `runtime`.
 
 #[cfg(feature = "kube")]
+pub mod cidata;
 pub mod cluster;
 pub mod config;
 pub mod disks;

@@ -352,7 +352,7 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
 fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
     let (source_type, device) = (
         match disk.source {
-            DiskSource::File(_) | DiskSource::Container { .. } => "file",
+            DiskSource::File(_) | DiskSource::Container { .. } | DiskSource::CloudInit(_) => "file",
             DiskSource::Network { .. } => "network",
         },
         match disk.device {
@@ -384,7 +384,7 @@ fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
                 }
                 // Passed as descriptors, the group named after the target:
                 // libvirtd opens nothing by path.
-                DiskSource::Container { .. } => {
+                DiskSource::Container { .. } | DiskSource::CloudInit(_) => {
                     let name = format!("{}{target}", virtkube_api::resolve::FD_DISK_PREFIX);
                     w.create_element("source")
                         .with_attributes([("file", name.as_str()), ("fdgroup", target)])

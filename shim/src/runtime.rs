@@ -151,7 +151,8 @@ async fn prepare(
     // A private copy may take a while: off the runtime's thread, so that a
     // stop signal is heard meanwhile.
     let (disk_template, scratch) = (template.clone(), config.scratch_dir.clone());
-    let disks = tokio::task::spawn_blocking(move || crate::disks::open_all(&disk_template, &scratch))
+    let seed = crate::disks::Seed::of(instance);
+    let disks = tokio::task::spawn_blocking(move || crate::disks::open_all(&disk_template, &scratch, &seed))
         .await
         .map_err(|e| Exit::StartFailed(format!("opening the disks failed: {e}")))?
         .map_err(Exit::StartFailed)?;
