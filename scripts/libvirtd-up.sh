@@ -7,7 +7,8 @@ set -euo pipefail
 log() { echo "[libvirtd-up] $*"; }
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
-          libvirt-dev qemu-system-x86 libxml2-utils pkg-config tini)
+          libvirt-dev qemu-system-x86 libxml2-utils pkg-config tini
+          genisoimage)  # isoinfo: the tests read back the cloud-init seed
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

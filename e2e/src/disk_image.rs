@@ -4,7 +4,9 @@
 //! `/disk/root.raw` in the image and three templates:
 //! `/etc/virtkube/template.yaml` (the image's disk, a private copy),
 //! `/etc/virtkube/volume.yaml` (`/data/data.raw`, persistent) and
-//! `/etc/virtkube/misplaced.yaml` (the image's disk, persistent: refused).
+//! `/etc/virtkube/misplaced.yaml` (the image's disk, persistent: refused),
+//! `/etc/virtkube/cloud-init.yaml` (the image's disk and a cloud-init seed
+//! from the directory `/seed`).
 #![allow(clippy::unwrap_used)] // test support: a panic is the failure report
 
 use std::path::Path;
@@ -34,8 +36,13 @@ pub fn build(dir: &Path, tag: &str) {
         std::fs::write(dir.join(file), template(source)).unwrap();
     }
     std::fs::write(
+        dir.join("cloud-init.yaml"),
+        template("containerFile: /disk/root.raw") + "  cloudInit: {directory: /seed}\n",
+    )
+    .unwrap();
+    std::fs::write(
         dir.join("Dockerfile"),
-        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY volume.yaml misplaced.yaml /etc/virtkube/\n",
+        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY volume.yaml misplaced.yaml cloud-init.yaml /etc/virtkube/\n",
     )
     .unwrap();
     build_context(dir, tag);

@@ -384,6 +384,70 @@ fn a_hostile_docker_container_reaches_only_its_own_domain() {
     let _ = std::fs::remove_file(link);
 }
 
+/// Cloud-init from a directory of the container (here a bind mount; on
+/// Kubernetes a Secret): the guest finds the `cidata` disk, takes its
+/// hostname from the meta-data the shim completed, and runs the user-data
+/// script. A directory without user-data is refused, naming what it holds.
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn cloud_init_seeds_the_guest_from_a_directory() {
+    require_setup();
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-cidata-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("seed")).unwrap();
+    std::fs::write(
+        dir.join("seed/user-data"),
+        "#!/bin/sh\necho \"hello from $(hostname), seeded files: $(ls /cidata | tr '\\n' ' ')\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("seed/network-config"), "version: 2\n").unwrap();
+    let tag = format!("virtkube/e2e-cidata:{}", std::process::id());
+    virtkube_e2e::disk_image::build(&dir.join("context"), &tag);
+    let template = ["-e", "VIRTKUBE_TEMPLATE_FILE=/etc/virtkube/cloud-init.yaml"];
+
+    let mut print = vec!["run", "--rm"];
+    print.extend_from_slice(&template);
+    print.extend_from_slice(&[tag.as_str(), "--print-xml"]);
+    let printed = docker_ok(&print);
+    assert!(
+        printed.contains(
+            "<source file=\"/virtkube-fd/vdb\" fdgroup=\"vdb\"/>\n      <target dev=\"vdb\" bus=\"virtio\"/>\n      <readonly/>"
+        ),
+        "{printed}"
+    );
+
+    let seed = format!("{}:/seed:ro", dir.join("seed").display());
+    let mut extra = vec!["-v", seed.as_str()];
+    extra.extend_from_slice(&template);
+    let vm = Vm::run("e2e-cidata", &extra, &tag, &[]);
+    assert_eq!(vm.exit_code(BOOT), 0, "{}", vm.logs());
+    // Outside Kubernetes the VM is named after its container's hostname.
+    let hostname = docker_ok(&["inspect", "-f", "{{.Config.Hostname}}", &vm.name]);
+    let hostname = hostname.trim();
+    let logs = vm.logs();
+    for line in [
+        "virtkube-tiny: vda says: virtkube-disk:ORIGINAL".to_owned(),
+        format!("virtkube-tiny: cloud-init seed: instance-id {hostname}, hostname {hostname}"),
+        format!("virtkube-tiny: user-data: hello from {hostname}, seeded files: meta-data network-config user-data"),
+    ] {
+        assert!(logs.contains(&line), "missing {line:?} in:\n{logs}");
+    }
+
+    std::fs::remove_file(dir.join("seed/user-data")).unwrap();
+    let refused = Vm::run("e2e-cidata-none", &extra, &tag, &[]);
+    assert_eq!(refused.exit_code(Duration::from_secs(30)), 1, "{}", refused.logs());
+    assert!(
+        refused
+            .logs()
+            .contains(r#"spec.cloudInit.directory "/seed" has no user-data file (it holds: network-config)"#),
+        "{}",
+        refused.logs()
+    );
+    drop((vm, refused));
+    let _ = docker(&["rmi", &tag]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A VM image that carries its own disk (`COPY root.raw /disk/`), through
 /// the gate: the guest reads the disk the shim passed as a descriptor. By
 /// default it writes to a private copy, so a second container of the same
