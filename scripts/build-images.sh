@@ -1,6 +1,7 @@
 #!/bin/bash
 # Builds virtkube's images in the local Docker engine: virtkube/shim (FROM
-# scratch, the static shim), virtkube/tiny (the example VM) and
+# scratch, the static shim), virtkube/tiny (the example VM), virtkube/disk
+# (the example VM that boots from the disk its image carries) and
 # virtkube/virthost (libvirtd + QEMU + the gate + nodeinfo), and the tiny guest's files on the host.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ log "virtkube/tiny"
 # uses the local image where no registry has it.
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 $DOCKER build -q -t virtkube/tiny:latest -t "virtkube/tiny:$version" images/tiny >/dev/null
+log "virtkube/disk"
+bash scripts/build-disk-image.sh
 bash scripts/debian-base-image.sh debian:bookworm-slim
 log "virtkube-nodeinfo (links Debian 12's libvirt.so, like the virthost image) and virtkube-gate"
 cargo build -q --release --locked -p virtkube-nodeinfo -p virtkube-gate

@@ -22,7 +22,7 @@ fi
 
 mkdir -p "$OUT"
 chmod 755 "$OUT"
-if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/cdrom.ko" ]; then
+if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/vfat.ko" ]; then
   [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -qq
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$pkg" ] || { log "cannot resolve linux-image-cloud-amd64 to a kernel package"; exit 1; }
@@ -38,13 +38,15 @@ if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/cdrom.ko" ]; then
   mkdir -p "$OUT/modules"
   # virtio (PCI) and virtio-blk let the guest see disks, e.g. those a VM
   # image carries and the shim passes as file descriptors; isofs reads the
-  # cloud-init seed the shim builds.
+  # cloud-init seed the shim builds; vfat (UTF-8 names by default) the
+  # bootable disk of images/disk.
   for m in drivers/acpi/button.ko drivers/input/evdev.ko \
     drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko \
     drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko \
     drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
     drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko \
-    drivers/cdrom/cdrom.ko fs/isofs/isofs.ko; do
+    drivers/cdrom/cdrom.ko fs/isofs/isofs.ko fs/fat/fat.ko fs/fat/vfat.ko \
+    fs/nls/nls_cp437.ko fs/nls/nls_ascii.ko fs/nls/nls_utf8.ko; do
     install -m 0644 "$work"/root/lib/modules/*/kernel/$m "$OUT/modules/"
   done
   rm -rf "$work"
@@ -95,11 +97,14 @@ for _ in $(seq 1 100); do
   [ "$(ls /dev/vd? 2>/dev/null | wc -l)" -ge "$disks" ] && break
   sleep 0.1
 done
-# The first disk's first line, which the tests write (none on a disk that
-# starts with zeros, such as the cloud-init seed).
+# The first disk's first line, which the tests write, if it is text (not
+# the zeros of the cloud-init seed or the boot sector of a bootable disk).
 if [ -b /dev/vda ]; then
   first=$(head -c 128 /dev/vda | head -n 1 | tr -d '\000')
-  [ -n "$first" ] && echo "virtkube-tiny: vda says: $first"
+  # (busybox tr has no [:print:]: what is left after deleting the printable
+  # ASCII range must be nothing.)
+  [ -n "$first" ] && [ -z "$(printf '%s' "$first" | tr -d ' -~')" ] &&
+    echo "virtkube-tiny: vda says: $first"
 fi
 # Cloud-init's NoCloud seed, a disk labelled cidata. In place of cloud-init,
 # the tiny guest takes its hostname from the meta-data and runs a user-data
@@ -131,6 +136,19 @@ for arg in $(cat /proc/cmdline); do
     virtkube.ddread) s=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null
       e=$(cut -d' ' -f1 /proc/uptime)
       echo "virtkube-tiny: read vda in $(awk "BEGIN {printf \"%d\", ($e - $s) * 1000}") ms" ;;
+    virtkube.note-on-boot-disk)
+      # The boot disk of images/disk is a FAT file system: say who wrote
+      # on it before, then sign it.
+      for m in fat vfat nls_cp437 nls_ascii nls_utf8; do insmod /lib/modules/$m.ko 2>/dev/null; done
+      mkdir -p /boot-disk && mount -t vfat /dev/vda /boot-disk && {
+        if [ -f /boot-disk/note.txt ]; then
+          echo "virtkube-tiny: the boot disk has a note: $(cat /boot-disk/note.txt)"
+        else
+          echo "virtkube-tiny: the boot disk has no note yet"
+        fi
+        echo "written by $(hostname)" > /boot-disk/note.txt && sync && umount /boot-disk &&
+          echo "virtkube-tiny: left a note on the boot disk: written by $(hostname)"
+      } ;;
     virtkube.scribble) echo "virtkube-disk:SCRIBBLED" | dd of=/dev/vda conv=notrunc 2>/dev/null && sync &&
       echo "virtkube-tiny: scribbled on vda: $(head -c 128 /dev/vda | head -n 1)" ;;
   esac

@@ -541,22 +541,29 @@ fn disks_from_the_pod(ns: &str) {
     apply(&format!(
         "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {ns}-disk}}\nspec:\n  storageClassName: {class}\n  capacity: {{storage: 16Mi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {volume}, type: Directory}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: disk, namespace: {ns}}}\nspec:\n  storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 16Mi}}}}\n"
     ));
-    let pod = |name: &str, claim: bool| {
-        let (env, mount, volume) = if claim {
-            (
-                "        - {name: VIRTKUBE_TEMPLATE_FILE, value: /etc/virtkube/volume.yaml}\n",
-                "        - {name: data, mountPath: /data}\n",
-                "    - {name: data, persistentVolumeClaim: {claimName: disk}}\n",
-            )
-        } else {
-            ("", "", "")
-        };
+    // Cloud-init from a Secret (a volume of links, as the kubelet makes it).
+    apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: seed, namespace: {ns}}}\nstringData:\n  user-data: |\n    #!/bin/sh\n    echo \"hello from $(hostname) via a Secret\"\n"
+    ));
+    // The pod: `template` picks the image's template; `claim` mounts the
+    // claim at /data; `seed` the Secret at /seed; `annotations` as given.
+    let pod = |name: &str, template: &str, claim: bool, seed: bool, annotations: &str| {
+        let mut mounts = String::new();
+        let mut volumes = String::new();
+        if claim {
+            mounts += "        - {name: data, mountPath: /data}\n";
+            volumes += "    - {name: data, persistentVolumeClaim: {claimName: disk}}\n";
+        }
+        if seed {
+            mounts += "        - {name: seed, mountPath: /seed, readOnly: true}\n";
+            volumes += "    - {name: seed, secret: {secretName: seed}}\n";
+        }
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  restartPolicy: Never\n  runtimeClassName: virtkube\n  containers:\n    - name: vm\n      image: {tag}\n      imagePullPolicy: IfNotPresent\n      resources: {{limits: {{memory: 160Mi}}}}\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n        - {{name: POD_UID, valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}}}\n{env}      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n{mount}  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n{volume}"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, annotations: {{{annotations}}}}}\nspec:\n  restartPolicy: Never\n  runtimeClassName: virtkube\n  containers:\n    - name: vm\n      image: {tag}\n      imagePullPolicy: IfNotPresent\n      resources: {{limits: {{memory: 160Mi}}}}\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n        - {{name: POD_UID, valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}}}\n        - {{name: VIRTKUBE_TEMPLATE_FILE, value: /etc/virtkube/{template}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n{mounts}  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n{volumes}"
         )
     };
-    let run_to_completion = |name: &str, claim: bool| -> String {
-        apply(&pod(name, claim));
+    let run_to_completion = |name: &str, pod: String| -> String {
+        apply(&pod);
         eventually(&format!("pod {name} to succeed"), ns, Duration::from_secs(180), || {
             let phase = ok(&["-n", ns, "get", "pod", name, "-o", "jsonpath={.status.phase}"]);
             assert_ne!(phase.trim(), "Failed", "{}", kubectl(&["-n", ns, "logs", name]).1);
@@ -564,25 +571,51 @@ fn disks_from_the_pod(ns: &str) {
         });
         kubectl(&["-n", ns, "logs", name]).1
     };
-    for name in ["disk-image-1", "disk-image-2"] {
-        let logs = run_to_completion(name, false);
+    let uid_of = |name: &str| ok(&["-n", ns, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"]);
+    // The image's disk, twice: each pod's guest sees the original. The
+    // second also has a cloud-init seed from the Secret: its instance-id is
+    // its pod's UID, its hostname its pod's name.
+    for (name, template, seed) in [
+        ("disk-image-1", "template.yaml", false),
+        ("disk-image-2", "cloud-init.yaml", true),
+    ] {
+        let logs = run_to_completion(name, pod(name, template, false, seed, ""));
         assert!(
             logs.contains("vda says: virtkube-disk:ORIGINAL")
                 && logs.contains("scribbled on vda: virtkube-disk:SCRIBBLED"),
             "{name}:\n{logs}"
         );
+        if seed {
+            let expected = format!("cloud-init seed: instance-id {}, hostname {name}", uid_of(name).trim());
+            assert!(logs.contains(&expected), "missing {expected:?} in:\n{logs}");
+            assert!(
+                logs.contains(&format!("user-data: hello from {name} via a Secret")),
+                "{logs}"
+            );
+        }
     }
-    let first = run_to_completion("disk-claim-1", true);
+    let first = run_to_completion("disk-claim-1", pod("disk-claim-1", "volume.yaml", true, false, ""));
     assert!(first.contains("vda says: virtkube-disk:ORIGINAL"), "{first}");
-    let second = run_to_completion("disk-claim-2", true);
+    // The second, with user-data in an annotation (its template has no
+    // cloudInit: the annotation adds the seed).
+    let user_data = r##"virtkube.io/user-data: "#!/bin/sh\necho annotated user-data on $(hostname)\n""##;
+    let second = run_to_completion(
+        "disk-claim-2",
+        pod("disk-claim-2", "volume.yaml", true, false, user_data),
+    );
     assert!(
         second.contains("vda says: virtkube-disk:SCRIBBLED"),
         "the claim lost the write:\n{second}"
+    );
+    assert!(
+        second.contains("user-data: annotated user-data on disk-claim-2"),
+        "{second}"
     );
     for name in ["disk-image-1", "disk-image-2", "disk-claim-1", "disk-claim-2"] {
         ok(&["-n", ns, "delete", "pod", name, "--wait=false"]);
     }
     ok(&["-n", ns, "delete", "pvc", "disk", "--wait=false"]);
+    ok(&["-n", ns, "delete", "secret", "seed"]);
     let _ = kubectl(&["delete", "pv", &format!("{ns}-disk"), "--wait=false"]);
     let _ = virtkube_e2e::run("/usr/bin/docker", &["rmi", "-f", &tag], None);
     let _ = std::fs::remove_dir_all(&dir);

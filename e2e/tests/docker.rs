@@ -27,6 +27,7 @@ fn require_setup() {
     for image in [
         "virtkube/shim:latest",
         "virtkube/tiny:latest",
+        "virtkube/disk:latest",
         "virtkube/virthost:latest",
     ] {
         assert!(
@@ -382,6 +383,43 @@ fn a_hostile_docker_container_reaches_only_its_own_domain() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(link);
+}
+
+/// The example image that carries its bootable disk (`images/disk`): no
+/// kernel on the node, SYSLINUX on the disk boots the guest. Two containers
+/// of it side by side each find the image's disk unwritten and leave their
+/// own note on their own copy; `docker stop` still powers the guest off.
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn the_disk_image_boots_from_its_own_disk_and_each_container_writes_its_own_copy() {
+    require_setup();
+    let printed = docker_ok(&["run", "--rm", "virtkube/disk:latest", "--print-xml"]);
+    assert!(
+        !printed.contains("<kernel>") && printed.contains(r#"<boot order="1"/>"#),
+        "{printed}"
+    );
+    let vms: Vec<Vm> = (1..=2)
+        .map(|n| Vm::run(&format!("e2e-disk-image-{n}"), &[], "virtkube/disk:latest", &[]))
+        .collect();
+    for vm in &vms {
+        vm.wait_for_log("virtkube-tiny: ready", BOOT);
+        let hostname = docker_ok(&["inspect", "-f", "{{.Config.Hostname}}", &vm.name]);
+        let logs = vm.logs();
+        for line in [
+            "virtkube-tiny: user-data: booted from the image's own disk".to_owned(),
+            "virtkube-tiny: the boot disk has no note yet".to_owned(),
+            format!(
+                "virtkube-tiny: left a note on the boot disk: written by {}",
+                hostname.trim()
+            ),
+        ] {
+            assert!(logs.contains(&line), "{}: missing {line:?} in:\n{logs}", vm.name);
+        }
+    }
+    for vm in &vms {
+        docker_ok(&["stop", "-t", "30", &vm.name]);
+        assert_eq!(vm.exit_code(Duration::from_secs(5)), 0, "{}", vm.logs());
+    }
 }
 
 /// Cloud-init from a directory of the container (here a bind mount; on
