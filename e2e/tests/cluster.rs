@@ -266,6 +266,7 @@ fn vm_lifecycle_through_kubectl() {
     template_from_the_api(&ns);
 
     disks_from_the_pod(&ns);
+    the_disk_image_deployment(&ns);
     bare_kubectl_run(&ns);
     the_node_itself_is_refused_over_tcp();
     hostile_pod(&ns, "probe-socket", false);
@@ -620,6 +621,87 @@ fn disks_from_the_pod(ns: &str) {
     let _ = virtkube_e2e::run("/usr/bin/docker", &["rmi", "-f", &tag], None);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&volume);
+}
+
+/// The example Deployment of the image that carries its bootable disk
+/// (`deploy/examples/disk-deployment.yaml`): two replicas, each guest named
+/// after its pod by cloud-init, each finding the image's disk unwritten and
+/// signing its own copy. A pod deleted is replaced by one whose guest again
+/// finds no note: the writable layer went with the pod.
+fn the_disk_image_deployment(ns: &str) {
+    let manifest = repo_file("deploy/examples/disk-deployment.yaml")
+        .replace("/var/run/virtkube", SOCKET_DIR)
+        .replace(
+            "metadata:\n  name: disk-vm\n",
+            &format!("metadata:\n  name: disk-vm\n  namespace: {ns}\n"),
+        );
+    apply(&manifest);
+    let pods = || -> Vec<String> {
+        ok(&[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=disk-vm",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+    };
+    let signed = |pod: &str| {
+        let logs = kubectl(&["-n", ns, "logs", pod]).1;
+        logs.contains(&format!("left a note on the boot disk: written by {pod}"))
+    };
+    let check_fresh = |pod: &str| {
+        let logs = ok(&["-n", ns, "logs", pod]);
+        assert!(
+            logs.contains("user-data: booted from the image's own disk")
+                && logs.contains("the boot disk has no note yet")
+                && !logs.contains("the boot disk has a note"),
+            "{pod}:\n{logs}"
+        );
+    };
+    let mut first = Vec::new();
+    eventually(
+        "both disk-vm replicas to sign their disks",
+        ns,
+        Duration::from_secs(180),
+        || {
+            first = pods();
+            first.len() == 2 && first.iter().all(|pod| signed(pod))
+        },
+    );
+    for pod in &first {
+        check_fresh(pod);
+    }
+    ok(&["-n", ns, "delete", "pod", &first[0], "--wait=true", "--timeout=60s"]);
+    let mut replacement = String::new();
+    eventually(
+        "the replacement disk-vm pod to sign its disk",
+        ns,
+        Duration::from_secs(180),
+        || {
+            replacement = pods().into_iter().find(|pod| !first.contains(pod)).unwrap_or_default();
+            !replacement.is_empty() && signed(&replacement)
+        },
+    );
+    check_fresh(&replacement);
+    ok(&[
+        "-n",
+        ns,
+        "delete",
+        "deployment",
+        "disk-vm",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    eventually("the disk-vm domains to go", ns, Duration::from_secs(90), || {
+        !virsh_list().contains(&format!("{ns}_disk-vm"))
+    });
 }
 
 /// Bare `kubectl run IMAGE`: no volumes, no downward API. The shim reads its pod

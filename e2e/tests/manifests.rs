@@ -217,6 +217,7 @@ fn the_api_server_accepts_the_manifests() {
         "server.yaml",
         "storage.yaml",
         "tiny-deployment.yaml",
+        "disk-deployment.yaml",
         "vm-rolebinding.yaml",
     ] {
         let path = dir.join("examples").join(example);
