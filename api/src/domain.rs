@@ -70,6 +70,28 @@ pub struct VirtDomainStatus {
     /// gate counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reattachments: Option<u32>,
+    /// The VM's disks and where each one's data comes from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DomainDisk>,
+}
+
+/// One of a VM's disks, as its template gave it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainDisk {
+    /// The guest's device name (`vda`, `sda`, …).
+    pub target: String,
+    /// Where the data comes from: `containerFile` (a file in the VM
+    /// container, passed by descriptor), `file` (a file on the node),
+    /// `network` or `cloudInit` (the seed the shim built).
+    pub source: String,
+    /// The file's path (in the VM container, or on the node), the network
+    /// address, or the cloud-init directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Where the guest's writes go: `readOnly` (nowhere), `privateCopy` (a
+    /// copy that goes with the pod) or `inPlace` (the source itself).
+    pub writes: String,
 }
 
 /// A VM's QEMU process as the node sees it.

@@ -678,6 +678,22 @@ fn the_disk_image_deployment(ns: &str) {
     for pod in &first {
         check_fresh(pod);
     }
+    // The VirtDomain lists each disk and where it comes from.
+    let listed = |pod: &str| {
+        kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "virtdomain",
+            pod,
+            "-o",
+            "jsonpath={range .status.disks[*]}{.target} {.source} {.path} {.writes};{end}",
+        ])
+        .1
+    };
+    eventually("the VirtDomain to list the disks", ns, Duration::from_secs(30), || {
+        listed(&first[0]) == "vda containerFile /disk/root.raw privateCopy;vdb cloudInit  readOnly;"
+    });
     ok(&["-n", ns, "delete", "pod", &first[0], "--wait=true", "--timeout=60s"]);
     let mut replacement = String::new();
     eventually(

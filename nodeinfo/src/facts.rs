@@ -254,6 +254,57 @@ pub fn parse_owner(domain_xml: &str) -> Result<Option<Owner>, XmlError> {
     }))
 }
 
+/// The most disks a VirtDomain lists, and the longest value it copies: the
+/// metadata is written by the VM's own pod, so what is published is bounded.
+pub const MAX_LISTED_DISKS: usize = 64;
+/// See [`MAX_LISTED_DISKS`].
+pub const MAX_DISK_FIELD: usize = 1024;
+
+/// The disks the shim recorded in virtkube's `<metadata>` (target, source,
+/// path, writes), for the VirtDomain's status. An error names the element
+/// and what is wrong.
+pub fn parse_disks(domain_xml: &str) -> Result<Vec<virtkube_api::domain::DomainDisk>, String> {
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| format!("the domain XML is not XML: {e}"))?;
+    let Some(instance) = doc
+        .descendants()
+        .find(|n| n.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS) && n.tag_name().name() == "instance")
+    else {
+        return Ok(Vec::new());
+    };
+    let recorded: Vec<_> = instance
+        .children()
+        .filter(|c| c.tag_name().name() == "disk" && c.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS))
+        .collect();
+    if recorded.len() > MAX_LISTED_DISKS {
+        return Err(format!(
+            "the metadata records {} disks; at most {MAX_LISTED_DISKS} are listed",
+            recorded.len()
+        ));
+    }
+    recorded
+        .iter()
+        .enumerate()
+        .map(|(index, disk)| {
+            let field = |name: &str, required: bool| -> Result<Option<String>, String> {
+                match disk.attribute(name) {
+                    None if required => Err(format!("recorded disk {index} has no {name}")),
+                    None => Ok(None),
+                    Some(value) if value.chars().count() > MAX_DISK_FIELD => Err(format!(
+                        "recorded disk {index}'s {name} is longer than {MAX_DISK_FIELD} characters"
+                    )),
+                    Some(value) => Ok(Some(value.to_owned())),
+                }
+            };
+            Ok(virtkube_api::domain::DomainDisk {
+                target: field("target", true)?.unwrap_or_default(),
+                source: field("source", true)?.unwrap_or_default(),
+                path: field("path", false)?,
+                writes: field("writes", true)?.unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
 /// The XML namespace of virtkube-gate's owner record in a domain's metadata.
 pub const GATE_OWNER_XMLNS: &str = "https://virtkube.io/xmlns/gate-owner/1";
 
@@ -442,6 +493,45 @@ mod tests {
         assert_eq!(parse_owner("<domain><name>other</name></domain>").unwrap(), None);
         let foreign = "<domain><metadata><x:instance xmlns:x='urn:other'><x:namespace>a</x:namespace><x:pod>b</x:pod></x:instance></metadata></domain>";
         assert_eq!(parse_owner(foreign).unwrap(), None);
+    }
+
+    #[test]
+    fn recorded_disks_are_listed_and_bounded() {
+        let with = |disks: &str| {
+            format!(
+                "<domain><metadata><virtkube:instance xmlns:virtkube='{}'><virtkube:namespace>ns</virtkube:namespace><virtkube:pod>vm</virtkube:pod>{disks}</virtkube:instance></metadata></domain>",
+                virtkube_api::METADATA_XMLNS
+            )
+        };
+        let listed = parse_disks(&with(
+            "<virtkube:disk target='vda' source='containerFile' writes='privateCopy' path='/disk/root.raw'/><virtkube:disk target='vdb' source='cloudInit' writes='readOnly'/>",
+        ))
+        .unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(
+            (
+                listed[0].target.as_str(),
+                listed[0].path.as_deref(),
+                listed[0].writes.as_str()
+            ),
+            ("vda", Some("/disk/root.raw"), "privateCopy")
+        );
+        assert_eq!(
+            (listed[1].source.as_str(), listed[1].path.as_deref()),
+            ("cloudInit", None)
+        );
+        assert!(parse_disks("<domain><name>x</name></domain>").unwrap().is_empty());
+        let e = parse_disks(&with("<virtkube:disk target='vda' writes='readOnly'/>")).unwrap_err();
+        assert_eq!(e, "recorded disk 0 has no source");
+        let long = format!(
+            "<virtkube:disk target='vda' source='file' writes='inPlace' path='/{}'/>",
+            "a".repeat(MAX_DISK_FIELD)
+        );
+        let e = parse_disks(&with(&long)).unwrap_err();
+        assert!(e.contains("path is longer than 1024 characters"), "{e}");
+        let many = "<virtkube:disk target='vda' source='file' writes='inPlace'/>".repeat(MAX_LISTED_DISKS + 1);
+        let e = parse_disks(&with(&many)).unwrap_err();
+        assert!(e.contains("records 65 disks; at most 64"), "{e}");
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct DomainSnapshot {
     pub qemu_uptime_secs: Option<u64>,
     /// Processes the kernel killed for memory so far in QEMU's memory cgroup.
     pub oom_kills: Option<u64>,
+    /// Its disks and where each one's data comes from.
+    pub disks: Vec<virtkube_api::domain::DomainDisk>,
 }
 
 /// What nodeinfo remembers of a domain it published, to tell what changed.
@@ -360,6 +362,7 @@ pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> 
             start_time: start_time.map(str::to_owned),
             qemu: d.qemu.clone(),
             reattachments: d.reattachments,
+            disks: d.disks.clone(),
         }),
     })
 }
@@ -498,6 +501,12 @@ mod tests {
             reattachments: Some(2),
             qemu_uptime_secs: Some(600),
             oom_kills: Some(0),
+            disks: vec![virtkube_api::domain::DomainDisk {
+                target: "vda".into(),
+                source: "containerFile".into(),
+                path: Some("/disk/root.raw".into()),
+                writes: "privateCopy".into(),
+            }],
         }
     }
 
@@ -592,7 +601,8 @@ mod tests {
                     "state": "Running", "reason": "Booted", "vcpus": 1, "memory": "128Mi",
                     "cpuTimeNs": 5, "startTime": "2026-11-22T10:00:00Z",
                     "qemu": {"pid": 42, "cgroup": "/kubepods/besteffort/podpod-uid/c"},
-                    "reattachments": 2
+                    "reattachments": 2,
+                    "disks": [{"target": "vda", "source": "containerFile", "path": "/disk/root.raw", "writes": "privateCopy"}]
                 }
             })
         );

@@ -101,7 +101,7 @@ pub fn render(template: &ResolvedTemplate, instance: &Instance, host: &HostFacts
             if let Some(uuid) = &instance.uuid {
                 text_element(w, "uuid", uuid)?;
             }
-            write_metadata(w, instance)?;
+            write_metadata(w, instance, template)?;
             w.create_element("memory")
                 .with_attribute(("unit", "KiB"))
                 .write_text_content(BytesText::new(&template.memory_bytes.div_ceil(1024).to_string()))?;
@@ -192,7 +192,53 @@ pub fn choose_domain_type(requested: DomainType, host: &HostFacts) -> Result<Str
         })
 }
 
-fn write_metadata(w: &mut W, instance: &Instance) -> io::Result<()> {
+/// Each disk's target, where its data comes from and where the guest's
+/// writes go, as the VirtDomain shows them (the domain's own `<source>` of
+/// a disk passed by descriptor names only its descriptor group).
+pub fn disk_origins(t: &ResolvedTemplate) -> Vec<virtkube_api::domain::DomainDisk> {
+    t.disks
+        .iter()
+        .zip(disk_targets(t))
+        .map(|(disk, target)| {
+            let read_only = disk.read_only || disk.device == DiskDevice::Cdrom;
+            let (source, path, writes) = match &disk.source {
+                DiskSource::Container { path, persistent } => (
+                    "containerFile",
+                    Some(path.clone()),
+                    match (read_only, persistent) {
+                        (true, _) => "readOnly",
+                        (false, true) => "inPlace",
+                        (false, false) => "privateCopy",
+                    },
+                ),
+                DiskSource::File(path) => (
+                    "file",
+                    Some(path.clone()),
+                    if read_only { "readOnly" } else { "inPlace" },
+                ),
+                DiskSource::Network { protocol, name, hosts } => {
+                    let hosts: Vec<String> = hosts.iter().map(|(host, port)| format!("{host}:{port}")).collect();
+                    let address = format!(
+                        "{}://{}/{}",
+                        protocol.as_str(),
+                        hosts.join(","),
+                        name.as_deref().unwrap_or("")
+                    );
+                    ("network", Some(address), if read_only { "readOnly" } else { "inPlace" })
+                }
+                DiskSource::CloudInit(seed) => ("cloudInit", seed.directory.clone(), "readOnly"),
+            };
+            virtkube_api::domain::DomainDisk {
+                target,
+                source: source.to_owned(),
+                path,
+                writes: writes.to_owned(),
+            }
+        })
+        .collect()
+}
+
+fn write_metadata(w: &mut W, instance: &Instance, t: &ResolvedTemplate) -> io::Result<()> {
     let fields = [
         ("namespace", &instance.namespace),
         ("pod", &instance.pod_name),
@@ -208,6 +254,17 @@ fn write_metadata(w: &mut W, instance: &Instance) -> io::Result<()> {
                     if let Some(value) = value {
                         text_element(w, &format!("{METADATA_PREFIX}:{name}"), value)?;
                     }
+                }
+                for disk in disk_origins(t) {
+                    let mut element = w.create_element(format!("{METADATA_PREFIX}:disk")).with_attributes([
+                        ("target", disk.target.as_str()),
+                        ("source", disk.source.as_str()),
+                        ("writes", disk.writes.as_str()),
+                    ]);
+                    if let Some(path) = &disk.path {
+                        element = element.with_attribute(("path", path.as_str()));
+                    }
+                    element.write_empty()?;
                 }
                 Ok(())
             })?;
@@ -513,6 +570,41 @@ mod tests {
         assert_eq!(disk_target_name("sd", 27), "sdab");
         assert_eq!(disk_target_name("sd", 701), "sdzz");
         assert_eq!(disk_target_name("sd", 702), "sdaaa");
+    }
+
+    #[test]
+    fn the_domain_records_each_disk_s_origin() {
+        let t = virtkube_api::resolve::parse_yaml(
+            "disks:\n  - {containerFile: /disk/root.raw}\n  - {containerFile: /data/d.raw, persistent: true}\n  - {file: /var/lib/virtkube/images/x.iso, device: cdrom, bus: sata}\n  - {network: {protocol: nbd, name: e, hosts: [{name: h}]}}\ncloudInit: {directory: /seed}\n",
+        )
+        .unwrap();
+        let origins: Vec<_> = disk_origins(&t)
+            .into_iter()
+            .map(|d| format!("{} {} {} {}", d.target, d.source, d.path.unwrap_or_default(), d.writes))
+            .collect();
+        assert_eq!(
+            origins,
+            [
+                "vda containerFile /disk/root.raw privateCopy",
+                "vdb containerFile /data/d.raw inPlace",
+                "sda file /var/lib/virtkube/images/x.iso readOnly",
+                "vdc network nbd://h:10809/e inPlace",
+                "vdd cloudInit /seed readOnly",
+            ]
+        );
+        let instance = Instance {
+            domain_name: "ns_vm".into(),
+            ..Default::default()
+        };
+        let xml = render(&t, &instance, &HostFacts::qemu(false)).unwrap();
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let recorded: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.tag_name().name() == "disk" && n.tag_name().namespace() == Some(METADATA_XMLNS))
+            .map(|n| (n.attribute("target").unwrap(), n.attribute("writes").unwrap()))
+            .collect();
+        assert_eq!(recorded[0], ("vda", "privateCopy"));
+        assert_eq!(recorded.len(), 5);
     }
 
     #[test]
