@@ -122,6 +122,17 @@ fn open_one(path: &str, how: Mode, scratch: &Path) -> Result<OwnedFd, String> {
         // The check speaks of "descriptor 0": here it is the named file.
         refused.to_string().replacen("descriptor 0", "it", 1)
     })?;
+    if is_block_device(&fd) {
+        // A block device is a volume (a PVC's volumeDevices): written in
+        // place, never copied whole into the container.
+        return match how {
+            Mode::ReadOnly => Ok(fd),
+            Mode::InPlace => reopen_writable(&fd),
+            Mode::Copy => Err(
+                "is a block device (a volume): the guest cannot get a private copy of it; set persistent: true to write to it, or readOnly: true".into(),
+            ),
+        };
+    }
     match how {
         Mode::ReadOnly => Ok(fd),
         Mode::InPlace => {
@@ -138,18 +149,30 @@ fn open_one(path: &str, how: Mode, scratch: &Path) -> Result<OwnedFd, String> {
                 }
                 _ => return Err("cannot tell which mount it is on (/proc/self/fdinfo)".into()),
             }
-            // The same file, now for writing (through the descriptor, so no
-            // path is resolved again).
-            let reopened = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&reopened)
-                .map(OwnedFd::from)
-                .map_err(|e| format!("cannot open it for writing: {e}"))
+            reopen_writable(&fd)
         }
         Mode::Copy => private_copy(File::from(fd), scratch),
     }
+}
+
+/// The same file, now for writing (through the descriptor, so no path is
+/// resolved again).
+fn reopen_writable(fd: &OwnedFd) -> Result<OwnedFd, String> {
+    let reopened = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd));
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&reopened)
+        .map(OwnedFd::from)
+        .map_err(|e| format!("cannot open it for writing: {e}"))
+}
+
+fn is_block_device(fd: &OwnedFd) -> bool {
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into the writable `st`.
+    let ok = unsafe { libc::fstat(std::os::fd::AsRawFd::as_raw_fd(fd), &mut st) } == 0;
+    ok && st.st_mode & libc::S_IFMT == libc::S_IFBLK
 }
 
 /// The mount a descriptor's file is on, from `/proc/self/fdinfo`.
@@ -413,6 +436,35 @@ mod tests {
             let e = open_one(&path, how, &dir).unwrap_err();
             assert!(e.contains(why), "{path}: {e}");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_block_device_is_written_in_place_or_read_never_copied() {
+        // A node for the first loop device, as a PVC's volumeDevices puts
+        // one in the container (mknod needs CAP_MKNOD: root, as the tests run).
+        let dir = scratch("block");
+        let node = dir.join("disk");
+        let c_node = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; makedev(7, 0) is /dev/loop0's number.
+        if unsafe { libc::mknod(c_node.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(7, 0)) } != 0 {
+            eprintln!(
+                "cannot make a block device node here ({}); skipped",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        let path = node.to_str().unwrap();
+        for how in [Mode::ReadOnly, Mode::InPlace] {
+            let fd = open_one(path, how, &dir).unwrap_or_else(|e| panic!("{how:?}: {e}"));
+            assert!(is_block_device(&fd));
+            libvirt_wire::disk_fd::check(0, fd.as_fd()).unwrap();
+        }
+        let e = open_one(path, Mode::Copy, &dir).unwrap_err();
+        assert!(
+            e.contains("is a block device (a volume)") && e.contains("persistent: true"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -59,7 +59,11 @@ fn hostile_values_are_escaped_not_interpreted() {
         !elements.iter().any(|e| e.ends_with("evil")),
         "injected element in:\n{xml}"
     );
-    assert_eq!(elements.iter().filter(|e| *e == "domain/devices/disk").count(), 1, "{xml}");
+    assert_eq!(
+        elements.iter().filter(|e| *e == "domain/devices/disk").count(),
+        1,
+        "{xml}"
+    );
     assert_eq!(texts["domain/metadata/instance/disk@path"], format!("/d'{HOSTILE}"));
     assert_eq!(elements.iter().filter(|e| *e == "domain/devices").count(), 1, "{xml}");
     assert_eq!(texts["domain/name"], "ns_pod<evil>&\"'");
