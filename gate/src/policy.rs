@@ -124,7 +124,17 @@ pub struct Admission {
     pub memory_kib: u64,
     /// The descriptor groups its disks name (each must be associated with
     /// descriptors before it starts).
-    pub fd_groups: Vec<String>,
+    pub fd_groups: Vec<FdGroup>,
+}
+
+/// A disk passed as descriptors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdGroup {
+    /// The group's name (the disk's `fdgroup`).
+    pub name: String,
+    /// A qcow2 disk: each descriptor's header is read as it arrives (it
+    /// must name no file outside the image). Otherwise raw.
+    pub qcow2: bool,
 }
 
 /// virtkube's metadata namespace (virtkube-api's `METADATA_XMLNS`, which the
@@ -234,7 +244,7 @@ const REPEATABLE: &[&str] = &[
 const LIFECYCLE_ACTIONS: &[&str] = &["destroy", "restart", "preserve", "rename-restart"];
 
 /// The only children `<metadata>` may have: virtkube's own instance record.
-const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template"];
+const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template", "disk"];
 
 /// Checks a domain XML from `who` against `policy`.
 pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl Paths) -> Result<Admission, Denied> {
@@ -476,8 +486,8 @@ fn check_fd_disk(group: &str, file: &str) -> Result<(), Denied> {
 }
 
 /// Checks the devices; returns the descriptor groups the disks name.
-fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<Vec<String>, Denied> {
-    let mut groups: Vec<String> = Vec::new();
+fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<Vec<FdGroup>, Denied> {
+    let mut groups: Vec<FdGroup> = Vec::new();
     if let Some(os) = child(root, "os") {
         if os.attribute("firmware").is_some_and(|f| f != "efi") {
             return deny("<os firmware> may only be efi");
@@ -488,7 +498,11 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
             }
         }
     }
-    for disk in root.descendants().filter(|n| n.has_tag_name("disk")) {
+    // (virtkube's metadata has <disk> records too, in its own namespace.)
+    for disk in root
+        .descendants()
+        .filter(|n| n.has_tag_name("disk") && n.tag_name().namespace().is_none())
+    {
         let source = child(disk, "source");
         match disk.attribute("type") {
             Some("file") => {
@@ -498,20 +512,28 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                 match source.and_then(|s| s.attribute("fdgroup")) {
                     Some(group) => {
                         check_fd_disk(group, file)?;
-                        // A qcow2 image names its backing file in its header,
-                        // which QEMU could open on the node: raw only, until
-                        // the gate reads the header itself.
-                        let format = child(disk, "driver").and_then(|d| d.attribute("type"));
-                        if format != Some("raw") {
-                            return deny(format!(
-                                "a disk passed as descriptors must be raw, not {}",
-                                format.unwrap_or("unset")
-                            ));
-                        }
-                        if groups.iter().any(|g| g == group) {
+                        // A qcow2 image's header may name a backing or data
+                        // file, which QEMU would open on the node: the gate
+                        // reads each such descriptor's header as it arrives.
+                        // Any other format (or none: libvirt would probe)
+                        // is refused.
+                        let qcow2 = match child(disk, "driver").and_then(|d| d.attribute("type")) {
+                            Some("raw") => false,
+                            Some("qcow2") => true,
+                            other => {
+                                return deny(format!(
+                                    "a disk passed as descriptors must be raw or qcow2, not {}",
+                                    other.unwrap_or("unset")
+                                ));
+                            }
+                        };
+                        if groups.iter().any(|g| g.name == group) {
                             return deny(format!("descriptor group {group:?} is named by two disks"));
                         }
-                        groups.push(group.to_owned());
+                        groups.push(FdGroup {
+                            name: group.to_owned(),
+                            qcow2,
+                        });
                     }
                     None => check_file("a disk", file, policy, paths)?,
                 }
@@ -971,13 +993,19 @@ mod tests {
             &no_links(),
         )
         .unwrap();
-        assert_eq!(admitted.fd_groups, ["root"]);
+        assert_eq!(
+            admitted.fd_groups,
+            [FdGroup {
+                name: "root".into(),
+                qcow2: false
+            }]
+        );
         // No group: an ordinary host file, under the roots as ever.
         assert_eq!(
             check_domain_xml(&golden("server"), &pod(), &server_policy(), &no_links())
                 .unwrap()
                 .fd_groups,
-            Vec::<String>::new()
+            Vec::<FdGroup>::new()
         );
         for (source, why) in [
             (
@@ -1002,11 +1030,25 @@ mod tests {
             r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#,
         );
         denied(&twice, &pod(), "named by two disks");
-        // qcow2 could name a backing file on the node.
+        // qcow2 is admitted, its headers to be read as they arrive; any
+        // other format is not.
         let qcow2 = golden("server").replace(
             r#"<source file="/var/lib/virtkube/images/server/root.qcow2"/>"#,
             r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#,
         );
-        denied(&qcow2, &pod(), "must be raw, not qcow2");
+        assert_eq!(
+            check_domain_xml(&qcow2, &pod(), &server_policy(), &no_links())
+                .unwrap()
+                .fd_groups,
+            [FdGroup {
+                name: "root".into(),
+                qcow2: true
+            }]
+        );
+        denied(
+            &qcow2.replacen(r#"type="qcow2""#, r#"type="vmdk""#, 1),
+            &pod(),
+            "must be raw or qcow2, not vmdk",
+        );
     }
 }

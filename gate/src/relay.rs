@@ -640,7 +640,7 @@ struct Defining {
     serial: u32,
     /// The domain's name, as admitted (to forget it if the reply never comes).
     name: String,
-    groups: Vec<String>,
+    groups: Vec<policy::FdGroup>,
 }
 
 /// A domain defined through this connection and not started yet.
@@ -649,7 +649,7 @@ struct Defined {
     /// As libvirtd named it.
     domain: DomainRef,
     /// Descriptor groups its disks name, and whether each has its descriptors.
-    groups: Vec<(String, bool)>,
+    groups: Vec<(policy::FdGroup, bool)>,
 }
 
 /// A create the gate let through, paused, until its reply.
@@ -682,13 +682,22 @@ pub enum Verdict {
     Close(String),
 }
 
-/// Decides one packet (its header and payload) from a VM container. Pure
-/// apart from resolving file paths in the domain XML; fuzzed in `gate/fuzz`.
-pub fn decide(header: &Header, payload: &[u8], who: &Identity, gate: &Gate, session: &mut Session) -> Verdict {
+/// Decides one packet (its header and payload, and the descriptors that
+/// came with it) from a VM container. Pure apart from resolving file paths
+/// in the domain XML and reading passed qcow2 images' headers; fuzzed in
+/// `gate/fuzz`.
+pub fn decide(
+    header: &Header,
+    payload: &[u8],
+    passed: &[std::os::fd::OwnedFd],
+    who: &Identity,
+    gate: &Gate,
+    session: &mut Session,
+) -> Verdict {
     match (header.program, header.kind) {
         (KEEPALIVE_PROGRAM, MessageType::Message) => Verdict::Forward,
         (REMOTE_PROGRAM, MessageType::Call) => judge(header, payload, who, gate, session),
-        (REMOTE_PROGRAM, MessageType::CallWithFds) => match judge_fds(header, payload, session) {
+        (REMOTE_PROGRAM, MessageType::CallWithFds) => match judge_fds(header, payload, passed, session) {
             Ok(()) => Verdict::Forward,
             Err(Denied(why)) => Verdict::Deny(why),
         },
@@ -884,7 +893,7 @@ async fn relay<S: ClientStream>(
             };
             let verdict = verdict.unwrap_or_else(|| {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-                decide(&header, payload, &who, gate, &mut session)
+                decide(&header, payload, &passed, &who, gate, &mut session)
             });
             match verdict {
                 Verdict::Forward => {
@@ -1282,7 +1291,7 @@ fn check_call(
             if !fd_groups.is_empty() {
                 return Err(Denied(format!(
                     "disks passed as descriptors ({}) need DOMAIN_DEFINE_XML_FLAGS, DOMAIN_FD_ASSOCIATE and DOMAIN_CREATE_WITH_FLAGS, not DOMAIN_CREATE_XML",
-                    fd_groups.join(", ")
+                    fd_groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")
                 )));
             }
             tracing::info!(%who, domain = %admitted.name, "domain admitted");
@@ -1388,7 +1397,8 @@ fn check_call(
             let defined = own_defined(&named, session)?;
             if let Some((group, _)) = defined.groups.iter().find(|(_, associated)| !associated) {
                 return Err(Denied(format!(
-                    "descriptor group {group:?} has no descriptors yet: DOMAIN_FD_ASSOCIATE it first"
+                    "descriptor group {:?} has no descriptors yet: DOMAIN_FD_ASSOCIATE it first",
+                    group.name
                 )));
             }
             if create_flags & !(START_PAUSED | START_AUTODESTROY) != 0 {
@@ -1436,7 +1446,7 @@ fn admit_domain_xml(
     who: &Identity,
     gate: &Gate,
     session: &Session,
-) -> Result<(String, Admitted, Vec<String>), Denied> {
+) -> Result<(String, Admitted, Vec<policy::FdGroup>), Denied> {
     let policy::Admission {
         domain,
         memory_kib,
@@ -1474,7 +1484,12 @@ fn own_defined<'a>(named: &DomainRef, session: &'a Session) -> Result<&'a Define
 /// descriptor count, then the arguments): for this connection's defined
 /// domain, a group its disks name, once. The descriptors themselves are
 /// judged by [`libvirt_wire::disk_fd::check`] as they arrive.
-fn judge_fds(call: &Header, payload: &[u8], session: &mut Session) -> Result<(), Denied> {
+fn judge_fds(
+    call: &Header,
+    payload: &[u8],
+    passed: &[std::os::fd::OwnedFd],
+    session: &mut Session,
+) -> Result<(), Denied> {
     if call.procedure != procedure::DOMAIN_FD_ASSOCIATE {
         return Err(Denied(format!(
             "procedure {} may not pass file descriptors (only DOMAIN_FD_ASSOCIATE)",
@@ -1501,11 +1516,18 @@ fn judge_fds(call: &Header, payload: &[u8], session: &mut Session) -> Result<(),
     let Some(defined) = session.defined.as_mut() else {
         return Err(Denied("no domain defined".into()));
     };
-    match defined.groups.iter_mut().find(|(name, _)| *name == group) {
+    match defined.groups.iter_mut().find(|(known, _)| known.name == group) {
         Some((_, associated)) if *associated => Err(Denied(format!(
             "descriptor group {group:?} already has its descriptors"
         ))),
-        Some((_, associated)) => {
+        Some((known, associated)) => {
+            // QEMU would open a file a qcow2 header names on the node.
+            if known.qcow2 {
+                for (index, fd) in passed.iter().enumerate() {
+                    libvirt_wire::qcow2::check_fd(std::os::fd::AsFd::as_fd(fd))
+                        .map_err(|refused| Denied(format!("descriptor {index} of qcow2 disk {group:?} {refused}")))?;
+                }
+            }
             *associated = true;
             Ok(())
         }
@@ -1514,7 +1536,7 @@ fn judge_fds(call: &Header, payload: &[u8], session: &mut Session) -> Result<(),
             defined
                 .groups
                 .iter()
-                .map(|(g, _)| g.as_str())
+                .map(|(g, _)| g.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
@@ -1625,7 +1647,7 @@ mod tests {
                 r#"<devices><disk type="file" device="disk"><driver name="qemu" type="raw"/><source file="/virtkube-fd/root" fdgroup="root"/><target dev="vda" bus="virtio"/></disk>"#,
             );
         let decided =
-            |header: &Header, payload: &[u8]| decide(header, payload, &who, &gate, &mut session.lock().unwrap());
+            |header: &Header, payload: &[u8]| decide(header, payload, &[], &who, &gate, &mut session.lock().unwrap());
         // CREATE_XML cannot carry such disks.
         let mut create = libvirt_wire::xdr::Encoder::new();
         create.string(&xml).u32(START_VALIDATE);

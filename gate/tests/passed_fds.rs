@@ -7,7 +7,9 @@
 //! connection stays usable; then a real file, which QEMU ends up holding
 //! though its path exists nowhere in QEMU's view. Another connection's
 //! definition of the running domain is refused and undone; a definition
-//! abandoned before its start is forgotten.
+//! abandoned before its start is forgotten. A qcow2 disk's descriptors must
+//! be qcow2 images naming no backing or data file (made by qemu-img); a
+//! self-contained one reaches QEMU.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod support;
@@ -166,6 +168,88 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+
+        // A qcow2 disk: each descriptor's header is read as it arrives.
+        let qemu_img = |args: &[&str]| {
+            let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "qemu-img {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let at = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        qemu_img(&["create", "-q", "-f", "qcow2", &at("whole.qcow2"), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+            &at("backed.qcow2"),
+        ]);
+        let data_file = format!("data_file={}", at("data.raw"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &data_file,
+            &at("split.qcow2"),
+            "1M",
+        ]);
+        let qcow2_xml = xml.replacen(
+            r#"<driver name="qemu" type="raw"/>"#,
+            r#"<driver name="qemu" type="qcow2"/>"#,
+            1,
+        );
+        let client = Client::connect(&uri, Options::default()).await.unwrap();
+        let defined = client.define_xml(&qcow2_xml, flags::DEFINE_VALIDATE).await.unwrap();
+        for (what, path, why) in [
+            ("a raw file", at("root.raw"), "is not a qcow2 image"),
+            (
+                "a qcow2 image backed by /etc/shadow",
+                at("backed.qcow2"),
+                "names a backing file (\"/etc/shadow\")",
+            ),
+            (
+                "a qcow2 image with an external data file",
+                at("split.qcow2"),
+                "external data file",
+            ),
+        ] {
+            let fd = open(&path, libc::O_RDONLY);
+            let refused = client
+                .fd_associate(&defined, "root", &[fd.as_fd()], 0)
+                .await
+                .expect_err(what);
+            assert!(refused.to_string().contains(why), "{what}: {refused}\n{}", report());
+        }
+        let whole = open(&at("whole.qcow2"), libc::O_RDWR);
+        client
+            .fd_associate(
+                &defined,
+                "root",
+                &[whole.as_fd()],
+                flags::FD_ASSOCIATE_SECLABEL_WRITABLE,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+        let running = client
+            .create_defined(&defined, 0)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+        let qemu = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).unwrap();
+        let held = std::fs::read_dir(format!("/proc/{}/fd", qemu.trim()))
+            .unwrap()
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .any(|target| target.to_str() == Some(at("whole.qcow2").as_str()));
+        assert!(held, "QEMU does not hold whole.qcow2\n{}", report());
+        client.destroy(&running, 0).await.unwrap();
     });
     drop(cleanup);
 }

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
             if header.kind == MessageType::Reply {
                 let _ = relay::note_reply(&session, &header, payload);
             } else {
-                let verdict = relay::decide(&header, payload, &who, &gate, &mut session.lock().unwrap());
+                let verdict = relay::decide(&header, payload, &[], &who, &gate, &mut session.lock().unwrap());
                 if matches!(verdict, Verdict::Forward | Verdict::Rewrite(_)) && header.program == REMOTE_PROGRAM && header.kind == MessageType::Call {
                     assert!(
                         policy::allowed_call(header.procedure).is_some(),
