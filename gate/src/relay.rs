@@ -650,6 +650,8 @@ struct Defined {
     domain: DomainRef,
     /// Descriptor groups its disks name, and whether each has its descriptors.
     groups: Vec<(policy::FdGroup, bool)>,
+    /// The files (device, inode) passed for them.
+    given: Vec<(u64, u64)>,
 }
 
 /// A create the gate let through, paused, until its reply.
@@ -662,6 +664,8 @@ struct Creating {
     defined: bool,
     /// The domain's name, as admitted.
     name: String,
+    /// The files (device, inode) passed for its disks.
+    given: Vec<(u64, u64)>,
 }
 
 /// Consoles and event registrations one connection may make (the shim makes
@@ -821,6 +825,7 @@ async fn relay<S: ClientStream>(
         qemu_run_dir: gate.qemu_run_dir.clone(),
         mountinfo: gate.place_qemu.then(|| gate.mountinfo.clone()),
         kubepods_parent: gate.kubepods_parent.clone(),
+        image_roots: gate.policy.roots.clone(),
         who: who.clone(),
         caller,
     });
@@ -845,11 +850,16 @@ async fn relay<S: ClientStream>(
                         ),
                     )
                 }
-                Some(Noted::Created(Created { domain, run, defined })) => {
+                Some(Noted::Created(Created {
+                    domain,
+                    run,
+                    defined,
+                    given,
+                })) => {
                     // Its own task: the hand-over completes (or the domain is
                     // destroyed) even if this connection ends meanwhile.
                     let (handing, created) = (finisher.clone(), domain.clone());
-                    let handed = tokio::spawn(async move { handing.hand_over(&created, run, defined).await });
+                    let handed = tokio::spawn(async move { handing.hand_over(&created, run, defined, &given).await });
                     match handed.await {
                         Ok(Ok(())) => {
                             admit(&replies, &domain);
@@ -982,6 +992,9 @@ pub struct Created {
     pub run: bool,
     /// Started from a definition: the gate makes it transient.
     pub defined: bool,
+    /// The files (device, inode) passed for its disks: all QEMU may hold
+    /// besides the node's files the policy allows.
+    pub given: Vec<(u64, u64)>,
 }
 
 /// Notes a reply from libvirtd: the reply to an admitted lookup makes the
@@ -1005,15 +1018,19 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
                 procedure::DOMAIN_CREATE_XML
             }
     {
-        let (run, defined) = (creating.run, creating.defined);
+        let (run, defined, given) = (creating.run, creating.defined, creating.given.clone());
         session.creating = None;
         if defined && ok {
             session.defined = None;
         }
-        return ok
-            .then(domain)
-            .flatten()
-            .map(|domain| Noted::Created(Created { domain, run, defined }));
+        return ok.then(domain).flatten().map(|domain| {
+            Noted::Created(Created {
+                domain,
+                run,
+                defined,
+                given,
+            })
+        });
     }
     if let Some(defining) = session.defining.as_ref()
         && defining.serial == header.serial
@@ -1026,7 +1043,11 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
             // UUID) made it persistent: not this connection's to start.
             (true, Some(domain)) if domain.id != -1 => Some(Noted::TookOver(domain)),
             (true, Some(domain)) => {
-                session.defined = Some(Defined { domain, groups });
+                session.defined = Some(Defined {
+                    domain,
+                    groups,
+                    given: Vec::new(),
+                });
                 None
             }
             _ => None,
@@ -1079,14 +1100,22 @@ struct Finisher {
     mountinfo: Option<PathBuf>,
     /// The kubelet's cgroup root: a pod's QEMU joins the pod's cgroup.
     kubepods_parent: String,
+    /// The node's files a domain may name (the policy's roots).
+    image_roots: Vec<PathBuf>,
     who: Identity,
     caller: CallerProcess,
 }
 
 impl Finisher {
     /// [`Finisher::finish`], destroying the domain when it fails.
-    async fn hand_over(&self, domain: &DomainRef, run: bool, defined: bool) -> Result<(), String> {
-        let finished = self.finish(domain, run, defined).await;
+    async fn hand_over(
+        &self,
+        domain: &DomainRef,
+        run: bool,
+        defined: bool,
+        given: &[(u64, u64)],
+    ) -> Result<(), String> {
+        let finished = self.finish(domain, run, defined, given).await;
         if let Err(why) = &finished {
             tracing::error!(who = %self.who, domain = %domain.name, %why, "the new domain could not be handed over; destroying it");
             self.keeper.end(domain.uuid, None, why).await;
@@ -1107,7 +1136,7 @@ impl Finisher {
             .map_err(|e| format!("the gate cannot reach libvirtd to {what}: {e}"))
     }
 
-    async fn finish(&self, domain: &DomainRef, run: bool, defined: bool) -> Result<(), String> {
+    async fn finish(&self, domain: &DomainRef, run: bool, defined: bool, given: &[(u64, u64)]) -> Result<(), String> {
         self.keeper.adopt(domain, self.caller.owner(&self.who))?;
         if defined {
             // Transient from now on, as a created domain is: destroying it
@@ -1134,6 +1163,19 @@ impl Finisher {
             .map_err(|e| format!("placing QEMU failed: {e}"))??;
             tracing::info!(who = %self.who, domain = %domain.name, qemu = placed.0, cgroups = placed.1, "QEMU placed in the caller's pod or container cgroups");
         }
+        if defined {
+            // Its disks came as descriptors, and a qcow2 image could have
+            // been rewritten after the gate read its header: still paused,
+            // QEMU may hold no file it was not given.
+            let (proc_root, run_dir, name) = (self.proc_root.clone(), self.qemu_run_dir.clone(), domain.name.clone());
+            let (given, roots) = (given.to_vec(), self.image_roots.clone());
+            tokio::task::spawn_blocking(move || {
+                let qemu = crate::keeper::qemu_of(&proc_root, &run_dir, &name)?;
+                qemu_holds_only(&proc_root.join(qemu.to_string()).join("fd"), &given, &run_dir, &roots)
+            })
+            .await
+            .map_err(|e| format!("checking QEMU's files failed: {e}"))??;
+        }
         if run {
             self.control("start the domain")
                 .await?
@@ -1143,6 +1185,40 @@ impl Finisher {
         }
         Ok(())
     }
+}
+
+/// Checks the regular files a QEMU holds (its `/proc/<pid>/fd`): each must
+/// be one it was given (device and inode), libvirt's own (in `run_dir`, its
+/// PID file) or under the images roots. Anything else came from a name QEMU
+/// found in an image (a qcow2 backing or data file): an error naming it.
+fn qemu_holds_only(
+    fd_dir: &std::path::Path,
+    given: &[(u64, u64)],
+    run_dir: &std::path::Path,
+    roots: &[PathBuf],
+) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let entries =
+        std::fs::read_dir(fd_dir).map_err(|e| format!("cannot list QEMU's files ({}): {e}", fd_dir.display()))?;
+    for entry in entries.flatten() {
+        // The file itself (the link is followed, deleted or not); one closed
+        // meanwhile is no concern.
+        let Ok(meta) = std::fs::metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_file() || given.contains(&(meta.dev(), meta.ino())) {
+            continue;
+        }
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        let allowed = target.starts_with(run_dir) || roots.iter().any(|root| target.starts_with(root));
+        if !allowed {
+            return Err(format!(
+                "QEMU opened {}, a file it was not given (a qcow2 header named it: was the image rewritten after the gate read it?)",
+                target.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Moves domain `name`'s QEMU into every cgroup of the caller. Returns
@@ -1299,6 +1375,7 @@ fn check_call(
                 serial: call.serial,
                 run: create_flags & START_PAUSED == 0,
                 defined: false,
+                given: Vec::new(),
                 name: admitted.name,
             });
             // Paused until QEMU is in the caller's cgroups and the gate keeps
@@ -1406,12 +1483,13 @@ fn check_call(
                     "start flags {create_flags:#x}: only PAUSED and AUTODESTROY are known"
                 )));
             }
-            let name_of = defined.domain.name.clone();
+            let (name_of, given) = (defined.domain.name.clone(), defined.given.clone());
             session.creating = Some(Creating {
                 serial: call.serial,
                 run: create_flags & START_PAUSED == 0,
                 defined: true,
                 name: name_of,
+                given,
             });
             // As for a create: paused until handed over; no AUTODESTROY.
             let mut rewritten = libvirt_wire::xdr::Encoder::new();
@@ -1521,14 +1599,22 @@ fn judge_fds(
             "descriptor group {group:?} already has its descriptors"
         ))),
         Some((known, associated)) => {
-            // QEMU would open a file a qcow2 header names on the node.
+            // QEMU would open a file a qcow2 header names on the node. (The
+            // caller may rewrite the header after this check: the hand-over
+            // also checks which files QEMU ended up holding.)
             if known.qcow2 {
                 for (index, fd) in passed.iter().enumerate() {
                     libvirt_wire::qcow2::check_fd(std::os::fd::AsFd::as_fd(fd))
                         .map_err(|refused| Denied(format!("descriptor {index} of qcow2 disk {group:?} {refused}")))?;
                 }
             }
+            let ids = passed
+                .iter()
+                .map(file_id)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Denied)?;
             *associated = true;
+            defined.given.extend(ids);
             Ok(())
         }
         None => Err(Denied(format!(
@@ -1541,6 +1627,19 @@ fn judge_fds(
                 .join(", ")
         ))),
     }
+}
+
+/// A file's device and inode: what identifies it whatever its name.
+fn file_id(fd: &std::os::fd::OwnedFd) -> Result<(u64, u64), String> {
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::from(
+        fd.try_clone()
+            .map_err(|e| format!("cannot examine a passed descriptor: {e}"))?,
+    );
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot examine a passed descriptor: {e}"))?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// A call may name only the domain this connection created.
@@ -1567,12 +1666,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn qemu_may_hold_only_what_it_was_given_libvirt_s_files_and_the_roots() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("gate-qemu-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (fds, run, roots, elsewhere) = (dir.join("fd"), dir.join("run"), dir.join("images"), dir.join("etc"));
+        for d in [&fds, &run, &roots, &elsewhere] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let file = |path: PathBuf| {
+            std::fs::write(&path, b"x").unwrap();
+            path
+        };
+        let given = file(dir.join("given.raw"));
+        let links = [
+            given.clone(),
+            file(run.join("vm.pid")),
+            file(roots.join("kernel")),
+            PathBuf::from("/dev/null"),
+        ];
+        for (n, target) in links.iter().enumerate() {
+            std::os::unix::fs::symlink(target, fds.join(n.to_string())).unwrap();
+        }
+        let meta = std::fs::metadata(&given).unwrap();
+        let ids = [(meta.dev(), meta.ino())];
+        let roots = [roots];
+        qemu_holds_only(&fds, &ids, &run, &roots).unwrap();
+        // Given by name only is not given: the same check without its id.
+        let e = qemu_holds_only(&fds, &[], &run, &roots).unwrap_err();
+        assert!(e.contains("given.raw, a file it was not given"), "{e}");
+        let shadow = file(elsewhere.join("shadow"));
+        std::os::unix::fs::symlink(&shadow, fds.join("9")).unwrap();
+        let e = qemu_holds_only(&fds, &ids, &run, &roots).unwrap_err();
+        assert!(e.starts_with(&format!("QEMU opened {}", shadow.display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_create_reply_is_known_by_serial_and_procedure() {
         let session = std::sync::Mutex::new(Session {
             creating: Some(Creating {
                 serial: 7,
                 run: true,
                 defined: false,
+                given: Vec::new(),
                 name: "d".into(),
             }),
             ..Session::default()

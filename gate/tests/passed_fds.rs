@@ -9,7 +9,8 @@
 //! definition of the running domain is refused and undone; a definition
 //! abandoned before its start is forgotten. A qcow2 disk's descriptors must
 //! be qcow2 images naming no backing or data file (made by qemu-img); a
-//! self-contained one reaches QEMU.
+//! self-contained one reaches QEMU; one rewritten after the check to name a
+//! file of the node has its domain destroyed before it runs.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod support;
@@ -250,6 +251,43 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
             .any(|target| target.to_str() == Some(at("whole.qcow2").as_str()));
         assert!(held, "QEMU does not hold whole.qcow2\n{}", report());
         client.destroy(&running, 0).await.unwrap();
+
+        // The caller rewrites the header after the gate read it (an unsafe
+        // rebase onto a file of the node): QEMU opens that file, and the
+        // hand-over, finding it among QEMU's files, destroys the domain.
+        let client = Client::connect(&uri, Options::default()).await.unwrap();
+        let defined = client.define_xml(&qcow2_xml, flags::DEFINE_VALIDATE).await.unwrap();
+        let whole = open(&at("whole.qcow2"), libc::O_RDWR);
+        client
+            .fd_associate(
+                &defined,
+                "root",
+                &[whole.as_fd()],
+                flags::FD_ASSOCIATE_SECLABEL_WRITABLE,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &at("root.raw"),
+            &at("whole.qcow2"),
+        ]);
+        let refused = client.create_defined(&defined, 0).await.unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains(&format!("QEMU opened {}, a file it was not given", at("root.raw"))),
+            "{refused}\n{}",
+            report()
+        );
+        let gone = direct.lookup_by_name(&name).await.unwrap_err();
+        assert!(gone.libvirt().is_some_and(|e| e.is_no_domain()), "{gone}");
     });
     drop(cleanup);
 }
