@@ -5,6 +5,7 @@
 //!
 //! Everything here is pure: no I/O, no client. The shim and nodeinfo do the I/O.
 
+pub mod civil;
 pub mod crds;
 pub mod domain;
 pub mod node;

@@ -208,6 +208,13 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
             r#"<driver name="qemu" type="qcow2"/>"#,
             1,
         );
+        let associate_whole = async |client: &Client, defined: &libvirt_wire::protocol::DomainRef| {
+            let whole = open(&at("whole.qcow2"), libc::O_RDWR);
+            client
+                .fd_associate(defined, "root", &[whole.as_fd()], flags::FD_ASSOCIATE_SECLABEL_WRITABLE)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+        };
         let client = Client::connect(&uri, Options::default()).await.unwrap();
         let defined = client.define_xml(&qcow2_xml, flags::DEFINE_VALIDATE).await.unwrap();
         for (what, path, why) in [
@@ -230,16 +237,7 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
                 .expect_err(what);
             assert!(refused.to_string().contains(why), "{what}: {refused}\n{}", report());
         }
-        let whole = open(&at("whole.qcow2"), libc::O_RDWR);
-        client
-            .fd_associate(
-                &defined,
-                "root",
-                &[whole.as_fd()],
-                flags::FD_ASSOCIATE_SECLABEL_WRITABLE,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+        associate_whole(&client, &defined).await;
         let running = client
             .create_defined(&defined, 0)
             .await
@@ -257,16 +255,7 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
         // hand-over, finding it among QEMU's files, destroys the domain.
         let client = Client::connect(&uri, Options::default()).await.unwrap();
         let defined = client.define_xml(&qcow2_xml, flags::DEFINE_VALIDATE).await.unwrap();
-        let whole = open(&at("whole.qcow2"), libc::O_RDWR);
-        client
-            .fd_associate(
-                &defined,
-                "root",
-                &[whole.as_fd()],
-                flags::FD_ASSOCIATE_SECLABEL_WRITABLE,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", report()));
+        associate_whole(&client, &defined).await;
         qemu_img(&[
             "rebase",
             "-u",

@@ -237,12 +237,12 @@ impl RecordingDate {
     fn from_unix(seconds: i64) -> RecordingDate {
         let days = seconds.div_euclid(86_400);
         let of_day = seconds.rem_euclid(86_400);
-        let (year, month, day) = civil_from_days(days);
+        let (year, month, day) = virtkube_api::civil::civil_from_days(days);
         let year = (year - 1900).clamp(0, 255) as u8;
         RecordingDate([
             year,
-            month,
-            day,
+            month as u8,
+            day as u8,
             (of_day / 3600) as u8,
             (of_day / 60 % 60) as u8,
             (of_day % 60) as u8,
@@ -260,21 +260,6 @@ impl RecordingDate {
     }
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -289,10 +274,7 @@ mod tests {
     }
 
     #[test]
-    fn dates_are_civil() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    fn recording_dates_are_civil() {
         assert_eq!(
             &RecordingDate::from_unix(1_763_899_505).long_form()[..14],
             b"20251123120505"
