@@ -8,7 +8,7 @@ log() { echo "[libvirtd-up] $*"; }
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
           libvirt-dev qemu-system-x86 libxml2-utils pkg-config tini
-          genisoimage qemu-utils)  # isoinfo reads back the cloud-init seed; qemu-img makes qcow2 test images
+          genisoimage)  # isoinfo: the tests read back the cloud-init seed
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

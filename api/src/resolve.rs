@@ -838,6 +838,12 @@ fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option
     if let Some(path) = &disk.container_file {
         check_container_path(problems, &format!("{field}.containerFile"), path, "/disk/root.raw");
     }
+    if disk.container_file.is_some() && disk.format == Some(DiskFormat::Qcow2) {
+        problems.add(
+            format!("{field}.format"),
+            "qcow2 is not taken from the container (its header may name a backing file, which QEMU would open on the node, and the pod could rewrite it after any check); convert the image to raw: qemu-img convert -O raw IMAGE.qcow2 root.raw",
+        );
+    }
     let source = match (&disk.file, &disk.network) {
         (None, None) if disk.container_file.is_some() => DiskSource::Container {
             path: disk.container_file.clone().unwrap_or_default(),

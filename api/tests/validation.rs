@@ -265,8 +265,10 @@ fn a_container_file_disk_is_persistent_only_when_asked() {
             persistent: false
         }
     );
-    // qcow2 too: its header is checked when the shim opens it.
-    assert!(parse_yaml("disks: [{containerFile: /disk/root.qcow2, format: qcow2}]").is_ok());
+    assert_error(
+        "disks: [{containerFile: /disk/root.qcow2, format: qcow2}]",
+        "spec.disks[0].format: qcow2 is not taken from the container (its header may name a backing file",
+    );
     assert_eq!(
         t.disks[1].source,
         DiskSource::Container {

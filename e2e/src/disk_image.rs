@@ -6,8 +6,7 @@
 //! `/etc/virtkube/volume.yaml` (`/data/data.raw`, persistent) and
 //! `/etc/virtkube/misplaced.yaml` (the image's disk, persistent: refused),
 //! `/etc/virtkube/cloud-init.yaml` (the image's disk and a cloud-init seed
-//! from the directory `/seed`), `/etc/virtkube/qcow2.yaml` (the same disk
-//! as `/disk/root.qcow2`, made by qemu-img).
+//! from the directory `/seed`).
 #![allow(clippy::unwrap_used)] // test support: a panic is the failure report
 
 use std::path::Path;
@@ -37,29 +36,13 @@ pub fn build(dir: &Path, tag: &str) {
         std::fs::write(dir.join(file), template(source)).unwrap();
     }
     std::fs::write(
-        dir.join("qcow2.yaml"),
-        template("{containerFile: /disk/root.qcow2, format: qcow2}"),
-    )
-    .unwrap();
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(dir.join("root.raw"))
-        .arg(dir.join("root.qcow2"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img convert: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(
         dir.join("cloud-init.yaml"),
         template("containerFile: /disk/root.raw") + "  cloudInit: {directory: /seed}\n",
     )
     .unwrap();
     std::fs::write(
         dir.join("Dockerfile"),
-        "FROM virtkube/tiny:latest\nCOPY root.raw root.qcow2 /disk/\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY volume.yaml misplaced.yaml cloud-init.yaml qcow2.yaml /etc/virtkube/\n",
+        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\nCOPY image.yaml /etc/virtkube/template.yaml\nCOPY volume.yaml misplaced.yaml cloud-init.yaml /etc/virtkube/\n",
     )
     .unwrap();
     build_context(dir, tag);

@@ -520,21 +520,6 @@ fn a_vm_image_carries_its_disk() {
             "round {round}:\n{logs}"
         );
     }
-    // The same disk as qcow2: QEMU reads it through its descriptor.
-    let qcow2 = Vm::run(
-        "e2e-disk-qcow2",
-        &["-e", "VIRTKUBE_TEMPLATE_FILE=/etc/virtkube/qcow2.yaml"],
-        &tag,
-        &[],
-    );
-    assert_eq!(qcow2.exit_code(BOOT), 0, "{}", qcow2.logs());
-    assert!(
-        qcow2.logs().contains("virtkube-tiny: vda says: virtkube-disk:ORIGINAL")
-            && qcow2.logs().contains("scribbled on vda: virtkube-disk:SCRIBBLED"),
-        "{}",
-        qcow2.logs()
-    );
-    drop(qcow2);
     assert_eq!(
         std::fs::read(dir.join("context/root.raw")).unwrap(),
         disk,

@@ -124,17 +124,7 @@ pub struct Admission {
     pub memory_kib: u64,
     /// The descriptor groups its disks name (each must be associated with
     /// descriptors before it starts).
-    pub fd_groups: Vec<FdGroup>,
-}
-
-/// A disk passed as descriptors.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FdGroup {
-    /// The group's name (the disk's `fdgroup`).
-    pub name: String,
-    /// A qcow2 disk: each descriptor's header is read as it arrives (it
-    /// must name no file outside the image). Otherwise raw.
-    pub qcow2: bool,
+    pub fd_groups: Vec<String>,
 }
 
 /// virtkube's metadata namespace (virtkube-api's `METADATA_XMLNS`, which the
@@ -486,8 +476,8 @@ fn check_fd_disk(group: &str, file: &str) -> Result<(), Denied> {
 }
 
 /// Checks the devices; returns the descriptor groups the disks name.
-fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<Vec<FdGroup>, Denied> {
-    let mut groups: Vec<FdGroup> = Vec::new();
+fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<Vec<String>, Denied> {
+    let mut groups: Vec<String> = Vec::new();
     if let Some(os) = child(root, "os") {
         if os.attribute("firmware").is_some_and(|f| f != "efi") {
             return deny("<os firmware> may only be efi");
@@ -513,27 +503,20 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                     Some(group) => {
                         check_fd_disk(group, file)?;
                         // A qcow2 image's header may name a backing or data
-                        // file, which QEMU would open on the node: the gate
-                        // reads each such descriptor's header as it arrives.
-                        // Any other format (or none: libvirt would probe)
-                        // is refused.
-                        let qcow2 = match child(disk, "driver").and_then(|d| d.attribute("type")) {
-                            Some("raw") => false,
-                            Some("qcow2") => true,
-                            other => {
-                                return deny(format!(
-                                    "a disk passed as descriptors must be raw or qcow2, not {}",
-                                    other.unwrap_or("unset")
-                                ));
-                            }
-                        };
-                        if groups.iter().any(|g| g.name == group) {
+                        // file, which QEMU would open on the node, and the
+                        // caller may rewrite it after any check the gate
+                        // makes (the file stays the caller's): raw only.
+                        let format = child(disk, "driver").and_then(|d| d.attribute("type"));
+                        if format != Some("raw") {
+                            return deny(format!(
+                                "a disk passed as descriptors must be raw, not {}",
+                                format.unwrap_or("unset")
+                            ));
+                        }
+                        if groups.iter().any(|g| g == group) {
                             return deny(format!("descriptor group {group:?} is named by two disks"));
                         }
-                        groups.push(FdGroup {
-                            name: group.to_owned(),
-                            qcow2,
-                        });
+                        groups.push(group.to_owned());
                     }
                     None => check_file("a disk", file, policy, paths)?,
                 }
@@ -993,19 +976,13 @@ mod tests {
             &no_links(),
         )
         .unwrap();
-        assert_eq!(
-            admitted.fd_groups,
-            [FdGroup {
-                name: "root".into(),
-                qcow2: false
-            }]
-        );
+        assert_eq!(admitted.fd_groups, ["root"]);
         // No group: an ordinary host file, under the roots as ever.
         assert_eq!(
             check_domain_xml(&golden("server"), &pod(), &server_policy(), &no_links())
                 .unwrap()
                 .fd_groups,
-            Vec::<FdGroup>::new()
+            Vec::<String>::new()
         );
         for (source, why) in [
             (
@@ -1030,25 +1007,11 @@ mod tests {
             r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#,
         );
         denied(&twice, &pod(), "named by two disks");
-        // qcow2 is admitted, its headers to be read as they arrive; any
-        // other format is not.
+        // qcow2 could name a backing file on the node, rewritten at will.
         let qcow2 = golden("server").replace(
             r#"<source file="/var/lib/virtkube/images/server/root.qcow2"/>"#,
             r#"<source file="/virtkube-fd/root" fdgroup="root"/>"#,
         );
-        assert_eq!(
-            check_domain_xml(&qcow2, &pod(), &server_policy(), &no_links())
-                .unwrap()
-                .fd_groups,
-            [FdGroup {
-                name: "root".into(),
-                qcow2: true
-            }]
-        );
-        denied(
-            &qcow2.replacen(r#"type="qcow2""#, r#"type="vmdk""#, 1),
-            &pod(),
-            "must be raw or qcow2, not vmdk",
-        );
+        denied(&qcow2, &pod(), "must be raw, not qcow2");
     }
 }

@@ -640,7 +640,7 @@ struct Defining {
     serial: u32,
     /// The domain's name, as admitted (to forget it if the reply never comes).
     name: String,
-    groups: Vec<policy::FdGroup>,
+    groups: Vec<String>,
 }
 
 /// A domain defined through this connection and not started yet.
@@ -649,7 +649,7 @@ struct Defined {
     /// As libvirtd named it.
     domain: DomainRef,
     /// Descriptor groups its disks name, and whether each has its descriptors.
-    groups: Vec<(policy::FdGroup, bool)>,
+    groups: Vec<(String, bool)>,
     /// The files (device, inode) passed for them.
     given: Vec<(u64, u64)>,
 }
@@ -1164,9 +1164,10 @@ impl Finisher {
             tracing::info!(who = %self.who, domain = %domain.name, qemu = placed.0, cgroups = placed.1, "QEMU placed in the caller's pod or container cgroups");
         }
         if defined {
-            // Its disks came as descriptors, and a qcow2 image could have
-            // been rewritten after the gate read its header: still paused,
-            // QEMU may hold no file it was not given.
+            // Its disks came as descriptors: still paused, QEMU may hold no
+            // file of the node it was not given (defence in depth: raw
+            // images name no other file, but a way QEMU finds a name in
+            // what it was given would show here).
             let (proc_root, run_dir, name) = (self.proc_root.clone(), self.qemu_run_dir.clone(), domain.name.clone());
             let (given, roots) = (given.to_vec(), self.image_roots.clone());
             tokio::task::spawn_blocking(move || {
@@ -1189,8 +1190,9 @@ impl Finisher {
 
 /// Checks the regular files a QEMU holds (its `/proc/<pid>/fd`): each must
 /// be one it was given (device and inode), libvirt's own (in `run_dir`, its
-/// PID file) or under the images roots. Anything else came from a name QEMU
-/// found in an image (a qcow2 backing or data file): an error naming it.
+/// PID file, or under [`LIBVIRT_AND_SYSTEM_FILES`]: EFI firmware and NVRAM)
+/// or under the images roots. Anything else came from a name QEMU found in
+/// what it was given: an error naming it.
 fn qemu_holds_only(
     fd_dir: &std::path::Path,
     given: &[(u64, u64)],
@@ -1210,16 +1212,22 @@ fn qemu_holds_only(
             continue;
         }
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
-        let allowed = target.starts_with(run_dir) || roots.iter().any(|root| target.starts_with(root));
+        let allowed = target.starts_with(run_dir)
+            || LIBVIRT_AND_SYSTEM_FILES.iter().any(|dir| target.starts_with(dir))
+            || roots.iter().any(|root| target.starts_with(root));
         if !allowed {
             return Err(format!(
-                "QEMU opened {}, a file it was not given (a qcow2 header named it: was the image rewritten after the gate read it?)",
+                "QEMU opened {}, a file of the node it was not given; the domain was destroyed before it ran",
                 target.display()
             ));
         }
     }
     Ok(())
 }
+
+/// Where QEMU may hold files libvirt chose for it: the distribution's
+/// read-only files (EFI firmware) and libvirt's state (EFI NVRAM).
+const LIBVIRT_AND_SYSTEM_FILES: [&str; 2] = ["/usr/share/", "/var/lib/libvirt/"];
 
 /// Moves domain `name`'s QEMU into every cgroup of the caller. Returns
 /// QEMU's PID and how many cgroups it joined. Blocking: it reads /proc and
@@ -1367,7 +1375,7 @@ fn check_call(
             if !fd_groups.is_empty() {
                 return Err(Denied(format!(
                     "disks passed as descriptors ({}) need DOMAIN_DEFINE_XML_FLAGS, DOMAIN_FD_ASSOCIATE and DOMAIN_CREATE_WITH_FLAGS, not DOMAIN_CREATE_XML",
-                    fd_groups.iter().map(|g| g.name.as_str()).collect::<Vec<_>>().join(", ")
+                    fd_groups.join(", ")
                 )));
             }
             tracing::info!(%who, domain = %admitted.name, "domain admitted");
@@ -1474,8 +1482,7 @@ fn check_call(
             let defined = own_defined(&named, session)?;
             if let Some((group, _)) = defined.groups.iter().find(|(_, associated)| !associated) {
                 return Err(Denied(format!(
-                    "descriptor group {:?} has no descriptors yet: DOMAIN_FD_ASSOCIATE it first",
-                    group.name
+                    "descriptor group {group:?} has no descriptors yet: DOMAIN_FD_ASSOCIATE it first"
                 )));
             }
             if create_flags & !(START_PAUSED | START_AUTODESTROY) != 0 {
@@ -1524,7 +1531,7 @@ fn admit_domain_xml(
     who: &Identity,
     gate: &Gate,
     session: &Session,
-) -> Result<(String, Admitted, Vec<policy::FdGroup>), Denied> {
+) -> Result<(String, Admitted, Vec<String>), Denied> {
     let policy::Admission {
         domain,
         memory_kib,
@@ -1594,20 +1601,12 @@ fn judge_fds(
     let Some(defined) = session.defined.as_mut() else {
         return Err(Denied("no domain defined".into()));
     };
-    match defined.groups.iter_mut().find(|(known, _)| known.name == group) {
+    match defined.groups.iter_mut().find(|(known, _)| *known == group) {
         Some((_, associated)) if *associated => Err(Denied(format!(
             "descriptor group {group:?} already has its descriptors"
         ))),
-        Some((known, associated)) => {
-            // QEMU would open a file a qcow2 header names on the node. (The
-            // caller may rewrite the header after this check: the hand-over
-            // also checks which files QEMU ended up holding.)
-            if known.qcow2 {
-                for (index, fd) in passed.iter().enumerate() {
-                    libvirt_wire::qcow2::check_fd(std::os::fd::AsFd::as_fd(fd))
-                        .map_err(|refused| Denied(format!("descriptor {index} of qcow2 disk {group:?} {refused}")))?;
-                }
-            }
+        Some((_, associated)) => {
+            // What they are, for the hand-over's check of QEMU's files.
             let ids = passed
                 .iter()
                 .map(file_id)
@@ -1622,7 +1621,7 @@ fn judge_fds(
             defined
                 .groups
                 .iter()
-                .map(|(g, _)| g.name.as_str())
+                .map(|(g, _)| g.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
@@ -1694,11 +1693,23 @@ mod tests {
         qemu_holds_only(&fds, &ids, &run, &roots).unwrap();
         // Given by name only is not given: the same check without its id.
         let e = qemu_holds_only(&fds, &[], &run, &roots).unwrap_err();
-        assert!(e.contains("given.raw, a file it was not given"), "{e}");
+        assert!(e.contains("given.raw, a file of the node it was not given"), "{e}");
         let shadow = file(elsewhere.join("shadow"));
         std::os::unix::fs::symlink(&shadow, fds.join("9")).unwrap();
         let e = qemu_holds_only(&fds, &ids, &run, &roots).unwrap_err();
         assert!(e.starts_with(&format!("QEMU opened {}", shadow.display())), "{e}");
+        // EFI firmware and NVRAM, which libvirt chooses, are allowed.
+        std::fs::remove_file(fds.join("9")).unwrap();
+        for (n, system) in ["/usr/share/misc", "/var/lib/libvirt"].iter().enumerate() {
+            let Some(file) = std::fs::read_dir(system)
+                .ok()
+                .and_then(|entries| entries.flatten().map(|e| e.path()).find(|p| p.is_file()))
+            else {
+                continue;
+            };
+            std::os::unix::fs::symlink(file, fds.join(format!("{}", 20 + n))).unwrap();
+        }
+        qemu_holds_only(&fds, &ids, &run, &roots).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -7,10 +7,7 @@
 //! connection stays usable; then a real file, which QEMU ends up holding
 //! though its path exists nowhere in QEMU's view. Another connection's
 //! definition of the running domain is refused and undone; a definition
-//! abandoned before its start is forgotten. A qcow2 disk's descriptors must
-//! be qcow2 images naming no backing or data file (made by qemu-img); a
-//! self-contained one reaches QEMU; one rewritten after the check to name a
-//! file of the node has its domain destroyed before it runs.
+//! abandoned before its start is forgotten. A qcow2 disk is refused.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 mod support;
@@ -80,6 +77,15 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
 
     runtime.block_on(async {
         let client = Client::connect(&uri, Options::default()).await.unwrap();
+        // A qcow2 header could name a file of the node, and the caller could
+        // rewrite it after any check: only raw comes as descriptors.
+        let qcow2 = xml.replacen(r#"type="raw""#, r#"type="qcow2""#, 1);
+        let refused = client.define_xml(&qcow2, flags::DEFINE_VALIDATE).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("must be raw, not qcow2"),
+            "{refused}\n{}",
+            report()
+        );
         let defined = client.define_xml(&xml, flags::DEFINE_VALIDATE).await.unwrap();
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let hostile: Vec<(&str, OwnedFd, &str)> = vec![
@@ -169,114 +175,6 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-
-        // A qcow2 disk: each descriptor's header is read as it arrives.
-        let qemu_img = |args: &[&str]| {
-            let out = std::process::Command::new("qemu-img").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "qemu-img {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let at = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-        qemu_img(&["create", "-q", "-f", "qcow2", &at("whole.qcow2"), "1M"]);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            "/etc/shadow",
-            &at("backed.qcow2"),
-        ]);
-        let data_file = format!("data_file={}", at("data.raw"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &data_file,
-            &at("split.qcow2"),
-            "1M",
-        ]);
-        let qcow2_xml = xml.replacen(
-            r#"<driver name="qemu" type="raw"/>"#,
-            r#"<driver name="qemu" type="qcow2"/>"#,
-            1,
-        );
-        let associate_whole = async |client: &Client, defined: &libvirt_wire::protocol::DomainRef| {
-            let whole = open(&at("whole.qcow2"), libc::O_RDWR);
-            client
-                .fd_associate(defined, "root", &[whole.as_fd()], flags::FD_ASSOCIATE_SECLABEL_WRITABLE)
-                .await
-                .unwrap_or_else(|e| panic!("{e}\n{}", report()));
-        };
-        let client = Client::connect(&uri, Options::default()).await.unwrap();
-        let defined = client.define_xml(&qcow2_xml, flags::DEFINE_VALIDATE).await.unwrap();
-        for (what, path, why) in [
-            ("a raw file", at("root.raw"), "is not a qcow2 image"),
-            (
-                "a qcow2 image backed by /etc/shadow",
-                at("backed.qcow2"),
-                "names a backing file (\"/etc/shadow\")",
-            ),
-            (
-                "a qcow2 image with an external data file",
-                at("split.qcow2"),
-                "external data file",
-            ),
-        ] {
-            let fd = open(&path, libc::O_RDONLY);
-            let refused = client
-                .fd_associate(&defined, "root", &[fd.as_fd()], 0)
-                .await
-                .expect_err(what);
-            assert!(refused.to_string().contains(why), "{what}: {refused}\n{}", report());
-        }
-        associate_whole(&client, &defined).await;
-        let running = client
-            .create_defined(&defined, 0)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", report()));
-        let qemu = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).unwrap();
-        let held = std::fs::read_dir(format!("/proc/{}/fd", qemu.trim()))
-            .unwrap()
-            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-            .any(|target| target.to_str() == Some(at("whole.qcow2").as_str()));
-        assert!(held, "QEMU does not hold whole.qcow2\n{}", report());
-        client.destroy(&running, 0).await.unwrap();
-
-        // The caller rewrites the header after the gate read it (an unsafe
-        // rebase onto a file of the node): QEMU opens that file, and the
-        // hand-over, finding it among QEMU's files, destroys the domain.
-        let client = Client::connect(&uri, Options::default()).await.unwrap();
-        let defined = client.define_xml(&qcow2_xml, flags::DEFINE_VALIDATE).await.unwrap();
-        associate_whole(&client, &defined).await;
-        qemu_img(&[
-            "rebase",
-            "-u",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            &at("root.raw"),
-            &at("whole.qcow2"),
-        ]);
-        let refused = client.create_defined(&defined, 0).await.unwrap_err();
-        assert!(
-            refused
-                .to_string()
-                .contains(&format!("QEMU opened {}, a file it was not given", at("root.raw"))),
-            "{refused}\n{}",
-            report()
-        );
-        let gone = direct.lookup_by_name(&name).await.unwrap_err();
-        assert!(gone.libvirt().is_some_and(|e| e.is_no_domain()), "{gone}");
     });
     drop(cleanup);
 }

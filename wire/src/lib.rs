@@ -24,7 +24,6 @@ pub mod disk_fd;
 pub mod error;
 pub mod fdpass;
 pub mod protocol;
-pub mod qcow2;
 mod queue;
 pub mod uri;
 pub mod xdr;
