@@ -96,7 +96,7 @@ log "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -q -- -D warnings
 log "cargo test (with the tests that need the daemons started above: --include-ignored)"
 set +e
-cargo test --workspace --no-fail-fast "$@" -- --include-ignored 2>&1 | tee /tmp/virtkube-test.log | grep -vE '^test .* \.\.\. ok$'
+VIRTKUBE_REQUIRE_TOOLS=1 cargo test --workspace --no-fail-fast "$@" -- --include-ignored 2>&1 | tee /tmp/virtkube-test.log | grep -vE '^test .* \.\.\. ok$'
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -oE '^test result: .*\. ([0-9]+) passed' /tmp/virtkube-test.log | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')

@@ -259,10 +259,14 @@ pub fn parse_owner(domain_xml: &str) -> Result<Option<Owner>, XmlError> {
 pub const MAX_LISTED_DISKS: usize = 64;
 /// See [`MAX_LISTED_DISKS`].
 pub const MAX_DISK_FIELD: usize = 1024;
+const RECORDED_SOURCES: [&str; 4] = ["containerFile", "file", "network", "cloudInit"];
+const RECORDED_WRITES: [&str; 3] = ["readOnly", "privateCopy", "inPlace"];
 
 /// The disks the shim recorded in virtkube's `<metadata>` (target, source,
-/// path, writes), for the VirtDomain's status. An error names the element
-/// and what is wrong.
+/// path, writes), for the VirtDomain's status. The pod writes that record,
+/// so each must name a disk the domain really has (its `<target dev>`),
+/// with known values, and say `readOnly` where the disk is read-only. An
+/// error names the record and what is wrong.
 pub fn parse_disks(domain_xml: &str) -> Result<Vec<virtkube_api::domain::DomainDisk>, String> {
     let doc = roxmltree::Document::parse(domain_xml).map_err(|e| format!("the domain XML is not XML: {e}"))?;
     let Some(instance) = doc
@@ -274,6 +278,16 @@ pub fn parse_disks(domain_xml: &str) -> Result<Vec<virtkube_api::domain::DomainD
     let recorded: Vec<_> = instance
         .children()
         .filter(|c| c.tag_name().name() == "disk" && c.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS))
+        .collect();
+    // The domain's own disks: target and whether read-only.
+    let devices: Vec<(&str, bool)> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk") && n.tag_name().namespace().is_none())
+        .filter_map(|disk| {
+            let target = disk.children().find(|c| c.has_tag_name("target"))?.attribute("dev")?;
+            let read_only = disk.children().any(|c| c.has_tag_name("readonly"));
+            Some((target, read_only))
+        })
         .collect();
     if recorded.len() > MAX_LISTED_DISKS {
         return Err(format!(
@@ -295,12 +309,43 @@ pub fn parse_disks(domain_xml: &str) -> Result<Vec<virtkube_api::domain::DomainD
                     Some(value) => Ok(Some(value.to_owned())),
                 }
             };
-            Ok(virtkube_api::domain::DomainDisk {
+            let listed = virtkube_api::domain::DomainDisk {
                 target: field("target", true)?.unwrap_or_default(),
                 source: field("source", true)?.unwrap_or_default(),
                 path: field("path", false)?,
                 writes: field("writes", true)?.unwrap_or_default(),
-            })
+            };
+            if !RECORDED_SOURCES.contains(&listed.source.as_str()) {
+                return Err(format!(
+                    "recorded disk {index}'s source {:?} is none of {}",
+                    listed.source,
+                    RECORDED_SOURCES.join(", ")
+                ));
+            }
+            if !RECORDED_WRITES.contains(&listed.writes.as_str()) {
+                return Err(format!(
+                    "recorded disk {index}'s writes {:?} is none of {}",
+                    listed.writes,
+                    RECORDED_WRITES.join(", ")
+                ));
+            }
+            let Some(read_only) = devices
+                .iter()
+                .find(|(target, _)| *target == listed.target)
+                .map(|(_, ro)| *ro)
+            else {
+                return Err(format!(
+                    "recorded disk {index} names {:?}, which is none of the domain's disks",
+                    listed.target
+                ));
+            };
+            if read_only && listed.writes != "readOnly" {
+                return Err(format!(
+                    "recorded disk {index} ({}) says {} but the disk is read-only",
+                    listed.target, listed.writes
+                ));
+            }
+            Ok(listed)
         })
         .collect()
 }
@@ -499,7 +544,7 @@ mod tests {
     fn recorded_disks_are_listed_and_bounded() {
         let with = |disks: &str| {
             format!(
-                "<domain><metadata><virtkube:instance xmlns:virtkube='{}'><virtkube:namespace>ns</virtkube:namespace><virtkube:pod>vm</virtkube:pod>{disks}</virtkube:instance></metadata></domain>",
+                "<domain><metadata><virtkube:instance xmlns:virtkube='{}'><virtkube:namespace>ns</virtkube:namespace><virtkube:pod>vm</virtkube:pod>{disks}</virtkube:instance></metadata><devices><disk type='file'><target dev='vda'/></disk><disk type='file'><target dev='vdb'/><readonly/></disk></devices></domain>",
                 virtkube_api::METADATA_XMLNS
             )
         };
@@ -532,6 +577,29 @@ mod tests {
         let many = "<virtkube:disk target='vda' source='file' writes='inPlace'/>".repeat(MAX_LISTED_DISKS + 1);
         let e = parse_disks(&with(&many)).unwrap_err();
         assert!(e.contains("records 65 disks; at most 64"), "{e}");
+        // What the pod may not claim: a disk the domain lacks, unknown
+        // values, a read-only disk written to.
+        for (record, why) in [
+            (
+                "target='vdz' source='file' writes='inPlace'",
+                "names \"vdz\", which is none of the domain's disks",
+            ),
+            (
+                "target='vda' source='nfs' writes='inPlace'",
+                "source \"nfs\" is none of",
+            ),
+            (
+                "target='vda' source='file' writes='sometimes'",
+                "writes \"sometimes\" is none of",
+            ),
+            (
+                "target='vdb' source='file' writes='inPlace'",
+                "says inPlace but the disk is read-only",
+            ),
+        ] {
+            let e = parse_disks(&with(&format!("<virtkube:disk {record}/>"))).unwrap_err();
+            assert!(e.contains(why), "{record}: {e}");
+        }
     }
 
     #[test]

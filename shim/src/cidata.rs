@@ -46,7 +46,8 @@ pub fn meta_data(given: Option<&str>, instance_id: &str, hostname: &str) -> Resu
 }
 
 /// An ISO 9660 volume labelled `label` whose root directory holds `files`
-/// (lower-case names of letters, digits, `-` and `_`, at most 30 bytes).
+/// (lower-case names of letters, digits and `-`, at most 30 bytes: their
+/// upper-case ISO 9660 names sort as the lower-case ones do).
 /// `unix_time` dates the volume and its files.
 pub fn iso9660(label: &str, files: &BTreeMap<String, Vec<u8>>, unix_time: i64) -> Result<Vec<u8>, String> {
     for name in files.keys() {
@@ -54,7 +55,7 @@ pub fn iso9660(label: &str, files: &BTreeMap<String, Vec<u8>>, unix_time: i64) -
             && name.len() <= 30
             && name
                 .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
             return Err(format!("{name:?} cannot be a seed file name"));
         }
@@ -311,7 +312,7 @@ mod tests {
 
     #[test]
     fn names_and_labels_outside_the_format_are_refused() {
-        for name in ["User-Data", "a/b", "", "x.y", &"n".repeat(31)] {
+        for name in ["User-Data", "a/b", "", "x.y", "user_data", &"n".repeat(31)] {
             let files = BTreeMap::from([(name.to_owned(), vec![1])]);
             let message = iso9660(LABEL, &files, 0).unwrap_err();
             assert!(message.contains("cannot be a seed file name"), "{message}");
