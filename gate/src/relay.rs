@@ -686,14 +686,13 @@ pub enum Verdict {
     Close(String),
 }
 
-/// Decides one packet (its header and payload, and the descriptors that
-/// came with it) from a VM container. Pure apart from resolving file paths
-/// in the domain XML and reading passed qcow2 images' headers; fuzzed in
-/// `gate/fuzz`.
+/// Decides one packet (its header and payload, and the files — device and
+/// inode — of the descriptors that came with it) from a VM container. Pure
+/// apart from resolving file paths in the domain XML; fuzzed in `gate/fuzz`.
 pub fn decide(
     header: &Header,
     payload: &[u8],
-    passed: &[std::os::fd::OwnedFd],
+    passed: &[(u64, u64)],
     who: &Identity,
     gate: &Gate,
     session: &mut Session,
@@ -766,9 +765,11 @@ impl AsyncRead for ClientReader {
 }
 
 /// Receives the descriptors a CALL_WITH_FDS announces (its payload's first
-/// word) and judges each ([`libvirt_wire::disk_fd::check`]). The error is
-/// the verdict: refuse the call, or end the connection (framing broken).
-async fn receive_passed(from_client: &ClientReader, payload: &[u8]) -> Result<Vec<std::os::fd::OwnedFd>, Verdict> {
+/// word) and judges each ([`libvirt_wire::disk_fd::check`]), returning them
+/// with their files' device and inode. The error is the verdict: refuse the
+/// call, or end the connection (framing broken, or a file that cannot be
+/// examined in time).
+async fn receive_passed(from_client: &ClientReader, payload: &[u8]) -> Result<Passed, Verdict> {
     let count = payload
         .get(..4)
         .map(|word| u32::from_be_bytes([word[0], word[1], word[2], word[3]]) as usize)
@@ -793,12 +794,37 @@ async fn receive_passed(from_client: &ClientReader, payload: &[u8]) -> Result<Ve
             .map_err(|_| Verdict::Close(format!("announced descriptors did not come within {PASSED_FD_WAIT:?}")))?;
         passed.push(received.map_err(|e| Verdict::Close(format!("receiving a passed descriptor: {e}")))?);
     }
-    for (index, fd) in passed.iter().enumerate() {
-        libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd))
-            .map_err(|refused| Verdict::Deny(refused.to_string()))?;
-    }
-    Ok(passed)
+    // fstat and fstatfs of a file on an unresponsive network file system
+    // block: off the runtime's threads, and bounded.
+    let examined = tokio::time::timeout(
+        PASSED_FD_EXAMINE,
+        tokio::task::spawn_blocking(move || examine_passed(passed)),
+    )
+    .await
+    .map_err(|_| {
+        Verdict::Close(format!(
+            "a passed descriptor could not be examined within {PASSED_FD_EXAMINE:?} (a file on an unresponsive server?)"
+        ))
+    })?
+    .map_err(|e| Verdict::Close(format!("examining the passed descriptors failed: {e}")))?;
+    examined.map_err(Verdict::Deny)
 }
+
+/// Descriptors passed with a call, and their files' (device, inode).
+type Passed = (Vec<std::os::fd::OwnedFd>, Vec<(u64, u64)>);
+
+/// Judges each passed descriptor and identifies its file. Blocking.
+fn examine_passed(passed: Vec<std::os::fd::OwnedFd>) -> Result<Passed, String> {
+    let mut ids = Vec::with_capacity(passed.len());
+    for (index, fd) in passed.iter().enumerate() {
+        libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd)).map_err(|refused| refused.to_string())?;
+        ids.push(file_id(fd)?);
+    }
+    Ok((passed, ids))
+}
+
+/// How long examining the passed descriptors may take.
+const PASSED_FD_EXAMINE: Duration = Duration::from_secs(5);
 
 /// How long the descriptors a call announced may take to follow it.
 const PASSED_FD_WAIT: Duration = Duration::from_secs(10);
@@ -889,11 +915,11 @@ async fn relay<S: ClientStream>(
             let payload = &frame[LEN_SIZE + HEADER_SIZE..];
             // Descriptors follow their call on the socket: all are taken
             // (the stream stays in step), and judged before the call is.
-            let mut passed = Vec::new();
+            let (mut passed, mut passed_files) = (Vec::new(), Vec::new());
             let verdict = if header.kind == MessageType::CallWithFds {
                 match receive_passed(&from_client, payload).await {
-                    Ok(fds) => {
-                        passed = fds;
+                    Ok((fds, files)) => {
+                        (passed, passed_files) = (fds, files);
                         None
                     }
                     Err(verdict) => Some(verdict),
@@ -903,7 +929,7 @@ async fn relay<S: ClientStream>(
             };
             let verdict = verdict.unwrap_or_else(|| {
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
-                decide(&header, payload, &passed, &who, gate, &mut session)
+                decide(&header, payload, &passed_files, &who, gate, &mut session)
             });
             match verdict {
                 Verdict::Forward => {
@@ -1569,12 +1595,7 @@ fn own_defined<'a>(named: &DomainRef, session: &'a Session) -> Result<&'a Define
 /// descriptor count, then the arguments): for this connection's defined
 /// domain, a group its disks name, once. The descriptors themselves are
 /// judged by [`libvirt_wire::disk_fd::check`] as they arrive.
-fn judge_fds(
-    call: &Header,
-    payload: &[u8],
-    passed: &[std::os::fd::OwnedFd],
-    session: &mut Session,
-) -> Result<(), Denied> {
+fn judge_fds(call: &Header, payload: &[u8], passed: &[(u64, u64)], session: &mut Session) -> Result<(), Denied> {
     if call.procedure != procedure::DOMAIN_FD_ASSOCIATE {
         return Err(Denied(format!(
             "procedure {} may not pass file descriptors (only DOMAIN_FD_ASSOCIATE)",
@@ -1607,13 +1628,8 @@ fn judge_fds(
         ))),
         Some((_, associated)) => {
             // What they are, for the hand-over's check of QEMU's files.
-            let ids = passed
-                .iter()
-                .map(file_id)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(Denied)?;
             *associated = true;
-            defined.given.extend(ids);
+            defined.given.extend_from_slice(passed);
             Ok(())
         }
         None => Err(Denied(format!(
