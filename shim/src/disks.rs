@@ -288,7 +288,13 @@ fn cloud_init_disk(source: &CloudInitSource, seed: &Seed) -> Result<OwnedFd, Str
 /// bytes rather than passing the file.
 fn read_seed_file(path: &Path) -> Result<Option<Vec<u8>>, String> {
     use std::io::Read;
-    let file = match File::open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: a FIFO named user-data must not hang the start.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot be read: {e}")),
@@ -604,6 +610,17 @@ mod tests {
         let e = cloud_init_disk(&source(Some("#!/bin/sh\n")), &seed).unwrap_err();
         assert!(e.starts_with("spec.cloudInit: meta-data is not a YAML mapping"), "{e}");
         std::fs::remove_file(dir.join("meta-data")).unwrap();
+        // A FIFO (no writer: opening it would block) and an oversized file.
+        let fifo = std::ffi::CString::new(dir.join("vendor-data").to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = cloud_init_disk(&source(Some("#!/bin/sh\n")), &seed).unwrap_err();
+        assert!(e.ends_with("vendor-data is not a regular file"), "{e}");
+        std::fs::remove_file(dir.join("vendor-data")).unwrap();
+        std::fs::write(dir.join("vendor-data"), vec![b'v'; crate::cidata::MAX_FILE_BYTES + 1]).unwrap();
+        let e = cloud_init_disk(&source(Some("#!/bin/sh\n")), &seed).unwrap_err();
+        assert!(e.contains("vendor-data is larger than 16 MiB"), "{e}");
+        std::fs::remove_file(dir.join("vendor-data")).unwrap();
         std::fs::create_dir(dir.join("network-config")).unwrap();
         let e = cloud_init_disk(&source(Some("#!/bin/sh\n")), &seed).unwrap_err();
         assert!(e.ends_with("network-config is not a regular file"), "{e}");
