@@ -22,7 +22,7 @@ fi
 
 mkdir -p "$OUT"
 chmod 755 "$OUT"
-if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/vfat.ko" ]; then
+if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/virtio_net.ko" ]; then
   [ -n "$(apt-cache depends linux-image-cloud-amd64 2>/dev/null)" ] || apt-get update -qq
   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
   [ -n "$pkg" ] || { log "cannot resolve linux-image-cloud-amd64 to a kernel package"; exit 1; }
@@ -39,14 +39,15 @@ if [ ! -s "$OUT/vmlinuz" ] || [ ! -s "$OUT/modules/vfat.ko" ]; then
   # virtio (PCI) and virtio-blk let the guest see disks, e.g. those a VM
   # image carries and the shim passes as file descriptors; isofs reads the
   # cloud-init seed the shim builds; vfat (UTF-8 names by default) the
-  # bootable disk of images/disk.
+  # bootable disk of images/disk; virtio_net (with failover) a NIC.
   for m in drivers/acpi/button.ko drivers/input/evdev.ko \
     drivers/misc/pvpanic/pvpanic.ko drivers/misc/pvpanic/pvpanic-mmio.ko \
     drivers/virtio/virtio.ko drivers/virtio/virtio_ring.ko \
     drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
     drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko \
     drivers/cdrom/cdrom.ko fs/isofs/isofs.ko fs/fat/fat.ko fs/fat/vfat.ko \
-    fs/nls/nls_cp437.ko fs/nls/nls_ascii.ko fs/nls/nls_utf8.ko; do
+    fs/nls/nls_cp437.ko fs/nls/nls_ascii.ko fs/nls/nls_utf8.ko \
+    net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko; do
     install -m 0644 "$work"/root/lib/modules/*/kernel/$m "$OUT/modules/"
   done
   rm -rf "$work"
@@ -129,10 +130,41 @@ if [ -f /cidata/meta-data ]; then
     *) echo "virtkube-tiny: user-data: $(head -n 1 /cidata/user-data)" ;;
   esac
 fi
+# The network: a virtio NIC, configured by DHCP (busybox udhcpc, whose
+# script sets the address, the route and the resolver), then a web server
+# (busybox httpd on port 80) answering with the guest's hostname.
+for m in failover net_failover virtio_net; do insmod /lib/modules/$m.ko 2>/dev/null; done
+if grep -qxE '0x1000|0x1041' /sys/bus/pci/devices/*/device 2>/dev/null; then
+  for _ in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+fi
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set lo up
+  ip link set eth0 up
+  mkdir -p /usr/share/udhcpc /www
+  cat > /usr/share/udhcpc/default.script <<'DHCP'
+#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface" ;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    echo "virtkube-tiny: eth0 has $ip/${mask:-24} by DHCP (router ${router:-none})" ;;
+esac
+DHCP
+  chmod +x /usr/share/udhcpc/default.script
+  udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script 2>/dev/null || echo "virtkube-tiny: eth0 got no address by DHCP"
+  echo "virtkube-tiny: hello from $(hostname)" > /www/index.html
+  httpd -p 80 -h /www && echo "virtkube-tiny: serving http on port 80"
+fi
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 3; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; sleep 3; echo c > /proc/sysrq-trigger ;;
+    virtkube.fetch=*) url=${arg#virtkube.fetch=}
+      echo "virtkube-tiny: fetched $url: $(timeout 10 wget -q -O - "$url" 2>&1 | head -n 1)" ;;
     virtkube.ddread) s=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null
       e=$(cut -d' ' -f1 /proc/uptime)
       echo "virtkube-tiny: read vda in $(awk "BEGIN {printf \"%d\", ($e - $s) * 1000}") ms" ;;

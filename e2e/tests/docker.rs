@@ -385,6 +385,64 @@ fn a_hostile_docker_container_reaches_only_its_own_domain() {
     let _ = std::fs::remove_file(link);
 }
 
+/// The tiny guest on a user-mode NIC, through the gate: it takes an address
+/// by DHCP, starts its web server, and fetches a page from a server of this
+/// test on the node (through QEMU's user-mode NAT, from the virthost's
+/// network to Docker's bridge gateway).
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn the_guest_gets_an_address_by_dhcp_and_reaches_the_node() {
+    use std::io::{Read, Write};
+    require_setup();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gateway = docker_ok(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    let gateway = gateway.trim().to_owned();
+    let nonce = format!("hello-from-the-node-{}", std::process::id());
+    let body = format!("{nonce}\n");
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = conn.read(&mut request);
+        let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        conn.write_all(reply.as_bytes()).unwrap();
+    });
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("net.yaml"),
+        format!(
+            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: net}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet virtkube.fetch=http://{gateway}:{port}/ virtkube.poweroff\n  interfaces:\n    - type: user\n"
+        ),
+    )
+    .unwrap();
+    let template = format!("{}:/etc/virtkube/net.yaml:ro", dir.join("net.yaml").display());
+    let vm = Vm::run(
+        "e2e-net",
+        &["-v", &template, "-e", "VIRTKUBE_TEMPLATE_FILE=/etc/virtkube/net.yaml"],
+        "virtkube/tiny:latest",
+        &[],
+    );
+    assert_eq!(vm.exit_code(BOOT), 0, "{}", vm.logs());
+    let logs = vm.logs();
+    for line in [
+        "virtkube-tiny: eth0 has 10.0.2.15/24 by DHCP (router 10.0.2.2)".to_owned(),
+        "virtkube-tiny: serving http on port 80".to_owned(),
+        format!("virtkube-tiny: fetched http://{gateway}:{port}/: {nonce}"),
+    ] {
+        assert!(logs.contains(&line), "missing {line:?} in:\n{logs}");
+    }
+    server.join().unwrap();
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The example image that carries its bootable disk (`images/disk`): no
 /// kernel on the node, SYSLINUX on the disk boots the guest. Two containers
 /// of it side by side each find the image's disk unwritten and leave their
