@@ -815,11 +815,12 @@ type Passed = (Vec<std::os::fd::OwnedFd>, Vec<(u64, u64)>);
 
 /// Judges each passed descriptor and identifies its file. Blocking.
 fn examine_passed(passed: Vec<std::os::fd::OwnedFd>) -> Result<Passed, String> {
-    let mut ids = Vec::with_capacity(passed.len());
-    for (index, fd) in passed.iter().enumerate() {
-        libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd)).map_err(|refused| refused.to_string())?;
-        ids.push(file_id(fd)?);
-    }
+    let ids = passed
+        .iter()
+        .enumerate()
+        .map(|(index, fd)| libvirt_wire::disk_fd::check(index, std::os::fd::AsFd::as_fd(fd)).map(|disk| disk.file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|refused| refused.to_string())?;
     Ok((passed, ids))
 }
 
@@ -1642,19 +1643,6 @@ fn judge_fds(call: &Header, payload: &[u8], passed: &[(u64, u64)], session: &mut
                 .join(", ")
         ))),
     }
-}
-
-/// A file's device and inode: what identifies it whatever its name.
-fn file_id(fd: &std::os::fd::OwnedFd) -> Result<(u64, u64), String> {
-    use std::os::unix::fs::MetadataExt;
-    let file = std::fs::File::from(
-        fd.try_clone()
-            .map_err(|e| format!("cannot examine a passed descriptor: {e}"))?,
-    );
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot examine a passed descriptor: {e}"))?;
-    Ok((meta.dev(), meta.ino()))
 }
 
 /// A call may name only the domain this connection created.

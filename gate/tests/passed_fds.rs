@@ -29,17 +29,7 @@ fn open(path: &str, flags: i32) -> OwnedFd {
 #[test]
 #[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn only_open_files_pass_as_disks_and_qemu_gets_them() {
-    let dir = std::env::temp_dir().join(format!("virtkube-gate-fds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let uid = format!("7a8b9c0d-1e2f-4a3b-8c4d-{:012x}", std::process::id());
-    let cgroup = support::pod_cgroup(
-        "/virtkube-test",
-        "besteffort",
-        &uid,
-        &format!("{:064x}", std::process::id()),
-    );
-    support::enter(&cgroup, std::process::id());
+    let (dir, uid, cgroup) = support::this_process_in_a_pod("virtkube-gate-fds", "7a8b9c0d-1e2f-4a3b-8c4d");
     let (mut gate, socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
     // Whatever happens below: the gate stops, and this process leaves the
     // pod's cgroup so that the directories can go.

@@ -18,17 +18,7 @@ use std::time::{Duration, Instant};
 #[ignore = "needs root, libvirtd with QEMU and the tiny guest: scripts/test.sh runs it"]
 fn the_shim_runs_its_vm_through_the_gate_unchanged() {
     let shim = support::shim_binary();
-    let dir = std::env::temp_dir().join(format!("virtkube-shim-gate-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let uid = format!("5c6d7e8f-0a1b-4c2d-8e3f-{:012x}", std::process::id());
-    let cgroup = support::pod_cgroup(
-        "/virtkube-test",
-        "besteffort",
-        &uid,
-        &format!("{:064x}", std::process::id()),
-    );
-    support::enter(&cgroup, std::process::id());
+    let (dir, uid, cgroup) = support::this_process_in_a_pod("virtkube-shim-gate", "5c6d7e8f-0a1b-4c2d-8e3f");
     let (gate, socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
     let pod = format!("through-gate-{}", std::process::id());
     let mut child = support::shim_command(

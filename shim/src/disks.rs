@@ -118,11 +118,11 @@ fn open_one(path: &str, how: Mode, scratch: &Path) -> Result<OwnedFd, String> {
     // Read-only first, whatever the mode: opening a file of the image's
     // layer for writing would copy it up whole before any check.
     let fd = open_no_symlinks(path, libc::O_RDONLY)?;
-    libvirt_wire::disk_fd::check(0, fd.as_fd()).map_err(|refused| {
+    let judged = libvirt_wire::disk_fd::check(0, fd.as_fd()).map_err(|refused| {
         // The check speaks of "descriptor 0": here it is the named file.
         refused.to_string().replacen("descriptor 0", "it", 1)
     })?;
-    if is_block_device(&fd) {
+    if judged.block_device {
         // A block device is a volume (a PVC's volumeDevices): written in
         // place, never copied whole into the container.
         return match how {
@@ -165,14 +165,6 @@ fn reopen_writable(fd: &OwnedFd) -> Result<OwnedFd, String> {
         .open(&reopened)
         .map(OwnedFd::from)
         .map_err(|e| format!("cannot open it for writing: {e}"))
-}
-
-fn is_block_device(fd: &OwnedFd) -> bool {
-    // SAFETY: an all-zero stat is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one stat into the writable `st`.
-    let ok = unsafe { libc::fstat(std::os::fd::AsRawFd::as_raw_fd(fd), &mut st) } == 0;
-    ok && st.st_mode & libc::S_IFMT == libc::S_IFBLK
 }
 
 /// The mount a descriptor's file is on, from `/proc/self/fdinfo`.
@@ -463,8 +455,7 @@ mod tests {
         let path = node.to_str().unwrap();
         for how in [Mode::ReadOnly, Mode::InPlace] {
             let fd = open_one(path, how, &dir).unwrap_or_else(|e| panic!("{how:?}: {e}"));
-            assert!(is_block_device(&fd));
-            libvirt_wire::disk_fd::check(0, fd.as_fd()).unwrap();
+            assert!(libvirt_wire::disk_fd::check(0, fd.as_fd()).unwrap().block_device);
         }
         let e = open_one(path, Mode::Copy, &dir).unwrap_err();
         assert!(

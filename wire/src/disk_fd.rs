@@ -88,8 +88,17 @@ pub fn kernel_fs(magic: i64) -> Option<&'static str> {
     })
 }
 
+/// What a descriptor that may be passed as a disk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disk {
+    /// A block device (else a regular file).
+    pub block_device: bool,
+    /// Its file's device and inode: what identifies it whatever its name.
+    pub file: (u64, u64),
+}
+
 /// Judges the `index`th descriptor of a call.
-pub fn check(index: usize, fd: BorrowedFd<'_>) -> Result<(), Refused> {
+pub fn check(index: usize, fd: BorrowedFd<'_>) -> Result<Disk, Refused> {
     let raw = fd.as_raw_fd();
     let failed = |what: &str| Refused::Unreadable {
         index,
@@ -129,7 +138,11 @@ pub fn check(index: usize, fd: BorrowedFd<'_>) -> Result<(), Refused> {
     if kind == libc::S_IFREG && st.st_size == 0 {
         return Err(Refused::Empty { index });
     }
-    Ok(())
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)] // widths differ between libcs
+    Ok(Disk {
+        block_device: kind == libc::S_IFBLK,
+        file: (st.st_dev as u64, u64::from(st.st_ino)),
+    })
 }
 
 #[cfg(test)]
@@ -153,7 +166,18 @@ mod tests {
         let disk = dir.join("disk.raw");
         std::fs::write(&disk, b"disk").unwrap();
         let disk = disk.to_str().unwrap();
-        assert_eq!(check(0, open(disk, libc::O_RDWR).as_fd()), Ok(()));
+        let judged = check(0, open(disk, libc::O_RDWR).as_fd()).unwrap();
+        let meta = std::fs::metadata(disk).unwrap();
+        assert_eq!(
+            judged,
+            Disk {
+                block_device: false,
+                file: (
+                    std::os::unix::fs::MetadataExt::dev(&meta),
+                    std::os::unix::fs::MetadataExt::ino(&meta)
+                ),
+            }
+        );
         assert_eq!(
             check(1, open(disk, libc::O_PATH).as_fd()),
             Err(Refused::PathOnly { index: 1 })

@@ -47,6 +47,25 @@ pub fn remove_pod_cgroup(container: &Path) {
     }
 }
 
+/// This test process as a pod's container: a fresh scratch directory
+/// `<tmp>/<tag>-<pid>`, a pod UID made of `uid_prefix` (its first four
+/// groups) and the PID, and a besteffort pod cgroup under `/virtkube-test`
+/// that this process enters. Returns the directory, the UID and the cgroup.
+pub fn this_process_in_a_pod(tag: &str, uid_prefix: &str) -> (PathBuf, String, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let uid = format!("{uid_prefix}-{:012x}", std::process::id());
+    let cgroup = pod_cgroup(
+        "/virtkube-test",
+        "besteffort",
+        &uid,
+        &format!("{:064x}", std::process::id()),
+    );
+    enter(&cgroup, std::process::id());
+    (dir, uid, cgroup)
+}
+
 /// Moves process `pid` into `cgroup`.
 pub fn enter(cgroup: &Path, pid: u32) {
     std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
