@@ -10,6 +10,7 @@ pub mod crds;
 pub mod domain;
 pub mod node;
 pub mod overrides;
+pub mod podnet;
 pub mod quantity;
 pub mod resolve;
 pub mod template;

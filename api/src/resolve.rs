@@ -510,9 +510,13 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
         disks.push(disk);
     }
 
-    let mut interfaces = Vec::new();
+    let mut interfaces: Vec<ResolvedInterface> = Vec::new();
     let mut macs = BTreeSet::new();
-    for (i, nic) in spec.interfaces.iter().enumerate() {
+    let declared = match &spec.interfaces {
+        Some(declared) => declared.clone(),
+        None => vec![InterfaceSpec::pod_default()],
+    };
+    for (i, nic) in declared.iter().enumerate() {
         let field = format!("spec.interfaces[{i}]");
         check_boot_order(&mut problems, format!("{field}.bootOrder"), nic.boot_order);
         let resolved = resolve_interface(&mut problems, &field, nic);
@@ -522,6 +526,12 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
             problems.add(
                 format!("{field}.mac"),
                 format!("\"{mac}\" is used by another interface; each NIC needs its own"),
+            );
+        }
+        if resolved.kind == InterfaceType::Pod && interfaces.iter().any(|nic| nic.kind == InterfaceType::Pod) {
+            problems.add(
+                format!("{field}.type"),
+                "a second \"pod\" interface: the pod has one network, so a VM may have one pod interface",
             );
         }
         interfaces.push(resolved);
@@ -938,6 +948,10 @@ fn resolve_interface(problems: &mut Problems, field: &str, nic: &InterfaceSpec) 
             format!("{field}.source"),
             format!("{source:?} is not allowed for type \"user\" (user-mode networking has no source)"),
         ),
+        (InterfaceType::Pod, Some(source)) => problems.add(
+            format!("{field}.source"),
+            format!("{source:?} is not allowed for type \"pod\" (the interface joins the pod's own network)"),
+        ),
         (_, Some(source)) => check_token(
             problems,
             &format!("{field}.source"),
@@ -945,6 +959,15 @@ fn resolve_interface(problems: &mut Problems, field: &str, nic: &InterfaceSpec) 
             "a libvirt network or bridge name",
         ),
         _ => {}
+    }
+    if nic.kind != InterfaceType::Pod && nic.binding.is_some() {
+        problems.add(
+            format!("{field}.binding"),
+            format!(
+                "is only for type \"pod\"; a {:?} interface has no binding",
+                kind_name(nic.kind)
+            ),
+        );
     }
     let mac = nic.mac.as_deref().and_then(|m| match MacAddr::parse(m) {
         Ok(mac) => Some(mac),
@@ -967,5 +990,6 @@ fn kind_name(kind: InterfaceType) -> &'static str {
         InterfaceType::Network => "network",
         InterfaceType::Bridge => "bridge",
         InterfaceType::User => "user",
+        InterfaceType::Pod => "pod",
     }
 }

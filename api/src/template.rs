@@ -58,9 +58,10 @@ pub struct VirtTemplateSpec {
     /// block devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
-    /// Network interfaces, in order.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub interfaces: Vec<InterfaceSpec>,
+    /// Network interfaces, in order. Unset: one interface on the pod's
+    /// network (`[{type: pod}]`); `[]`: no network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interfaces: Option<Vec<InterfaceSpec>>,
     /// Cloud-init (NoCloud): the shim builds a `cidata` disk from the pod
     /// and attaches it read-only after the template's disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -374,12 +375,19 @@ pub enum DiskBus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InterfaceSpec {
+    /// `pod` (the VM pod's own network: the guest answers at the pod IP),
     /// `network` (a libvirt network on the node), `bridge` (a host bridge) or
     /// `user` (user-mode networking, no host set-up).
     #[serde(rename = "type")]
     pub kind: InterfaceType,
+    /// How a `pod` interface joins the pod's network: `masquerade` (the
+    /// default and only one so far): the guest gets a private address by
+    /// DHCP from the shim, leaves with the pod IP, and traffic to the pod IP
+    /// is forwarded to it. Only for type `pod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<PodBinding>,
     /// Name of the libvirt network (type `network`) or host bridge (type
-    /// `bridge`); not allowed for `user`.
+    /// `bridge`); not allowed for `user` or `pod`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// NIC model: `virtio` (default), `e1000`, `e1000e` or `rtl8139`.
@@ -398,12 +406,36 @@ pub struct InterfaceSpec {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InterfaceType {
+    /// The VM pod's network.
+    Pod,
     /// A libvirt virtual network.
     Network,
     /// A bridge on the host.
     Bridge,
     /// User-mode networking (slirp/passt).
     User,
+}
+
+// How a pod interface joins the pod's network.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PodBinding {
+    /// The guest has a private address behind the pod IP (NAT both ways).
+    Masquerade,
+}
+
+impl InterfaceSpec {
+    /// The interface a template without `interfaces` gets.
+    pub fn pod_default() -> InterfaceSpec {
+        InterfaceSpec {
+            kind: InterfaceType::Pod,
+            binding: None,
+            source: None,
+            model: None,
+            mac: None,
+            boot_order: None,
+        }
+    }
 }
 
 // NIC model.

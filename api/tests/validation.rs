@@ -213,6 +213,19 @@ fn bad_values_name_the_field_the_value_and_what_is_accepted() {
         "spec.interfaces[1].mac: \"52:54:00:00:00:01\" is used by another interface",
     );
     assert_error(
+        "interfaces: [{type: pod, source: eth0}]",
+        "spec.interfaces[0].source: \"eth0\" is not allowed for type \"pod\"",
+    );
+    assert_error(
+        "interfaces: [{type: pod}, {type: pod}]",
+        "spec.interfaces[1].type: a second \"pod\" interface",
+    );
+    assert_error(
+        "interfaces: [{type: user, binding: masquerade}]",
+        "spec.interfaces[0].binding: is only for type \"pod\"",
+    );
+    assert_error("interfaces: [{type: pod, binding: bridge}]", "binding");
+    assert_error(
         "graphics: {listen: 0.0.0.0}",
         "spec.graphics.listen: \"0.0.0.0\" is only used with spec.graphics.type \"vnc\"",
     );
@@ -427,7 +440,7 @@ fn overrides_that_do_not_fit_the_template_are_refused() {
         ),
         ("{}", annotations::CMDLINE, "quiet", "the template has no boot.kernel"),
         (
-            "{}",
+            "interfaces: []",
             annotations::MAC,
             "52:54:00:01:02:03",
             "the template has no interfaces",
@@ -444,6 +457,17 @@ fn overrides_that_do_not_fit_the_template_are_refused() {
         );
         assert_eq!(t, before, "a refused override must change nothing");
     }
+}
+
+#[test]
+fn a_template_without_interfaces_is_on_the_pod_network_and_an_empty_list_has_none() {
+    let on_pod = parse_yaml("memory: 128Mi").unwrap();
+    assert_eq!(on_pod.interfaces.len(), 1);
+    assert_eq!(on_pod.interfaces[0].kind, virtkube_api::template::InterfaceType::Pod);
+    let none = parse_yaml("interfaces: []").unwrap();
+    assert!(none.interfaces.is_empty());
+    let explicit = parse_yaml("interfaces: [{type: pod, binding: masquerade, model: e1000}]").unwrap();
+    assert_eq!(explicit.interfaces[0].kind, virtkube_api::template::InterfaceType::Pod);
 }
 
 #[test]

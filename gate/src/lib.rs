@@ -8,6 +8,7 @@ pub mod config;
 pub mod identity;
 pub mod keeper;
 pub mod placement;
+pub mod podnet;
 pub mod pods;
 pub mod policy;
 pub mod probe_report;

@@ -6,6 +6,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use libvirt_wire::protocol::procedure;
+use virtkube_api::podnet;
 
 use crate::identity::Identity;
 
@@ -56,7 +57,7 @@ pub struct Policy {
     pub max_memory_kib: u64,
     /// Most vCPUs one domain may have.
     pub max_vcpus: u32,
-    /// Interface types a domain may use (`user`, `network`, `bridge`).
+    /// Interface types a domain may use (`pod`, `user`, `network`, `bridge`).
     pub interface_types: Vec<String>,
     /// Connection URIs a caller may open.
     pub uris: Vec<String>,
@@ -72,7 +73,7 @@ impl Default for Policy {
             roots: vec![PathBuf::from("/var/lib/virtkube/images")],
             max_memory_kib: 64 * 1024 * 1024,
             max_vcpus: 64,
-            interface_types: vec!["user".into(), "network".into()],
+            interface_types: vec!["pod".into(), "user".into(), "network".into()],
             uris: vec!["qemu:///system".into()],
             network_disks: false,
         }
@@ -125,6 +126,9 @@ pub struct Admission {
     /// The descriptor groups its disks name (each must be associated with
     /// descriptors before it starts).
     pub fd_groups: Vec<String>,
+    /// The tap of its `pod` interface, which the gate moves into the
+    /// caller's network namespace before the guest runs.
+    pub pod_tap: Option<String>,
 }
 
 /// virtkube's metadata namespace (virtkube-api's `METADATA_XMLNS`, which the
@@ -170,6 +174,7 @@ const ELEMENTS: &[&str] = &[
     "domain/devices/interface/mac",
     "domain/devices/interface/source",
     "domain/devices/interface/model",
+    "domain/devices/interface/target",
     "domain/devices/interface/boot",
     "domain/devices/serial",
     "domain/devices/serial/target",
@@ -205,6 +210,7 @@ const ATTRIBUTES: &[(&str, &[&str])] = &[
     ("domain/devices/interface/mac", &["address"]),
     ("domain/devices/interface/source", &["network", "bridge"]),
     ("domain/devices/interface/model", &["type"]),
+    ("domain/devices/interface/target", &["dev", "managed"]),
     ("domain/devices/interface/boot", &["order"]),
     ("domain/devices/serial", &["type"]),
     ("domain/devices/serial/target", &["port"]),
@@ -234,7 +240,7 @@ const REPEATABLE: &[&str] = &[
 const LIFECYCLE_ACTIONS: &[&str] = &["destroy", "restart", "preserve", "rename-restart"];
 
 /// The only children `<metadata>` may have: virtkube's own instance record.
-const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template", "disk"];
+const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "template", "disk", "interface"];
 
 /// Checks a domain XML from `who` against `policy`.
 pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl Paths) -> Result<Admission, Denied> {
@@ -274,6 +280,7 @@ pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl
     check_owner(root, who, name, uuid.as_ref())?;
     let memory_kib = check_sizes(root, policy)?;
     let fd_groups = check_devices(root, policy, paths)?;
+    let pod_tap = check_interfaces(root, name, policy)?;
     if fd_groups.len() > MAX_FD_GROUPS {
         return deny(format!(
             "{} disks passed as descriptors; at most {MAX_FD_GROUPS}",
@@ -287,6 +294,7 @@ pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl
         },
         memory_kib,
         fd_groups,
+        pod_tap,
     })
 }
 
@@ -550,15 +558,6 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
             return deny("a disk <source> may name a file under the images directory or a network volume only");
         }
     }
-    for nic in root.descendants().filter(|n| n.has_tag_name("interface")) {
-        let kind = nic.attribute("type").unwrap_or_default();
-        if !policy.interface_types.iter().any(|t| t == kind) {
-            return deny(format!(
-                "interface type {kind:?} is not allowed on this node (allowed: {})",
-                policy.interface_types.join(", ")
-            ));
-        }
-    }
     for chardev in root
         .descendants()
         .filter(|n| n.has_tag_name("serial") || n.has_tag_name("console"))
@@ -579,6 +578,67 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
         }
     }
     Ok(groups)
+}
+
+/// Checks the NICs; returns the tap of the pod interface, if any. A pod
+/// interface is libvirt's `ethernet` type: a tap libvirt creates, which the
+/// gate then moves into the caller's namespace. Its name is the one
+/// [`podnet::tap_name`] gives the domain, so a caller can neither take an
+/// existing device of the node (another VM's tap, a host link: `managed='no'`
+/// or a chosen name) nor make libvirt run a script or set host addresses
+/// (no `<script>`, `<ip>`, `<route>`: not in the element allow-list).
+fn check_interfaces(root: roxmltree::Node<'_, '_>, name: &str, policy: &Policy) -> Result<Option<String>, Denied> {
+    let mut pod_tap = None;
+    // (virtkube's metadata has an <interface> record too, in its own namespace.)
+    for nic in root
+        .descendants()
+        .filter(|n| n.has_tag_name("interface") && n.tag_name().namespace().is_none())
+    {
+        let kind = match nic.attribute("type").unwrap_or_default() {
+            "ethernet" => "pod",
+            other => other,
+        };
+        if !policy.interface_types.iter().any(|t| t == kind) {
+            return deny(format!(
+                "interface type {kind:?} is not allowed on this node (allowed: {})",
+                policy.interface_types.join(", ")
+            ));
+        }
+        let target = child(nic, "target");
+        if kind != "pod" {
+            if target.is_some() {
+                return deny(format!(
+                    "a {kind:?} interface may not name its host device (<target>); libvirt picks it"
+                ));
+            }
+            continue;
+        }
+        let own = podnet::tap_name(name);
+        let Some(target) = target else {
+            return deny(format!(
+                "a pod interface must name its tap: <target dev='{own}' managed='yes'/>"
+            ));
+        };
+        if target.attribute("dev") != Some(own.as_str()) {
+            return deny(format!(
+                "a pod interface's tap must be {own:?} (derived from the domain's name), not {:?}: a VM pod may not use another device of the node",
+                target.attribute("dev").unwrap_or_default()
+            ));
+        }
+        if target.attribute("managed") != Some("yes") {
+            return deny(format!(
+                "a pod interface's tap must be created by libvirt (managed='yes'), not an existing device (managed={:?})",
+                target.attribute("managed").unwrap_or_default()
+            ));
+        }
+        if child(nic, "source").is_some() {
+            return deny("a pod interface has no <source>");
+        }
+        if pod_tap.replace(own).is_some() {
+            return deny("a domain may have one pod interface (the pod has one network)");
+        }
+    }
+    Ok(pod_tap)
 }
 
 /// A file a domain uses must be an absolute path under one of the roots, with
@@ -906,7 +966,10 @@ mod tests {
             &container,
             "must be named after the container (0123456789ab)",
         );
-        let renamed = unclaimed.replace(&format!("<name>{name}</name>"), "<name>0123456789ab</name>");
+        // (Renamed, its pod tap takes the new name's too.)
+        let renamed = unclaimed
+            .replace(&format!("<name>{name}</name>"), "<name>0123456789ab</name>")
+            .replace(&podnet::tap_name(&name), &podnet::tap_name("0123456789ab"));
         denied(&renamed, &container, "may not choose its <uuid>");
         let uuid_text = doc
             .descendants()
@@ -927,6 +990,77 @@ mod tests {
         denied("<domain", &pod(), "does not parse");
         denied("<network/>", &pod(), "not a <domain>");
         denied("<!DOCTYPE d [<!ENTITY x 'y'>]><domain/>", &pod(), "DOCTYPE");
+    }
+
+    #[test]
+    fn a_pod_interface_is_admitted_only_as_the_domains_own_new_tap() {
+        let xml = golden("tiny");
+        let own = podnet::tap_name("virtkube-golden_tiny-0");
+        let policy = Policy::default();
+        let admitted = check_domain_xml(&xml, &pod(), &policy, &no_links()).unwrap();
+        assert_eq!(admitted.pod_tap.as_deref(), Some(own.as_str()));
+        let target = format!("<target dev=\"{own}\" managed=\"yes\"/>");
+        assert!(xml.contains(&target), "the renderer writes {target}");
+        let refused = |xml: &str, expected: &str| match check_domain_xml(xml, &pod(), &policy, &no_links()) {
+            Ok(a) => panic!("admitted {a:?}:\n{xml}"),
+            Err(Denied(why)) => assert!(why.contains(expected), "expected {expected:?}, got {why:?}"),
+        };
+        // Another VM's tap, a host link, or a name of the caller's choosing.
+        let other = podnet::tap_name("virtkube-golden_other-0");
+        for dev in [other.as_str(), "eth0", "docker0", "vnet0"] {
+            refused(&xml.replace(&own, dev), "a VM pod may not use another device");
+        }
+        // An existing device by its own name, or libvirt's default.
+        refused(&xml.replace("managed=\"yes\"", "managed=\"no\""), "managed='yes'");
+        refused(&xml.replace(" managed=\"yes\"", ""), "managed='yes'");
+        refused(&xml.replace(&target, ""), "must name its tap");
+        // Host-side set-up libvirt would do as root: a script, host addresses and routes.
+        for extra in [
+            "<script path='/tmp/x.sh'/>",
+            "<ip address='192.168.1.1' prefix='24'/>",
+            "<route address='0.0.0.0' gateway='10.0.0.1'/>",
+            "<backend tap='/dev/net/tun'/>",
+            "<source bridge='br0'/>",
+        ] {
+            match check_domain_xml(
+                &xml.replace(&target, &format!("{target}{extra}")),
+                &pod(),
+                &policy,
+                &no_links(),
+            ) {
+                Ok(a) => panic!("admitted {extra} as {a:?}"),
+                Err(Denied(why)) => assert!(
+                    why.contains("not allowed") || why.contains("no <source>"),
+                    "{extra}: {why}"
+                ),
+            }
+        }
+        // Two pod interfaces; a target on another type; a node that allows none.
+        let nic = xml
+            .split("<interface")
+            .nth(1)
+            .unwrap()
+            .split("</interface>")
+            .next()
+            .unwrap();
+        let twice = xml.replace("<serial", &format!("<interface{nic}</interface><serial"));
+        refused(
+            &twice.replace(
+                "52:54:00:b9:a3:7e\"/>\n      <target",
+                "52:54:00:b9:a3:7f\"/>\n      <target",
+            ),
+            "one pod interface",
+        );
+        refused(
+            &xml.replace("type=\"ethernet\"", "type=\"user\""),
+            "may not name its host device",
+        );
+        let no_pod = Policy {
+            interface_types: vec!["user".into()],
+            ..Policy::default()
+        };
+        let why = check_domain_xml(&xml, &pod(), &no_pod, &no_links()).unwrap_err();
+        assert!(why.0.contains("interface type \"pod\" is not allowed"), "{why}");
     }
 
     #[test]

@@ -641,6 +641,8 @@ struct Defining {
     /// The domain's name, as admitted (to forget it if the reply never comes).
     name: String,
     groups: Vec<String>,
+    /// The tap of its pod interface.
+    pod_tap: Option<String>,
 }
 
 /// A domain defined through this connection and not started yet.
@@ -652,6 +654,8 @@ struct Defined {
     groups: Vec<(String, bool)>,
     /// The files (device, inode) passed for them.
     given: Vec<(u64, u64)>,
+    /// The tap of its pod interface.
+    pod_tap: Option<String>,
 }
 
 /// A create the gate let through, paused, until its reply.
@@ -666,6 +670,8 @@ struct Creating {
     name: String,
     /// The files (device, inode) passed for its disks.
     given: Vec<(u64, u64)>,
+    /// The tap of its pod interface, to move into the caller's namespace.
+    pod_tap: Option<String>,
 }
 
 /// Consoles and event registrations one connection may make (the shim makes
@@ -882,11 +888,16 @@ async fn relay<S: ClientStream>(
                     run,
                     defined,
                     given,
+                    pod_tap,
                 })) => {
                     // Its own task: the hand-over completes (or the domain is
                     // destroyed) even if this connection ends meanwhile.
                     let (handing, created) = (finisher.clone(), domain.clone());
-                    let handed = tokio::spawn(async move { handing.hand_over(&created, run, defined, &given).await });
+                    let handed = tokio::spawn(async move {
+                        handing
+                            .hand_over(&created, run, defined, &given, pod_tap.as_deref())
+                            .await
+                    });
                     match handed.await {
                         Ok(Ok(())) => {
                             admit(&replies, &domain);
@@ -1022,6 +1033,8 @@ pub struct Created {
     /// The files (device, inode) passed for its disks: all QEMU may hold
     /// besides the node's files the policy allows.
     pub given: Vec<(u64, u64)>,
+    /// The tap of its pod interface, to move into the caller's namespace.
+    pub pod_tap: Option<String>,
 }
 
 /// Notes a reply from libvirtd: the reply to an admitted lookup makes the
@@ -1045,7 +1058,12 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
                 procedure::DOMAIN_CREATE_XML
             }
     {
-        let (run, defined, given) = (creating.run, creating.defined, creating.given.clone());
+        let (run, defined, given, pod_tap) = (
+            creating.run,
+            creating.defined,
+            creating.given.clone(),
+            creating.pod_tap.clone(),
+        );
         session.creating = None;
         if defined && ok {
             session.defined = None;
@@ -1056,6 +1074,7 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
                 run,
                 defined,
                 given,
+                pod_tap,
             })
         });
     }
@@ -1064,6 +1083,7 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
         && header.procedure == procedure::DOMAIN_DEFINE_XML_FLAGS
     {
         let groups = defining.groups.iter().map(|g| (g.clone(), false)).collect();
+        let pod_tap = defining.pod_tap.clone();
         session.defining = None;
         return match (ok, domain()) {
             // A definition that landed on a running domain (same name or
@@ -1074,6 +1094,7 @@ pub fn note_reply(session: &std::sync::Mutex<Session>, header: &Header, payload:
                     domain,
                     groups,
                     given: Vec::new(),
+                    pod_tap,
                 });
                 None
             }
@@ -1141,8 +1162,9 @@ impl Finisher {
         run: bool,
         defined: bool,
         given: &[(u64, u64)],
+        pod_tap: Option<&str>,
     ) -> Result<(), String> {
-        let finished = self.finish(domain, run, defined, given).await;
+        let finished = self.finish(domain, run, defined, given, pod_tap).await;
         if let Err(why) = &finished {
             tracing::error!(who = %self.who, domain = %domain.name, %why, "the new domain could not be handed over; destroying it");
             self.keeper.end(domain.uuid, None, why).await;
@@ -1163,7 +1185,14 @@ impl Finisher {
             .map_err(|e| format!("the gate cannot reach libvirtd to {what}: {e}"))
     }
 
-    async fn finish(&self, domain: &DomainRef, run: bool, defined: bool, given: &[(u64, u64)]) -> Result<(), String> {
+    async fn finish(
+        &self,
+        domain: &DomainRef,
+        run: bool,
+        defined: bool,
+        given: &[(u64, u64)],
+        pod_tap: Option<&str>,
+    ) -> Result<(), String> {
         self.keeper.adopt(domain, self.caller.owner(&self.who))?;
         if defined {
             // Transient from now on, as a created domain is: destroying it
@@ -1203,6 +1232,14 @@ impl Finisher {
             })
             .await
             .map_err(|e| format!("checking QEMU's files failed: {e}"))??;
+        }
+        if let Some(tap) = pod_tap {
+            let (proc_root, caller, tap) = (self.proc_root.clone(), self.caller, tap.to_owned());
+            let plumbed = tokio::task::spawn_blocking(move || crate::podnet::plumb(&proc_root, caller, &tap))
+                .await
+                .map_err(|e| format!("plumbing the pod network failed: {e}"))?
+                .map_err(|e| format!("the pod network: {e}"))?;
+            tracing::info!(who = %self.who, domain = %domain.name, tap = %plumbed.tap, mtu = plumbed.mtu, "the guest's NIC is in the caller's network namespace, behind its address");
         }
         if run {
             self.control("start the domain")
@@ -1398,7 +1435,7 @@ fn check_call(
                     "a domain must be created with VALIDATE (flags {create_flags:#x})"
                 )));
             }
-            let (xml, admitted, fd_groups) = admit_domain_xml(&xml, who, gate, session)?;
+            let (xml, admitted, fd_groups, pod_tap) = admit_domain_xml(&xml, who, gate, session)?;
             if !fd_groups.is_empty() {
                 return Err(Denied(format!(
                     "disks passed as descriptors ({}) need DOMAIN_DEFINE_XML_FLAGS, DOMAIN_FD_ASSOCIATE and DOMAIN_CREATE_WITH_FLAGS, not DOMAIN_CREATE_XML",
@@ -1412,6 +1449,7 @@ fn check_call(
                 defined: false,
                 given: Vec::new(),
                 name: admitted.name,
+                pod_tap,
             });
             // Paused until QEMU is in the caller's cgroups and the gate keeps
             // it; no AUTODESTROY: the gate, not a connection, ends it.
@@ -1487,12 +1525,13 @@ fn check_call(
                     "a domain must be defined with VALIDATE and nothing else (flags {define_flags:#x})"
                 )));
             }
-            let (xml, admitted, fd_groups) = admit_domain_xml(&xml, who, gate, session)?;
+            let (xml, admitted, fd_groups, pod_tap) = admit_domain_xml(&xml, who, gate, session)?;
             tracing::info!(%who, domain = %admitted.name, groups = ?fd_groups, "domain definition admitted");
             session.defining = Some(Defining {
                 serial: call.serial,
                 name: admitted.name,
                 groups: fd_groups,
+                pod_tap,
             });
             let mut rewritten = libvirt_wire::xdr::Encoder::new();
             rewritten.string(&xml).u32(define_flags);
@@ -1517,13 +1556,18 @@ fn check_call(
                     "start flags {create_flags:#x}: only PAUSED and AUTODESTROY are known"
                 )));
             }
-            let (name_of, given) = (defined.domain.name.clone(), defined.given.clone());
+            let (name_of, given, pod_tap) = (
+                defined.domain.name.clone(),
+                defined.given.clone(),
+                defined.pod_tap.clone(),
+            );
             session.creating = Some(Creating {
                 serial: call.serial,
                 run: create_flags & START_PAUSED == 0,
                 defined: true,
                 name: name_of,
                 given,
+                pod_tap,
             });
             // As for a create: paused until handed over; no AUTODESTROY.
             let mut rewritten = libvirt_wire::xdr::Encoder::new();
@@ -1551,18 +1595,19 @@ fn check_call(
 /// Checks a domain XML to create or define (the policy, and that the VM fits
 /// where its QEMU will run) and adds its owner's record, so that the domain
 /// has its owner from the moment it exists and no break before the
-/// hand-over leaves it unowned. Returns the XML to send, the domain, and its
-/// descriptor groups.
+/// hand-over leaves it unowned. Returns the XML to send, the domain, its
+/// descriptor groups and its pod tap.
 fn admit_domain_xml(
     xml: &str,
     who: &Identity,
     gate: &Gate,
     session: &Session,
-) -> Result<(String, Admitted, Vec<String>), Denied> {
+) -> Result<(String, Admitted, Vec<String>, Option<String>), Denied> {
     let policy::Admission {
         domain,
         memory_kib,
         fd_groups,
+        pod_tap,
     } = policy::check_domain_xml(xml, who, &gate.policy, &RealPaths)?;
     let Some(caller) = session.caller else {
         return Err(Denied("the gate does not know the calling process".into()));
@@ -1572,7 +1617,7 @@ fn admit_domain_xml(
     }
     let xml = crate::keeper::with_owner_record(xml, &caller.owner(who))
         .map_err(|why| Denied(format!("cannot record the domain's owner: {why}")))?;
-    Ok((xml, domain, fd_groups))
+    Ok((xml, domain, fd_groups, pod_tap))
 }
 
 /// The domain this connection defined and has not started, if `named` is it.
@@ -1726,6 +1771,7 @@ mod tests {
                 defined: false,
                 given: Vec::new(),
                 name: "d".into(),
+                pod_tap: None,
             }),
             ..Session::default()
         });

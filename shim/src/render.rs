@@ -10,6 +10,7 @@ use std::io;
 use quick_xml::Writer;
 use quick_xml::events::BytesText;
 use thiserror::Error;
+use virtkube_api::podnet;
 use virtkube_api::resolve::{DiskSource, MacAddr, ResolvedDisk, ResolvedInterface, ResolvedTemplate};
 use virtkube_api::template::{
     CpuFeaturePolicy, CpuMode, DiskBus, DiskDevice, DiskFormat, DomainType, Firmware, InterfaceType,
@@ -266,6 +267,13 @@ fn write_metadata(w: &mut W, instance: &Instance, t: &ResolvedTemplate) -> io::R
                     }
                     element.write_empty()?;
                 }
+                if t.interfaces.iter().any(|nic| nic.kind == InterfaceType::Pod) {
+                    // The address the shim leases the guest, for the VirtDomain.
+                    let guest = format!("{}/{}", podnet::GUEST, podnet::PREFIX);
+                    w.create_element(format!("{METADATA_PREFIX}:interface"))
+                        .with_attributes([("type", "pod"), ("binding", "masquerade"), ("guest", guest.as_str())])
+                        .write_empty()?;
+                }
                 Ok(())
             })?;
         Ok(())
@@ -366,7 +374,7 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
         }
         for (index, nic) in t.interfaces.iter().enumerate() {
             let mac = nic.mac.unwrap_or_else(|| derived_mac(instance, index));
-            write_interface(w, nic, mac)?;
+            write_interface(w, nic, mac, &instance.domain_name)?;
         }
         if t.serial {
             w.create_element("serial")
@@ -475,11 +483,14 @@ fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn write_interface(w: &mut W, nic: &ResolvedInterface, mac: MacAddr) -> io::Result<()> {
+fn write_interface(w: &mut W, nic: &ResolvedInterface, mac: MacAddr, domain_name: &str) -> io::Result<()> {
     let kind = match nic.kind {
         InterfaceType::Network => "network",
         InterfaceType::Bridge => "bridge",
         InterfaceType::User => "user",
+        // A tap libvirt creates under a name the gate recognises; the gate
+        // moves it into the pod's network namespace before the guest runs.
+        InterfaceType::Pod => "ethernet",
     };
     w.create_element("interface")
         .with_attribute(("type", kind))
@@ -490,6 +501,11 @@ fn write_interface(w: &mut W, nic: &ResolvedInterface, mac: MacAddr) -> io::Resu
             if let Some(source) = &nic.source {
                 w.create_element("source")
                     .with_attribute((kind, source.as_str()))
+                    .write_empty()?;
+            }
+            if nic.kind == InterfaceType::Pod {
+                w.create_element("target")
+                    .with_attributes([("dev", podnet::tap_name(domain_name).as_str()), ("managed", "yes")])
                     .write_empty()?;
             }
             w.create_element("model")

@@ -20,7 +20,7 @@ fn template(extra_cmdline: &str) -> String {
         "the tiny guest is missing: run scripts/build-tiny-guest.sh"
     );
     format!(
-        "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1 quiet {extra_cmdline}\n"
+        "memory: 128Mi\ndomainType: qemu\ninterfaces: []\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: console=ttyS0 panic=-1 quiet {extra_cmdline}\n"
     )
 }
 
