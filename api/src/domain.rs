@@ -73,6 +73,27 @@ pub struct VirtDomainStatus {
     /// The VM's disks and where each one's data comes from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DomainDisk>,
+    /// The VM's network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<DomainInterface>,
+}
+
+/// One of a VM's network interfaces.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainInterface {
+    /// What it is connected to: `pod` (the pod's network), `user`,
+    /// `network` or `bridge`.
+    pub network: String,
+    /// The guest NIC's MAC address.
+    pub mac: String,
+    /// How a pod interface joins the pod's network (`masquerade`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<String>,
+    /// The address the shim leases the guest by DHCP (a pod interface),
+    /// with its prefix length; from outside, the guest answers at the pod IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_address: Option<String>,
 }
 
 /// One of a VM's disks, as its template gave it.

@@ -26,7 +26,7 @@ usage: virtkube-gate [--config FILE] [--listen PATH] [--libvirtd PATH] [--proc P
   --images-root DIR       a directory VM files may come from; repeatable (default /var/lib/virtkube/images)
   --max-memory-kib N      most memory one VM may have (default 67108864: 64 GiB)
   --max-vcpus N           most vCPUs one VM may have (default 64)
-  --interface-types LIST  comma-separated interface types VMs may use (default user,network)
+  --interface-types LIST  comma-separated interface types VMs may use (default pod,user,network)
   --uri URI               a connection URI VMs may open; repeatable (default qemu:///system)
   --kubepods-parent PATH  the cgroup the kubelet's kubepods cgroup is under (its --cgroup-root; default /)
   --network-disks allow|deny  whether VMs may use nbd/rbd/iscsi disks with the node's credentials (default deny)

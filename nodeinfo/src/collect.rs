@@ -104,6 +104,13 @@ pub fn domain(dom: &Domain) -> Result<Option<DomainSnapshot>, Error> {
         oom_kills: qemu.as_ref().and_then(|q| oom_kills_in(q.cgroup.as_deref()?)),
         qemu,
         reattachments: facts::parse_reattachments(&xml),
+        interfaces: facts::parse_interfaces(&xml).unwrap_or_else(|e| {
+            warn!(
+                "domain {}: its interfaces are not listed: {e}",
+                dom.name().unwrap_or_default()
+            );
+            Vec::new()
+        }),
         disks: facts::parse_disks(&xml).unwrap_or_else(|e| {
             warn!(
                 "domain {}: its disks are not listed: {e}",

@@ -350,6 +350,71 @@ pub fn parse_disks(domain_xml: &str) -> Result<Vec<virtkube_api::domain::DomainD
         .collect()
 }
 
+/// The domain's NICs for the VirtDomain's status: each device's type and
+/// MAC, and for the pod interface (libvirt's `ethernet`) what the shim
+/// recorded in virtkube's `<metadata>`: its binding and the guest's leased
+/// address. The pod writes that record, so it must be one, for a pod
+/// interface the domain has, with known values.
+pub fn parse_interfaces(domain_xml: &str) -> Result<Vec<virtkube_api::domain::DomainInterface>, String> {
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| format!("the domain XML is not XML: {e}"))?;
+    let recorded: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS) && n.tag_name().name() == "interface")
+        .collect();
+    if recorded.len() > 1 {
+        return Err(format!("the metadata records {} pod interfaces; a domain has at most one", recorded.len()));
+    }
+    let record = match recorded.first() {
+        None => None,
+        Some(record) => {
+            if record.attribute("type") != Some("pod") || record.attribute("binding") != Some("masquerade") {
+                return Err(format!(
+                    "the recorded interface is type {:?} binding {:?}; only a pod interface with the masquerade binding is recorded",
+                    record.attribute("type").unwrap_or_default(),
+                    record.attribute("binding").unwrap_or_default()
+                ));
+            }
+            let guest = record.attribute("guest").unwrap_or_default();
+            let valid = guest
+                .split_once('/')
+                .is_some_and(|(address, prefix)| {
+                    address.parse::<std::net::Ipv4Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+                });
+            if !valid {
+                return Err(format!("the recorded guest address {guest:?} is not an IPv4 address/prefix"));
+            }
+            Some(guest.to_owned())
+        }
+    };
+    let nics: Vec<_> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("interface") && n.tag_name().namespace().is_none())
+        .take(MAX_LISTED_DISKS)
+        .map(|nic| {
+            let kind = nic.attribute("type").unwrap_or_default();
+            let mac = nic
+                .children()
+                .find(|c| c.has_tag_name("mac"))
+                .and_then(|m| m.attribute("address"))
+                .unwrap_or_default()
+                .chars()
+                .take(17)
+                .collect::<String>();
+            let pod = kind == "ethernet" && record.is_some();
+            virtkube_api::domain::DomainInterface {
+                network: if pod { "pod".into() } else { kind.chars().take(16).collect() },
+                mac,
+                binding: pod.then(|| "masquerade".to_owned()),
+                guest_address: if pod { record.clone() } else { None },
+            }
+        })
+        .collect();
+    if record.is_some() && !nics.iter().any(|n| n.network == "pod") {
+        return Err("the metadata records a pod interface the domain does not have".into());
+    }
+    Ok(nics)
+}
+
 /// The XML namespace of virtkube-gate's owner record in a domain's metadata.
 pub const GATE_OWNER_XMLNS: &str = "https://virtkube.io/xmlns/gate-owner/1";
 
@@ -538,6 +603,40 @@ mod tests {
         assert_eq!(parse_owner("<domain><name>other</name></domain>").unwrap(), None);
         let foreign = "<domain><metadata><x:instance xmlns:x='urn:other'><x:namespace>a</x:namespace><x:pod>b</x:pod></x:instance></metadata></domain>";
         assert_eq!(parse_owner(foreign).unwrap(), None);
+    }
+
+    #[test]
+    fn interfaces_are_listed_with_the_pod_lease() {
+        let domain = |record: &str, nics: &str| {
+            format!(
+                "<domain><metadata><virtkube:instance xmlns:virtkube='{}'><virtkube:pod>vm</virtkube:pod>{record}</virtkube:instance></metadata><devices>{nics}</devices></domain>",
+                virtkube_api::METADATA_XMLNS
+            )
+        };
+        let pod_nic = "<interface type='ethernet'><mac address='52:54:00:aa:bb:cc'/><target dev='vk0' managed='yes'/></interface>";
+        let user_nic = "<interface type='user'><mac address='52:54:00:aa:bb:cd'/></interface>";
+        let record = "<virtkube:interface type='pod' binding='masquerade' guest='10.0.2.2/24'/>";
+        let listed = parse_interfaces(&domain(record, &format!("{pod_nic}{user_nic}"))).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].network, "pod");
+        assert_eq!(listed[0].mac, "52:54:00:aa:bb:cc");
+        assert_eq!(listed[0].binding.as_deref(), Some("masquerade"));
+        assert_eq!(listed[0].guest_address.as_deref(), Some("10.0.2.2/24"));
+        assert_eq!(listed[1].network, "user");
+        assert_eq!(listed[1].guest_address, None);
+        assert!(parse_interfaces(&domain("", "")).unwrap().is_empty());
+        // What the pod recorded must hold together.
+        for (bad, expected) in [
+            (domain(record, user_nic), "does not have"),
+            (domain(&record.replace("10.0.2.2/24", "10.0.2.2"), pod_nic), "not an IPv4 address/prefix"),
+            (domain(&record.replace("10.0.2.2/24", "10.0.2.2/99"), pod_nic), "not an IPv4 address/prefix"),
+            (domain(&record.replace("masquerade", "bridge"), pod_nic), "masquerade"),
+            (domain(&format!("{record}{record}"), pod_nic), "at most one"),
+            ("<domain".to_owned(), "not XML"),
+        ] {
+            let why = parse_interfaces(&bad).unwrap_err();
+            assert!(why.contains(expected), "{bad}: {why}");
+        }
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct DomainSnapshot {
     pub oom_kills: Option<u64>,
     /// Its disks and where each one's data comes from.
     pub disks: Vec<virtkube_api::domain::DomainDisk>,
+    /// Its network interfaces.
+    pub interfaces: Vec<virtkube_api::domain::DomainInterface>,
 }
 
 /// What nodeinfo remembers of a domain it published, to tell what changed.
@@ -363,6 +365,7 @@ pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> 
             qemu: d.qemu.clone(),
             reattachments: d.reattachments,
             disks: d.disks.clone(),
+            interfaces: d.interfaces.clone(),
         }),
     })
 }
@@ -507,6 +510,12 @@ mod tests {
                 path: Some("/disk/root.raw".into()),
                 writes: "privateCopy".into(),
             }],
+            interfaces: vec![virtkube_api::domain::DomainInterface {
+                network: "pod".into(),
+                mac: "52:54:00:aa:bb:cc".into(),
+                binding: Some("masquerade".into()),
+                guest_address: Some("10.0.2.2/24".into()),
+            }],
         }
     }
 
@@ -602,7 +611,8 @@ mod tests {
                     "cpuTimeNs": 5, "startTime": "2026-11-22T10:00:00Z",
                     "qemu": {"pid": 42, "cgroup": "/kubepods/besteffort/podpod-uid/c"},
                     "reattachments": 2,
-                    "disks": [{"target": "vda", "source": "containerFile", "path": "/disk/root.raw", "writes": "privateCopy"}]
+                    "disks": [{"target": "vda", "source": "containerFile", "path": "/disk/root.raw", "writes": "privateCopy"}],
+                    "interfaces": [{"network": "pod", "mac": "52:54:00:aa:bb:cc", "binding": "masquerade", "guestAddress": "10.0.2.2/24"}]
                 }
             })
         );

@@ -6,12 +6,14 @@
 pub mod cidata;
 pub mod cluster;
 pub mod config;
+pub mod dhcp;
 pub mod disks;
 pub mod endpoint;
 pub mod exit;
 pub mod host;
 pub mod instance;
 pub mod pid1;
+pub mod podnet;
 pub mod render;
 pub mod runtime;
 pub mod sizing;

@@ -98,6 +98,20 @@ pub async fn run(
     };
     // QEMU holds its own duplicates now.
     drop(disks);
+    // The gate put the guest's pod NIC here before the guest ran; its DHCP
+    // is the shim's. (libvirt's test driver runs no guest and has no tap.)
+    if let Some((tap, mac)) = crate::podnet::pod_nic(template, instance)
+        && !uri.starts_with("test:")
+        && let Err(why) = crate::podnet::serve(&tap, mac)
+    {
+        let _ = timed(
+            DESTROY_TIMEOUT,
+            procedure::DOMAIN_DESTROY_FLAGS,
+            client.destroy(&domain, 0),
+        )
+        .await;
+        return Exit::StartFailed(why);
+    }
     let oom_before = oom_kills();
     let (exit, client) = supervise(config, endpoint, client, &domain, signals).await;
     // On Docker QEMU runs in this container's cgroup: a kill for memory there
