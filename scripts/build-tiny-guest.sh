@@ -151,6 +151,9 @@ case "$1" in
     [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
     : > /etc/resolv.conf
     for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    [ -n "$search" ] && echo "search $search" >> /etc/resolv.conf
+    # The pod's name, unless the cloud-init seed named the guest.
+    [ -n "$hostname" ] && [ "$(hostname)" = "(none)" ] && hostname "$hostname"
     echo "virtkube-tiny: eth0 has $ip/${mask:-24} by DHCP (router ${router:-none})" ;;
 esac
 DHCP

@@ -20,7 +20,10 @@ log "starting $NAME (the gate's socket in $SOCKET_DIR)"
 # QEMU into their cgroups, and a new libvirtd finds running QEMUs by PID.
 # The host's /dev/pts: a guest's console is a pty, which a new virthost's
 # libvirtd must still be able to open.
+# NET_ADMIN and SYS_ADMIN: libvirtd creates a VM's pod tap, and the gate
+# enters the VM container's network namespace to move it there.
 $DOCKER run -d --name "$NAME" --pid=host --cgroupns=host \
+  --cap-add NET_ADMIN --cap-add SYS_ADMIN \
   -v /sys/fs/cgroup:/sys/fs/cgroup \
   -v /dev/pts:/dev/pts \
   -v "$SOCKET_DIR:/run/virtkube" \

@@ -25,6 +25,13 @@ if [ -L /dev/ptmx ] && grep -q ' /dev/pts .*ptmxmode=000' /proc/self/mountinfo; 
     || log "WARNING: cannot make /dev/ptmx a device node: guests' consoles may fail"
 fi
 
+# A VM's pod interface is a tap libvirtd creates through /dev/net/tun, which
+# container runtimes allow (c 10:200) but do not always create.
+if ! [ -c /dev/net/tun ]; then
+  mkdir -p /dev/net && mknod -m 666 /dev/net/tun c 10 200 \
+    || log "WARNING: cannot create /dev/net/tun: VMs with a pod interface will fail to start"
+fi
+
 if [ -e /dev/kvm ] && ! [ -r /dev/kvm ]; then
   log "/dev/kvm is present but not accessible: QEMU will use TCG"
 fi

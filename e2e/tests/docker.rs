@@ -443,6 +443,124 @@ fn the_guest_gets_an_address_by_dhcp_and_reaches_the_node() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An HTTP GET of `/` from `address`: the body, or why not.
+fn http_get(address: std::net::SocketAddr) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    Ok(reply
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or(reply))
+}
+
+/// The tiny image with no interfaces in its template: its NIC is on the
+/// container's own network. The shim leases the guest 10.0.2.2 and the
+/// container's name as its host name; the guest answers at the container's
+/// address (and at a port `docker run -p` publishes), and its own requests
+/// leave with the container's address. When the container stops, its tap
+/// is gone from the virthost.
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn the_vm_answers_at_its_container_address_and_goes_out_with_it() {
+    use std::io::{Read, Write};
+    require_setup();
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let gateway = docker_ok(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    let gateway = gateway.trim().to_owned();
+    let nonce = format!("seen-by-the-node-{}", std::process::id());
+    let body = format!("{nonce}\n");
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = conn.read(&mut request);
+        let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        conn.write_all(reply.as_bytes()).unwrap();
+        peer.ip()
+    });
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-podnet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("pod.yaml"),
+        format!(
+            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: pod}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet virtkube.fetch=http://{gateway}:{port}/\n"
+        ),
+    )
+    .unwrap();
+    let template = format!("{}:/etc/virtkube/pod.yaml:ro", dir.join("pod.yaml").display());
+    let vm = Vm::run(
+        "e2e-podnet",
+        &[
+            "-v",
+            &template,
+            "-e",
+            "VIRTKUBE_TEMPLATE_FILE=/etc/virtkube/pod.yaml",
+            "-p",
+            "127.0.0.1::80",
+        ],
+        "virtkube/tiny:latest",
+        &[],
+    );
+    vm.wait_for_log("virtkube-tiny: ready", BOOT);
+    let address: std::net::IpAddr = docker_ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &vm.name])
+        .trim()
+        .parse()
+        .unwrap();
+    let hostname = docker_ok(&["inspect", "-f", "{{.Config.Hostname}}", &vm.name]);
+    let logs = vm.logs();
+    for line in [
+        "[virtkube-shim] the guest took 10.0.2.2/24 by DHCP (router 10.0.2.1)".to_owned(),
+        "virtkube-tiny: eth0 has 10.0.2.2/24 by DHCP (router 10.0.2.1)".to_owned(),
+        format!("virtkube-tiny: fetched http://{gateway}:{port}/: {nonce}"),
+    ] {
+        assert!(logs.contains(&line), "missing {line:?} in:\n{logs}");
+    }
+    assert_eq!(
+        server.join().unwrap(),
+        address,
+        "the guest's request left with the container's address"
+    );
+    let expected = format!("virtkube-tiny: hello from {}", hostname.trim());
+    let direct = http_get(std::net::SocketAddr::new(address, 80));
+    assert_eq!(
+        direct.as_deref().map(str::trim),
+        Ok(expected.as_str()),
+        "at the container's address"
+    );
+    let published = docker_ok(&["port", &vm.name, "80/tcp"]);
+    let published: std::net::SocketAddr = published.lines().next().unwrap().trim().parse().unwrap();
+    let through = http_get(published);
+    assert_eq!(
+        through.as_deref().map(str::trim),
+        Ok(expected.as_str()),
+        "at the published port {published}"
+    );
+    let taps = || docker_ok(&["exec", VIRTHOST, "ls", "/sys/class/net"]);
+    assert!(
+        !taps().contains("vk"),
+        "the tap left the virthost's namespace: {}",
+        taps()
+    );
+
+    docker_ok(&["stop", "-t", "30", &vm.name]);
+    assert_eq!(vm.exit_code(Duration::from_secs(5)), 0, "{}", vm.logs());
+    assert!(!taps().contains("vk"), "taps left in the virthost: {}", taps());
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The example image that carries its bootable disk (`images/disk`): no
 /// kernel on the node, SYSLINUX on the disk boots the guest. Two containers
 /// of it side by side each find the image's disk unwritten and leave their

@@ -359,10 +359,15 @@ pub fn parse_interfaces(domain_xml: &str) -> Result<Vec<virtkube_api::domain::Do
     let doc = roxmltree::Document::parse(domain_xml).map_err(|e| format!("the domain XML is not XML: {e}"))?;
     let recorded: Vec<_> = doc
         .descendants()
-        .filter(|n| n.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS) && n.tag_name().name() == "interface")
+        .filter(|n| {
+            n.tag_name().namespace() == Some(virtkube_api::METADATA_XMLNS) && n.tag_name().name() == "interface"
+        })
         .collect();
     if recorded.len() > 1 {
-        return Err(format!("the metadata records {} pod interfaces; a domain has at most one", recorded.len()));
+        return Err(format!(
+            "the metadata records {} pod interfaces; a domain has at most one",
+            recorded.len()
+        ));
     }
     let record = match recorded.first() {
         None => None,
@@ -375,13 +380,13 @@ pub fn parse_interfaces(domain_xml: &str) -> Result<Vec<virtkube_api::domain::Do
                 ));
             }
             let guest = record.attribute("guest").unwrap_or_default();
-            let valid = guest
-                .split_once('/')
-                .is_some_and(|(address, prefix)| {
-                    address.parse::<std::net::Ipv4Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
-                });
+            let valid = guest.split_once('/').is_some_and(|(address, prefix)| {
+                address.parse::<std::net::Ipv4Addr>().is_ok() && prefix.parse::<u8>().is_ok_and(|p| p <= 32)
+            });
             if !valid {
-                return Err(format!("the recorded guest address {guest:?} is not an IPv4 address/prefix"));
+                return Err(format!(
+                    "the recorded guest address {guest:?} is not an IPv4 address/prefix"
+                ));
             }
             Some(guest.to_owned())
         }
@@ -402,7 +407,11 @@ pub fn parse_interfaces(domain_xml: &str) -> Result<Vec<virtkube_api::domain::Do
                 .collect::<String>();
             let pod = kind == "ethernet" && record.is_some();
             virtkube_api::domain::DomainInterface {
-                network: if pod { "pod".into() } else { kind.chars().take(16).collect() },
+                network: if pod {
+                    "pod".into()
+                } else {
+                    kind.chars().take(16).collect()
+                },
                 mac,
                 binding: pod.then(|| "masquerade".to_owned()),
                 guest_address: if pod { record.clone() } else { None },
@@ -628,8 +637,14 @@ mod tests {
         // What the pod recorded must hold together.
         for (bad, expected) in [
             (domain(record, user_nic), "does not have"),
-            (domain(&record.replace("10.0.2.2/24", "10.0.2.2"), pod_nic), "not an IPv4 address/prefix"),
-            (domain(&record.replace("10.0.2.2/24", "10.0.2.2/99"), pod_nic), "not an IPv4 address/prefix"),
+            (
+                domain(&record.replace("10.0.2.2/24", "10.0.2.2"), pod_nic),
+                "not an IPv4 address/prefix",
+            ),
+            (
+                domain(&record.replace("10.0.2.2/24", "10.0.2.2/99"), pod_nic),
+                "not an IPv4 address/prefix",
+            ),
             (domain(&record.replace("masquerade", "bridge"), pod_nic), "masquerade"),
             (domain(&format!("{record}{record}"), pod_nic), "at most one"),
             ("<domain".to_owned(), "not XML"),

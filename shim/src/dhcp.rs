@@ -93,7 +93,9 @@ fn parse_options(mut bytes: &[u8]) -> Result<Options, Ignored> {
             0 => bytes = rest,
             255 => return Ok(options),
             _ => {
-                let (&length, rest) = rest.split_first().ok_or(Ignored::Malformed("an option without its length"))?;
+                let (&length, rest) = rest
+                    .split_first()
+                    .ok_or(Ignored::Malformed("an option without its length"))?;
                 let value = rest
                     .get(..usize::from(length))
                     .ok_or(Ignored::Malformed("an option longer than the packet"))?;
@@ -140,7 +142,11 @@ pub fn answer(packet: &[u8], lease: &Lease) -> Result<Reply, Ignored> {
                 return Err(Ignored::OtherServer);
             }
             let wanted = options.requested.unwrap_or(ciaddr);
-            if wanted == lease.address { ReplyKind::Ack } else { ReplyKind::Nak }
+            if wanted == lease.address {
+                ReplyKind::Ack
+            } else {
+                ReplyKind::Nak
+            }
         }
         Some(other) => return Err(Ignored::NotAnswered(other)),
         None => return Err(Ignored::Malformed("no DHCP message type")),
@@ -395,7 +401,10 @@ mod tests {
             "# kubelet\nnameserver 10.96.0.10\nnameserver fd00::10\nsearch ns.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
         );
         assert_eq!(servers, vec![Ipv4Addr::new(10, 96, 0, 10)]);
-        assert_eq!(search, vec!["ns.svc.cluster.local", "svc.cluster.local", "cluster.local"]);
+        assert_eq!(
+            search,
+            vec!["ns.svc.cluster.local", "svc.cluster.local", "cluster.local"]
+        );
         assert_eq!(parse_resolv_conf(""), (vec![], vec![]));
     }
 }

@@ -128,7 +128,10 @@ fn bind_dhcp(tap: &str) -> Result<UdpSocket, String> {
     // SAFETY: a new descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let one: libc::c_int = 1;
-    for (option, what) in [(libc::SO_REUSEADDR, "SO_REUSEADDR"), (libc::SO_BROADCAST, "SO_BROADCAST")] {
+    for (option, what) in [
+        (libc::SO_REUSEADDR, "SO_REUSEADDR"),
+        (libc::SO_BROADCAST, "SO_BROADCAST"),
+    ] {
         // SAFETY: an int option on our socket.
         let set = unsafe {
             libc::setsockopt(
