@@ -8,7 +8,9 @@ log() { echo "[libvirtd-up] $*"; }
 
 PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients
           libvirt-dev qemu-system-x86 libxml2-utils pkg-config tini
-          genisoimage)  # isoinfo: the tests read back the cloud-init seed
+          genisoimage   # isoinfo: the tests read back the cloud-init seed
+          nftables      # the gate's pod-network plumbing, run on this host by gate/tests/podnet.rs
+          socat)        # the kubelet's (dockershim) kubectl port-forward
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

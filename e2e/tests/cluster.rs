@@ -67,6 +67,120 @@ fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> Str
     attached.seen().to_owned()
 }
 
+/// An HTTP GET of `/` at `address` (host:port): the body, trimmed.
+fn http_get(address: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let address: std::net::SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
+    let mut conn = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    Ok(reply.split_once("\r\n\r\n").map_or(reply.as_str(), |(_, body)| body).trim().to_owned())
+}
+
+/// The 3 VMs of the Deployment on their pods' network: each at its own pod
+/// IP, behind a Service that balances over them (from the node and from
+/// another pod), through `kubectl port-forward`; a guest reaches another
+/// pod by its IP and the API's Service IP. Returns the Service's ClusterIP.
+fn the_deployment_is_on_the_pod_network(ns: &str) -> String {
+    let pods = pods_of(ns, "app.kubernetes.io/name=tiny-vm");
+    let mut ips = std::collections::BTreeMap::new();
+    for pod in &pods {
+        let ip = ok(&["-n", ns, "get", "pod", pod, "-o", "jsonpath={.status.podIP}"]);
+        ips.insert(pod.clone(), ip.trim().to_owned());
+        // Each VM at its own pod's address, answering with its pod's name (its DHCP host name).
+        assert_eq!(
+            http_get(&format!("{}:80", ip.trim())),
+            Ok(format!("virtkube-tiny: hello from {pod}")),
+            "{pod} at {ip}\n{}",
+            diagnostics(ns)
+        );
+        let logs = kubectl(&["-n", ns, "logs", pod]).1;
+        assert!(
+            logs.contains("the guest took 10.0.2.2/24 by DHCP") && logs.contains("eth0 has 10.0.2.2/24 by DHCP"),
+            "{pod}:\n{logs}"
+        );
+        let listed = ok(&[
+            "-n",
+            ns,
+            "get",
+            "virtdomain",
+            pod,
+            "-o",
+            "jsonpath={.status.interfaces[0].network} {.status.interfaces[0].guestAddress}",
+        ]);
+        assert_eq!(listed.trim(), "pod 10.0.2.2/24", "{pod}'s VirtDomain");
+    }
+    let distinct: std::collections::BTreeSet<&String> = ips.values().collect();
+    assert_eq!(distinct.len(), 3, "each VM has its own pod IP: {ips:?}");
+
+    apply(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: tiny-vm, namespace: {ns}}}\nspec:\n  selector: {{app.kubernetes.io/name: tiny-vm}}\n  ports: [{{port: 80, targetPort: 80}}]\n"
+    ));
+    let service = ok(&["-n", ns, "get", "service", "tiny-vm", "-o", "jsonpath={.spec.clusterIP}"])
+        .trim()
+        .to_owned();
+    // From the node: 30 requests reach all three.
+    let mut answered = std::collections::BTreeSet::new();
+    eventually("the Service to reach all 3 VMs from the node", ns, Duration::from_secs(60), || {
+        answered.extend((0..30).filter_map(|_| http_get(&format!("{service}:80")).ok()));
+        answered.len() == 3
+    });
+    let expected: std::collections::BTreeSet<String> =
+        pods.iter().map(|pod| format!("virtkube-tiny: hello from {pod}")).collect();
+    assert_eq!(answered, expected);
+
+    // From another pod (bash's /dev/tcp: the image has no HTTP client).
+    let fetch = format!(
+        "for i in $(seq 1 30); do exec 3<>/dev/tcp/{service}/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && tail -n 1 <&3; exec 3<&-; done"
+    );
+    apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, namespace: {ns}}}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: client\n      image: debian:bookworm-slim\n      imagePullPolicy: Never\n      command: [bash, -c, {fetch:?}]\n"
+    ));
+    eventually("the client pod to finish", ns, Duration::from_secs(90), || {
+        ok(&["-n", ns, "get", "pod", "client", "-o", "jsonpath={.status.phase}"]).trim() == "Succeeded"
+    });
+    let seen = ok(&["-n", ns, "logs", "client"]);
+    let from_pod: std::collections::BTreeSet<String> = seen.lines().map(|l| l.trim().to_owned()).collect();
+    assert_eq!(from_pod, expected, "from another pod:\n{seen}");
+
+    // kubectl port-forward connects to 127.0.0.1 in the pod: the guest answers.
+    let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let mut forward = Interactive::spawn(&kubectl_bin, &["-n", ns, "port-forward", &format!("pod/{}", pods[0]), ":80"]);
+    assert!(forward.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(30)), "{}", forward.seen());
+    let port = forward
+        .seen()
+        .split("Forwarding from 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        http_get(&format!("127.0.0.1:{port}")),
+        Ok(format!("virtkube-tiny: hello from {}", pods[0])),
+        "through kubectl port-forward"
+    );
+    drop(forward);
+
+    // The guest reaches another pod by its IP, and the API server's Service IP
+    // (a plain HTTP request to its TLS port gets Go's 400 answer).
+    let api = ok(&["-n", "default", "get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"]);
+    let neighbour = &ips[&pods[1]];
+    let answer = attach_and_type(
+        ns,
+        &pods[0],
+        &format!("wget -q -O - http://{neighbour}/; timeout 10 wget -O - http://{}:443/ 2>&1 | tail -n 1; echo fetched-$((40+2))\n", api.trim()),
+        "fetched-42",
+    );
+    assert!(
+        answer.contains(&format!("virtkube-tiny: hello from {}", pods[1])),
+        "the guest reached {neighbour}:\n{answer}"
+    );
+    assert!(answer.contains("400 Bad Request"), "the guest reached the API at {api}:\n{answer}");
+    service
+}
+
 #[test]
 #[ignore = "needs a Kubernetes cluster with a kubelet (KUBECONFIG) and the images: scripts/test.sh runs it"]
 fn vm_lifecycle_through_kubectl() {
@@ -199,11 +313,31 @@ fn vm_lifecycle_through_kubectl() {
                 })
         },
     );
+    let networked = pods_of(&ns, "app.kubernetes.io/name=tiny-vm");
+    let service = the_deployment_is_on_the_pod_network(&ns);
     virthost_restarts_leave_vms_running(&ns);
+    // The network survived the virthost's restarts (it lives in the pods).
+    let after: std::collections::BTreeSet<String> =
+        (0..30).filter_map(|_| http_get(&format!("{service}:80")).ok()).collect();
+    assert_eq!(after.len(), 3, "after the virthost restarts the Service reaches: {after:?}");
     ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=1"]);
     eventually("one domain left", &ns, Duration::from_secs(90), || {
         virsh_list().matches(&format!("{ns}_tiny-vm")).count() == 1
     });
+    // Nothing of the two gone VMs' network is left on the node: their taps
+    // went with their pods' namespaces (and the NAT with them).
+    let gone: Vec<String> = networked
+        .iter()
+        .filter(|pod| !kubectl(&["-n", &ns, "get", "pod", pod]).0)
+        .map(|pod| virtkube_api::podnet::tap_name(&format!("{ns}_{pod}")))
+        .collect();
+    assert_eq!(gone.len(), 2, "two of {networked:?} went");
+    for tap in &gone {
+        assert!(
+            !std::path::Path::new("/sys/class/net").join(tap).exists(),
+            "{tap} is left on the node"
+        );
+    }
 
     // A Job whose VM powers off completes.
     let job = vm_job(
