@@ -160,6 +160,7 @@ DHCP
   chmod +x /usr/share/udhcpc/default.script
   udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script 2>/dev/null || echo "virtkube-tiny: eth0 got no address by DHCP"
   echo "virtkube-tiny: hello from $(hostname)" > /www/index.html
+  head -c 8388608 /dev/zero > /www/big  # for throughput benchmarks
   httpd -p 80 -h /www && echo "virtkube-tiny: serving http on port 80"
 fi
 for arg in $(cat /proc/cmdline); do

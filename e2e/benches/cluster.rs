@@ -10,8 +10,13 @@
 //!    from files on the node (virtkube/tiny: direct kernel boot), alternating:
 //!    pod created → the guest's first line.
 //!
+//! 5. The pod network: HTTP request latency and TCP throughput to the
+//!    guest's web server through its pod IP against busybox httpd in a plain
+//!    pod on the same node (same run, interleaved), and the time the gate's
+//!    network plumbing adds before the guest runs (from the gate's log).
+//!
 //! Run: `KUBECONFIG=… cargo bench -p virtkube-e2e --bench cluster`
-//! (`VIRTKUBE_BENCH_ONLY=disks` for the fourth part alone). Times are
+//! (`VIRTKUBE_BENCH_ONLY=disks` or `=network` for the fourth or fifth part alone). Times are
 //! polled with kubectl every 50 ms (each poll costs a kubectl start), so they
 //! are accurate to about 0.2 s.
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
@@ -38,10 +43,18 @@ fn main() {
     let namespace = RunNamespace::create("virtkube-bench");
     let ns = namespace.name().to_owned();
     // VIRTKUBE_BENCH_ONLY=disks runs the fourth part alone.
-    if std::env::var("VIRTKUBE_BENCH_ONLY").as_deref() == Ok("disks") {
-        disk_image_against_host_files(&ns);
-        let _ = kubectl(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"]);
-        return;
+    match std::env::var("VIRTKUBE_BENCH_ONLY").as_deref() {
+        Ok("disks") => {
+            disk_image_against_host_files(&ns);
+            let _ = kubectl(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"]);
+            return;
+        }
+        Ok("network") => {
+            pod_network_against_a_plain_pod(&ns);
+            let _ = kubectl(&["delete", "namespace", &ns, "--wait=true", "--timeout=180s"]);
+            return;
+        }
+        _ => {}
     }
     println!("virtkube cluster benchmark (namespace {ns}; the tiny TCG guest, 128Mi)");
 
@@ -223,6 +236,90 @@ fn disk_image_against_host_files(ns: &str) {
         "pod created → the guest's banner, the same guest from files on the node (direct kernel boot): p50 {:5.2} s   max {:5.2} s   ({RUNS} runs)",
         p50_secs(&from_host),
         max_secs(&from_host)
+    );
+}
+
+/// One HTTP GET over a new connection: the time to the whole answer and its size.
+fn timed_get(ip: &str, path: &str) -> (Duration, usize) {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut conn = std::net::TcpStream::connect((ip, 80)).unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).unwrap();
+    (started.elapsed(), reply.len())
+}
+
+fn p99_secs(samples: &[Duration]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)].as_secs_f64()
+}
+
+fn pod_network_against_a_plain_pod(ns: &str) {
+    const REQUESTS: usize = 100;
+    const TRANSFERS: usize = 5;
+    const BIG: usize = 8 << 20;
+    apply(&vm_pod(ns, "vm"));
+    // busybox httpd in a plain pod, serving the same two files.
+    apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: plain, namespace: {ns}}}\nspec:\n  containers:\n    - name: httpd\n      image: debian:bookworm-slim\n      imagePullPolicy: Never\n      command: [sh, -c, 'mkdir /www && echo hello > /www/index.html && head -c {BIG} /dev/zero > /www/big && exec /bb/busybox httpd -f -p 80 -h /www']\n      volumeMounts: [{{name: bb, mountPath: /bb/busybox, readOnly: true}}]\n  volumes: [{{name: bb, hostPath: {{path: /bin/busybox, type: File}}}}]\n"
+    ));
+    eventually("both web servers", ns, TIMEOUT, || {
+        kubectl(&["-n", ns, "logs", "vm"]).1.contains("virtkube-tiny: ready")
+            && ok(&["-n", ns, "get", "pod", "plain", "-o", "jsonpath={.status.phase}"]).trim() == "Running"
+    });
+    let ip = |pod: &str| {
+        ok(&["-n", ns, "get", "pod", pod, "-o", "jsonpath={.status.podIP}"])
+            .trim()
+            .to_owned()
+    };
+    let (vm_ip, plain_ip) = (ip("vm"), ip("plain"));
+    let (mut vm_latency, mut plain_latency) = (Vec::new(), Vec::new());
+    for _ in 0..REQUESTS {
+        vm_latency.push(timed_get(&vm_ip, "/").0);
+        plain_latency.push(timed_get(&plain_ip, "/").0);
+    }
+    let (mut vm_rate, mut plain_rate) = (Vec::new(), Vec::new());
+    for _ in 0..TRANSFERS {
+        for (target, rates) in [(&vm_ip, &mut vm_rate), (&plain_ip, &mut plain_rate)] {
+            let (took, size) = timed_get(target, "/big");
+            assert!(size > BIG, "{target}/big: {size} bytes");
+            rates.push(size as f64 / took.as_secs_f64() / 1e6);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("the pod network (masquerade) against a plain pod, busybox httpd in both, from the node:");
+    println!(
+        "  GET / (new connection each, {REQUESTS} runs): guest at its pod IP p50 {:6.2} ms  p99 {:6.2} ms   plain pod p50 {:6.2} ms  p99 {:6.2} ms",
+        p50_secs(&vm_latency) * 1e3,
+        p99_secs(&vm_latency) * 1e3,
+        p50_secs(&plain_latency) * 1e3,
+        p99_secs(&plain_latency) * 1e3
+    );
+    println!(
+        "  GET 8 MiB (median of {TRANSFERS}): guest {:7.1} MB/s   plain pod {:7.1} MB/s",
+        median(&mut vm_rate),
+        median(&mut plain_rate)
+    );
+    // The plumbing the gate did for this namespace's VMs, as it logged it.
+    let log = kubectl(&["-n", "virtkube-system", "logs", "ds/virthost", "--tail=2000"]).1;
+    let plumbing: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("the guest's NIC is in the caller's network namespace") && l.contains(ns))
+        .filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    println!(
+        "  the gate's network plumbing (tap into the pod, address, forwarding, nft) before the guest runs: {}",
+        plumbing
+            .iter()
+            .map(|ms| format!("{ms:.1} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 }
 

@@ -71,12 +71,18 @@ fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> Str
 fn http_get(address: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let address: std::net::SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
-    let mut conn = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(Duration::from_secs(20))).map_err(|e| e.to_string())?;
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
     conn.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
     let mut reply = String::new();
     conn.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-    Ok(reply.split_once("\r\n\r\n").map_or(reply.as_str(), |(_, body)| body).trim().to_owned())
+    Ok(reply
+        .split_once("\r\n\r\n")
+        .map_or(reply.as_str(), |(_, body)| body)
+        .trim()
+        .to_owned())
 }
 
 /// The 3 VMs of the Deployment on their pods' network: each at its own pod
@@ -118,17 +124,32 @@ fn the_deployment_is_on_the_pod_network(ns: &str) -> String {
     apply(&format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: tiny-vm, namespace: {ns}}}\nspec:\n  selector: {{app.kubernetes.io/name: tiny-vm}}\n  ports: [{{port: 80, targetPort: 80}}]\n"
     ));
-    let service = ok(&["-n", ns, "get", "service", "tiny-vm", "-o", "jsonpath={.spec.clusterIP}"])
-        .trim()
-        .to_owned();
+    let service = ok(&[
+        "-n",
+        ns,
+        "get",
+        "service",
+        "tiny-vm",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])
+    .trim()
+    .to_owned();
     // From the node: 30 requests reach all three.
     let mut answered = std::collections::BTreeSet::new();
-    eventually("the Service to reach all 3 VMs from the node", ns, Duration::from_secs(60), || {
-        answered.extend((0..30).filter_map(|_| http_get(&format!("{service}:80")).ok()));
-        answered.len() == 3
-    });
-    let expected: std::collections::BTreeSet<String> =
-        pods.iter().map(|pod| format!("virtkube-tiny: hello from {pod}")).collect();
+    eventually(
+        "the Service to reach all 3 VMs from the node",
+        ns,
+        Duration::from_secs(60),
+        || {
+            answered.extend((0..30).filter_map(|_| http_get(&format!("{service}:80")).ok()));
+            answered.len() == 3
+        },
+    );
+    let expected: std::collections::BTreeSet<String> = pods
+        .iter()
+        .map(|pod| format!("virtkube-tiny: hello from {pod}"))
+        .collect();
     assert_eq!(answered, expected);
 
     // From another pod (bash's /dev/tcp: the image has no HTTP client).
@@ -147,8 +168,15 @@ fn the_deployment_is_on_the_pod_network(ns: &str) -> String {
 
     // kubectl port-forward connects to 127.0.0.1 in the pod: the guest answers.
     let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-    let mut forward = Interactive::spawn(&kubectl_bin, &["-n", ns, "port-forward", &format!("pod/{}", pods[0]), ":80"]);
-    assert!(forward.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(30)), "{}", forward.seen());
+    let mut forward = Interactive::spawn(
+        &kubectl_bin,
+        &["-n", ns, "port-forward", &format!("pod/{}", pods[0]), ":80"],
+    );
+    assert!(
+        forward.wait_for("Forwarding from 127.0.0.1:", Duration::from_secs(30)),
+        "{}",
+        forward.seen()
+    );
     let port = forward
         .seen()
         .split("Forwarding from 127.0.0.1:")
@@ -165,19 +193,33 @@ fn the_deployment_is_on_the_pod_network(ns: &str) -> String {
 
     // The guest reaches another pod by its IP, and the API server's Service IP
     // (a plain HTTP request to its TLS port gets Go's 400 answer).
-    let api = ok(&["-n", "default", "get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"]);
+    let api = ok(&[
+        "-n",
+        "default",
+        "get",
+        "service",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
     let neighbour = &ips[&pods[1]];
     let answer = attach_and_type(
         ns,
         &pods[0],
-        &format!("wget -q -O - http://{neighbour}/; timeout 10 wget -O - http://{}:443/ 2>&1 | tail -n 1; echo fetched-$((40+2))\n", api.trim()),
+        &format!(
+            "wget -q -O - http://{neighbour}/; timeout 10 wget -O - http://{}:443/ 2>&1 | tail -n 1; echo fetched-$((40+2))\n",
+            api.trim()
+        ),
         "fetched-42",
     );
     assert!(
         answer.contains(&format!("virtkube-tiny: hello from {}", pods[1])),
         "the guest reached {neighbour}:\n{answer}"
     );
-    assert!(answer.contains("400 Bad Request"), "the guest reached the API at {api}:\n{answer}");
+    assert!(
+        answer.contains("400 Bad Request"),
+        "the guest reached the API at {api}:\n{answer}"
+    );
     service
 }
 
@@ -317,18 +359,24 @@ fn vm_lifecycle_through_kubectl() {
     let service = the_deployment_is_on_the_pod_network(&ns);
     virthost_restarts_leave_vms_running(&ns);
     // The network survived the virthost's restarts (it lives in the pods).
-    let after: std::collections::BTreeSet<String> =
-        (0..30).filter_map(|_| http_get(&format!("{service}:80")).ok()).collect();
-    assert_eq!(after.len(), 3, "after the virthost restarts the Service reaches: {after:?}");
+    let after: std::collections::BTreeSet<String> = (0..30)
+        .filter_map(|_| http_get(&format!("{service}:80")).ok())
+        .collect();
+    assert_eq!(
+        after.len(),
+        3,
+        "after the virthost restarts the Service reaches: {after:?}"
+    );
     ok(&["-n", &ns, "scale", "deployment/tiny-vm", "--replicas=1"]);
     eventually("one domain left", &ns, Duration::from_secs(90), || {
         virsh_list().matches(&format!("{ns}_tiny-vm")).count() == 1
     });
     // Nothing of the two gone VMs' network is left on the node: their taps
     // went with their pods' namespaces (and the NAT with them).
+    let domains = virsh_list();
     let gone: Vec<String> = networked
         .iter()
-        .filter(|pod| !kubectl(&["-n", &ns, "get", "pod", pod]).0)
+        .filter(|pod| !domains.contains(&format!("{ns}_{pod}")))
         .map(|pod| virtkube_api::podnet::tap_name(&format!("{ns}_{pod}")))
         .collect();
     assert_eq!(gone.len(), 2, "two of {networked:?} went");
@@ -468,9 +516,14 @@ fn virthost_restarts_leave_vms_running(ns: &str) {
         assert!(story.contains("VMStarted"), "{pod}'s events:\n{story}");
     }
     // 1: a rollout restart; 2: an upgrade to the capabilities mode (every
-    // capability but CAP_SYS_RESOURCE, deploy/examples); 3: back again.
+    // capability but CAP_SYS_RESOURCE, deploy/examples); 3: back again, to
+    // the manifest's two capabilities (the pod network's).
     let capabilities_patch = repo_file("deploy/examples/virthost-capabilities-patch.yaml");
-    let back = r#"[{"op": "remove", "path": "/spec/template/spec/containers/0/securityContext"}]"#;
+    let back = r#"[{"op": "replace", "path": "/spec/template/spec/containers/0/securityContext", "value": {"capabilities": {"add": ["NET_ADMIN", "SYS_ADMIN"]}}}]"#;
+    assert!(
+        repo_file("deploy/03-virthost.yaml").contains("add: [NET_ADMIN, SYS_ADMIN]"),
+        "the manifest's capabilities moved: change `back` too"
+    );
     for round in 1..=3 {
         let restarted = Instant::now();
         let how = match round {

@@ -1235,11 +1235,20 @@ impl Finisher {
         }
         if let Some(tap) = pod_tap {
             let (proc_root, caller, tap) = (self.proc_root.clone(), self.caller, tap.to_owned());
+            let started = std::time::Instant::now();
             let plumbed = tokio::task::spawn_blocking(move || crate::podnet::plumb(&proc_root, caller, &tap))
                 .await
                 .map_err(|e| format!("plumbing the pod network failed: {e}"))?
                 .map_err(|e| format!("the pod network: {e}"))?;
-            tracing::info!(who = %self.who, domain = %domain.name, tap = %plumbed.tap, mtu = plumbed.mtu, "the guest's NIC is in the caller's network namespace, behind its address");
+            tracing::info!(
+                who = %self.who,
+                domain = %domain.name,
+                tap = %plumbed.tap,
+                pod_address = %plumbed.pod_address,
+                mtu = plumbed.mtu,
+                took_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+                "the guest's NIC is in the caller's network namespace, behind its address"
+            );
         }
         if run {
             self.control("start the domain")
