@@ -311,7 +311,15 @@ fn pod_network_against_a_plain_pod(ns: &str) {
     let plumbing: Vec<f64> = log
         .lines()
         .filter(|l| l.contains("the guest's NIC is in the caller's network namespace") && l.contains(ns))
-        .filter_map(|l| l.split("took_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("took_ms=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .trim_matches('"')
+                .parse()
+                .ok()
+        })
         .collect();
     println!(
         "  the gate's network plumbing (tap into the pod, address, forwarding, nft) before the guest runs: {}",
