@@ -160,11 +160,11 @@ DHCP
   chmod +x /usr/share/udhcpc/default.script
   udhcpc -i eth0 -q -n -t 10 -T 1 -s /usr/share/udhcpc/default.script 2>/dev/null || echo "virtkube-tiny: eth0 got no address by DHCP"
   echo "virtkube-tiny: hello from $(hostname)" > /www/index.html
-  head -c 8388608 /dev/zero > /www/big  # for throughput benchmarks
   httpd -p 80 -h /www && echo "virtkube-tiny: serving http on port 80"
 fi
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
+    virtkube.bigfile) head -c 8388608 /dev/zero > /www/big && echo "virtkube-tiny: serving /big (8 MiB)" ;;
     virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 3; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; sleep 3; echo c > /proc/sysrq-trigger ;;
     virtkube.fetch=*) url=${arg#virtkube.fetch=}

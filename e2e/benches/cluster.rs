@@ -261,13 +261,21 @@ fn pod_network_against_a_plain_pod(ns: &str) {
     const REQUESTS: usize = 100;
     const TRANSFERS: usize = 5;
     const BIG: usize = 8 << 20;
-    apply(&vm_pod(ns, "vm"));
+    // The guest serves an 8 MiB /big when its command line asks.
+    let cmdline = "console=ttyS0 panic=-1 quiet virtkube.bigfile";
+    apply(&vm_pod(ns, "vm").replacen(
+        "metadata:\n",
+        &format!("metadata:\n  annotations:\n    virtkube.io/cmdline: {cmdline}\n"),
+        1,
+    ));
     // busybox httpd in a plain pod, serving the same two files.
     apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: plain, namespace: {ns}}}\nspec:\n  containers:\n    - name: httpd\n      image: debian:bookworm-slim\n      imagePullPolicy: Never\n      command: [sh, -c, 'mkdir /www && echo hello > /www/index.html && head -c {BIG} /dev/zero > /www/big && exec /bb/busybox httpd -f -p 80 -h /www']\n      volumeMounts: [{{name: bb, mountPath: /bb/busybox, readOnly: true}}]\n  volumes: [{{name: bb, hostPath: {{path: /bin/busybox, type: File}}}}]\n"
     ));
     eventually("both web servers", ns, TIMEOUT, || {
-        kubectl(&["-n", ns, "logs", "vm"]).1.contains("virtkube-tiny: ready")
+        kubectl(&["-n", ns, "logs", "vm"])
+            .1
+            .contains("virtkube-tiny: serving /big")
             && ok(&["-n", ns, "get", "pod", "plain", "-o", "jsonpath={.status.phase}"]).trim() == "Running"
     });
     let ip = |pod: &str| {

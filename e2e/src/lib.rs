@@ -155,3 +155,39 @@ pub fn p50_secs(samples: &[Duration]) -> f64 {
 pub fn max_secs(samples: &[Duration]) -> f64 {
     samples.iter().max().map_or(f64::NAN, Duration::as_secs_f64)
 }
+
+/// An HTTP/1.0 GET of `/` at `address` over a new connection: the body,
+/// trimmed, or why not.
+pub fn http_get(address: std::net::SocketAddr) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    Ok(reply
+        .split_once("\r\n\r\n")
+        .map_or(reply.as_str(), |(_, body)| body)
+        .trim()
+        .to_owned())
+}
+
+/// A one-request web server on all of this host's addresses: its port, and
+/// a handle that yields the address the request came from once it has
+/// answered with `body`.
+pub fn serve_once(body: String) -> (u16, std::thread::JoinHandle<std::net::IpAddr>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").expect("a port for the test's web server");
+    let port = listener.local_addr().expect("the web server's port").port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = listener.accept().expect("a request to the test's web server");
+        let mut request = [0u8; 1024];
+        let _ = conn.read(&mut request);
+        let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let _ = conn.write_all(reply.as_bytes());
+        peer.ip()
+    });
+    (port, server)
+}

@@ -20,12 +20,12 @@ pub fn binary() -> PathBuf {
     })
 }
 
-/// The shim's golden domain XML, owned by `@OWNER@` (the probe fills it in):
+/// The shim's golden domain XML (without its pod interface, whose tap is
+/// named after the domain), owned by `@OWNER@` (the probe fills it in):
 /// for a pod, its UID as the UUID and in the metadata; for a Docker
 /// container (`pod == false`), its short ID as the name and no UUID or pod UID.
 pub fn own_xml(pod: bool) -> String {
-    let golden = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml"))
-        .unwrap_or_else(|e| panic!("the golden XML: {e}"));
+    let golden = tiny_golden_without_network();
     let uid = "6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b";
     if pod {
         return golden.replace(uid, "@OWNER@");
@@ -43,4 +43,27 @@ pub fn own_xml(pod: bool) -> String {
 /// or was refused without the gate's reason.
 pub fn check_report(lines: &[String]) -> usize {
     virtkube_gate::probe_report::judge(lines).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The tiny guest's golden domain XML without its pod interface (NIC and
+/// metadata record): a domain for tests whose callers have no network
+/// namespace of their own, or that rename the domain (the tap's name follows
+/// the domain's).
+pub fn tiny_golden_without_network() -> String {
+    let golden = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml"))
+        .unwrap_or_else(|e| panic!("the golden XML: {e}"));
+    let mut kept = Vec::new();
+    let mut in_nic = false;
+    for line in golden.lines() {
+        in_nic |= line.trim_start().starts_with("<interface ");
+        if !in_nic && !line.contains("<virtkube:interface ") {
+            kept.push(line);
+        }
+        in_nic &= !line.contains("</interface>");
+    }
+    assert!(
+        kept.len() < golden.lines().count(),
+        "the golden XML has no pod interface any more"
+    );
+    kept.join("\n") + "\n"
 }

@@ -69,20 +69,7 @@ fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> Str
 
 /// An HTTP GET of `/` at `address` (host:port): the body, trimmed.
 fn http_get(address: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let address: std::net::SocketAddr = address.parse().map_err(|e| format!("{address}: {e}"))?;
-    let mut conn =
-        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(|e| e.to_string())?;
-    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-    Ok(reply
-        .split_once("\r\n\r\n")
-        .map_or(reply.as_str(), |(_, body)| body)
-        .trim()
-        .to_owned())
+    virtkube_e2e::http_get(address.parse().map_err(|e| format!("{address}: {e}"))?)
 }
 
 /// The 3 VMs of the Deployment on their pods' network: each at its own pod

@@ -392,27 +392,10 @@ fn a_hostile_docker_container_reaches_only_its_own_domain() {
 #[test]
 #[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn the_guest_gets_an_address_by_dhcp_and_reaches_the_node() {
-    use std::io::{Read, Write};
     require_setup();
-    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let gateway = docker_ok(&[
-        "network",
-        "inspect",
-        "bridge",
-        "-f",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ]);
-    let gateway = gateway.trim().to_owned();
+    let gateway = bridge_gateway();
     let nonce = format!("hello-from-the-node-{}", std::process::id());
-    let body = format!("{nonce}\n");
-    let server = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut request = [0u8; 1024];
-        let _ = conn.read(&mut request);
-        let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        conn.write_all(reply.as_bytes()).unwrap();
-    });
+    let (port, server) = virtkube_e2e::serve_once(format!("{nonce}\n"));
     let dir = std::env::temp_dir().join(format!("virtkube-e2e-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -443,20 +426,17 @@ fn the_guest_gets_an_address_by_dhcp_and_reaches_the_node() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An HTTP GET of `/` from `address`: the body, or why not.
-fn http_get(address: std::net::SocketAddr) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let mut conn =
-        std::net::TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(|e| e.to_string())?;
-    conn.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).map_err(|e| e.to_string())?;
-    Ok(reply
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or(reply))
+/// Docker's bridge gateway: the node as containers see it.
+fn bridge_gateway() -> String {
+    docker_ok(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ])
+    .trim()
+    .to_owned()
 }
 
 /// The tiny image with no interfaces in its template: its NIC is on the
@@ -468,28 +448,10 @@ fn http_get(address: std::net::SocketAddr) -> Result<String, String> {
 #[test]
 #[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
 fn the_vm_answers_at_its_container_address_and_goes_out_with_it() {
-    use std::io::{Read, Write};
     require_setup();
-    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let gateway = docker_ok(&[
-        "network",
-        "inspect",
-        "bridge",
-        "-f",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ]);
-    let gateway = gateway.trim().to_owned();
+    let gateway = bridge_gateway();
     let nonce = format!("seen-by-the-node-{}", std::process::id());
-    let body = format!("{nonce}\n");
-    let server = std::thread::spawn(move || {
-        let (mut conn, peer) = listener.accept().unwrap();
-        let mut request = [0u8; 1024];
-        let _ = conn.read(&mut request);
-        let reply = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        conn.write_all(reply.as_bytes()).unwrap();
-        peer.ip()
-    });
+    let (port, server) = virtkube_e2e::serve_once(format!("{nonce}\n"));
     let dir = std::env::temp_dir().join(format!("virtkube-e2e-podnet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -533,7 +495,7 @@ fn the_vm_answers_at_its_container_address_and_goes_out_with_it() {
         "the guest's request left with the container's address"
     );
     let expected = format!("virtkube-tiny: hello from {}", hostname.trim());
-    let direct = http_get(std::net::SocketAddr::new(address, 80));
+    let direct = virtkube_e2e::http_get(std::net::SocketAddr::new(address, 80));
     assert_eq!(
         direct.as_deref().map(str::trim),
         Ok(expected.as_str()),
@@ -541,7 +503,7 @@ fn the_vm_answers_at_its_container_address_and_goes_out_with_it() {
     );
     let published = docker_ok(&["port", &vm.name, "80/tcp"]);
     let published: std::net::SocketAddr = published.lines().next().unwrap().trim().parse().unwrap();
-    let through = http_get(published);
+    let through = virtkube_e2e::http_get(published);
     assert_eq!(
         through.as_deref().map(str::trim),
         Ok(expected.as_str()),

@@ -38,8 +38,7 @@ fn a_hostile_vm_container_gets_nothing_but_its_own_domain() {
 
     let uid = format!("4b7d3e62-5b2f-4c3a-9a8e-{:012x}", std::process::id());
     let name = format!("gate-hostile-{}", std::process::id());
-    let golden =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml")).unwrap();
+    let golden = support::tiny_golden_without_network();
     let own_xml = golden
         .replace("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b", &uid)
         .replace("virtkube-golden_tiny-0", &name);

@@ -24,8 +24,7 @@ struct Vm {
 fn start_vm(dir: &Path, socket: &Path, log: &Path, tag: u32, cleanup: &mut Cleanup) -> Vm {
     let uid = format!("5c8e4f73-6c3a-4d4b-8b9f-{:06x}{tag:06x}", std::process::id());
     let name = format!("gate-lifetime-{}-{tag}", std::process::id());
-    let golden =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml")).unwrap();
+    let golden = support::tiny_golden_without_network();
     let xml = golden
         .replace("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b", &uid)
         .replace("virtkube-golden_tiny-0", &name);
@@ -159,8 +158,7 @@ fn create_recorded(name: &str, uuid: &str, pid: u32, start: u64, dir: &Path) {
 
 /// `virsh VERB` (create or define) of the tiny guest with an owner record.
 fn make_recorded(verb: &str, name: &str, uuid: &str, pid: u32, start: u64, dir: &Path) {
-    let golden =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml")).unwrap();
+    let golden = support::tiny_golden_without_network();
     let record = format!(
         r#"<owner xmlns="{}" pid="{pid}" start="{start}" caller="test"/></metadata>"#,
         virtkube_gate::keeper::OWNER_NAMESPACE

@@ -45,8 +45,7 @@ fn only_open_files_pass_as_disks_and_qemu_gets_them() {
         let _ = std::fs::remove_dir_all(&scratch);
     }));
     let name = format!("gate-fds-{}", std::process::id());
-    let golden =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml")).unwrap();
+    let golden = support::tiny_golden_without_network();
     let xml = golden
         .replace("6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b", &uid)
         .replace("virtkube-golden_tiny-0", &name)

@@ -20,6 +20,7 @@ fn the_shim_runs_its_vm_through_the_gate_unchanged() {
     let shim = support::shim_binary();
     let (dir, uid, cgroup) = support::this_process_in_a_pod("virtkube-shim-gate", "5c6d7e8f-0a1b-4c2d-8e3f");
     let (gate, socket, log) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
+    let gate = support::KillOnDrop(gate);
     let pod = format!("through-gate-{}", std::process::id());
     let mut child = support::shim_command(
         &shim,
@@ -81,12 +82,13 @@ fn the_shim_runs_its_vm_through_the_gate_unchanged() {
     let qemu_pid = || std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).unwrap_or_default();
     let qemu_before = qemu_pid();
     let mut gate = gate;
-    gate.kill().unwrap();
-    let _ = gate.wait();
+    gate.0.kill().unwrap();
+    let _ = gate.0.wait();
     std::thread::sleep(Duration::from_millis(500));
     let _ = std::fs::remove_file(&socket);
     std::fs::rename(&log, dir.join("gate-before-restart.log")).unwrap();
-    let (mut gate, _, _) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
+    let (gate, _, _) = support::start_gate(env!("CARGO_BIN_EXE_virtkube-gate"), &dir, "/virtkube-test");
+    let gate = support::KillOnDrop(gate);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !text(&stderr).contains("reattached to domain") {
         assert!(Instant::now() < deadline, "the shim did not reattach\n{}", report());
@@ -115,8 +117,7 @@ fn the_shim_runs_its_vm_through_the_gate_unchanged() {
         assert!(Instant::now() < deadline, "the shim did not stop\n{}", report());
         std::thread::sleep(Duration::from_millis(100));
     };
-    let _ = gate.kill();
-    let _ = gate.wait();
+    drop(gate);
     assert_eq!(status.code(), Some(0), "{}", report());
     let gate_log = std::fs::read_to_string(&log).unwrap();
     assert!(

@@ -12,7 +12,8 @@ use libvirt_wire::protocol::procedure;
 use support::Shim;
 use support::fake_libvirtd::{FakeLibvirtd, Script};
 
-const TEMPLATE: &str = "memory: 64Mi\n";
+// No NIC: a pod interface needs the gate, and these tests talk to a fake libvirtd.
+const TEMPLATE: &str = "memory: 64Mi\ninterfaces: []\n";
 /// The shim's own state poll interval (runtime::STATE_POLL) plus slack.
 const FIRST_POLL: Duration = Duration::from_secs(8);
 

@@ -132,7 +132,7 @@ pub fn shim_command(
     std::fs::write(
         &template,
         format!(
-            "memory: 128Mi\ndomainType: qemu\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: {cmdline}\n"
+            "memory: 128Mi\ndomainType: qemu\ninterfaces: []\nboot:\n  kernel: /var/lib/virtkube/images/tiny/vmlinuz\n  initrd: /var/lib/virtkube/images/tiny/initrd.gz\n  cmdline: {cmdline}\n"
         ),
     )
     .unwrap();
@@ -149,6 +149,17 @@ pub fn shim_command(
         .env("POD_NAME", pod)
         .env("POD_UID", uid);
     command
+}
+
+/// A child process killed and reaped when dropped, also when a test panics:
+/// a daemon left running would hold the test harness's output open.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs its closures, last first, when dropped (also when a test panics).
@@ -220,4 +231,27 @@ pub fn run_probe(
         }
         lines.push(line);
     }
+}
+
+/// The tiny guest's golden domain XML without its pod interface (NIC and
+/// metadata record): a domain for tests whose callers have no network
+/// namespace of their own, or that rename the domain (the tap's name follows
+/// the domain's).
+pub fn tiny_golden_without_network() -> String {
+    let golden = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml"))
+        .unwrap_or_else(|e| panic!("the golden XML: {e}"));
+    let mut kept = Vec::new();
+    let mut in_nic = false;
+    for line in golden.lines() {
+        in_nic |= line.trim_start().starts_with("<interface ");
+        if !in_nic && !line.contains("<virtkube:interface ") {
+            kept.push(line);
+        }
+        in_nic &= !line.contains("</interface>");
+    }
+    assert!(
+        kept.len() < golden.lines().count(),
+        "the golden XML has no pod interface any more"
+    );
+    kept.join("\n") + "\n"
 }
