@@ -654,10 +654,10 @@ fn a_vm_outgrowing_its_pod_is_killed_there(ns: &str) {
             ok(&["-n", ns, "get", "pod", &pod, "-o", "jsonpath={.metadata.uid}"]).trim()
         ))
     });
-    // 8 MiB above what the pod uses now (cgroup v1 or v2), set from the virthost.
+    // 4 MiB above what the pod uses now (cgroup v1 or v2), set from the virthost.
     let squeeze = format!(
-        "cd /sys/fs/cgroup/memory{0} 2>/dev/null && echo $(( $(cat memory.usage_in_bytes) + 8388608 )) > memory.limit_in_bytes \
-         || {{ cd /sys/fs/cgroup{0} && echo $(( $(cat memory.current) + 8388608 )) > memory.max; }}",
+        "cd /sys/fs/cgroup/memory{0} 2>/dev/null && echo $(( $(cat memory.usage_in_bytes) + 4194304 )) > memory.limit_in_bytes \
+         || {{ cd /sys/fs/cgroup{0} && echo $(( $(cat memory.current) + 4194304 )) > memory.max; }}",
         cgroup.trim()
     );
     ok(&[
@@ -670,11 +670,14 @@ fn a_vm_outgrowing_its_pod_is_killed_there(ns: &str) {
         "-c",
         &squeeze,
     ]);
-    // The guest fills 120 MiB of its RAM (its root is a RAM file system).
+    // The guest fills its RAM: its root (a RAM file system, up to half the
+    // RAM), then an 80 MiB buffer. Pages it touched before and freed come
+    // back first, and a NIC's boot touches more of them, so only filling
+    // everything is sure to reach pages QEMU never had.
     attach_and_type(
         ns,
         &pod,
-        "dd if=/dev/zero of=/fill bs=1M count=120; echo filled\n",
+        "dd if=/dev/zero of=/fill bs=1M count=120; dd if=/dev/zero of=/dev/null bs=80M count=1; echo filled\n",
         "exit 3",
     );
     eventually("the tiny-oom pod to fail", ns, Duration::from_secs(60), || {
