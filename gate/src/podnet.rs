@@ -166,6 +166,15 @@ pub fn plumb(proc_root: &Path, caller: CallerProcess, tap: &str) -> Result<Plumb
 /// In the pod's namespace: address, MTU and forwarding for the tap; the NAT.
 fn configure_inside(tap: &str) -> Result<Plumbed, PlumbError> {
     let (uplink, pod_address) = uplink(tap)?;
+    // The pod named its interface (one with NET_ADMIN in its namespace may
+    // rename it), and the name goes into nft's script, which runs in the
+    // virthost's mount namespace: a quote could add an `include` of a
+    // virthost file. Plain names only.
+    if !is_plain_name(&uplink) {
+        return Err(PlumbError::NoUplink(format!(
+            "an interface named {uplink:?}, which the gate does not put into its rules (letters, digits, '.', '-', '_' and '@' only)"
+        )));
+    }
     let control = Control::open()?;
     let mtu = control.mtu(&uplink)?;
     control.set_mtu(tap, mtu)?;
@@ -231,6 +240,12 @@ fn uplink(tap: &str) -> Result<(String, Ipv4Addr), PlumbError> {
             found.join(", ")
         })
     })
+}
+
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_@".contains(&b))
 }
 
 fn run_nft(script: &str) -> Result<(), PlumbError> {
@@ -486,6 +501,24 @@ mod tests {
             rules.contains("oifname \"vk0123456789ab\" ip saddr 127.0.0.1 snat to 10.0.2.1"),
             "{rules}"
         );
+    }
+
+    #[test]
+    fn only_plain_interface_names_go_into_the_rules() {
+        for plain in ["eth0", "net1", "veth-a.1", "eth0@if12", "a_b"] {
+            assert!(is_plain_name(plain), "{plain}");
+        }
+        for hostile in [
+            "",
+            "e\"; include \"/etc/shadow",
+            "a b",
+            "a\nb",
+            "a{",
+            "0123456789abcdefg",
+            "é",
+        ] {
+            assert!(!is_plain_name(hostile), "{hostile:?}");
+        }
     }
 
     #[test]

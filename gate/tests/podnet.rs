@@ -4,7 +4,7 @@
 //! pod's address. What the plumbing left is read back with `ip`, `nft` and
 //! /proc from inside the pod's namespace. Refusals: a caller in the node's
 //! namespace, a caller that has exited, a tap that does not exist, a pod
-//! with no network.
+//! with no network, a pod whose interface name would break into the rules.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::process::{Child, Command, Stdio};
@@ -178,5 +178,18 @@ fn callers_without_a_network_of_their_own_are_refused() {
         why.to_string().contains("lo 127.0.0.1") || why.to_string().contains("nothing"),
         "{why}"
     );
+    // A pod that named its interface to break out of the NAT script (one
+    // with NET_ADMIN in its own namespace can): nft never sees the name.
+    let crafty = Pod::start("vkt5", true);
+    crafty.inside(&["ip", "link", "set", "eth0", "down"]);
+    crafty.inside(&["ip", "link", "set", "eth0", "name", "e\";inc"]);
+    crafty.inside(&["ip", "link", "set", "e\";inc", "up"]);
+    let other = virtkube_api::podnet::tap_name(&format!("crafty_{}", std::process::id()));
+    tap(&other);
+    let why = podnet::plumb(proc_root, crafty.caller(), &other).unwrap_err();
+    assert!(matches!(why, PlumbError::NoUplink(_)), "{why}");
+    assert!(why.to_string().contains("does not put into its rules"), "{why}");
+    let tables = crafty.inside(&["nft", "list", "tables"]);
+    assert!(!tables.contains("virtkube"), "{tables}");
     let _ = Command::new("ip").args(["link", "del", &name]).output();
 }
