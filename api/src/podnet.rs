@@ -16,6 +16,15 @@ pub const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 /// The prefix length of the guest's subnet.
 pub const PREFIX: u8 = 24;
 
+/// Where the shim serves the VM's display inside the pod, on 127.0.0.1
+/// only (reached with `kubectl port-forward`): RFB (any VNC viewer).
+pub const VNC_PORT: u16 = 5900;
+/// RFB over WebSocket (noVNC, a browser), on 127.0.0.1 like [`VNC_PORT`].
+pub const VNC_WEBSOCKET_PORT: u16 = 6080;
+/// The pod's loopback ports that stay the shim's: every other port of
+/// 127.0.0.1 (where `kubectl port-forward` connects) reaches the guest.
+pub const SHIM_PORTS: [u16; 2] = [VNC_PORT, VNC_WEBSOCKET_PORT];
+
 /// The name of a domain's pod tap. libvirt creates it under this name in the
 /// virthost's network namespace, where names of all the node's VMs meet, so
 /// it is derived from the domain's name (unique on the node, and the gate

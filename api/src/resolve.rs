@@ -186,6 +186,18 @@ impl fmt::Display for MacAddr {
     }
 }
 
+/// Where a VM's VNC display is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VncDisplay {
+    /// In the VM's pod, by its shim (127.0.0.1:5900, RFB, and :6080, RFB over
+    /// WebSocket): QEMU listens nowhere and each viewer's connection is
+    /// opened by libvirt and handed to the shim. The default.
+    InPod,
+    /// On the node, at this address (`spec.graphics.listen`): only with a
+    /// plain libvirtd; the gate refuses it.
+    OnNode(String),
+}
+
 /// A VirtTemplate after validation, with every default applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedTemplate {
@@ -223,8 +235,8 @@ pub struct ResolvedTemplate {
     pub interfaces: Vec<ResolvedInterface>,
     /// Serial console present.
     pub serial: bool,
-    /// VNC listen address, when graphics are on.
-    pub vnc_listen: Option<String>,
+    /// The VNC display, when graphics are on.
+    pub vnc: Option<VncDisplay>,
     /// ACPI on.
     pub acpi: bool,
     /// APIC on.
@@ -538,7 +550,7 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
     }
 
     let graphics = spec.graphics.clone().unwrap_or_default();
-    let vnc_listen = match graphics.kind.unwrap_or(GraphicsType::None) {
+    let vnc = match graphics.kind.unwrap_or(GraphicsType::None) {
         GraphicsType::None => {
             if let Some(listen) = &graphics.listen {
                 problems.add(
@@ -549,14 +561,20 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
             None
         }
         GraphicsType::Vnc => {
-            let listen = graphics.listen.clone().unwrap_or_else(|| "127.0.0.1".into());
-            if listen.parse::<std::net::IpAddr>().is_err() {
-                problems.add(
-                    "spec.graphics.listen",
-                    format!("{listen:?} is not an IP address; use one such as 127.0.0.1, 0.0.0.0 or ::1"),
-                );
+            match &graphics.listen {
+                None => Some(VncDisplay::InPod),
+                Some(listen) => {
+                    if listen.parse::<std::net::IpAddr>().is_err() {
+                        problems.add(
+                            "spec.graphics.listen",
+                            format!(
+                                "{listen:?} is not an IP address; use one such as 127.0.0.1, or leave listen out to have the display served in the pod"
+                            ),
+                        );
+                    }
+                    Some(VncDisplay::OnNode(listen.clone()))
+                }
             }
-            Some(listen)
         }
     };
 
@@ -612,7 +630,7 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
         disks,
         interfaces,
         serial: spec.serial.as_ref().and_then(|s| s.enabled).unwrap_or(true),
-        vnc_listen,
+        vnc,
         acpi: features.acpi.unwrap_or(true),
         apic: features.apic.unwrap_or(true),
         pvpanic,

@@ -481,7 +481,11 @@ pub struct GraphicsSpec {
     /// `none` (default) or `vnc`.
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<GraphicsType>,
-    /// Address the VNC server listens on, on the node. Default `127.0.0.1`.
+    /// Serve the display on the node at this address instead of in the pod.
+    /// Only with a plain libvirtd (the gate refuses it: anyone reaching the
+    /// node could watch and type). Default: unset, the shim serves it in the
+    /// pod on 127.0.0.1:5900 (RFB) and :6080 (WebSocket), for `kubectl
+    /// port-forward`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
 }
@@ -492,7 +496,7 @@ pub struct GraphicsSpec {
 pub enum GraphicsType {
     /// No graphics (no display device).
     None,
-    /// A VNC server on the node.
+    /// A VNC display, served in the VM's pod by its shim.
     Vnc,
 }
 

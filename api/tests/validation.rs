@@ -36,7 +36,7 @@ fn defaults_are_applied_explicitly() {
     assert_eq!(t.memory_bytes, 256 << 20);
     assert_eq!(t.firmware, Firmware::Bios);
     assert!(t.serial && t.acpi && t.apic && t.pvpanic);
-    assert_eq!(t.vnc_listen, None);
+    assert_eq!(t.vnc, None);
     assert_eq!(
         (t.on_poweroff, t.on_reboot, t.on_crash),
         (
@@ -97,7 +97,7 @@ fn nested_defaults_and_values() {
     assert!(!t.disks[0].read_only);
     assert!(t.disks[1].read_only, "cdroms are read-only");
     assert_eq!(t.interfaces[0].model, NicModel::Virtio);
-    assert_eq!(t.vnc_listen.as_deref(), Some("127.0.0.1"));
+    assert_eq!(t.vnc, Some(virtkube_api::resolve::VncDisplay::InPod));
 }
 
 #[test]

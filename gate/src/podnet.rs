@@ -89,6 +89,8 @@ pub struct Plumbed {
 pub fn ruleset(tap: &str, uplink: &str, pod_address: Ipv4Addr) -> String {
     let guest = podnet::GUEST;
     let gateway = podnet::GATEWAY;
+    // The shim's own (its VNC server): kept from the guest.
+    let shim_ports = podnet::SHIM_PORTS.map(|p| p.to_string()).join(", ");
     let subnet = format!(
         "{}/{}",
         Ipv4Addr::from(u32::from(guest) & (u32::MAX << (32 - podnet::PREFIX))),
@@ -104,6 +106,7 @@ table ip virtkube {{
 \t}}
 \tchain output {{
 \t\ttype nat hook output priority -100; policy accept;
+\t\toifname \"lo\" ip daddr 127.0.0.1 tcp dport {{ {shim_ports} }} accept
 \t\toifname \"lo\" ip daddr 127.0.0.1 dnat to {guest}
 \t}}
 \tchain postrouting {{
@@ -497,6 +500,11 @@ mod tests {
             rules.contains("oifname \"lo\" ip daddr 127.0.0.1 dnat to 10.0.2.2"),
             "{rules}"
         );
+        // The shim's display ports stay the pod's, before that rule.
+        let kept = rules
+            .find("oifname \"lo\" ip daddr 127.0.0.1 tcp dport { 5900, 6080 } accept")
+            .expect(&rules);
+        assert!(kept < rules.find("oifname \"lo\" ip daddr 127.0.0.1 dnat").unwrap(), "{rules}");
         assert!(
             rules.contains("oifname \"vk0123456789ab\" ip saddr 127.0.0.1 snat to 10.0.2.1"),
             "{rules}"

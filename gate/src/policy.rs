@@ -12,7 +12,7 @@ use crate::identity::Identity;
 
 /// The version of [`ALLOWED_CALLS`]; raise it when the list changes, so a
 /// shim and a gate can say which list they speak.
-pub const ALLOWED_CALLS_VERSION: u32 = 3;
+pub const ALLOWED_CALLS_VERSION: u32 = 4;
 
 /// Every remote procedure the shim makes (shim/src/runtime.rs), and no other.
 pub const ALLOWED_CALLS: &[(i32, &str)] = &[
@@ -38,6 +38,12 @@ pub const ALLOWED_CALLS: &[(i32, &str)] = &[
     (procedure::DOMAIN_SHUTDOWN_FLAGS, "DOMAIN_SHUTDOWN_FLAGS"),
     (procedure::DOMAIN_DESTROY_FLAGS, "DOMAIN_DESTROY_FLAGS"),
     (procedure::CONNECT_CLOSE, "CONNECT_CLOSE"),
+    // v4: operations on the running VM (`virtkube-shim reboot|reset|
+    // screenshot`) and its graphical console, passed back as a descriptor.
+    (procedure::DOMAIN_REBOOT, "DOMAIN_REBOOT"),
+    (procedure::DOMAIN_RESET, "DOMAIN_RESET"),
+    (procedure::DOMAIN_SCREENSHOT, "DOMAIN_SCREENSHOT"),
+    (procedure::DOMAIN_OPEN_GRAPHICS_FD, "DOMAIN_OPEN_GRAPHICS_FD"),
 ];
 
 /// The name of an allowed procedure, or `None` for one the gate refuses.
@@ -217,8 +223,8 @@ const ATTRIBUTES: &[(&str, &[&str])] = &[
     ("domain/devices/console", &["type"]),
     ("domain/devices/console/target", &["type", "port"]),
     ("domain/devices/panic", &["model"]),
-    ("domain/devices/graphics", &["type", "autoport"]),
-    ("domain/devices/graphics/listen", &["type", "address"]),
+    ("domain/devices/graphics", &["type"]),
+    ("domain/devices/graphics/listen", &["type"]),
 ];
 
 /// Network disk protocols the renderer writes; each reaches a remote host by
@@ -281,6 +287,7 @@ pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl
     let memory_kib = check_sizes(root, policy)?;
     let fd_groups = check_devices(root, policy, paths)?;
     let pod_tap = check_interfaces(root, name, policy)?;
+    check_graphics(root)?;
     if fd_groups.len() > MAX_FD_GROUPS {
         return deny(format!(
             "{} disks passed as descriptors; at most {MAX_FD_GROUPS}",
@@ -569,14 +576,6 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
             ));
         }
     }
-    for graphics in root.descendants().filter(|n| n.has_tag_name("graphics")) {
-        if graphics.attribute("type") != Some("vnc") {
-            return deny("only VNC graphics are allowed");
-        }
-        if graphics.has_attribute("socket") || graphics.descendants().any(|n| n.attribute("type") == Some("socket")) {
-            return deny("graphics may not listen on a host socket");
-        }
-    }
     Ok(groups)
 }
 
@@ -639,6 +638,29 @@ fn check_interfaces(root: roxmltree::Node<'_, '_>, name: &str, policy: &Policy) 
         }
     }
     Ok(pod_tap)
+}
+
+/// A display is VNC that listens nowhere (`<listen type='none'/>`): its VM
+/// container reaches it through DOMAIN_OPEN_GRAPHICS_FD and serves it inside
+/// the pod. A listening address or socket would put it on the node, where
+/// anyone who reaches the node could watch and type.
+fn check_graphics(root: roxmltree::Node<'_, '_>) -> Result<(), Denied> {
+    let Some(graphics) = child(root, "devices").and_then(|d| child(d, "graphics")) else {
+        return Ok(());
+    };
+    if graphics.attribute("type") != Some("vnc") {
+        return deny(format!(
+            "graphics type {:?} is not allowed (vnc, served in the pod)",
+            graphics.attribute("type").unwrap_or_default()
+        ));
+    }
+    match child(graphics, "listen").and_then(|l| l.attribute("type")) {
+        Some("none") => Ok(()),
+        other => deny(format!(
+            "a VNC display must listen nowhere on the node (<listen type='none'/>; the VM container serves it in the pod), not {:?}",
+            other.unwrap_or("the default address")
+        )),
+    }
 }
 
 /// A file a domain uses must be an absolute path under one of the roots, with
@@ -1074,11 +1096,22 @@ mod tests {
         // define, list, lookup by name or ID, XML, metadata, node devices,
         // secrets, storage, sysinfo, resume: refused.
         for refused in [
-            11, 12, 14, 22, 23, 25, 26, 28, 35, 55, 56, 74, 77, 146, 203, 213, 264, 265, 273,
+            11, 12, 14, 22, 23, 25, 26, 28, 34, 35, 55, 56, 74, 77, 146, 203, 213, 249, 264, 265, 273,
         ] {
             assert_eq!(allowed_call(refused), None, "procedure {refused}");
         }
-        assert_eq!(ALLOWED_CALLS.len(), 16);
+        assert_eq!(ALLOWED_CALLS.len(), 20);
+        // v4: operations on the VM and its display; pausing is not the
+        // container's (spec.runState, done by nodeinfo), nor is handing
+        // QEMU a socket of the caller's (DOMAIN_OPEN_GRAPHICS, 249).
+        for (call, name) in [
+            (procedure::DOMAIN_REBOOT, "DOMAIN_REBOOT"),
+            (procedure::DOMAIN_RESET, "DOMAIN_RESET"),
+            (procedure::DOMAIN_SCREENSHOT, "DOMAIN_SCREENSHOT"),
+            (procedure::DOMAIN_OPEN_GRAPHICS_FD, "DOMAIN_OPEN_GRAPHICS_FD"),
+        ] {
+            assert_eq!(allowed_call(call), Some(name));
+        }
         // v3: disks passed as descriptors.
         for (call, name) in [
             (procedure::DOMAIN_DEFINE_XML_FLAGS, "DOMAIN_DEFINE_XML_FLAGS"),

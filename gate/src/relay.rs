@@ -41,7 +41,10 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_CALLER: usize = 4;
 pub const ERR_ACCESS_DENIED: i32 = 88;
 /// libvirt's `VIR_FROM_ACCESS`.
 pub const FROM_ACCESS: i32 = 55;
-use libvirt_wire::flags::{DEFINE_VALIDATE, START_AUTODESTROY, START_PAUSED, START_VALIDATE};
+use libvirt_wire::flags::{
+    DEFINE_VALIDATE, OPEN_GRAPHICS_SKIPAUTH, REBOOT_ACPI_POWER_BTN as REBOOT_ACPI, START_AUTODESTROY, START_PAUSED,
+    START_VALIDATE,
+};
 
 /// The largest packet a VM container may send: a domain XML (libvirt takes
 /// at most 4 MiB in one string) and its header. Larger is not a shim.
@@ -611,6 +614,9 @@ pub struct Session {
     defined: Option<Defined>,
     /// Serials of the consoles it opened: its stream packets go only there.
     consoles: Vec<u32>,
+    /// Serials of screenshots under way: their only stream packet from the
+    /// caller is the one that finishes (or aborts) the download.
+    screenshots: Vec<u32>,
     /// Event registrations it made.
     event_registrations: usize,
 }
@@ -711,6 +717,12 @@ pub fn decide(
             Err(Denied(why)) => Verdict::Deny(why),
         },
         (REMOTE_PROGRAM, MessageType::Stream) if session.consoles.contains(&header.serial) => Verdict::Forward,
+        (REMOTE_PROGRAM, MessageType::Stream)
+            if session.screenshots.contains(&header.serial) && header.status != Status::Continue =>
+        {
+            session.screenshots.retain(|serial| *serial != header.serial);
+            Verdict::Forward
+        }
         (program, kind) => Verdict::Close(format!(
             "a packet the shim never sends (program {program:#x}, {kind:?}, serial {})",
             header.serial
@@ -721,21 +733,30 @@ pub fn decide(
 /// A VM container's connection: a unix socket (which can carry file
 /// descriptors) or TCP.
 trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// Its reading and writing halves.
-    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>);
+    /// Its reading and writing halves, and for a unix socket a second handle
+    /// on it through which descriptors are passed to the caller.
+    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>, Option<UnixStream>);
 }
 
 impl ClientStream for UnixStream {
-    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>) {
+    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>, Option<UnixStream>) {
+        // A duplicate of the descriptor: the same socket, usable beside the
+        // writing half (and only under its lock, so frames stay whole).
+        let passing = std::os::fd::AsFd::as_fd(&self)
+            .try_clone_to_owned()
+            .map(std::os::unix::net::UnixStream::from)
+            .and_then(UnixStream::from_std)
+            .map_err(|e| tracing::warn!(error = %e, "no descriptors can be passed back on this connection"))
+            .ok();
         let (reader, writer) = self.into_split();
-        (ClientReader::Unix(reader), Box::new(writer))
+        (ClientReader::Unix(reader), Box::new(writer), passing)
     }
 }
 
 impl ClientStream for TcpStream {
-    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>) {
+    fn into_halves(self) -> (ClientReader, Box<dyn AsyncWrite + Send + Unpin>, Option<UnixStream>) {
         let (reader, writer) = self.into_split();
-        (ClientReader::Other(Box::new(reader)), Box::new(writer))
+        (ClientReader::Other(Box::new(reader)), Box::new(writer), None)
     }
 }
 
@@ -844,7 +865,7 @@ async fn relay<S: ClientStream>(
     gate: &Gate,
     revoked: impl Future<Output = ()>,
 ) {
-    let (mut from_client, to_client) = client.into_halves();
+    let (mut from_client, to_client, passing) = client.into_halves();
     let (mut from_libvirtd, mut to_libvirtd) = upstream.into_split();
     let to_client = Arc::new(Mutex::new(to_client));
     // libvirtd → VM container: whole frames, so a denial written meanwhile
@@ -864,6 +885,48 @@ async fn relay<S: ClientStream>(
     });
     let mut downstream = tokio::spawn(async move {
         while let Ok(Some((header, frame))) = read_packet(&mut from_libvirtd, protocol::MAX_PACKET).await {
+            if header.kind == MessageType::ReplyWithFds {
+                // Its descriptors follow it on libvirtd's socket: all are
+                // taken, and passed on only for a display the caller opened
+                // (the gate let only DOMAIN_OPEN_GRAPHICS_FD through).
+                let fds = match take_passed_back(&from_libvirtd, &header, &frame).await {
+                    Ok(fds) => fds,
+                    Err(why) => {
+                        tracing::warn!(who = %finisher.who, %why, "closing: libvirtd's descriptors could not be taken");
+                        return;
+                    }
+                };
+                let mut writer = writer.lock().await;
+                match (&passing, header.procedure == procedure::DOMAIN_OPEN_GRAPHICS_FD) {
+                    (Some(socket), true) => {
+                        if writer.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                        for fd in &fds {
+                            if libvirt_wire::fdpass::send_fd(socket, std::os::fd::AsFd::as_fd(fd))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    (None, true) => {
+                        let why = "a display's descriptor can only be passed over the gate's unix socket; this connection is TCP (mount the socket to use VNC)";
+                        if writer.write_all(&denial(&header, why)).await.is_err() {
+                            return;
+                        }
+                    }
+                    (_, false) => {
+                        let why = "libvirtd passed descriptors the gate does not pass on";
+                        tracing::warn!(who = %finisher.who, procedure = header.procedure, why);
+                        if writer.write_all(&denial(&header, why)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                continue;
+            }
             let frame = match note_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]) {
                 Some(Noted::Found(domain)) => {
                     let keeper = finisher.keeper.clone();
@@ -1019,6 +1082,33 @@ async fn relay<S: ClientStream>(
         let owner = caller.owner(&who);
         tokio::spawn(async move { keeper.end_abandoned(&creating.name, &owner).await });
     }
+}
+
+/// The descriptors that follow a REPLY_WITH_FDS from libvirtd (its count
+/// leads the payload), each with its byte, so the stream stays in step.
+async fn take_passed_back(
+    from_libvirtd: &tokio::net::unix::OwnedReadHalf,
+    header: &Header,
+    frame: &[u8],
+) -> Result<Vec<std::os::fd::OwnedFd>, String> {
+    let payload = &frame[LEN_SIZE + HEADER_SIZE..];
+    let count = Decoder::new(payload)
+        .u32("descriptor count")
+        .map_err(|e| format!("a REPLY_WITH_FDS (procedure {}) without its count: {e}", header.procedure))?
+        as usize;
+    if count > libvirt_wire::fdpass::MAX_FDS {
+        return Err(format!("libvirtd announced {count} descriptors in one reply"));
+    }
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket: &UnixStream = from_libvirtd.as_ref();
+        fds.push(
+            libvirt_wire::fdpass::recv_fd(socket)
+                .await
+                .map_err(|e| format!("receiving a descriptor from libvirtd: {e}"))?,
+        );
+    }
+    Ok(fds)
 }
 
 /// A domain libvirtd has just created for a caller, paused.
@@ -1596,6 +1686,42 @@ fn check_call(
         }
         procedure::DOMAIN_GET_STATE | procedure::DOMAIN_SHUTDOWN_FLAGS | procedure::DOMAIN_DESTROY_FLAGS => {
             own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session).map(|()| None)
+        }
+        procedure::DOMAIN_REBOOT | procedure::DOMAIN_RESET => {
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
+            let flags = d.u32("flags").map_err(bad_args(name))?;
+            // Reboot: default or ACPI; not the guest agent's (it runs a
+            // command in the guest). Reset takes none.
+            let known = if call.procedure == procedure::DOMAIN_REBOOT { REBOOT_ACPI } else { 0 };
+            if flags & !known != 0 {
+                return Err(Denied(format!("{name} flags {flags:#x} are not allowed")));
+            }
+            Ok(None)
+        }
+        procedure::DOMAIN_SCREENSHOT => {
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
+            let screen = d.u32("screen").map_err(bad_args(name))?;
+            if d.u32("flags").map_err(bad_args(name))? != 0 || screen != 0 {
+                return Err(Denied("a screenshot is of screen 0, without flags".into()));
+            }
+            if session.screenshots.len() >= MAX_PER_CONNECTION {
+                return Err(Denied(format!(
+                    "this connection has {MAX_PER_CONNECTION} screenshots under way already"
+                )));
+            }
+            session.screenshots.push(call.serial);
+            Ok(None)
+        }
+        procedure::DOMAIN_OPEN_GRAPHICS_FD => {
+            own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
+            let index = d.u32("idx").map_err(bad_args(name))?;
+            let flags = d.u32("flags").map_err(bad_args(name))?;
+            if index != 0 || flags & !OPEN_GRAPHICS_SKIPAUTH != 0 {
+                return Err(Denied(format!(
+                    "{name} opens display 0 with no flags but SKIPAUTH (asked: display {index}, flags {flags:#x})"
+                )));
+            }
+            Ok(None)
         }
         _ => Ok(None),
     }

@@ -11,7 +11,7 @@ use quick_xml::Writer;
 use quick_xml::events::BytesText;
 use thiserror::Error;
 use virtkube_api::podnet;
-use virtkube_api::resolve::{DiskSource, MacAddr, ResolvedDisk, ResolvedInterface, ResolvedTemplate};
+use virtkube_api::resolve::{DiskSource, MacAddr, ResolvedDisk, ResolvedInterface, ResolvedTemplate, VncDisplay};
 use virtkube_api::template::{
     CpuFeaturePolicy, CpuMode, DiskBus, DiskDevice, DiskFormat, DomainType, Firmware, InterfaceType,
 };
@@ -399,15 +399,27 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
                 .with_attribute(("model", "isa"))
                 .write_empty()?;
         }
-        if let Some(listen) = &t.vnc_listen {
-            w.create_element("graphics")
-                .with_attributes([("type", "vnc"), ("autoport", "yes")])
-                .write_inner_content(|w| {
-                    w.create_element("listen")
-                        .with_attributes([("type", "address"), ("address", listen.as_str())])
-                        .write_empty()?;
-                    Ok(())
-                })?;
+        match &t.vnc {
+            // Listens nowhere: the shim asks libvirt for each viewer's connection.
+            Some(VncDisplay::InPod) => {
+                w.create_element("graphics")
+                    .with_attribute(("type", "vnc"))
+                    .write_inner_content(|w| {
+                        w.create_element("listen").with_attribute(("type", "none")).write_empty()?;
+                        Ok(())
+                    })?;
+            }
+            Some(VncDisplay::OnNode(listen)) => {
+                w.create_element("graphics")
+                    .with_attributes([("type", "vnc"), ("autoport", "yes")])
+                    .write_inner_content(|w| {
+                        w.create_element("listen")
+                            .with_attributes([("type", "address"), ("address", listen.as_str())])
+                            .write_empty()?;
+                        Ok(())
+                    })?;
+            }
+            None => {}
         }
         Ok(())
     })?;

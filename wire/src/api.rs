@@ -1,5 +1,7 @@
 //! The typed procedures virtkube uses, over a [`Connection`].
 
+use std::os::fd::OwnedFd;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -36,6 +38,11 @@ pub mod flags {
     pub const DEFINE_VALIDATE: u32 = 1 << 0;
     /// `VIR_DOMAIN_FD_ASSOCIATE_SECLABEL_WRITABLE`: label the files for writing.
     pub const FD_ASSOCIATE_SECLABEL_WRITABLE: u32 = 1 << 1;
+    /// `VIR_DOMAIN_REBOOT_ACPI_POWER_BTN`.
+    pub const REBOOT_ACPI_POWER_BTN: u32 = 1 << 0;
+    /// `VIR_DOMAIN_OPEN_GRAPHICS_SKIPAUTH`: the client skips the display's
+    /// own authentication (the descriptor is the authorisation).
+    pub const OPEN_GRAPHICS_SKIPAUTH: u32 = 1 << 0;
 }
 
 /// `VIR_DRV_FEATURE_PROGRAM_KEEPALIVE`.
@@ -467,6 +474,110 @@ impl Client {
             .map(drop)
     }
 
+    /// DOMAIN_SUSPEND: stops the domain's CPUs (it stays in memory).
+    pub async fn suspend(&self, domain: &DomainRef) -> Result<()> {
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        self.conn
+            .call(procedure::DOMAIN_SUSPEND, &args.into_bytes())
+            .await
+            .map(drop)
+    }
+
+    /// DOMAIN_REBOOT: asks the guest to reboot (e.g. [`flags::REBOOT_ACPI_POWER_BTN`]).
+    pub async fn reboot(&self, domain: &DomainRef, flags: u32) -> Result<()> {
+        self.domain_call(procedure::DOMAIN_REBOOT, domain, flags)
+            .await
+            .map(drop)
+    }
+
+    /// DOMAIN_RESET: resets the machine at once, as its reset button would.
+    pub async fn reset(&self, domain: &DomainRef, flags: u32) -> Result<()> {
+        self.domain_call(procedure::DOMAIN_RESET, domain, flags)
+            .await
+            .map(drop)
+    }
+
+    /// DOMAIN_SCREENSHOT: the display `screen` as an image (its MIME type
+    /// and bytes; QEMU gives a PPM). An image larger than `limit` bytes
+    /// fails with [`Error::ReplyTooLarge`]; none of it is kept.
+    pub async fn screenshot(&self, domain: &DomainRef, screen: u32, limit: usize) -> Result<Screenshot> {
+        let proc_ = procedure::DOMAIN_SCREENSHOT;
+        let serial = self.conn.next_serial();
+        // Every byte counts: the budget holds the whole image, so a reader
+        // that is slow for a moment loses nothing.
+        let mut rx = self
+            .conn
+            .register_stream_with_budget(serial, limit.saturating_add(64 * 1024))?;
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.u32(screen).u32(0);
+        let reply = match self
+            .conn
+            .call_with_serial(proc_, serial, &args.into_bytes(), self.conn.max_reply())
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.conn.unregister_stream(serial);
+                return Err(e);
+            }
+        };
+        let mime = decode(proc_, &reply, |d| d.opt_string("mime"))?.unwrap_or_default();
+        let mut data = Vec::new();
+        loop {
+            match rx.pop().await {
+                Popped::Item(StreamEvent::Data(chunk)) => {
+                    if data.len() + chunk.len() > limit {
+                        let _ = self.conn.send_stream(proc_, serial, Status::Error, &[]).await;
+                        self.conn.unregister_stream(serial);
+                        return Err(Error::ReplyTooLarge {
+                            procedure: proc_,
+                            size: data.len() + chunk.len(),
+                            limit,
+                        });
+                    }
+                    data.extend_from_slice(&chunk);
+                }
+                Popped::Item(StreamEvent::Finished) => break,
+                Popped::Item(StreamEvent::Failed(e)) => return Err(e),
+                Popped::Lost(n) => {
+                    let _ = self.conn.send_stream(proc_, serial, Status::Error, &[]).await;
+                    self.conn.unregister_stream(serial);
+                    return Err(Error::InvalidRequest(format!(
+                        "{n} bytes of the screenshot were lost on the way; take it again"
+                    )));
+                }
+                Popped::Closed => return Err(Error::ConnectionLost("screenshot stream dropped".into())),
+            }
+        }
+        // The daemon keeps a finished download until its client finishes it too.
+        self.conn.send_stream(proc_, serial, Status::Ok, &[]).await?;
+        Ok(Screenshot { mime, data })
+    }
+
+    /// DOMAIN_OPEN_GRAPHICS_FD: a socket connected to the domain's display
+    /// `index` (its VNC server), opened by libvirtd and passed back, so that
+    /// nothing needs to listen on the node. Only over a unix socket.
+    pub async fn open_graphics_fd(&self, domain: &DomainRef, index: u32, flags: u32) -> Result<OwnedFd> {
+        let proc_ = procedure::DOMAIN_OPEN_GRAPHICS_FD;
+        let mut args = Encoder::new();
+        domain.encode(&mut args);
+        args.u32(index).u32(flags);
+        let (reply, fds) = self.conn.call_receiving_fds(proc_, &args.into_bytes()).await?;
+        decode(proc_, &reply, |_| Ok(()))?;
+        let mut fds = fds.into_iter();
+        match (fds.next(), fds.next()) {
+            (Some(fd), None) => Ok(fd),
+            (None, _) => Err(Error::InvalidRequest(
+                "libvirtd opened the display but passed no descriptor back".into(),
+            )),
+            (Some(_), Some(_)) => Err(Error::InvalidRequest(
+                "libvirtd passed more than one descriptor for one display".into(),
+            )),
+        }
+    }
+
     /// CONNECT_LIST_ALL_DOMAINS with `flags` (e.g. [`flags::LIST_DOMAINS_ACTIVE`]).
     pub async fn list_all_domains(&self, flags: u32) -> Result<Vec<DomainRef>> {
         let mut args = Encoder::new();
@@ -621,6 +732,15 @@ impl LifecycleEvents {
             .await
             .map(drop)
     }
+}
+
+/// An image of a domain's display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Screenshot {
+    /// Its MIME type, as libvirtd says (`image/x-portable-pixmap` from QEMU).
+    pub mime: String,
+    /// The image file's bytes.
+    pub data: Vec<u8>,
 }
 
 /// A domain console stream.

@@ -11,7 +11,7 @@
 //! peer's 16 MiB frame costs the client no more than its limits allow.
 
 use std::collections::HashMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -113,6 +113,9 @@ struct Routes {
     /// reader installs them under the callback id before routing any later
     /// packet, so no event between the reply and the caller waking is lost.
     lifecycle_pending: HashMap<u32, Listener>,
+    /// Descriptors that came with a reply (REPLY_WITH_FDS), by call serial,
+    /// until the caller takes them.
+    received_fds: HashMap<u32, Vec<OwnedFd>>,
     /// Why the connection ended, once it has.
     closed: Option<ClosedReason>,
 }
@@ -141,6 +144,9 @@ struct Writer {
 
 pub(crate) struct Inner {
     writer: tokio::sync::Mutex<Writer>,
+    /// The unix socket (shared with the writer), from which the reader takes
+    /// the descriptors that follow a REPLY_WITH_FDS.
+    fd_source: Option<Arc<tokio::net::unix::OwnedWriteHalf>>,
     serial: AtomicU32,
     /// A PONG is queued or being written: the reader never queues a second.
     pong_owed: AtomicBool,
@@ -182,6 +188,7 @@ impl Inner {
             return;
         }
         log::debug!("libvirt connection closed: {reason:?}");
+        routes.received_fds.clear();
         for (_, waiter) in routes.pending.drain() {
             let _ = waiter.reply.send(Err(reason.to_error()));
         }
@@ -336,6 +343,7 @@ impl Connection {
                 bytes: Box::new(writer),
                 unix: None,
             },
+            None,
             options,
         )
     }
@@ -345,20 +353,28 @@ impl Connection {
     pub fn start_unix(stream: tokio::net::UnixStream, options: Options) -> Connection {
         let (reader, writer) = stream.into_split();
         let writer = Arc::new(writer);
+        let fd_source = Some(writer.clone());
         Connection::start_halves(
             Box::new(reader),
             Writer {
                 bytes: Box::new(SharedWriteHalf(writer.clone())),
                 unix: Some(writer),
             },
+            fd_source,
             options,
         )
     }
 
-    fn start_halves(reader: Reader, writer: Writer, options: Options) -> Connection {
+    fn start_halves(
+        reader: Reader,
+        writer: Writer,
+        fd_source: Option<Arc<tokio::net::unix::OwnedWriteHalf>>,
+        options: Options,
+    ) -> Connection {
         let (closed_tx, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(writer),
+            fd_source,
             serial: AtomicU32::new(1),
             pong_owed: AtomicBool::new(false),
             ping_in_flight: AtomicBool::new(false),
@@ -467,6 +483,24 @@ impl Connection {
             .await
     }
 
+    /// Calls a remote procedure whose reply carries file descriptors
+    /// (REPLY_WITH_FDS), and returns the reply payload and the descriptors.
+    /// Only over a unix socket.
+    pub async fn call_receiving_fds(&self, proc_: i32, args: &[u8]) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+        if self.inner.fd_source.is_none() {
+            return Err(Error::InvalidRequest(
+                "file descriptors can only be received over a unix socket, and this connection is not one".into(),
+            ));
+        }
+        let serial = self.next_serial();
+        // Taken whatever the outcome: none stays behind in the routes.
+        let result = self
+            .call_with_serial(proc_, serial, args, self.inner.options.max_reply)
+            .await;
+        let fds = self.inner.routes().received_fds.remove(&serial).unwrap_or_default();
+        Ok((result?, fds))
+    }
+
     pub(crate) async fn call_with_serial(&self, proc_: i32, serial: u32, args: &[u8], limit: usize) -> Result<Vec<u8>> {
         self.call_full(proc_, serial, args, &[], limit).await
     }
@@ -517,7 +551,17 @@ impl Connection {
     /// Registers a stream for `serial` before the call that opens it, so no
     /// early packet is lost.
     pub(crate) fn register_stream(&self, serial: u32) -> Result<queue::Receiver<StreamEvent>> {
-        let (tx, rx) = queue::queue(self.inner.options.stream_budget);
+        self.register_stream_with_budget(serial, self.inner.options.stream_budget)
+    }
+
+    /// [`Connection::register_stream`] with a budget of its own (a download
+    /// whose every byte counts, such as a screenshot).
+    pub(crate) fn register_stream_with_budget(
+        &self,
+        serial: u32,
+        budget: usize,
+    ) -> Result<queue::Receiver<StreamEvent>> {
+        let (tx, rx) = queue::queue(budget);
         let mut routes = self.inner.routes();
         if let Some(reason) = &routes.closed {
             return Err(reason.to_error());
@@ -673,6 +717,9 @@ async fn read_and_route(inner: &Arc<Inner>, reader: &mut Reader) -> std::result:
     let (header, _) = protocol::decode_packet(&header_bytes).map_err(|e| e.to_string())?;
     let payload_len = len - LEN_SIZE - HEADER_SIZE;
     let ended = |e: std::io::Error| format!("connection ended inside a {len}-byte packet: {e}");
+    if header.kind == MessageType::ReplyWithFds {
+        return read_reply_with_fds(inner, reader, &header, payload_len).await;
+    }
     match take(inner, &header, payload_len)? {
         Take::Keep => {
             let mut payload = vec![0u8; payload_len];
@@ -683,6 +730,65 @@ async fn read_and_route(inner: &Arc<Inner>, reader: &mut Reader) -> std::result:
             skip(inner, reader, payload_len).await.map_err(ended)?;
             skipped(inner, &header, payload_len, why);
         }
+    }
+    Ok(())
+}
+
+/// A REPLY_WITH_FDS: its descriptor count, its payload, then the
+/// descriptors themselves, each with its byte on the socket; all are read
+/// whoever wants them, so the stream stays in step. They wait for their
+/// caller in the routes (a caller that gave up: they are closed).
+async fn read_reply_with_fds(
+    inner: &Arc<Inner>,
+    reader: &mut Reader,
+    header: &Header,
+    payload_len: usize,
+) -> std::result::Result<(), String> {
+    if payload_len < 4 || payload_len > inner.options.max_reply {
+        return Err(format!(
+            "libvirtd sent a {payload_len}-byte REPLY_WITH_FDS (procedure {}): not a descriptor count and a small reply",
+            header.procedure
+        ));
+    }
+    let mut payload = vec![0u8; payload_len];
+    read_full(inner, reader, &mut payload)
+        .await
+        .map_err(|e| format!("connection ended inside a REPLY_WITH_FDS: {e}"))?;
+    let count = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+    if count > crate::fdpass::MAX_FDS {
+        return Err(format!(
+            "libvirtd announced {count} descriptors in one reply; libvirt sends at most {}",
+            crate::fdpass::MAX_FDS
+        ));
+    }
+    let Some(source) = inner.fd_source.clone() else {
+        return Err("libvirtd sent descriptors over a connection that cannot carry them (not a unix socket)".into());
+    };
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket: &tokio::net::UnixStream = (*source).as_ref();
+        let fd = crate::fdpass::recv_fd(socket)
+            .await
+            .map_err(|e| format!("receiving a descriptor of a REPLY_WITH_FDS: {e}"))?;
+        inner.heard();
+        fds.push(fd);
+    }
+    let wanted = {
+        let mut routes = inner.routes();
+        let wanted = routes.pending.contains_key(&header.serial);
+        if wanted && !fds.is_empty() {
+            routes.received_fds.insert(header.serial, std::mem::take(&mut fds));
+        }
+        wanted
+    };
+    if wanted {
+        route_reply(inner, header, &payload[4..]);
+    } else {
+        log::debug!(
+            "closing {} descriptors of a late reply to serial {}: its caller gave up",
+            fds.len(),
+            header.serial
+        );
     }
     Ok(())
 }

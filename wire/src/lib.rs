@@ -30,7 +30,7 @@ pub mod xdr;
 
 pub use api::{
     Client, Console, ConsoleOutput, ConsoleReader, ConsoleWriter, DomainState, LifecycleEvent, LifecycleEvents,
-    StoppedReason, flags,
+    Screenshot, StoppedReason, flags,
 };
 pub use client::{Connection, Options};
 pub use error::{Error, LibvirtError, Result};

@@ -53,6 +53,16 @@ pub mod procedure {
     pub const DOMAIN_LOOKUP_BY_NAME: i32 = 23;
     /// DOMAIN_RESUME.
     pub const DOMAIN_RESUME: i32 = 28;
+    /// `REMOTE_PROC_DOMAIN_REBOOT`.
+    pub const DOMAIN_REBOOT: i32 = 27;
+    /// `REMOTE_PROC_DOMAIN_SUSPEND`.
+    pub const DOMAIN_SUSPEND: i32 = 34;
+    /// `REMOTE_PROC_DOMAIN_SCREENSHOT`.
+    pub const DOMAIN_SCREENSHOT: i32 = 211;
+    /// `REMOTE_PROC_DOMAIN_RESET`.
+    pub const DOMAIN_RESET: i32 = 245;
+    /// `REMOTE_PROC_DOMAIN_OPEN_GRAPHICS_FD`.
+    pub const DOMAIN_OPEN_GRAPHICS_FD: i32 = 343;
     /// DOMAIN_LOOKUP_BY_UUID.
     pub const DOMAIN_LOOKUP_BY_UUID: i32 = 24;
     /// CONNECT_SUPPORTS_FEATURE.
