@@ -91,6 +91,15 @@ case " $(cat /proc/cmdline) " in
   *) acpid -d -c /etc/acpi >/dev/null 2>&1 & ;;
 esac
 echo "virtkube-tiny: booted ($(uname -r)), $(grep -c ^processor /proc/cpuinfo) cpu(s)"
+# The display (VGA text, when the template has graphics): a banner that a
+# screenshot shows in its top rows, on a black screen.
+if [ -c /dev/tty1 ]; then
+  {
+    printf '\033[2J\033[H'
+    for _ in 1 2 3 4; do echo "################ VIRTKUBE-TINY ON THE SCREEN ################"; done
+    echo "virtkube-tiny: booted ($(uname -r))"
+  } > /dev/tty1 2>/dev/null
+fi
 # The disks (virtio-blk PCI devices, legacy 0x1001 or modern 0x1042): their
 # drivers bind and their device nodes appear a moment after the modules load.
 disks=$(cat /sys/bus/pci/devices/*/device 2>/dev/null | grep -cxE '0x1001|0x1042')
@@ -164,6 +173,8 @@ DHCP
 fi
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
+    virtkube.tick) ( n=0; while true; do n=$((n + 1))
+        echo "virtkube-tiny: tick $n at uptime $(cut -d' ' -f1 /proc/uptime)"; sleep 1; done ) & ;;
     virtkube.bigfile) head -c 8388608 /dev/zero > /www/big && echo "virtkube-tiny: serving /big (8 MiB)" ;;
     virtkube.poweroff) echo "virtkube-tiny: powering off as asked on the command line"; sleep 3; poweroff -f ;;
     virtkube.panic) echo "virtkube-tiny: panicking as asked on the command line"; sleep 3; echo c > /proc/sysrq-trigger ;;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
     status = "VirtDomainStatus",
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"RunState","type":"string","jsonPath":".spec.runState"}"#,
     printcolumn = r#"{"name":"vCPUs","type":"integer","jsonPath":".status.vcpus"}"#,
     printcolumn = r#"{"name":"Memory","type":"string","jsonPath":".status.memory"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -37,6 +38,23 @@ pub struct VirtDomainSpec {
     /// Name of the VirtTemplate the VM was made from, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Whether the VM's CPUs should run: `Running` (the default) or
+    /// `Paused` (stopped where they are; the guest keeps its memory, its
+    /// clock stands still). Set by you (`kubectl patch vd NAME --type merge
+    /// -p '{"spec":{"runState":"Paused"}}'`), carried out by the node's
+    /// virtkube-nodeinfo; the rest of the VirtDomain is nodeinfo's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_state: Option<RunState>,
+}
+
+/// Whether a VM's CPUs should run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RunState {
+    /// The CPUs run.
+    #[default]
+    Running,
+    /// The CPUs are stopped; memory and devices stay.
+    Paused,
 }
 
 /// The domain's runtime state.
@@ -76,6 +94,11 @@ pub struct VirtDomainStatus {
     /// The VM's network interfaces.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<DomainInterface>,
+    /// The domain is paused because `spec.runState` asked for it (nodeinfo
+    /// resumes only what it paused: a domain paused while it starts is the
+    /// gate's, not this field's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused_by_request: bool,
 }
 
 /// One of a VM's network interfaces.

@@ -560,22 +560,20 @@ pub fn resolve(name: Option<String>, spec: &VirtTemplateSpec) -> Result<Resolved
             }
             None
         }
-        GraphicsType::Vnc => {
-            match &graphics.listen {
-                None => Some(VncDisplay::InPod),
-                Some(listen) => {
-                    if listen.parse::<std::net::IpAddr>().is_err() {
-                        problems.add(
+        GraphicsType::Vnc => match &graphics.listen {
+            None => Some(VncDisplay::InPod),
+            Some(listen) => {
+                if listen.parse::<std::net::IpAddr>().is_err() {
+                    problems.add(
                             "spec.graphics.listen",
                             format!(
                                 "{listen:?} is not an IP address; use one such as 127.0.0.1, or leave listen out to have the display served in the pod"
                             ),
                         );
-                    }
-                    Some(VncDisplay::OnNode(listen.clone()))
                 }
+                Some(VncDisplay::OnNode(listen.clone()))
             }
-        }
+        },
     };
 
     let on_poweroff = spec.on_poweroff.unwrap_or(LifecycleAction::Destroy);

@@ -162,7 +162,11 @@ fn printer_columns_and_short_names() {
             &["Arch", "KVM", "CPUs", "Memory", "Domains", "Age"],
             &["vn"],
         ),
-        ("VirtDomain", &["Node", "State", "vCPUs", "Memory", "Age"], &["vd"]),
+        (
+            "VirtDomain",
+            &["Node", "State", "RunState", "vCPUs", "Memory", "Age"],
+            &["vd"],
+        ),
     ];
     for crd in crds::all() {
         let (_, columns, short) = expected.iter().find(|(k, _, _)| *k == crd.spec.names.kind).unwrap();

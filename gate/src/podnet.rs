@@ -504,7 +504,10 @@ mod tests {
         let kept = rules
             .find("oifname \"lo\" ip daddr 127.0.0.1 tcp dport { 5900, 6080 } accept")
             .expect(&rules);
-        assert!(kept < rules.find("oifname \"lo\" ip daddr 127.0.0.1 dnat").unwrap(), "{rules}");
+        assert!(
+            kept < rules.find("oifname \"lo\" ip daddr 127.0.0.1 dnat").unwrap(),
+            "{rules}"
+        );
         assert!(
             rules.contains("oifname \"vk0123456789ab\" ip saddr 127.0.0.1 snat to 10.0.2.1"),
             "{rules}"

@@ -753,6 +753,37 @@ mod tests {
     }
 
     #[test]
+    fn a_display_is_admitted_only_when_it_listens_nowhere_on_the_node() {
+        let served_in_pod = "<graphics type=\"vnc\">\n      <listen type=\"none\"/>\n    </graphics>";
+        assert!(golden("server").contains(served_in_pod));
+        for (display, expected) in [
+            (
+                "<graphics type=\"vnc\" autoport=\"yes\">\n      <listen type=\"address\" address=\"0.0.0.0\"/>\n    </graphics>",
+                "autoport",
+            ),
+            (
+                "<graphics type=\"vnc\">\n      <listen type=\"address\"/>\n    </graphics>",
+                "must listen nowhere on the node",
+            ),
+            (
+                "<graphics type=\"vnc\">\n      <listen type=\"socket\"/>\n    </graphics>",
+                "must listen nowhere on the node",
+            ),
+            ("<graphics type=\"vnc\"/>", "must listen nowhere on the node"),
+            (
+                "<graphics type=\"spice\">\n      <listen type=\"none\"/>\n    </graphics>",
+                "graphics type \"spice\" is not allowed",
+            ),
+            (
+                "<graphics type=\"vnc\" socket=\"/run/x\">\n      <listen type=\"none\"/>\n    </graphics>",
+                "attribute socket",
+            ),
+        ] {
+            denied(&golden("server").replace(served_in_pod, display), &pod(), expected);
+        }
+    }
+
+    #[test]
     fn another_pods_domain_is_refused() {
         let other = Identity::Pod {
             uid: "11111111-2222-3333-4444-555555555555".into(),

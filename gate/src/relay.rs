@@ -1092,10 +1092,12 @@ async fn take_passed_back(
     frame: &[u8],
 ) -> Result<Vec<std::os::fd::OwnedFd>, String> {
     let payload = &frame[LEN_SIZE + HEADER_SIZE..];
-    let count = Decoder::new(payload)
-        .u32("descriptor count")
-        .map_err(|e| format!("a REPLY_WITH_FDS (procedure {}) without its count: {e}", header.procedure))?
-        as usize;
+    let count = Decoder::new(payload).u32("descriptor count").map_err(|e| {
+        format!(
+            "a REPLY_WITH_FDS (procedure {}) without its count: {e}",
+            header.procedure
+        )
+    })? as usize;
     if count > libvirt_wire::fdpass::MAX_FDS {
         return Err(format!("libvirtd announced {count} descriptors in one reply"));
     }
@@ -1692,7 +1694,11 @@ fn check_call(
             let flags = d.u32("flags").map_err(bad_args(name))?;
             // Reboot: default or ACPI; not the guest agent's (it runs a
             // command in the guest). Reset takes none.
-            let known = if call.procedure == procedure::DOMAIN_REBOOT { REBOOT_ACPI } else { 0 };
+            let known = if call.procedure == procedure::DOMAIN_REBOOT {
+                REBOOT_ACPI
+            } else {
+                0
+            };
             if flags & !known != 0 {
                 return Err(Denied(format!("{name} flags {flags:#x} are not allowed")));
             }

@@ -266,15 +266,45 @@ pub fn start_event_loop() -> Result<(), Error> {
     result
 }
 
-/// A domain lifecycle event: the domain's name.
-pub type DomainEvent = String;
+/// The state and reason numbers of domain `name`; `None`: no such domain.
+pub fn domain_state(conn: &Connect, name: &str) -> Result<Option<(u32, i32)>, Error> {
+    let dom = match conn.lookup_domain_by_name(name) {
+        Ok(dom) => dom,
+        Err(e) if is_no_domain(&e) => return Ok(None),
+        Err(e) => return Err(format!("lookup: {e}")),
+    };
+    match raw_state(&dom) {
+        Ok(state) => Ok(Some(state)),
+        Err(_) if is_gone(&dom) => Ok(None),
+        Err(e) => Err(format!("{name}: {e}")),
+    }
+}
+
+/// Pauses (`run` false) or resumes domain `name`'s CPUs.
+pub fn set_running(conn: &Connect, name: &str, run: bool) -> Result<(), Error> {
+    let dom = conn.lookup_domain_by_name(name).map_err(|e| format!("lookup: {e}"))?;
+    let result = if run { dom.resume() } else { dom.suspend() };
+    result
+        .map(drop)
+        .map_err(|e| format!("{} {name}: {e}", if run { "resuming" } else { "pausing" }))
+}
+
+/// An event of one domain: its name, and what happened when that is an
+/// operation its pod's story tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainEvent {
+    /// The domain's name.
+    pub name: String,
+    /// What happened, when it is worth a pod event.
+    pub happened: Option<crate::model::Happened>,
+}
 
 /// Room in the lifecycle event channel: an event storm (a host starting
 /// hundreds of VMs) beyond this is handled by one full resync instead.
 pub const EVENT_CAPACITY: usize = 1024;
 
-/// What the lifecycle callback owns: where it sends each event, and the flag
-/// it raises when the channel was full and an event was dropped (the daemon
+/// What an event callback owns: where it sends each event, and the flag it
+/// raises when the channel was full and an event was dropped (the daemon
 /// then resyncs everything, as it cannot know which domain changed).
 #[derive(Debug)]
 struct EventSink {
@@ -282,69 +312,112 @@ struct EventSink {
     dropped: Arc<AtomicBool>,
 }
 
-unsafe extern "C" fn on_lifecycle(
-    _conn: sys::virConnectPtr,
-    dom: sys::virDomainPtr,
-    _event: c_int,
-    _detail: c_int,
-    opaque: *mut c_void,
-) -> c_int {
-    // SAFETY: `opaque` is the Box<EventSink> leaked in
-    // `register_lifecycle_events`; libvirt keeps it alive until `free_sink`
-    // runs, which happens only after the last callback.
-    let sink = unsafe { &*(opaque as *const EventSink) };
-    // SAFETY: libvirt passes a valid domain for the duration of the callback;
-    // the returned name is owned by the domain object and not freed by us.
-    let name = unsafe { sys::virDomainGetName(dom) };
-    if !name.is_null() {
+impl EventSink {
+    /// Sends an event of `dom`. Never waits: this is libvirt's event
+    /// thread, which also serves the connection's keepalive.
+    ///
+    /// # Safety
+    /// `dom` is the valid domain libvirt passed to the running callback.
+    unsafe fn send(&self, dom: sys::virDomainPtr, happened: Option<crate::model::Happened>) {
+        // SAFETY: libvirt passes a valid domain for the duration of the
+        // callback; the returned name is owned by the domain object.
+        let name = unsafe { sys::virDomainGetName(dom) };
+        if name.is_null() {
+            return;
+        }
         // SAFETY: a non-null name is a NUL-terminated C string (see above).
         let name = unsafe { CStr::from_ptr(name as *const c_char) }
             .to_string_lossy()
             .into_owned();
-        // Never wait here: this is libvirt's event thread, which also serves
-        // the connection's keepalive.
-        match sink.sender.try_send(name) {
+        match self.sender.try_send(DomainEvent { name, happened }) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => sink.dropped.store(true, Ordering::Release),
+            Err(TrySendError::Full(_)) => self.dropped.store(true, Ordering::Release),
             // The daemon left this connection: nobody wants its events.
             Err(TrySendError::Closed(_)) => {}
         }
     }
+}
+
+unsafe extern "C" fn on_lifecycle(
+    _conn: sys::virConnectPtr,
+    dom: sys::virDomainPtr,
+    event: c_int,
+    detail: c_int,
+    opaque: *mut c_void,
+) -> c_int {
+    // SAFETY: `opaque` is the Box<EventSink> leaked in `register`; libvirt
+    // keeps it alive until `free_sink` runs, after the last callback.
+    let sink = unsafe { &*(opaque as *const EventSink) };
+    // SAFETY: `dom` is the domain of this callback.
+    unsafe { sink.send(dom, crate::model::Happened::of_lifecycle(event, detail)) };
     0
 }
 
+unsafe extern "C" fn on_reboot(_conn: sys::virConnectPtr, dom: sys::virDomainPtr, opaque: *mut c_void) {
+    // SAFETY: as in `on_lifecycle`.
+    let sink = unsafe { &*(opaque as *const EventSink) };
+    // SAFETY: `dom` is the domain of this callback.
+    unsafe { sink.send(dom, Some(crate::model::Happened::Reset)) };
+}
+
 unsafe extern "C" fn free_sink(opaque: *mut c_void) {
-    // SAFETY: `opaque` came from Box::into_raw in `register_lifecycle_events`
-    // and libvirt calls this free callback exactly once.
+    // SAFETY: `opaque` came from Box::into_raw in `register` and libvirt
+    // calls this free callback exactly once.
     drop(unsafe { Box::from_raw(opaque as *mut EventSink) });
 }
 
-/// Registers for lifecycle events of every domain; each event sends the
-/// domain's name on `sender` without waiting. When the channel is full the
-/// event is dropped and `dropped` is set. Returns the callback id.
+/// Registers for the lifecycle and reboot events of every domain; each
+/// event sends the domain's name (and what happened) on `sender` without
+/// waiting. When the channel is full the event is dropped and `dropped` is
+/// set. Returns the callback ids.
 pub fn register_lifecycle_events(
     conn: &Connect,
     sender: Sender<DomainEvent>,
     dropped: Arc<AtomicBool>,
-) -> Result<i32, Error> {
-    let opaque = Box::into_raw(Box::new(EventSink { sender, dropped })) as *mut c_void;
-    // The lifecycle callback has more arguments than the generic type libvirt
-    // declares; libvirt calls it with the lifecycle signature for this event id.
+) -> Result<[i32; 2], Error> {
+    // The callbacks have more arguments than the generic type libvirt
+    // declares; libvirt calls each with the signature of its event id.
     // SAFETY: both are `unsafe extern "C" fn` pointers of the same ABI; libvirt
     // documents casting via VIR_DOMAIN_EVENT_CALLBACK for exactly this use.
-    let callback: sys::virConnectDomainEventGenericCallback = Some(unsafe {
+    let lifecycle: sys::virConnectDomainEventGenericCallback = Some(unsafe {
         std::mem::transmute::<
             unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int,
             unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void),
         >(on_lifecycle)
     });
+    let reboot: sys::virConnectDomainEventGenericCallback = Some(on_reboot);
+    let lifecycle_id = register(
+        conn,
+        sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
+        lifecycle,
+        EventSink {
+            sender: sender.clone(),
+            dropped: dropped.clone(),
+        },
+    )?;
+    let reboot_id = register(
+        conn,
+        sys::VIR_DOMAIN_EVENT_ID_REBOOT as c_int,
+        reboot,
+        EventSink { sender, dropped },
+    )?;
+    Ok([lifecycle_id, reboot_id])
+}
+
+fn register(
+    conn: &Connect,
+    event_id: c_int,
+    callback: sys::virConnectDomainEventGenericCallback,
+    sink: EventSink,
+) -> Result<i32, Error> {
+    let opaque = Box::into_raw(Box::new(sink)) as *mut c_void;
     // SAFETY: `conn` is an open connection; a null domain means "all domains";
     // `opaque` (a Box<EventSink>) stays valid until libvirt calls `free_sink`.
     let id = unsafe {
         sys::virConnectDomainEventRegisterAny(
             conn.as_ptr(),
             std::ptr::null_mut(),
-            sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE as c_int,
+            event_id,
             callback,
             opaque,
             Some(free_sink),
@@ -354,7 +427,7 @@ pub fn register_lifecycle_events(
         // SAFETY: registration failed, so libvirt did not take ownership.
         unsafe { free_sink(opaque) };
         return Err(format!(
-            "cannot register for lifecycle events: {}",
+            "cannot register for domain events ({event_id}): {}",
             virt::error::Error::last_error()
         ));
     }

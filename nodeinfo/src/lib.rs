@@ -7,3 +7,4 @@ pub mod collect;
 pub mod facts;
 pub mod model;
 pub mod publish;
+pub mod runstate;

@@ -201,7 +201,10 @@ fn once(args: &Args) -> Result<()> {
         "metadata": {"name": args.node, "labels": model::node_labels(&status)},
         "spec": {"nodeName": args.node}, "status": status,
     })];
-    for object in domains.iter().filter_map(|d| model::virt_domain(&args.node, d, None)) {
+    for object in domains
+        .iter()
+        .filter_map(|d| model::virt_domain(&args.node, d, None, false))
+    {
         docs.push(serde_json::to_value(object)?);
     }
     if args.json {
@@ -224,14 +227,14 @@ fn daemon(args: &Args) -> Result<()> {
         let client = kube::Client::try_default()
             .await
             .context("cannot reach the Kubernetes API")?;
-        let publisher = Publisher::new(client, args.node.clone());
+        let publisher = Publisher::new(client.clone(), args.node.clone());
         let mut backoff = Duration::from_millis(500);
         let mut last_status: Option<VirtNodeStatus> = None;
         // Kept across reconnects: a domain unreadable in the first sync after
         // one must still be recognised as published, not deleted as stale.
         let mut published = Published::new();
         loop {
-            match serve(args, &publisher, &mut last_status, &mut published).await {
+            match serve(args, &client, &publisher, &mut last_status, &mut published).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     // The VirtNode says libvirtd does not answer (until it does
@@ -263,6 +266,8 @@ fn daemon(args: &Args) -> Result<()> {
 struct Published {
     domains: BTreeMap<String, model::Seen>,
     started: Instant,
+    /// The domains paused because their `spec.runState` asked.
+    paused: virtkube_nodeinfo::runstate::PausedByRequest,
 }
 
 impl Published {
@@ -270,7 +275,15 @@ impl Published {
         Published {
             domains: BTreeMap::new(),
             started: Instant::now(),
+            paused: Default::default(),
         }
+    }
+
+    /// The VirtDomain of `d`, as published now.
+    fn virt_domain(&self, node: &str, d: &model::DomainSnapshot) -> Option<virtkube_api::VirtDomain> {
+        let start = self.start_of(&d.name);
+        let paused = virtkube_nodeinfo::runstate::is_paused_by_request(&self.paused, &d.name);
+        model::virt_domain(node, d, Some(&start), paused)
     }
 
     /// The VirtDomain start time of domain `name`: when first seen.
@@ -316,6 +329,7 @@ async fn tell_end(publisher: &Publisher, name: &str, seen: &model::Seen) {
 /// Runs until libvirt goes away (an error to reconnect after) or SIGTERM (Ok).
 async fn serve(
     args: &Args,
+    client: &kube::Client,
     publisher: &Publisher,
     last_status: &mut Option<VirtNodeStatus>,
     published: &mut Published,
@@ -326,7 +340,17 @@ async fn serve(
             .await?
             .with_context(|| format!("cannot connect to libvirt at {}", args.uri))?,
     );
+    // spec.runState, carried out on this connection while it lasts.
+    let run_states = tokio::spawn(virtkube_nodeinfo::runstate::run(
+        client.clone(),
+        args.node.clone(),
+        conn.clone(),
+        publisher.clone(),
+        published.paused.clone(),
+    ));
     let result = serve_on(&conn, args, publisher, last_status, published).await;
+    run_states.abort();
+    let _ = run_states.await;
     // The last reference closes the connection, a call to libvirtd too.
     if tokio::task::spawn_blocking(move || drop(conn)).await.is_err() {
         warn!(uri = %args.uri, "closing the libvirt connection failed");
@@ -356,10 +380,15 @@ async fn serve_on(
     loop {
         tokio::select! {
             _ = resync.tick() => full_sync(conn, args, publisher, published, last_status).await?,
-            Some(name) = events.recv() => {
+            Some(event) = events.recv() => {
                 let started = Instant::now();
-                domain_changed(conn, args, publisher, published, &name).await?;
-                debug!(domain = %name, elapsed = ?started.elapsed(), "event published");
+                domain_changed(conn, args, publisher, published, &event.name).await?;
+                if let Some(happened) = event.happened
+                    && let Some(seen) = published.domains.get(&event.name)
+                {
+                    tell(publisher, seen, vec![happened.event()]).await;
+                }
+                debug!(domain = %event.name, elapsed = ?started.elapsed(), "event published");
             }
             _ = term.recv() => {
                 info!("SIGTERM: stopping");
@@ -442,8 +471,7 @@ async fn full_sync(
         }
     };
     for d in &domains {
-        let start = published.start_of(&d.name);
-        if let Some(object) = model::virt_domain(&args.node, d, Some(&start)) {
+        if let Some(object) = published.virt_domain(&args.node, d) {
             keep.insert((d.owner.namespace.clone(), d.owner.pod.clone()));
             let (remembered, events) = published.look(d);
             seen.insert(d.name.clone(), remembered.clone());
@@ -525,8 +553,7 @@ async fn domain_changed(
     };
     match snapshot {
         Some(d) => {
-            let start = published.start_of(&d.name);
-            if let Some(object) = model::virt_domain(&args.node, &d, Some(&start)) {
+            if let Some(object) = published.virt_domain(&args.node, &d) {
                 let (remembered, events) = published.look(&d);
                 tell(publisher, &remembered, events).await;
                 if let Err(e) = publisher.apply_domain(&object).await {

@@ -119,11 +119,97 @@ pub struct PodEvent {
     pub note: String,
 }
 
+impl PodEvent {
+    /// A Normal event.
+    pub fn normal(reason: &'static str, note: String) -> PodEvent {
+        PodEvent {
+            warning: false,
+            reason,
+            note,
+        }
+    }
+}
+
 fn normal(reason: &'static str, note: String) -> PodEvent {
-    PodEvent {
-        warning: false,
-        reason,
-        note,
+    PodEvent::normal(reason, note)
+}
+
+/// An operation on a VM that libvirt reported, for its pod's story.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Happened {
+    /// The machine was reset: a reset, a reboot (libvirt reboots by a
+    /// reset), or the guest rebooting itself.
+    Reset,
+    /// The guest shut down; `by_guest`: it decided to (else the host asked
+    /// it, e.g. `virtkube-shim shutdown` or the pod's deletion; `None`:
+    /// libvirt does not know).
+    ShutDown { by_guest: Option<bool> },
+    /// The CPUs stopped for a reason other than a request (an I/O error, a
+    /// watchdog): a request's pause is told by the run-state controller.
+    PausedBy(&'static str),
+}
+
+impl Happened {
+    /// From a lifecycle event (`virDomainEventType`, its detail).
+    pub fn of_lifecycle(event: i32, detail: i32) -> Option<Happened> {
+        match (event, detail) {
+            // SHUTDOWN: FINISHED, GUEST, HOST.
+            (6, 0) => Some(Happened::ShutDown { by_guest: None }),
+            (6, 1) => Some(Happened::ShutDown { by_guest: Some(true) }),
+            (6, 2) => Some(Happened::ShutDown { by_guest: Some(false) }),
+            // SUSPENDED: IOERROR, WATCHDOG, API_ERROR.
+            (3, 1) => Some(Happened::PausedBy("a disk I/O error")),
+            (3, 2) => Some(Happened::PausedBy("the guest's watchdog")),
+            (3, 8) => Some(Happened::PausedBy("an error in libvirt")),
+            _ => None,
+        }
+    }
+
+    /// The pod event that tells it.
+    pub fn event(self) -> PodEvent {
+        match self {
+            Happened::Reset => normal(
+                "VMReset",
+                "the machine was reset (a reboot or reset requested with virtkube-shim, or the guest rebooting itself)".into(),
+            ),
+            Happened::ShutDown { by_guest } => normal(
+                "VMShutDown",
+                match by_guest {
+                    Some(true) => "the guest shut itself down".into(),
+                    Some(false) => "the guest shut down as asked (ACPI power button: virtkube-shim shutdown, or the pod being stopped)".into(),
+                    None => "the guest shut down".into(),
+                },
+            ),
+            Happened::PausedBy(why) => PodEvent {
+                warning: true,
+                reason: "VMPaused",
+                note: format!("the VM's CPUs were paused by {why}"),
+            },
+        }
+    }
+}
+
+/// What the run-state controller does to a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStep {
+    /// It is as asked (or not nodeinfo's to change).
+    Nothing,
+    /// Pause its CPUs.
+    Suspend,
+    /// Let them run again.
+    Resume,
+}
+
+/// The step that brings a domain in `state` (`reason`) to `wanted`.
+/// Only a pause nodeinfo made is undone (`paused_by_request`): a domain
+/// created paused is paused by the gate until it is set up, and one paused
+/// by an I/O error is not resumed blindly.
+pub fn run_step(wanted: virtkube_api::domain::RunState, state: &str, reason: &str, paused_by_request: bool) -> RunStep {
+    use virtkube_api::domain::RunState;
+    match (wanted, state) {
+        (RunState::Paused, "Running" | "Blocked") => RunStep::Suspend,
+        (RunState::Running, "Paused") if paused_by_request && reason == "User" => RunStep::Resume,
+        _ => RunStep::Nothing,
     }
 }
 
@@ -329,7 +415,12 @@ pub fn node_labels(status: &VirtNodeStatus) -> BTreeMap<String, String> {
 
 /// The VirtDomain object (for server-side apply), owned by its pod; `None`
 /// without the pod's UID, which an owner reference needs.
-pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> Option<VirtDomain> {
+pub fn virt_domain(
+    node: &str,
+    d: &DomainSnapshot,
+    start_time: Option<&str>,
+    paused_by_request: bool,
+) -> Option<VirtDomain> {
     let uid = d.owner.uid.clone()?;
     Some(VirtDomain {
         metadata: ObjectMeta {
@@ -354,6 +445,8 @@ pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> 
             uuid: Some(d.uuid.clone()),
             pod: Some(d.owner.pod.clone()),
             template: d.owner.template.clone(),
+            // The user's: never applied by nodeinfo.
+            run_state: None,
         },
         status: Some(VirtDomainStatus {
             state: Some(d.state.clone()),
@@ -366,6 +459,7 @@ pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> 
             reattachments: d.reattachments,
             disks: d.disks.clone(),
             interfaces: d.interfaces.clone(),
+            paused_by_request: paused_by_request && d.state == "Paused",
         }),
     })
 }
@@ -581,7 +675,7 @@ mod tests {
     #[test]
     fn virt_domains_need_an_owner_pod_uid() {
         let mut d = snapshot();
-        let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z")).unwrap();
+        let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z"), false).unwrap();
         let owner = &v.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "pod-uid"));
         assert_eq!(v.metadata.labels.as_ref().unwrap()[NODE_LABEL], "node-1");
@@ -619,12 +713,12 @@ mod tests {
         // Unknown values are left out (the hand-built JSON sent them as null).
         d.owner.template = None;
         d.memory_kib = u64::MAX;
-        let v = serde_json::to_value(virt_domain("node-1", &d, None).unwrap()).unwrap();
+        let v = serde_json::to_value(virt_domain("node-1", &d, None, false).unwrap()).unwrap();
         assert!(v["spec"].get("template").is_none(), "{v}");
         assert!(v["status"].get("memory").is_none(), "{v}");
         assert!(v["status"].get("startTime").is_none(), "{v}");
         d.owner.uid = None;
-        assert!(virt_domain("node-1", &d, None).is_none());
+        assert!(virt_domain("node-1", &d, None, false).is_none());
     }
 
     #[test]
@@ -669,6 +763,66 @@ mod tests {
             node_status(&h, "t").memory,
             None,
             "KiB × 1024 overflowed: absent, not wrapped"
+        );
+    }
+
+    #[test]
+    fn run_state_pauses_a_running_vm_and_resumes_only_its_own_pause() {
+        use virtkube_api::domain::RunState::{Paused, Running};
+        assert_eq!(run_step(Paused, "Running", "Booted", false), RunStep::Suspend);
+        assert_eq!(run_step(Paused, "Blocked", "Unknown", false), RunStep::Suspend);
+        assert_eq!(run_step(Paused, "Paused", "User", true), RunStep::Nothing);
+        assert_eq!(run_step(Running, "Paused", "User", true), RunStep::Resume);
+        // Paused by the gate while it starts, or by an I/O error: not ours.
+        assert_eq!(run_step(Running, "Paused", "User", false), RunStep::Nothing);
+        assert_eq!(run_step(Running, "Paused", "IOError", true), RunStep::Nothing);
+        assert_eq!(run_step(Running, "Running", "Booted", false), RunStep::Nothing);
+        assert_eq!(run_step(Paused, "Shutoff", "Shutdown", false), RunStep::Nothing);
+    }
+
+    #[test]
+    fn a_paused_domain_says_whether_a_request_paused_it() {
+        let mut d = snapshot();
+        d.state = "Paused".into();
+        let status = |paused| virt_domain("node-1", &d, None, paused).unwrap().status.unwrap();
+        assert!(status(true).paused_by_request);
+        assert!(!status(false).paused_by_request);
+        d.state = "Running".into();
+        assert!(
+            !virt_domain("node-1", &d, None, true)
+                .unwrap()
+                .status
+                .unwrap()
+                .paused_by_request
+        );
+        // nodeinfo never applies the user's field.
+        let json = serde_json::to_value(virt_domain("node-1", &d, None, true).unwrap()).unwrap();
+        assert!(json["spec"].get("runState").is_none(), "{json}");
+    }
+
+    #[test]
+    fn operations_libvirt_reports_become_pod_events() {
+        assert_eq!(
+            Happened::of_lifecycle(6, 2),
+            Some(Happened::ShutDown { by_guest: Some(false) })
+        );
+        assert_eq!(
+            Happened::of_lifecycle(6, 1),
+            Some(Happened::ShutDown { by_guest: Some(true) })
+        );
+        assert_eq!(Happened::of_lifecycle(3, 1).map(|h| h.event().warning), Some(true));
+        // A pause by request (detail 0) is told by the run-state controller;
+        // start, stop, resume are told elsewhere or not at all.
+        for (event, detail) in [(3, 0), (4, 0), (2, 0), (5, 0), (5, 1)] {
+            assert_eq!(Happened::of_lifecycle(event, detail), None, "{event}/{detail}");
+        }
+        let reset = Happened::Reset.event();
+        assert_eq!((reset.reason, reset.warning), ("VMReset", false));
+        assert!(
+            Happened::ShutDown { by_guest: Some(false) }
+                .event()
+                .note
+                .contains("virtkube-shim shutdown")
         );
     }
 }

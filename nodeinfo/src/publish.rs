@@ -115,12 +115,24 @@ impl Publisher {
 
     /// Publishes an event on a VM's pod (`kubectl describe pod` shows it).
     pub async fn pod_event(&self, pod: &crate::model::Seen, event: &crate::model::PodEvent) -> Result<(), kube::Error> {
+        self.event_on_pod(&pod.namespace, &pod.pod, pod.uid.clone(), event)
+            .await
+    }
+
+    /// Publishes an event on pod `namespace/name` (UID `uid`, when known).
+    pub async fn event_on_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: Option<String>,
+        event: &crate::model::PodEvent,
+    ) -> Result<(), kube::Error> {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            namespace: Some(pod.namespace.clone()),
-            name: Some(pod.pod.clone()),
-            uid: pod.uid.clone(),
+            namespace: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
+            uid,
             ..ObjectReference::default()
         };
         let event = Event {

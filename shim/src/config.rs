@@ -28,10 +28,18 @@ pub const USAGE: &str = "\
 virtkube-shim: runs the VM of this container image for as long as the container runs.
 
 usage: virtkube-shim [--print-xml] [--help] [--version]
+       virtkube-shim reboot|reset|shutdown|screenshot
 
   --print-xml   render the domain XML and print it, without connecting to libvirtd
   --help        this text
   --version     the shim's version
+
+operations on the running VM, from a second process in its container
+(kubectl exec POD -- /virtkube-shim OPERATION):
+  reboot        ask the guest to reboot (ACPI); the container keeps running
+  reset         reset the machine at once
+  shutdown      ask the guest to shut down (ACPI); the container then ends with exit 0
+  screenshot    the display's image (PPM) on stdout: ... screenshot > screen.ppm
 
 environment:
   VIRTKUBE_TEMPLATE_FILE     template baked into the image (default /etc/virtkube/template.yaml)
@@ -50,6 +58,7 @@ environment:
                              (default /etc/podinfo/annotations)
   VIRTKUBE_SCRATCH_DIR       where the guest's private copies of containerFile disks go
                              (default /, the container's writable layer; an emptyDir has room)
+  VIRTKUBE_CONTROL_SOCKET    where PID 1 takes operation requests (default /run/virtkube/control.sock)
   POD_NAME, POD_NAMESPACE, POD_UID  the pod, from the downward API (else read from the API)
   HOST_IP                    the node's IP, from the downward API (else read from the API)
 
@@ -148,6 +157,8 @@ pub enum Mode {
     Help,
     /// Print the version.
     Version,
+    /// Ask PID 1 (the running shim) for an operation on its VM.
+    Operate(crate::control::Op),
 }
 
 /// The shim's configuration.
@@ -177,6 +188,8 @@ pub struct Config {
     pub annotations_file: PathBuf,
     /// Where private copies of `containerFile` disks go (`VIRTKUBE_SCRATCH_DIR`).
     pub scratch_dir: PathBuf,
+    /// Where PID 1 takes operation requests (`VIRTKUBE_CONTROL_SOCKET`).
+    pub control_socket: PathBuf,
 }
 
 /// Reads the configuration. `env` looks up a variable; `args` excludes argv[0].
@@ -187,7 +200,16 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
             "--print-xml" => Mode::PrintXml,
             "--help" | "-h" => Mode::Help,
             "--version" | "-V" => Mode::Version,
-            other => return Err(format!("unknown argument {other:?}; run with --help for usage")),
+            other => match crate::control::Op::parse(other) {
+                Some(op) if args.len() == 1 => Mode::Operate(op),
+                Some(op) => {
+                    return Err(format!(
+                        "{} takes no other arguments; run with --help for usage",
+                        op.name()
+                    ));
+                }
+                None => return Err(format!("unknown argument {other:?}; run with --help for usage")),
+            },
         };
     }
     let non_empty = |key: &str| env(key).filter(|v| !v.trim().is_empty());
@@ -229,6 +251,9 @@ pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result
             .into(),
         scratch_dir: non_empty("VIRTKUBE_SCRATCH_DIR")
             .unwrap_or_else(|| "/".to_owned())
+            .into(),
+        control_socket: non_empty("VIRTKUBE_CONTROL_SOCKET")
+            .unwrap_or_else(|| crate::control::DEFAULT_SOCKET.to_owned())
             .into(),
     })
 }

@@ -6,6 +6,7 @@
 pub mod cidata;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod dhcp;
 pub mod disks;
 pub mod endpoint;
@@ -20,3 +21,5 @@ pub mod sizing;
 pub mod startup;
 pub mod supervisor;
 pub mod text;
+pub mod vnc;
+pub mod websocket;

@@ -33,6 +33,7 @@ fn main() {
             println!("virtkube-shim {}", env!("CARGO_PKG_VERSION"));
             std::process::exit(0);
         }
+        Mode::Operate(op) => std::process::exit(operate(&config, op)),
         Mode::Run | Mode::PrintXml => {}
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -44,6 +45,35 @@ fn main() {
     };
     let exit = runtime.block_on(async_main(&config, environment.into_map()));
     finish(Some(&config), exit)
+}
+
+/// The second process: asks PID 1 for `op`. 0 when done, 1 when not.
+fn operate(config: &Config, op: virtkube_shim::control::Op) -> i32 {
+    use std::io::IsTerminal;
+    if op == virtkube_shim::control::Op::Screenshot && std::io::stdout().is_terminal() {
+        eprintln!(
+            "virtkube-shim: a screenshot is an image: send it to a file (kubectl exec POD -- /virtkube-shim screenshot > screen.ppm)"
+        );
+        return 1;
+    }
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| {
+            let mut stdout = std::io::stdout().lock();
+            runtime.block_on(virtkube_shim::control::request(&config.control_socket, op, &mut stdout))
+        });
+    match result {
+        Ok(what) => {
+            eprintln!("virtkube-shim {}: {what}", op.name());
+            0
+        }
+        Err(why) => {
+            eprintln!("virtkube-shim {}: {why}", op.name());
+            1
+        }
+    }
 }
 
 /// Logs why the shim exits, leaves the reason where Kubernetes shows it

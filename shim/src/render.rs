@@ -405,7 +405,9 @@ fn write_devices(w: &mut W, t: &ResolvedTemplate, instance: &Instance) -> io::Re
                 w.create_element("graphics")
                     .with_attribute(("type", "vnc"))
                     .write_inner_content(|w| {
-                        w.create_element("listen").with_attribute(("type", "none")).write_empty()?;
+                        w.create_element("listen")
+                            .with_attribute(("type", "none"))
+                            .write_empty()?;
                         Ok(())
                     })?;
             }

@@ -113,8 +113,30 @@ pub async fn run(
         .await;
         return Exit::StartFailed(why);
     }
+    // Operations and the display use the connection of the moment (none
+    // while the shim reconnects); both end with the shim.
+    let (current, watching) = tokio::sync::watch::channel(Some(client.clone()));
+    let mut services = tokio::task::JoinSet::new();
+    match crate::control::bind(&config.control_socket) {
+        Ok(listener) => {
+            services.spawn(crate::control::serve(listener, domain.clone(), watching.clone()));
+        }
+        Err(e) => log(format!(
+            "operations (kubectl exec POD -- /virtkube-shim reboot|reset|shutdown|screenshot) are unavailable: cannot listen on {}: {e}; set VIRTKUBE_CONTROL_SOCKET to a writable place",
+            config.control_socket.display()
+        )),
+    }
+    if template.vnc == Some(virtkube_api::resolve::VncDisplay::InPod) && !test_driver {
+        services.spawn(crate::vnc::serve(
+            std::net::Ipv4Addr::LOCALHOST,
+            domain.clone(),
+            watching,
+        ));
+    }
     let oom_before = oom_kills();
-    let (exit, client) = supervise(config, endpoint, client, &domain, signals).await;
+    let (exit, client) = supervise(config, endpoint, client, &domain, signals, &current).await;
+    services.abort_all();
+    let _ = std::fs::remove_file(&config.control_socket);
     // On Docker QEMU runs in this container's cgroup: a kill for memory there
     // is why it failed. In a pod it runs in the pod's cgroup, which the shim
     // cannot see; the virthost reports a kill there as an event on the pod.
@@ -517,6 +539,7 @@ async fn supervise(
     mut client: Client,
     domain: &DomainRef,
     signals: &mut mpsc::Receiver<Signal>,
+    current: &tokio::sync::watch::Sender<Option<Client>>,
 ) -> (Exit, Client) {
     let mut supervision = Supervision {
         supervisor: Supervisor::new(config.shutdown_timeout),
@@ -536,6 +559,7 @@ async fn supervise(
             }
             Detached::NotAttached(why) => why,
         };
+        current.send_replace(None);
         let lost = *outage.get_or_insert_with(tokio::time::Instant::now);
         log(format!(
             "lost libvirtd ({why}); the VM runs on: reconnecting for up to {} s",
@@ -555,6 +579,7 @@ async fn supervise(
                     lost.elapsed().as_secs_f64(),
                     supervision.reattached
                 ));
+                current.send_replace(Some(found.clone()));
                 client = found;
             }
             Err(exit) => return (exit, client),

@@ -112,7 +112,12 @@ impl Supervisor {
                 Action::Log("the guest is shutting down".into())
             }
             (_, Lifecycle(E::Suspended(_))) => Action::Log("the domain was paused".into()),
-            (_, Lifecycle(E::Resumed(_))) => Action::Log("the domain was resumed".into()),
+            (_, Lifecycle(E::Resumed(_))) => {
+                // A guest reboot is a shutdown that libvirt turns into a reset
+                // and a resume: the guest runs again, not shutting down.
+                self.guest_shutting_down = false;
+                Action::Log("the domain was resumed".into())
+            }
             (_, Lifecycle(other)) => Action::Log(format!("lifecycle event {other:?}")),
             (_, ConnectionLost(why)) => Action::Exit(Exit::LostLibvirtd(why)),
             (State::Running, Signal(signals::TERM | signals::INT)) => {

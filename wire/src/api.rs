@@ -493,9 +493,7 @@ impl Client {
 
     /// DOMAIN_RESET: resets the machine at once, as its reset button would.
     pub async fn reset(&self, domain: &DomainRef, flags: u32) -> Result<()> {
-        self.domain_call(procedure::DOMAIN_RESET, domain, flags)
-            .await
-            .map(drop)
+        self.domain_call(procedure::DOMAIN_RESET, domain, flags).await.map(drop)
     }
 
     /// DOMAIN_SCREENSHOT: the display `screen` as an image (its MIME type
