@@ -95,6 +95,7 @@ pub fn deploy_virtkube() {
         "deploy/01-crds.yaml",
         "deploy/02-rbac.yaml",
         "deploy/04-runtimeclass.yaml",
+        "deploy/05-user-roles.yaml",
     ] {
         let mut manifest = repo_file(file);
         // A dockershim node runs ordinary containers with handler "docker".

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod disk_image;
+pub mod display;
 pub mod probe;
 
 use std::io::{Read, Write};

@@ -56,6 +56,222 @@ fn template_from_the_api(ns: &str) {
     ok(&["-n", ns, "delete", "pod", "vm-api", "--wait=true", "--timeout=60s"]);
 }
 
+/// `kubectl` as service account `account` of `ns` (impersonated).
+fn kubectl_as(ns: &str, account: &str, args: &[&str]) -> (bool, String) {
+    let who = format!("--as=system:serviceaccount:{ns}:{account}");
+    let mut all = vec![who.as_str(), "-n", ns];
+    all.extend_from_slice(args);
+    kubectl(&all)
+}
+
+/// The ticks the guest printed so far: (count, last uptime).
+fn ticks(ns: &str, pod: &str) -> (usize, f64) {
+    let logs = kubectl(&["-n", ns, "logs", pod]).1;
+    let ticks: Vec<f64> = logs
+        .lines()
+        .filter_map(|l| {
+            l.split_once(" at uptime ")
+                .map(|(_, up)| up.trim().parse().unwrap_or(0.0))
+        })
+        .collect();
+    (ticks.len(), ticks.last().copied().unwrap_or(0.0))
+}
+
+/// `kubectl port-forward` of `port` to a free local port: the forwarder
+/// (ends when dropped) and the local address.
+fn port_forward(ns: &str, pod: &str, port: u16) -> (Interactive, std::net::SocketAddr) {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let target = format!(":{port}");
+    let mut forward = Interactive::spawn(&kubectl, &["-n", ns, "port-forward", &format!("pod/{pod}"), &target]);
+    assert!(
+        forward.wait_for(&format!(" -> {port}"), Duration::from_secs(30)),
+        "port-forward said: {}",
+        forward.seen()
+    );
+    let local = forward
+        .seen()
+        .lines()
+        .find_map(|l| l.strip_prefix("Forwarding from 127.0.0.1:"))
+        .and_then(|rest| rest.split_once(' '))
+        .map(|(port, _)| port.parse::<u16>().unwrap())
+        .unwrap_or_else(|| panic!("no local port in: {}", forward.seen()));
+    (forward, std::net::SocketAddr::from(([127, 0, 0, 1], local)))
+}
+
+/// Operating a running VM through the Kubernetes API with its RBAC roles:
+/// pause and resume as the VirtDomain's desired state (the guest's clock
+/// and console stand still meanwhile), the display through `kubectl
+/// port-forward` (RFB and RFB over WebSocket), a screenshot, reboot and
+/// shutdown through `kubectl exec`; each told on the pod; a viewer refused.
+fn operations_through_kubectl(ns: &str) {
+    let template = repo_file("images/tiny/template.yaml")
+        .replace("  name: tiny\n", &format!("  name: tiny-ops\n  namespace: {ns}\n"))
+        .replace("memory: 128Mi", "memory: 128Mi\n  graphics: {type: vnc}")
+        .replace("quiet", "quiet virtkube.tick");
+    assert!(
+        template.contains("virtkube.tick") && template.contains("type: vnc"),
+        "{template}"
+    );
+    apply(&template);
+    apply(
+        &repo_file("deploy/examples/vm-user-rolebindings.yaml")
+            .replace("namespace: default", &format!("namespace: {ns}"))
+            .replace(
+                "  - kind: Group\n    name: on-call\n    apiGroup: rbac.authorization.k8s.io",
+                &format!("  - kind: ServiceAccount\n    name: operator\n    namespace: {ns}"),
+            )
+            .replace("    name: ci\n", "    name: viewer\n"),
+    );
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: vm-ops\n  namespace: {ns}\n  annotations:\n    virtkube.io/template: tiny-ops\nspec:\n  restartPolicy: Never\n  runtimeClassName: virtkube\n  containers:\n    - name: vm\n      image: virtkube/shim:latest\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n      resources: {{limits: {{memory: 160Mi}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
+    );
+    apply(&pod);
+    eventually("the operated VM's guest ticking", ns, Duration::from_secs(120), || {
+        ticks(ns, "vm-ops").0 >= 2
+    });
+
+    // Pause: desired state on the VirtDomain, by the operator; a viewer may not.
+    let pause = r#"{"spec":{"runState":"Paused"}}"#;
+    let (allowed, said) = kubectl_as(ns, "viewer", &["patch", "vd", "vm-ops", "--type", "merge", "-p", pause]);
+    assert!(!allowed && said.contains("forbidden"), "a viewer paused the VM: {said}");
+    let asked = Instant::now();
+    let (allowed, said) = kubectl_as(
+        ns,
+        "operator",
+        &["patch", "vd", "vm-ops", "--type", "merge", "-p", pause],
+    );
+    assert!(allowed, "the operator could not pause: {said}");
+    eventually("the VM paused", ns, Duration::from_secs(10), || {
+        virtdomain_state(ns, "vm-ops") == "Paused"
+    });
+    println!("paused {:?} after the patch", asked.elapsed());
+    assert_eq!(
+        ok(&[
+            "-n",
+            ns,
+            "get",
+            "vd",
+            "vm-ops",
+            "-o",
+            "jsonpath={.spec.runState} {.status.pausedByRequest}"
+        ])
+        .trim(),
+        "Paused true"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (count_paused, uptime_paused) = ticks(ns, "vm-ops");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(ticks(ns, "vm-ops").0, count_paused, "the console went on while paused");
+    let resumed_at = Instant::now();
+    let (allowed, said) = kubectl_as(
+        ns,
+        "operator",
+        &[
+            "patch",
+            "vd",
+            "vm-ops",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"runState":"Running"}}"#,
+        ],
+    );
+    assert!(allowed, "{said}");
+    eventually("the VM running again", ns, Duration::from_secs(10), || {
+        virtdomain_state(ns, "vm-ops") == "Running"
+    });
+    eventually("ticks again", ns, Duration::from_secs(30), || {
+        ticks(ns, "vm-ops").0 > count_paused
+    });
+    let (_, uptime_resumed) = ticks(ns, "vm-ops");
+    let wall = 7.0 + resumed_at.elapsed().as_secs_f64();
+    assert!(
+        uptime_resumed - uptime_paused < wall - 3.0,
+        "the guest's clock ran while paused: uptime {uptime_paused} then {uptime_resumed}, {wall:.1} s of wall time"
+    );
+    let events = describe_events(ns, "vm-ops");
+    assert!(events.contains("VMPaused") && events.contains("VMResumed"), "{events}");
+
+    // The display through kubectl port-forward, as a VNC viewer and as a browser.
+    for (port, websocket) in [(5900, false), (6080, true)] {
+        let (_forward, local) = port_forward(ns, "vm-ops", port);
+        let update = if websocket {
+            virtkube_e2e::display::first_update_over_websocket(local)
+        } else {
+            virtkube_e2e::display::first_update(local)
+        }
+        .unwrap_or_else(|e| panic!("port {port}: {e}\n{}", diagnostics(ns)));
+        assert!(update.lit_pixels > 1000, "port {port}: {update:?}");
+        assert!(update.name.contains(&format!("{ns}_vm-ops")), "port {port}: {update:?}");
+    }
+
+    // A screenshot through kubectl exec, by the operator; a viewer may not exec.
+    let (allowed, said) = kubectl_as(ns, "viewer", &["exec", "vm-ops", "--", "/virtkube-shim", "reboot"]);
+    assert!(
+        !allowed && said.contains("forbidden"),
+        "a viewer operated the VM: {said}"
+    );
+    let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let shot = std::process::Command::new(&kubectl_bin)
+        .args(["-n", ns, "exec", "vm-ops", "--", "/virtkube-shim", "screenshot"])
+        .output()
+        .unwrap();
+    assert!(shot.status.success(), "{}", String::from_utf8_lossy(&shot.stderr));
+    let (width, _, pixels) = virtkube_e2e::display::decode_screenshot(&shot.stdout).unwrap();
+    assert!(virtkube_e2e::display::lit_in_rows(&pixels, width, 0..64) > 1000);
+
+    // Reboot: the guest boots again in the same container.
+    let (allowed, said) = kubectl_as(ns, "operator", &["exec", "vm-ops", "--", "/virtkube-shim", "reboot"]);
+    assert!(allowed && said.contains("asked to reboot"), "{said}");
+    eventually("the guest's second boot", ns, Duration::from_secs(120), || {
+        kubectl(&["-n", ns, "logs", "vm-ops"])
+            .1
+            .matches("virtkube-tiny: booted")
+            .count()
+            >= 2
+    });
+    assert_eq!(
+        ok(&[
+            "-n",
+            ns,
+            "get",
+            "pod",
+            "vm-ops",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].restartCount}"
+        ])
+        .trim(),
+        "0"
+    );
+    eventually("the reset told on the pod", ns, Duration::from_secs(30), || {
+        describe_events(ns, "vm-ops").contains("VMReset")
+    });
+
+    // Shutdown: the guest powers off and the pod completes with exit 0.
+    let (allowed, said) = kubectl_as(ns, "operator", &["exec", "vm-ops", "--", "/virtkube-shim", "shutdown"]);
+    assert!(allowed, "{said}");
+    eventually("the pod to complete", ns, Duration::from_secs(90), || {
+        kubectl(&["-n", ns, "get", "pod", "vm-ops", "-o", "jsonpath={.status.phase}"])
+            .1
+            .trim()
+            == "Succeeded"
+    });
+    assert_eq!(
+        ok(&[
+            "-n",
+            ns,
+            "get",
+            "pod",
+            "vm-ops",
+            "-o",
+            "jsonpath={.status.containerStatuses[0].state.terminated.exitCode}"
+        ])
+        .trim(),
+        "0"
+    );
+    ok(&["-n", ns, "delete", "pod", "vm-ops", "--wait=true", "--timeout=60s"]);
+}
+
 /// `kubectl attach -i`, typing `input` after a moment, reading until `needle`
 /// (or 30 s); returns what it read.
 fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> String {
@@ -433,6 +649,7 @@ fn vm_lifecycle_through_kubectl() {
     // template), a VirtTemplate in the namespace, the pod's annotation naming
     // it, and the virtkube-vm role for the pod's service account.
     template_from_the_api(&ns);
+    operations_through_kubectl(&ns);
 
     disks_from_the_pod(&ns);
     the_disk_image_deployment(&ns);

@@ -709,3 +709,153 @@ fn a_vm_image_carries_its_disk() {
     let _ = docker(&["rmi", &tag]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A port on the test's host leading to `port` on 127.0.0.1 inside a
+/// container's network namespace, as `kubectl port-forward` leads into a
+/// pod's (socat and nsenter, as dockershim does it). Ends when dropped.
+struct Forward {
+    child: std::process::Child,
+    address: std::net::SocketAddr,
+}
+
+impl Forward {
+    fn to(container: &str, port: u16) -> Forward {
+        let pid = docker_ok(&["inspect", "-f", "{{.State.Pid}}", container])
+            .trim()
+            .to_owned();
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = free.local_addr().unwrap();
+        drop(free);
+        let child = Command::new("socat")
+            .args([
+                &format!("TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork", address.port()),
+                &format!("EXEC:nsenter -t {pid} -n socat STDIO TCP\\:127.0.0.1\\:{port}"),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(address).is_err() {
+            assert!(Instant::now() < deadline, "socat did not listen on {address}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Forward { child, address }
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `docker exec` of a second shim process: its exit, stdout (bytes) and stderr.
+fn shim_exec(container: &str, operation: &str) -> (i32, Vec<u8>, String) {
+    let out = Command::new(DOCKER)
+        .args(["exec", container, "/virtkube-shim", operation])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The operations a user runs in the VM's container, and its display: a
+/// screenshot shows the guest's banner in the screen's top rows; a VNC
+/// viewer and a WebSocket viewer each get a full update with the same
+/// text, through the container's 127.0.0.1 (which the pod network's rules
+/// leave to the shim on these ports); reboot and reset boot the guest again
+/// in the same container; shutdown ends the container with exit 0.
+#[test]
+#[ignore = "needs dockerd, the images and the virthost container: scripts/test.sh runs it"]
+fn operations_and_the_display_of_a_running_vm() {
+    require_setup();
+    let dir = std::env::temp_dir().join(format!("virtkube-e2e-ops-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("vnc.yaml"),
+        "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {name: vnc}\nspec:\n  memory: 128Mi\n  graphics: {type: vnc}\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet\n",
+    )
+    .unwrap();
+    let template = format!("{}:/etc/virtkube/vnc.yaml:ro", dir.join("vnc.yaml").display());
+    let vm = Vm::run(
+        "e2e-ops",
+        &["-v", &template, "-e", "VIRTKUBE_TEMPLATE_FILE=/etc/virtkube/vnc.yaml"],
+        "virtkube/tiny:latest",
+        &[],
+    );
+    vm.wait_for_log("virtkube-tiny: ready", BOOT);
+    let count = |needle: &str| vm.logs().matches(needle).count();
+
+    // A screenshot: the banner lights the top rows; the bottom stays black.
+    let (code, image, said) = shim_exec(&vm.name, "screenshot");
+    assert_eq!(code, 0, "screenshot: {said}");
+    let (width, height, pixels) = virtkube_e2e::display::decode_screenshot(&image).unwrap();
+    let pixels = pixels.as_slice();
+    assert!(width >= 640 && height >= 400, "{width}x{height}");
+    let top = virtkube_e2e::display::lit_in_rows(pixels, width, 0..64);
+    let bottom = virtkube_e2e::display::lit_in_rows(pixels, width, height - 64..height);
+    assert!(top > 1000, "the banner's text lights the top rows: {top} pixels");
+    assert_eq!(bottom, 0, "nothing is written at the bottom of the screen");
+    assert!(said.contains("image/png"), "QEMU 7 gives PNG: {said}");
+
+    // A VNC viewer and a WebSocket viewer, each through 127.0.0.1 in the container.
+    for (port, websocket) in [(5900, false), (6080, true)] {
+        let forward = Forward::to(&vm.name, port);
+        let update = if websocket {
+            virtkube_e2e::display::first_update_over_websocket(forward.address)
+        } else {
+            virtkube_e2e::display::first_update(forward.address)
+        }
+        .unwrap_or_else(|e| panic!("port {port}: {e}\n{}", vm.logs()));
+        assert_eq!((update.width as usize, update.height as usize), (width, height));
+        assert!(update.lit_pixels > top / 2, "port {port}: {update:?}");
+        assert!(update.name.contains(&vm.domain()), "port {port}: {update:?}");
+    }
+    let logs = vm.logs();
+    assert!(logs.contains("display: a VNC viewer connected"), "{logs}");
+    assert!(logs.contains("display: a WebSocket viewer connected"), "{logs}");
+
+    // Reboot (ACPI) and reset: the guest boots again, the container runs on.
+    for (operation, said_expected, boots) in [("reboot", "asked to reboot", 2), ("reset", "the machine was reset", 3)] {
+        let (code, _, said) = shim_exec(&vm.name, operation);
+        assert_eq!(code, 0, "{operation}: {said}");
+        assert!(said.contains(said_expected), "{operation}: {said}");
+        let deadline = Instant::now() + BOOT;
+        while count("virtkube-tiny: ready") < boots {
+            assert!(
+                Instant::now() < deadline,
+                "no new boot after {operation}:\n{}",
+                vm.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(count("virtkube-tiny: booted"), boots, "{}", vm.logs());
+        assert_eq!(
+            docker_ok(&["inspect", "-f", "{{.State.Running}}", &vm.name]).trim(),
+            "true"
+        );
+    }
+    let logs = vm.logs();
+    assert!(
+        logs.contains("operation reboot: the guest was asked to reboot (ACPI)"),
+        "{logs}"
+    );
+
+    // Operations the shim does not know are usage errors.
+    let (code, _, said) = shim_exec(&vm.name, "pause");
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("unknown argument \"pause\""), "{said}");
+
+    // Shutdown: the guest powers off and the container ends as for any poweroff.
+    let (code, _, said) = shim_exec(&vm.name, "shutdown");
+    assert_eq!(code, 0, "shutdown: {said}");
+    assert_eq!(vm.exit_code(Duration::from_secs(60)), 0, "{}", vm.logs());
+    // The guest powered off twice: for the ACPI reboot, and now.
+    assert_eq!(count("reboot: Power down"), 2, "{}", vm.logs());
+    drop(vm);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -219,6 +219,7 @@ fn the_api_server_accepts_the_manifests() {
         "tiny-deployment.yaml",
         "disk-deployment.yaml",
         "vm-rolebinding.yaml",
+        "vm-user-rolebindings.yaml",
     ] {
         let path = dir.join("examples").join(example);
         let (ok, out) = kubectl(&[

@@ -39,7 +39,7 @@ operations on the running VM, from a second process in its container
   reboot        ask the guest to reboot (ACPI); the container keeps running
   reset         reset the machine at once
   shutdown      ask the guest to shut down (ACPI); the container then ends with exit 0
-  screenshot    the display's image (PPM) on stdout: ... screenshot > screen.ppm
+  screenshot    the display's image (PNG) on stdout: ... screenshot > screen.png
 
 environment:
   VIRTKUBE_TEMPLATE_FILE     template baked into the image (default /etc/virtkube/template.yaml)

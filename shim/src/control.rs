@@ -40,7 +40,7 @@ pub enum Op {
     /// Ask the guest to shut down (ACPI); when it powers off the container
     /// ends with exit 0, as for any guest poweroff.
     Shutdown,
-    /// The display's image (PPM), on stdout.
+    /// The display's image (PNG from QEMU 7 on, else PPM), on stdout.
     Screenshot,
 }
 

@@ -52,7 +52,7 @@ fn operate(config: &Config, op: virtkube_shim::control::Op) -> i32 {
     use std::io::IsTerminal;
     if op == virtkube_shim::control::Op::Screenshot && std::io::stdout().is_terminal() {
         eprintln!(
-            "virtkube-shim: a screenshot is an image: send it to a file (kubectl exec POD -- /virtkube-shim screenshot > screen.ppm)"
+            "virtkube-shim: a screenshot is an image: send it to a file (kubectl exec POD -- /virtkube-shim screenshot > screen.png)"
         );
         return 1;
     }

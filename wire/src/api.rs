@@ -497,7 +497,9 @@ impl Client {
     }
 
     /// DOMAIN_SCREENSHOT: the display `screen` as an image (its MIME type
-    /// and bytes; QEMU gives a PPM). An image larger than `limit` bytes
+    /// and bytes: PNG from QEMU 7, PPM before). The download ends with an
+    /// empty data packet; the client then finishes the stream and the
+    /// daemon confirms. An image larger than `limit` bytes
     /// fails with [`Error::ReplyTooLarge`]; none of it is kept.
     pub async fn screenshot(&self, domain: &DomainRef, screen: u32, limit: usize) -> Result<Screenshot> {
         let proc_ = procedure::DOMAIN_SCREENSHOT;
@@ -525,6 +527,11 @@ impl Client {
         let mut data = Vec::new();
         loop {
             match rx.pop().await {
+                // The end of the data (an empty CONTINUE): the client
+                // finishes its side and the daemon confirms with an OK.
+                Popped::Item(StreamEvent::Data(chunk)) if chunk.is_empty() => {
+                    self.conn.send_stream(proc_, serial, Status::Ok, &[]).await?;
+                }
                 Popped::Item(StreamEvent::Data(chunk)) => {
                     if data.len() + chunk.len() > limit {
                         let _ = self.conn.send_stream(proc_, serial, Status::Error, &[]).await;
@@ -549,8 +556,6 @@ impl Client {
                 Popped::Closed => return Err(Error::ConnectionLost("screenshot stream dropped".into())),
             }
         }
-        // The daemon keeps a finished download until its client finishes it too.
-        self.conn.send_stream(proc_, serial, Status::Ok, &[]).await?;
         Ok(Screenshot { mime, data })
     }
 
@@ -735,7 +740,7 @@ impl LifecycleEvents {
 /// An image of a domain's display.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Screenshot {
-    /// Its MIME type, as libvirtd says (`image/x-portable-pixmap` from QEMU).
+    /// Its MIME type, as libvirtd says (`image/png` from QEMU 7).
     pub mime: String,
     /// The image file's bytes.
     pub data: Vec<u8>,

@@ -899,3 +899,131 @@ async fn descriptors_follow_their_call_on_a_unix_socket_and_nowhere_else() {
     let e = client.fd_associate(&domain("vm", 7), "root", &[], 0).await.unwrap_err();
     assert!(e.to_string().contains("no file descriptors"), "{e}");
 }
+
+#[tokio::test]
+async fn a_screenshot_is_downloaded_and_its_stream_finished() {
+    let (client, mut daemon) = pair(false).await;
+    let dom = domain("a", 1);
+    let c = client.clone();
+    let d2 = dom.clone();
+    let shot = tokio::spawn(async move { c.screenshot(&d2, 0, 1024).await });
+    let (call, args) = daemon.read_call().await;
+    assert_eq!(call.procedure, procedure::DOMAIN_SCREENSHOT);
+    let mut d = Decoder::new(&args);
+    assert_eq!(DomainRef::decode(&mut d).unwrap(), dom);
+    assert_eq!((d.u32("screen").unwrap(), d.u32("flags").unwrap()), (0, 0));
+    let mut mime = Encoder::new();
+    mime.opt_string(Some("image/png"));
+    daemon.reply(&call, &mime.into_bytes()).await;
+    let data = Header::remote(
+        procedure::DOMAIN_SCREENSHOT,
+        MessageType::Stream,
+        call.serial,
+        Status::Continue,
+    );
+    daemon.send(data, b"\x89PNG").await;
+    daemon.send(data, b" pixels").await;
+    // The end of the data is an empty CONTINUE; the client finishes, the daemon confirms.
+    daemon.send(data, &[]).await;
+    let (header, payload) = daemon.read().await;
+    assert_eq!(
+        (header.kind, header.status, header.serial, payload.len()),
+        (MessageType::Stream, Status::Ok, call.serial, 0)
+    );
+    daemon
+        .send(
+            Header {
+                status: Status::Ok,
+                ..data
+            },
+            &[],
+        )
+        .await;
+    let shot = tokio::time::timeout(Duration::from_secs(2), shot)
+        .await
+        .expect("the screenshot never finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (shot.mime.as_str(), shot.data.as_slice()),
+        ("image/png", &b"\x89PNG pixels"[..])
+    );
+
+    // An image over the limit is refused (and the download aborted), not kept.
+    let c = client.clone();
+    let shot = tokio::spawn(async move { c.screenshot(&dom, 0, 4).await });
+    let (call, _) = daemon.read_call().await;
+    daemon.reply(&call, &[0, 0, 0, 0]).await;
+    let data = Header::remote(
+        procedure::DOMAIN_SCREENSHOT,
+        MessageType::Stream,
+        call.serial,
+        Status::Continue,
+    );
+    daemon.send(data, b"too big").await;
+    let (header, _) = daemon.read().await;
+    assert_eq!((header.kind, header.status), (MessageType::Stream, Status::Error));
+    let err = shot.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::ReplyTooLarge { limit: 4, .. }), "{err}");
+    // The connection goes on.
+    assert_eq!(
+        state_round_trip(&client, &mut daemon).await.unwrap().0,
+        DomainState::Running
+    );
+}
+
+#[tokio::test]
+async fn a_display_descriptor_comes_back_with_its_reply() {
+    use std::io::{Read, Write};
+    let (client_io, daemon_io) = tokio::net::UnixStream::pair().unwrap();
+    let mut daemon = FakeDaemon { io: daemon_io };
+    let target = uri::parse("qemu:///system").unwrap();
+    let (client, ()) = tokio::join!(
+        async { Client::open_unix(client_io, &target, options()).await.unwrap() },
+        daemon.handshake(false)
+    );
+    let dom = domain("a", 1);
+    let reply_with = |call: &Header| Header::remote(call.procedure, MessageType::ReplyWithFds, call.serial, Status::Ok);
+    for passed in [1usize, 0] {
+        let c = client.clone();
+        let d2 = dom.clone();
+        let open = tokio::spawn(async move {
+            c.open_graphics_fd(&d2, 0, libvirt_wire::flags::OPEN_GRAPHICS_SKIPAUTH)
+                .await
+        });
+        let (call, args) = daemon.read_call().await;
+        assert_eq!(call.procedure, procedure::DOMAIN_OPEN_GRAPHICS_FD);
+        let mut d = Decoder::new(&args);
+        assert_eq!(DomainRef::decode(&mut d).unwrap(), dom);
+        assert_eq!((d.u32("idx").unwrap(), d.u32("flags").unwrap()), (0, 1));
+        // The count leads the (empty) reply; the descriptor follows it.
+        daemon.send(reply_with(&call), &(passed as u32).to_be_bytes()).await;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        if passed == 1 {
+            libvirt_wire::fdpass::send_fd(&daemon.io, std::os::fd::AsFd::as_fd(&theirs))
+                .await
+                .unwrap();
+        }
+        drop(theirs);
+        let result = tokio::time::timeout(Duration::from_secs(2), open)
+            .await
+            .unwrap()
+            .unwrap();
+        if passed == 0 {
+            assert!(result.unwrap_err().to_string().contains("passed no descriptor back"));
+            continue;
+        }
+        // The same socket: what goes in one end comes out of the other.
+        let mut display = std::os::unix::net::UnixStream::from(result.unwrap());
+        display.write_all(b"RFB 003.008\n").unwrap();
+        let mut got = [0u8; 12];
+        (&ours).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"RFB 003.008\n");
+    }
+    // The stream stayed in step: an ordinary call still works.
+    let c = client.clone();
+    let pending = tokio::spawn(async move { c.get_state(&domain("a", 1)).await });
+    let (call, _) = daemon.read_call().await;
+    daemon.reply(&call, &state_reply(1, 1)).await;
+    assert_eq!(pending.await.unwrap().unwrap().0, DomainState::Running);
+}
