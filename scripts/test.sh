@@ -34,6 +34,12 @@ log "libvirtd and virtlogd"
 bash scripts/libvirtd-up.sh
 log "the tiny guest (Debian cloud kernel + busybox initramfs)"
 bash scripts/build-tiny-guest.sh
+log "the browser test's parts: Chromium (Debian) and noVNC with playwright-core (npm, web/package-lock.json)"
+if ! command -v chromium >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+(cd web && npm ci --no-audit --no-fund --loglevel=error)
 log "Docker, the images and the virthost container (for the Docker end-to-end tests)"
 bash scripts/build-images.sh
 bash scripts/virthost-up.sh

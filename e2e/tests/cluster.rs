@@ -98,6 +98,49 @@ fn port_forward(ns: &str, pod: &str, port: u16) -> (Interactive, std::net::Socke
     (forward, std::net::SocketAddr::from(([127, 0, 0, 1], local)))
 }
 
+/// `web/console.html` (noVNC) in headless Chromium, through `kubectl
+/// port-forward`: the canvas shows the guest's banner in its top rows and
+/// black below.
+fn the_screen_in_a_browser(ns: &str, pod: &str) {
+    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
+    assert!(
+        web.join("node_modules/@novnc/novnc/core/rfb.js").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
+        "the browser test needs noVNC (cd web && npm ci) and Chromium (apt-get install chromium): scripts/test.sh installs both"
+    );
+    let (_forward, local) = port_forward(ns, pod, virtkube_api::podnet::VNC_WEBSOCKET_PORT);
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_port = free.local_addr().unwrap().port();
+    drop(free);
+    let _server = Interactive::spawn(
+        "python3",
+        &["-m", "http.server", "--bind", "127.0.0.1", "-d", web.to_str().unwrap(), &http_port.to_string()],
+    );
+    let page = format!("http://127.0.0.1:{http_port}/console.html?port={}", local.port());
+    let shot = std::env::temp_dir().join(format!("virtkube-browser-{}.png", std::process::id()));
+    let mut said = String::new();
+    for _ in 0..20 {
+        // The static server takes a moment to listen.
+        let out = std::process::Command::new("node")
+            .arg(web.join("test/screenshot.mjs"))
+            .args([&page, shot.to_str().unwrap()])
+            .output()
+            .unwrap();
+        said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if out.status.success() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no browser screenshot ({e}): {said}"));
+    let (width, height, pixels) = virtkube_e2e::display::decode_screenshot(&png).unwrap();
+    let top = virtkube_e2e::display::lit_in_rows(&pixels, width, 0..height / 6);
+    let bottom = virtkube_e2e::display::lit_in_rows(&pixels, width, height - height / 6..height);
+    assert!(top > 1000 && bottom == 0, "the browser showed {width}x{height}, lit top {top}, bottom {bottom}: {said}");
+    assert!(said.contains(&format!("{ns}_{pod}")), "the page's status: {said}");
+    println!("the browser showed the guest's screen ({width}x{height}, {top} lit pixels in the top rows)");
+    let _ = std::fs::remove_file(&shot);
+}
+
 /// Operating a running VM through the Kubernetes API with its RBAC roles:
 /// pause and resume as the VirtDomain's desired state (the guest's clock
 /// and console stand still meanwhile), the display through `kubectl
@@ -204,6 +247,8 @@ fn operations_through_kubectl(ns: &str) {
         assert!(update.lit_pixels > 1000, "port {port}: {update:?}");
         assert!(update.name.contains(&format!("{ns}_vm-ops")), "port {port}: {update:?}");
     }
+
+    the_screen_in_a_browser(ns, "vm-ops");
 
     // A screenshot through kubectl exec, by the operator; a viewer may not exec.
     let (allowed, said) = kubectl_as(ns, "viewer", &["exec", "vm-ops", "--", "/virtkube-shim", "reboot"]);
