@@ -104,7 +104,8 @@ fn port_forward(ns: &str, pod: &str, port: u16) -> (Interactive, std::net::Socke
 fn the_screen_in_a_browser(ns: &str, pod: &str) {
     let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../web");
     assert!(
-        web.join("node_modules/@novnc/novnc/core/rfb.js").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
+        web.join("node_modules/@novnc/novnc/core/rfb.js").exists()
+            && std::path::Path::new("/usr/bin/chromium").exists(),
         "the browser test needs noVNC (cd web && npm ci) and Chromium (apt-get install chromium): scripts/test.sh installs both"
     );
     let (_forward, local) = port_forward(ns, pod, virtkube_api::podnet::VNC_WEBSOCKET_PORT);
@@ -113,7 +114,15 @@ fn the_screen_in_a_browser(ns: &str, pod: &str) {
     drop(free);
     let _server = Interactive::spawn(
         "python3",
-        &["-m", "http.server", "--bind", "127.0.0.1", "-d", web.to_str().unwrap(), &http_port.to_string()],
+        &[
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "-d",
+            web.to_str().unwrap(),
+            &http_port.to_string(),
+        ],
     );
     let page = format!("http://127.0.0.1:{http_port}/console.html?port={}", local.port());
     let shot = std::env::temp_dir().join(format!("virtkube-browser-{}.png", std::process::id()));
@@ -125,7 +134,11 @@ fn the_screen_in_a_browser(ns: &str, pod: &str) {
             .args([&page, shot.to_str().unwrap()])
             .output()
             .unwrap();
-        said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         if out.status.success() {
             break;
         }
@@ -135,7 +148,10 @@ fn the_screen_in_a_browser(ns: &str, pod: &str) {
     let (width, height, pixels) = virtkube_e2e::display::decode_screenshot(&png).unwrap();
     let top = virtkube_e2e::display::lit_in_rows(&pixels, width, 0..height / 6);
     let bottom = virtkube_e2e::display::lit_in_rows(&pixels, width, height - height / 6..height);
-    assert!(top > 1000 && bottom == 0, "the browser showed {width}x{height}, lit top {top}, bottom {bottom}: {said}");
+    assert!(
+        top > 1000 && bottom == 0,
+        "the browser showed {width}x{height}, lit top {top}, bottom {bottom}: {said}"
+    );
     assert!(said.contains(&format!("{ns}_{pod}")), "the page's status: {said}");
     println!("the browser showed the guest's screen ({width}x{height}, {top} lit pixels in the top rows)");
     let _ = std::fs::remove_file(&shot);

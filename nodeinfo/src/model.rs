@@ -157,10 +157,11 @@ impl Happened {
             (6, 0) => Some(Happened::ShutDown { by_guest: None }),
             (6, 1) => Some(Happened::ShutDown { by_guest: Some(true) }),
             (6, 2) => Some(Happened::ShutDown { by_guest: Some(false) }),
-            // SUSPENDED: IOERROR, WATCHDOG, API_ERROR.
-            (3, 1) => Some(Happened::PausedBy("a disk I/O error")),
-            (3, 2) => Some(Happened::PausedBy("the guest's watchdog")),
-            (3, 8) => Some(Happened::PausedBy("an error in libvirt")),
+            // SUSPENDED (virDomainEventSuspendedDetailType): IOERROR,
+            // WATCHDOG, API_ERROR.
+            (3, 2) => Some(Happened::PausedBy("a disk I/O error")),
+            (3, 3) => Some(Happened::PausedBy("the guest's watchdog")),
+            (3, 6) => Some(Happened::PausedBy("an error in libvirt")),
             _ => None,
         }
     }
@@ -485,7 +486,14 @@ pub fn reason_name(state: u32, reason: i32) -> String {
         (1, 2) => "Migrated",
         (1, 3) => "Restored",
         (1, 5) => "Unpaused",
-        (3, 2) => "User",
+        // virDomainPausedReason.
+        (3, 1) => "User",
+        (3, 2) => "Migration",
+        (3, 5) => "IOError",
+        (3, 6) => "Watchdog",
+        (3, 8) => "ShuttingDown",
+        (3, 11) => "StartingUp",
+        (3, 14) => "APIError",
         (5, 1) => "Shutdown",
         (5, 2) => "Destroyed",
         (5, 3) => "Crashed",
@@ -767,6 +775,20 @@ mod tests {
     }
 
     #[test]
+    fn state_reasons_are_libvirts_numbers() {
+        // virDomainPausedReason: USER 1, MIGRATION 2, IOERROR 5, STARTING_UP 11.
+        assert_eq!(reason_name(3, 1), "User");
+        assert_eq!(reason_name(3, 2), "Migration");
+        assert_eq!(reason_name(3, 5), "IOError");
+        assert_eq!(reason_name(3, 11), "StartingUp");
+        // virDomainRunningReason BOOTED 1, UNPAUSED 5; virDomainShutoffReason SHUTDOWN 1.
+        assert_eq!(reason_name(1, 1), "Booted");
+        assert_eq!(reason_name(1, 5), "Unpaused");
+        assert_eq!(reason_name(5, 1), "Shutdown");
+        assert_eq!(reason_name(3, 99), "Reason99");
+    }
+
+    #[test]
     fn run_state_pauses_a_running_vm_and_resumes_only_its_own_pause() {
         use virtkube_api::domain::RunState::{Paused, Running};
         assert_eq!(run_step(Paused, "Running", "Booted", false), RunStep::Suspend);
@@ -810,10 +832,22 @@ mod tests {
             Happened::of_lifecycle(6, 1),
             Some(Happened::ShutDown { by_guest: Some(true) })
         );
-        assert_eq!(Happened::of_lifecycle(3, 1).map(|h| h.event().warning), Some(true));
+        // libvirt's numbers (libvirt-domain.h): SUSPENDED_IOERROR is 2, WATCHDOG 3.
+        assert_eq!(
+            Happened::of_lifecycle(3, 2).map(|h| h.event()),
+            Some(PodEvent {
+                warning: true,
+                reason: "VMPaused",
+                note: "the VM's CPUs were paused by a disk I/O error".into()
+            })
+        );
+        assert_eq!(
+            Happened::of_lifecycle(3, 3),
+            Some(Happened::PausedBy("the guest's watchdog"))
+        );
         // A pause by request (detail 0) is told by the run-state controller;
-        // start, stop, resume are told elsewhere or not at all.
-        for (event, detail) in [(3, 0), (4, 0), (2, 0), (5, 0), (5, 1)] {
+        // a migration's (1), start, stop, resume are told elsewhere or not at all.
+        for (event, detail) in [(3, 0), (3, 1), (4, 0), (2, 0), (5, 0), (5, 1)] {
             assert_eq!(Happened::of_lifecycle(event, detail), None, "{event}/{detail}");
         }
         let reset = Happened::Reset.event();
