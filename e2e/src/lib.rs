@@ -192,3 +192,45 @@ pub fn serve_once(body: String) -> (u16, std::thread::JoinHandle<std::net::IpAdd
     });
     (port, server)
 }
+
+/// A port on this host leading to `port` on 127.0.0.1 inside a Docker
+/// container's network namespace, as `kubectl port-forward` leads into a
+/// pod's (socat and nsenter, as dockershim does it). Ends when dropped.
+#[derive(Debug)]
+pub struct Forward {
+    child: Child,
+    /// Where to connect.
+    pub address: std::net::SocketAddr,
+}
+
+impl Forward {
+    /// Forwards a free local port to `port` in `container`.
+    pub fn into_container(container: &str, port: u16) -> Forward {
+        let (ok, pid) = run("/usr/bin/docker", &["inspect", "-f", "{{.State.Pid}}", container], None);
+        assert!(ok, "docker inspect {container}: {pid}");
+        let free = std::net::TcpListener::bind("127.0.0.1:0").expect("a free local port");
+        let address = free.local_addr().expect("its address");
+        drop(free);
+        let child = Command::new("socat")
+            .args([
+                &format!("TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork", address.port()),
+                &format!("EXEC:nsenter -t {} -n socat STDIO TCP\\:127.0.0.1\\:{port}", pid.trim()),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run socat: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(address).is_err() {
+            assert!(Instant::now() < deadline, "socat did not listen on {address}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Forward { child, address }
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

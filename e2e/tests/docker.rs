@@ -710,46 +710,6 @@ fn a_vm_image_carries_its_disk() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A port on the test's host leading to `port` on 127.0.0.1 inside a
-/// container's network namespace, as `kubectl port-forward` leads into a
-/// pod's (socat and nsenter, as dockershim does it). Ends when dropped.
-struct Forward {
-    child: std::process::Child,
-    address: std::net::SocketAddr,
-}
-
-impl Forward {
-    fn to(container: &str, port: u16) -> Forward {
-        let pid = docker_ok(&["inspect", "-f", "{{.State.Pid}}", container])
-            .trim()
-            .to_owned();
-        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = free.local_addr().unwrap();
-        drop(free);
-        let child = Command::new("socat")
-            .args([
-                &format!("TCP-LISTEN:{},bind=127.0.0.1,reuseaddr,fork", address.port()),
-                &format!("EXEC:nsenter -t {pid} -n socat STDIO TCP\\:127.0.0.1\\:{port}"),
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(address).is_err() {
-            assert!(Instant::now() < deadline, "socat did not listen on {address}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Forward { child, address }
-    }
-}
-
-impl Drop for Forward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `docker exec` of a second shim process: its exit, stdout (bytes) and stderr.
 fn shim_exec(container: &str, operation: &str) -> (i32, Vec<u8>, String) {
     let out = Command::new(DOCKER)
@@ -804,7 +764,7 @@ fn operations_and_the_display_of_a_running_vm() {
 
     // A VNC viewer and a WebSocket viewer, each through 127.0.0.1 in the container.
     for (port, websocket) in [(5900, false), (6080, true)] {
-        let forward = Forward::to(&vm.name, port);
+        let forward = virtkube_e2e::Forward::into_container(&vm.name, port);
         let update = if websocket {
             virtkube_e2e::display::first_update_over_websocket(forward.address)
         } else {

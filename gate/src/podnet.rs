@@ -109,6 +109,10 @@ table ip virtkube {{
 \t\toifname \"lo\" ip daddr 127.0.0.1 tcp dport {{ {shim_ports} }} accept
 \t\toifname \"lo\" ip daddr 127.0.0.1 dnat to {guest}
 \t}}
+\tchain input {{
+\t\ttype filter hook input priority filter; policy accept;
+\t\tiifname \"{tap}\" ip daddr 127.0.0.0/8 ct direction original drop
+\t}}
 \tchain postrouting {{
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\toifname \"{uplink}\" ip saddr {subnet} masquerade
@@ -498,6 +502,12 @@ mod tests {
         );
         assert!(
             rules.contains("oifname \"lo\" ip daddr 127.0.0.1 dnat to 10.0.2.2"),
+            "{rules}"
+        );
+        // The guest may not reach the pod's loopback (route_localnet lets
+        // its packets in): only replies to what port-forward sent it.
+        assert!(
+            rules.contains("iifname \"vk0123456789ab\" ip daddr 127.0.0.0/8 ct direction original drop"),
             "{rules}"
         );
         // The shim's display ports stay the pod's, before that rule.

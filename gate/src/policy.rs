@@ -645,22 +645,29 @@ fn check_interfaces(root: roxmltree::Node<'_, '_>, name: &str, policy: &Policy) 
 /// the pod. A listening address or socket would put it on the node, where
 /// anyone who reaches the node could watch and type.
 fn check_graphics(root: roxmltree::Node<'_, '_>) -> Result<(), Denied> {
-    let Some(graphics) = child(root, "devices").and_then(|d| child(d, "graphics")) else {
-        return Ok(());
-    };
-    if graphics.attribute("type") != Some("vnc") {
-        return deny(format!(
-            "graphics type {:?} is not allowed (vnc, served in the pod)",
-            graphics.attribute("type").unwrap_or_default()
-        ));
+    // Every one (the element allow-list already refuses a second), and
+    // every <listen> of each.
+    for graphics in root.descendants().filter(|n| n.has_tag_name("graphics")) {
+        if graphics.attribute("type") != Some("vnc") {
+            return deny(format!(
+                "graphics type {:?} is not allowed (vnc, served in the pod)",
+                graphics.attribute("type").unwrap_or_default()
+            ));
+        }
+        let listens: Vec<_> = graphics.children().filter(|n| n.has_tag_name("listen")).collect();
+        if listens.is_empty() {
+            return deny(
+                "a VNC display must listen nowhere on the node (<listen type='none'/>; the VM container serves it in the pod), not at libvirt's default address",
+            );
+        }
+        if let Some(listen) = listens.iter().find(|l| l.attribute("type") != Some("none")) {
+            return deny(format!(
+                "a VNC display must listen nowhere on the node (<listen type='none'/>; the VM container serves it in the pod), not {:?}",
+                listen.attribute("type").unwrap_or_default()
+            ));
+        }
     }
-    match child(graphics, "listen").and_then(|l| l.attribute("type")) {
-        Some("none") => Ok(()),
-        other => deny(format!(
-            "a VNC display must listen nowhere on the node (<listen type='none'/>; the VM container serves it in the pod), not {:?}",
-            other.unwrap_or("the default address")
-        )),
-    }
+    Ok(())
 }
 
 /// A file a domain uses must be an absolute path under one of the roots, with

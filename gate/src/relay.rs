@@ -617,6 +617,9 @@ pub struct Session {
     /// Serials of screenshots under way: their only stream packet from the
     /// caller is the one that finishes (or aborts) the download.
     screenshots: Vec<u32>,
+    /// Descriptors can be passed back to the caller (a unix socket): a
+    /// display's connection, DOMAIN_OPEN_GRAPHICS_FD, needs it.
+    pub passes_descriptors: bool,
     /// Event registrations it made.
     event_registrations: usize,
 }
@@ -871,7 +874,10 @@ async fn relay<S: ClientStream>(
     // libvirtd → VM container: whole frames, so a denial written meanwhile
     // never lands inside one.
     let writer = to_client.clone();
-    let session = Arc::new(std::sync::Mutex::new(Session::of(caller)));
+    let session = Arc::new(std::sync::Mutex::new(Session {
+        passes_descriptors: passing.is_some(),
+        ..Session::of(caller)
+    }));
     let replies = session.clone();
     let finisher = Arc::new(Finisher {
         keeper: gate.keeper(),
@@ -912,7 +918,8 @@ async fn relay<S: ClientStream>(
                         }
                     }
                     (None, true) => {
-                        let why = "a display's descriptor can only be passed over the gate's unix socket; this connection is TCP (mount the socket to use VNC)";
+                        // (Refused before it is asked; a failed duplicate lands here.)
+                        let why = "the display's descriptor cannot be passed on this connection";
                         if writer.write_all(&denial(&header, why)).await.is_err() {
                             return;
                         }
@@ -927,6 +934,7 @@ async fn relay<S: ClientStream>(
                 }
                 continue;
             }
+            note_screenshot_end(&replies, &header);
             let frame = match note_reply(&replies, &header, &frame[LEN_SIZE + HEADER_SIZE..]) {
                 Some(Noted::Found(domain)) => {
                     let keeper = finisher.keeper.clone();
@@ -1081,6 +1089,22 @@ async fn relay<S: ClientStream>(
         let keeper = gate.keeper();
         let owner = caller.owner(&who);
         tokio::spawn(async move { keeper.end_abandoned(&creating.name, &owner).await });
+    }
+}
+
+/// A screenshot that libvirtd ended (an error reply, or the stream's last
+/// packet) is no longer under way: its serial is forgotten, so failed
+/// screenshots never use up the connection's allowance.
+pub fn note_screenshot_end(session: &std::sync::Mutex<Session>, header: &Header) {
+    let ended = header.procedure == procedure::DOMAIN_SCREENSHOT
+        && match header.kind {
+            MessageType::Reply => header.status == Status::Error,
+            MessageType::Stream => header.status != Status::Continue,
+            _ => false,
+        };
+    if ended {
+        let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+        session.screenshots.retain(|serial| *serial != header.serial);
     }
 }
 
@@ -1720,6 +1744,12 @@ fn check_call(
         }
         procedure::DOMAIN_OPEN_GRAPHICS_FD => {
             own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
+            // Refused before libvirtd makes QEMU take a viewer nobody gets.
+            if !session.passes_descriptors {
+                return Err(Denied(
+                    "a display's connection is a descriptor, which only the gate's unix socket can pass; this connection is TCP (mount the socket to use the VM's screen)".into(),
+                ));
+            }
             let index = d.u32("idx").map_err(bad_args(name))?;
             let flags = d.u32("flags").map_err(bad_args(name))?;
             if index != 0 || flags & !OPEN_GRAPHICS_SKIPAUTH != 0 {
@@ -1937,6 +1967,140 @@ mod tests {
             Some(Noted::Created(created)) => assert_eq!(created.domain, domain),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn operations_name_the_connections_own_domain_and_a_display_needs_the_unix_socket() {
+        let who = Identity::Pod {
+            uid: "6f1c2b3a-4d5e-4f60-8a7b-9c0d1e2f3a4b".into(),
+        };
+        let gate = Gate::default();
+        let own = DomainRef {
+            name: "ns_vm".into(),
+            uuid: [7; 16],
+            id: 3,
+        };
+        let other = DomainRef {
+            name: "ns_other".into(),
+            uuid: [8; 16],
+            id: 4,
+        };
+        let session = std::sync::Mutex::new(Session {
+            domain: Some(Admitted {
+                name: own.name.clone(),
+                uuid: Some(own.uuid),
+            }),
+            ..Session::of(CallerProcess {
+                pid: 4242,
+                start_ticks: 1,
+            })
+        });
+        let decided =
+            |header: &Header, payload: &[u8]| decide(header, payload, &[], &who, &gate, &mut session.lock().unwrap());
+        let args = |domain: &DomainRef, words: &[u32]| {
+            let mut e = libvirt_wire::xdr::Encoder::new();
+            domain.encode(&mut e);
+            for word in words {
+                e.u32(*word);
+            }
+            e.into_bytes()
+        };
+        let denied = |verdict: Verdict, expected: &str| match verdict {
+            Verdict::Deny(why) => assert!(why.contains(expected), "expected {expected:?}, got {why:?}"),
+            other => panic!("{other:?}, expected a denial with {expected:?}"),
+        };
+        let mut serial = 10;
+        let mut next = |procedure: i32| {
+            serial += 1;
+            call(procedure, MessageType::Call, serial)
+        };
+        // Reboot and reset: its own domain only; no guest-agent reboot, no reset flags.
+        denied(
+            decided(&next(procedure::DOMAIN_REBOOT), &args(&other, &[0])),
+            "is not this container's",
+        );
+        assert_eq!(
+            decided(&next(procedure::DOMAIN_REBOOT), &args(&own, &[1])),
+            Verdict::Forward
+        );
+        denied(decided(&next(procedure::DOMAIN_REBOOT), &args(&own, &[2])), "flags 0x2");
+        assert_eq!(
+            decided(&next(procedure::DOMAIN_RESET), &args(&own, &[0])),
+            Verdict::Forward
+        );
+        denied(decided(&next(procedure::DOMAIN_RESET), &args(&own, &[1])), "flags 0x1");
+        // Pausing is nodeinfo's (spec.runState), not the container's.
+        denied(
+            decided(&next(procedure::DOMAIN_SUSPEND), &args(&own, &[])),
+            "not one a VM container may call",
+        );
+        // Screenshots: screen 0, two at a time; libvirtd ending one gives its place back.
+        denied(
+            decided(&next(procedure::DOMAIN_SCREENSHOT), &args(&own, &[1, 0])),
+            "screen 0",
+        );
+        denied(
+            decided(&next(procedure::DOMAIN_SCREENSHOT), &args(&other, &[0, 0])),
+            "is not this container's",
+        );
+        let first = next(procedure::DOMAIN_SCREENSHOT);
+        assert_eq!(decided(&first, &args(&own, &[0, 0])), Verdict::Forward);
+        let second = next(procedure::DOMAIN_SCREENSHOT);
+        assert_eq!(decided(&second, &args(&own, &[0, 0])), Verdict::Forward);
+        denied(
+            decided(&next(procedure::DOMAIN_SCREENSHOT), &args(&own, &[0, 0])),
+            "under way already",
+        );
+        note_screenshot_end(
+            &session,
+            &Header::remote(
+                procedure::DOMAIN_SCREENSHOT,
+                MessageType::Reply,
+                first.serial,
+                Status::Error,
+            ),
+        );
+        assert_eq!(
+            decided(&next(procedure::DOMAIN_SCREENSHOT), &args(&own, &[0, 0])),
+            Verdict::Forward
+        );
+        // The caller's only stream packet on a screenshot is its finish.
+        let data = Header::remote(
+            procedure::DOMAIN_SCREENSHOT,
+            MessageType::Stream,
+            second.serial,
+            Status::Continue,
+        );
+        assert!(matches!(decided(&data, b"upload"), Verdict::Close(_)));
+        let finish = Header {
+            status: Status::Ok,
+            ..data
+        };
+        assert_eq!(decided(&finish, &[]), Verdict::Forward);
+        assert!(matches!(decided(&finish, &[]), Verdict::Close(_)), "finished once");
+        // The display: its own, display 0, SKIPAUTH at most, and only where
+        // descriptors can come back.
+        denied(
+            decided(&next(procedure::DOMAIN_OPEN_GRAPHICS_FD), &args(&own, &[0, 1])),
+            "only the gate's unix socket can pass",
+        );
+        session.lock().unwrap().passes_descriptors = true;
+        assert_eq!(
+            decided(&next(procedure::DOMAIN_OPEN_GRAPHICS_FD), &args(&own, &[0, 1])),
+            Verdict::Forward
+        );
+        denied(
+            decided(&next(procedure::DOMAIN_OPEN_GRAPHICS_FD), &args(&own, &[1, 0])),
+            "display 1",
+        );
+        denied(
+            decided(&next(procedure::DOMAIN_OPEN_GRAPHICS_FD), &args(&own, &[0, 2])),
+            "flags 0x2",
+        );
+        denied(
+            decided(&next(procedure::DOMAIN_OPEN_GRAPHICS_FD), &args(&other, &[0, 1])),
+            "is not this container's",
+        );
     }
 
     fn call(procedure: i32, kind: MessageType, serial: u32) -> Header {

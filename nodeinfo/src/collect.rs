@@ -104,6 +104,7 @@ pub fn domain(dom: &Domain) -> Result<Option<DomainSnapshot>, Error> {
         oom_kills: qemu.as_ref().and_then(|q| oom_kills_in(q.cgroup.as_deref()?)),
         qemu,
         reattachments: facts::parse_reattachments(&xml),
+        paused_by_request: facts::parse_paused_by_request(&xml),
         interfaces: facts::parse_interfaces(&xml).unwrap_or_else(|e| {
             warn!(
                 "domain {}: its interfaces are not listed: {e}",
@@ -280,13 +281,30 @@ pub fn domain_state(conn: &Connect, name: &str) -> Result<Option<(u32, i32)>, Er
     }
 }
 
-/// Pauses (`run` false) or resumes domain `name`'s CPUs.
+/// Pauses (`run` false) or resumes domain `name`'s CPUs, marking a pause
+/// as requested ([`facts::RUN_STATE_XMLNS`]): the mark is set before the
+/// pause (so no look at the paused domain misses it) and removed after a
+/// resume.
 pub fn set_running(conn: &Connect, name: &str, run: bool) -> Result<(), Error> {
+    const ELEMENT: i32 = sys::VIR_DOMAIN_METADATA_ELEMENT as i32;
+    const LIVE: u32 = sys::VIR_DOMAIN_AFFECT_LIVE;
     let dom = conn.lookup_domain_by_name(name).map_err(|e| format!("lookup: {e}"))?;
-    let result = if run { dom.resume() } else { dom.suspend() };
-    result
-        .map(drop)
-        .map_err(|e| format!("{} {name}: {e}", if run { "resuming" } else { "pausing" }))
+    let mark = |on: bool| {
+        let xml = on.then_some(facts::PAUSED_BY_REQUEST);
+        dom.set_metadata(ELEMENT, xml, Some("vkrs"), Some(facts::RUN_STATE_XMLNS), LIVE)
+            .map_err(|e| format!("marking {name}: {e}"))
+    };
+    if run {
+        dom.resume().map_err(|e| format!("resuming {name}: {e}"))?;
+        mark(false)
+    } else {
+        mark(true)?;
+        if let Err(e) = dom.suspend() {
+            let _ = mark(false);
+            return Err(format!("pausing {name}: {e}"));
+        }
+        Ok(())
+    }
 }
 
 /// An event of one domain: its name, and what happened when that is an

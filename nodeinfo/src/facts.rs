@@ -437,6 +437,23 @@ pub fn parse_reattachments(domain_xml: &str) -> Option<u32> {
         .map(|owner| owner.attribute("reattached").map_or(Some(0), |n| n.parse().ok()))?
 }
 
+/// nodeinfo's own mark on a domain it paused because its VirtDomain's
+/// `spec.runState` asked: live metadata of the domain itself, so it lasts as
+/// long as the domain (no later domain of the same name inherits it) and
+/// survives nodeinfo's restarts. The gate admits no metadata of this
+/// namespace in a domain a VM pod creates, so a pod cannot forge it.
+pub const RUN_STATE_XMLNS: &str = "https://virtkube.io/xmlns/run-state/1";
+/// The mark's element (under [`RUN_STATE_XMLNS`], prefix `vkrs`).
+pub const PAUSED_BY_REQUEST: &str = "<paused-by-request/>";
+
+/// Whether the domain carries nodeinfo's paused-by-request mark.
+pub fn parse_paused_by_request(domain_xml: &str) -> bool {
+    roxmltree::Document::parse(domain_xml).is_ok_and(|doc| {
+        doc.descendants()
+            .any(|n| n.tag_name().namespace() == Some(RUN_STATE_XMLNS) && n.tag_name().name() == "paused-by-request")
+    })
+}
+
 /// The cgroup a process's `/proc/<pid>/cgroup` names for its memory: the
 /// v1 `memory` hierarchy's path, else the unified (v2) one's.
 pub fn memory_cgroup(proc_cgroup: &str) -> Option<String> {

@@ -201,10 +201,7 @@ fn once(args: &Args) -> Result<()> {
         "metadata": {"name": args.node, "labels": model::node_labels(&status)},
         "spec": {"nodeName": args.node}, "status": status,
     })];
-    for object in domains
-        .iter()
-        .filter_map(|d| model::virt_domain(&args.node, d, None, false))
-    {
+    for object in domains.iter().filter_map(|d| model::virt_domain(&args.node, d, None)) {
         docs.push(serde_json::to_value(object)?);
     }
     if args.json {
@@ -266,8 +263,6 @@ fn daemon(args: &Args) -> Result<()> {
 struct Published {
     domains: BTreeMap<String, model::Seen>,
     started: Instant,
-    /// The domains paused because their `spec.runState` asked.
-    paused: virtkube_nodeinfo::runstate::PausedByRequest,
 }
 
 impl Published {
@@ -275,15 +270,13 @@ impl Published {
         Published {
             domains: BTreeMap::new(),
             started: Instant::now(),
-            paused: Default::default(),
         }
     }
 
     /// The VirtDomain of `d`, as published now.
     fn virt_domain(&self, node: &str, d: &model::DomainSnapshot) -> Option<virtkube_api::VirtDomain> {
         let start = self.start_of(&d.name);
-        let paused = virtkube_nodeinfo::runstate::is_paused_by_request(&self.paused, &d.name);
-        model::virt_domain(node, d, Some(&start), paused)
+        model::virt_domain(node, d, Some(&start))
     }
 
     /// The VirtDomain start time of domain `name`: when first seen.
@@ -346,7 +339,6 @@ async fn serve(
         args.node.clone(),
         conn.clone(),
         publisher.clone(),
-        published.paused.clone(),
     ));
     let result = serve_on(&conn, args, publisher, last_status, published).await;
     run_states.abort();
@@ -382,8 +374,13 @@ async fn serve_on(
             _ = resync.tick() => full_sync(conn, args, publisher, published, last_status).await?,
             Some(event) = events.recv() => {
                 let started = Instant::now();
+                // Whose it is, before the change: a shut-down domain is gone after it.
+                let seen = published.domains.get(&event.name).cloned();
+                if let (Some(happened), Some(seen)) = (event.happened, &seen) {
+                    tell(publisher, seen, vec![happened.event()]).await;
+                }
                 domain_changed(conn, args, publisher, published, &event.name).await?;
-                if let Some(happened) = event.happened
+                if let (Some(happened), None) = (event.happened, &seen)
                     && let Some(seen) = published.domains.get(&event.name)
                 {
                     tell(publisher, seen, vec![happened.event()]).await;

@@ -68,6 +68,8 @@ pub struct DomainSnapshot {
     pub disks: Vec<virtkube_api::domain::DomainDisk>,
     /// Its network interfaces.
     pub interfaces: Vec<virtkube_api::domain::DomainInterface>,
+    /// It carries nodeinfo's mark of a pause `spec.runState` asked for.
+    pub paused_by_request: bool,
 }
 
 /// What nodeinfo remembers of a domain it published, to tell what changed.
@@ -416,12 +418,7 @@ pub fn node_labels(status: &VirtNodeStatus) -> BTreeMap<String, String> {
 
 /// The VirtDomain object (for server-side apply), owned by its pod; `None`
 /// without the pod's UID, which an owner reference needs.
-pub fn virt_domain(
-    node: &str,
-    d: &DomainSnapshot,
-    start_time: Option<&str>,
-    paused_by_request: bool,
-) -> Option<VirtDomain> {
+pub fn virt_domain(node: &str, d: &DomainSnapshot, start_time: Option<&str>) -> Option<VirtDomain> {
     let uid = d.owner.uid.clone()?;
     Some(VirtDomain {
         metadata: ObjectMeta {
@@ -460,7 +457,7 @@ pub fn virt_domain(
             reattachments: d.reattachments,
             disks: d.disks.clone(),
             interfaces: d.interfaces.clone(),
-            paused_by_request: paused_by_request && d.state == "Paused",
+            paused_by_request: d.paused_by_request && d.state == "Paused",
         }),
     })
 }
@@ -618,6 +615,7 @@ mod tests {
                 binding: Some("masquerade".into()),
                 guest_address: Some("10.0.2.2/24".into()),
             }],
+            paused_by_request: false,
         }
     }
 
@@ -683,7 +681,7 @@ mod tests {
     #[test]
     fn virt_domains_need_an_owner_pod_uid() {
         let mut d = snapshot();
-        let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z"), false).unwrap();
+        let v = virt_domain("node-1", &d, Some("2026-11-22T10:00:00Z")).unwrap();
         let owner = &v.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Pod", "pod-uid"));
         assert_eq!(v.metadata.labels.as_ref().unwrap()[NODE_LABEL], "node-1");
@@ -721,12 +719,12 @@ mod tests {
         // Unknown values are left out (the hand-built JSON sent them as null).
         d.owner.template = None;
         d.memory_kib = u64::MAX;
-        let v = serde_json::to_value(virt_domain("node-1", &d, None, false).unwrap()).unwrap();
+        let v = serde_json::to_value(virt_domain("node-1", &d, None).unwrap()).unwrap();
         assert!(v["spec"].get("template").is_none(), "{v}");
         assert!(v["status"].get("memory").is_none(), "{v}");
         assert!(v["status"].get("startTime").is_none(), "{v}");
         d.owner.uid = None;
-        assert!(virt_domain("node-1", &d, None, false).is_none());
+        assert!(virt_domain("node-1", &d, None).is_none());
     }
 
     #[test]
@@ -806,19 +804,16 @@ mod tests {
     fn a_paused_domain_says_whether_a_request_paused_it() {
         let mut d = snapshot();
         d.state = "Paused".into();
-        let status = |paused| virt_domain("node-1", &d, None, paused).unwrap().status.unwrap();
-        assert!(status(true).paused_by_request);
-        assert!(!status(false).paused_by_request);
+        let status = |d: &DomainSnapshot| virt_domain("node-1", d, None).unwrap().status.unwrap();
+        d.paused_by_request = true;
+        assert!(status(&d).paused_by_request);
+        d.paused_by_request = false;
+        assert!(!status(&d).paused_by_request);
         d.state = "Running".into();
-        assert!(
-            !virt_domain("node-1", &d, None, true)
-                .unwrap()
-                .status
-                .unwrap()
-                .paused_by_request
-        );
+        d.paused_by_request = true;
+        assert!(!status(&d).paused_by_request);
         // nodeinfo never applies the user's field.
-        let json = serde_json::to_value(virt_domain("node-1", &d, None, true).unwrap()).unwrap();
+        let json = serde_json::to_value(virt_domain("node-1", &d, None).unwrap()).unwrap();
         assert!(json["spec"].get("runState").is_none(), "{json}");
     }
 

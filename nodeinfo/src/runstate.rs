@@ -3,9 +3,15 @@
 //! — a VM pod gains no new power through the gate — and tells each on the
 //! VM's pod as an event. A kube-runtime Controller over the VirtDomains
 //! labelled with this node; the decision is [`model::run_step`].
+//!
+//! Whoever may patch a VirtDomain may write all of its spec, so nothing in
+//! it names what to act on: the domain is `<namespace>_<name>` of the
+//! VirtDomain itself, and its owner record (written by the gate) must name
+//! that namespace and pod. A pause nodeinfo made is marked on the domain
+//! itself ([`crate::facts::RUN_STATE_XMLNS`]), so only that pause is undone,
+//! whatever nodeinfo remembers or forgets.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -19,21 +25,9 @@ use virtkube_api::VirtDomain;
 use crate::model::{self, NODE_LABEL, PodEvent, RunStep};
 use crate::publish::Publisher;
 
-/// The domains nodeinfo paused because their `spec.runState` asked, by
-/// name: only these it resumes. Shared with the publisher, which reports
-/// it in `status.pausedByRequest` (from where a restarted nodeinfo learns
-/// it again).
-pub type PausedByRequest = Arc<Mutex<BTreeSet<String>>>;
-
-/// Whether `name` is paused by request.
-pub fn is_paused_by_request(paused: &PausedByRequest, name: &str) -> bool {
-    paused.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
-}
-
 struct Context {
     conn: Arc<Connect>,
     publisher: Publisher,
-    paused: PausedByRequest,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,20 +39,10 @@ enum Error {
 }
 
 /// Runs until dropped: reconciles every VirtDomain of `node` as it changes.
-pub async fn run(
-    client: kube::Client,
-    node: String,
-    conn: Arc<Connect>,
-    publisher: Publisher,
-    paused: PausedByRequest,
-) {
+pub async fn run(client: kube::Client, node: String, conn: Arc<Connect>, publisher: Publisher) {
     let api: Api<VirtDomain> = Api::all(client);
     let config = watcher::Config::default().labels(&format!("{NODE_LABEL}={node}"));
-    let context = Arc::new(Context {
-        conn,
-        publisher,
-        paused,
-    });
+    let context = Arc::new(Context { conn, publisher });
     Controller::new(api, config)
         .run(reconcile, error_policy, context)
         .for_each(|result| {
@@ -70,29 +54,31 @@ pub async fn run(
         .await;
 }
 
+/// The domain a VirtDomain stands for: named after its own namespace and
+/// name, never after anything in its spec.
+pub fn domain_of(namespace: &str, name: &str) -> String {
+    format!("{namespace}_{name}")
+}
+
 async fn reconcile(vd: Arc<VirtDomain>, context: Arc<Context>) -> Result<Action, Error> {
-    let name = vd.spec.domain_name.clone();
+    let namespace = vd.metadata.namespace.clone().unwrap_or_default();
+    let pod = vd.metadata.name.clone().unwrap_or_default();
+    let name = domain_of(&namespace, &pod);
     let wanted = vd.spec.run_state.unwrap_or_default();
-    let recorded = vd.status.as_ref().is_some_and(|s| s.paused_by_request);
-    if recorded {
-        // A nodeinfo before this one paused it.
-        context
-            .paused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone());
-    }
     let conn = context.conn.clone();
     let lookup = name.clone();
-    let state = tokio::task::spawn_blocking(move || crate::collect::domain_state(&conn, &lookup))
+    let snapshot = tokio::task::spawn_blocking(move || crate::collect::domain_by_name(&conn, &lookup))
         .await
         .map_err(|_| Error::Panicked)?
         .map_err(Error::Libvirt)?;
-    let Some((state, reason)) = state else {
+    let Some(domain) = snapshot else {
         return Ok(Action::await_change());
     };
-    let (state, reason) = (model::state_name(state), model::reason_name(state, reason));
-    let step = model::run_step(wanted, state, &reason, is_paused_by_request(&context.paused, &name));
+    if domain.owner.namespace != namespace || domain.owner.pod != pod {
+        warn!(%namespace, %pod, domain = %name, "run state not carried out: the domain is not this VirtDomain's pod's");
+        return Ok(Action::await_change());
+    }
+    let step = model::run_step(wanted, &domain.state, &domain.reason, domain.paused_by_request);
     let run = match step {
         RunStep::Nothing => return Ok(Action::await_change()),
         RunStep::Suspend => false,
@@ -104,21 +90,6 @@ async fn reconcile(vd: Arc<VirtDomain>, context: Arc<Context>) -> Result<Action,
         .await
         .map_err(|_| Error::Panicked)?
         .map_err(Error::Libvirt)?;
-    {
-        let mut paused = context.paused.lock().unwrap_or_else(|p| p.into_inner());
-        if run {
-            paused.remove(&name);
-        } else {
-            paused.insert(name.clone());
-        }
-    }
-    let namespace = vd.metadata.namespace.clone().unwrap_or_default();
-    let pod = vd
-        .spec
-        .pod
-        .clone()
-        .or_else(|| vd.metadata.name.clone())
-        .unwrap_or_default();
     info!(%namespace, %pod, domain = %name, paused = !run, "run state carried out");
     let event = if run {
         PodEvent::normal(
@@ -131,13 +102,11 @@ async fn reconcile(vd: Arc<VirtDomain>, context: Arc<Context>) -> Result<Action,
             "the VM's CPUs are paused, as its VirtDomain's spec.runState asks (Running resumes them)".into(),
         )
     };
-    let uid = vd
-        .metadata
-        .owner_references
-        .as_ref()
-        .and_then(|owners| owners.iter().find(|o| o.kind == "Pod"))
-        .map(|o| o.uid.clone());
-    if let Err(e) = context.publisher.event_on_pod(&namespace, &pod, uid, &event).await {
+    if let Err(e) = context
+        .publisher
+        .event_on_pod(&namespace, &pod, domain.owner.uid.clone(), &event)
+        .await
+    {
         warn!(%namespace, %pod, "event not published: {e}");
     }
     // The lifecycle event that follows republishes the status.
@@ -147,4 +116,14 @@ async fn reconcile(vd: Arc<VirtDomain>, context: Arc<Context>) -> Result<Action,
 fn error_policy(_vd: Arc<VirtDomain>, error: &Error, _context: Arc<Context>) -> Action {
     warn!("run state: {error}; retrying in 5 s");
     Action::requeue(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_domain_is_the_virtdomains_own_not_its_specs() {
+        assert_eq!(domain_of("team-a", "vm-0"), "team-a_vm-0");
+    }
 }

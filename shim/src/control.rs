@@ -137,8 +137,13 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 /// connection to libvirtd (none while the shim reconnects).
 pub async fn serve(listener: UnixListener, domain: DomainRef, current: watch::Receiver<Option<Client>>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log(format!("an operation request could not be accepted: {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let (domain, current) = (domain.clone(), current.clone());
         tokio::spawn(async move {
@@ -191,8 +196,14 @@ async fn answer(
                 mime: shot.mime,
                 length: shot.data.len(),
             };
-            writer.write_all(head.line().as_bytes()).await?;
-            writer.write_all(&shot.data).await
+            // A requester that stops reading does not hold the image for long.
+            let send = async {
+                writer.write_all(head.line().as_bytes()).await?;
+                writer.write_all(&shot.data).await
+            };
+            tokio::time::timeout(OPERATION_TIMEOUT, send)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
         }
         Ok(Err(why)) => {
             log(format!("operation {} failed: {why}", op.name()));

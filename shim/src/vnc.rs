@@ -71,8 +71,14 @@ async fn accept(
     viewers: Arc<Semaphore>,
 ) {
     loop {
-        let Ok((mut viewer, from)) = listener.accept().await else {
-            continue;
+        let (mut viewer, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, say: not a loop that starves the VM's console.
+                log(format!("display: cannot accept a viewer: {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let Ok(permit) = viewers.clone().try_acquire_owned() else {
             log(format!(
@@ -168,8 +174,8 @@ async fn serve_websocket(
     let display = match open_display(domain, current).await {
         Ok(display) => display,
         Err(why) => {
-            let refused = websocket::WsError::NotUpgrade(why.clone());
-            let _ = viewer.write_all(websocket::refusal(&refused).as_bytes()).await;
+            let answer = websocket::http_answer("503 Service Unavailable", &why);
+            let _ = viewer.write_all(answer.as_bytes()).await;
             return Err(why);
         }
     };

@@ -22,6 +22,12 @@ pub enum WsError {
     /// Not an HTTP GET asking to upgrade to WebSocket version 13.
     #[error("not a WebSocket upgrade request: {0}")]
     NotUpgrade(String),
+    /// A page from elsewhere than this machine: browsers let any page open
+    /// a WebSocket to localhost, where `kubectl port-forward` listens.
+    #[error(
+        "a page from {0} may not open this VM's screen: only pages served from localhost may (any web page open in the browser could otherwise watch and type)"
+    )]
+    ForeignOrigin(String),
     /// A frame the protocol forbids from a client.
     #[error("bad WebSocket frame: {0}")]
     BadFrame(String),
@@ -37,6 +43,29 @@ pub struct Upgrade {
     /// Whether it offered the `binary` subprotocol (older noVNC does), which
     /// the answer must then name.
     pub binary_protocol: bool,
+}
+
+/// Whether a browser page of `origin` may open the screen: one served from
+/// this machine (`http(s)://localhost`, `127.0.0.1` or `[::1]`, any port).
+/// `null` (a `file:` page, a sandboxed frame) is not.
+pub fn is_local_origin(origin: &str) -> bool {
+    let Some(rest) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = match rest.strip_prefix("[::1]") {
+        Some(after) => return after.is_empty() || is_port(after),
+        None => rest.split_once(':').map_or(rest, |(host, _)| host),
+    };
+    let after = &rest[host.len()..];
+    matches!(host, "localhost" | "127.0.0.1") && (after.is_empty() || is_port(after))
+}
+
+fn is_port(text: &str) -> bool {
+    text.strip_prefix(':')
+        .is_some_and(|port| !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The length of the request head in `buf` (through its blank line), once
@@ -58,6 +87,7 @@ pub fn parse_upgrade(head: &[u8]) -> Result<Upgrade, WsError> {
         )));
     }
     let (mut key, mut upgrade, mut version, mut binary_protocol) = (None, false, None, false);
+    let mut origin = None;
     for line in lines.filter(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
             return Err(WsError::NotUpgrade(format!("header line {line:?} has no colon")));
@@ -68,6 +98,7 @@ pub fn parse_upgrade(head: &[u8]) -> Result<Upgrade, WsError> {
             "sec-websocket-key" => key = Some(value.to_owned()),
             "sec-websocket-version" => version = Some(value.to_owned()),
             "sec-websocket-protocol" => binary_protocol = value.split(',').any(|p| p.trim() == "binary"),
+            "origin" => origin = Some(value.to_owned()),
             _ => {}
         }
     }
@@ -80,6 +111,12 @@ pub fn parse_upgrade(head: &[u8]) -> Result<Upgrade, WsError> {
         return Err(WsError::NotUpgrade(format!(
             "Sec-WebSocket-Version {version:?}; only 13 is spoken"
         )));
+    }
+    // A viewer that is not a browser sends no Origin.
+    if let Some(origin) = origin
+        && !is_local_origin(&origin)
+    {
+        return Err(WsError::ForeignOrigin(origin));
     }
     let key = key.ok_or_else(|| WsError::NotUpgrade("no Sec-WebSocket-Key header".into()))?;
     match base64::engine::general_purpose::STANDARD.decode(&key) {
@@ -116,11 +153,20 @@ pub fn accept_response(upgrade: &Upgrade) -> String {
     )
 }
 
-/// The answer to a request that is not an upgrade: says what this port is.
+/// The answer to a request that is refused: says why.
 pub fn refusal(why: &WsError) -> String {
-    let body = format!("{why}\n");
+    let status = match why {
+        WsError::ForeignOrigin(_) => "403 Forbidden",
+        _ => "400 Bad Request",
+    };
+    http_answer(status, &why.to_string())
+}
+
+/// A plain-text HTTP answer that closes the connection.
+pub fn http_answer(status: &str, text: &str) -> String {
+    let body = format!("{text}\n");
     format!(
-        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
@@ -302,6 +348,42 @@ mod tests {
             assert!(refusal(&why).starts_with("HTTP/1.1 400 "));
         }
         assert!(parse_upgrade(b"\xff\xfe\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn only_pages_of_this_machine_may_open_the_screen() {
+        for local in [
+            "http://localhost",
+            "http://localhost:8000",
+            "https://127.0.0.1:443",
+            "http://[::1]:8080",
+            "http://[::1]",
+        ] {
+            assert!(is_local_origin(local), "{local}");
+        }
+        for foreign in [
+            "null",
+            "https://evil.example",
+            "http://localhost.evil.example",
+            "http://127.0.0.1.evil.example:80",
+            "http://localhost:80@evil.example",
+            "http://localhost:",
+            "http://localhost:8000/x",
+            "file://",
+            "ws://localhost",
+            "",
+        ] {
+            assert!(!is_local_origin(foreign), "{foreign}");
+        }
+        let with_origin = |origin: &str| {
+            format!(
+                "GET / HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n"
+            )
+        };
+        let why = parse_upgrade(with_origin("https://evil.example").as_bytes()).unwrap_err();
+        assert_eq!(why, WsError::ForeignOrigin("https://evil.example".into()));
+        assert!(refusal(&why).starts_with("HTTP/1.1 403 "));
+        assert!(parse_upgrade(with_origin("http://localhost:8000").as_bytes()).is_ok());
     }
 
     #[test]

@@ -493,7 +493,12 @@ impl Connection {
             ));
         }
         let serial = self.next_serial();
-        // Taken whatever the outcome: none stays behind in the routes.
+        // Taken whatever the outcome, also by a caller that gives up
+        // (dropped): none stays open behind in the routes.
+        let _forget = ForgetFdsOnDrop {
+            inner: &self.inner,
+            serial,
+        };
         let result = self
             .call_with_serial(proc_, serial, args, self.inner.options.max_reply)
             .await;
@@ -597,6 +602,17 @@ impl Connection {
 
     pub(crate) fn unregister_lifecycle(&self, callback_id: i32) {
         self.inner.routes().lifecycle.remove(&callback_id);
+    }
+}
+
+struct ForgetFdsOnDrop<'a> {
+    inner: &'a Inner,
+    serial: u32,
+}
+
+impl Drop for ForgetFdsOnDrop<'_> {
+    fn drop(&mut self) {
+        self.inner.routes().received_fds.remove(&self.serial);
     }
 }
 
