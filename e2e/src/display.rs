@@ -118,6 +118,22 @@ impl Wire for WebSocket {
     }
 }
 
+/// The status line a WebSocket handshake from a page of `origin` gets.
+pub fn websocket_status_for_origin(address: SocketAddr, origin: &str) -> Result<String, String> {
+    let mut conn = connect(address)?;
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: {origin}\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    answer
+        .lines()
+        .next()
+        .map(str::to_owned)
+        .ok_or_else(|| "no answer".to_owned())
+}
+
 fn connect(address: SocketAddr) -> Result<TcpStream, String> {
     let conn = TcpStream::connect_timeout(&address, Duration::from_secs(10)).map_err(|e| format!("{address}: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))

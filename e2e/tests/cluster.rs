@@ -264,6 +264,13 @@ fn operations_through_kubectl(ns: &str) {
         .unwrap_or_else(|e| panic!("port {port}: {e}\n{}", diagnostics(ns)));
         assert!(update.lit_pixels > 1000, "port {port}: {update:?}");
         assert!(update.name.contains(&format!("{ns}_vm-ops")), "port {port}: {update:?}");
+        if websocket {
+            let status = virtkube_e2e::display::websocket_status_for_origin(local, "https://evil.example");
+            assert!(
+                status.as_deref().is_ok_and(|s| s.starts_with("HTTP/1.1 403")),
+                "{status:?}"
+            );
+        }
     }
 
     the_screen_in_a_browser(ns, "vm-ops");
@@ -275,8 +282,18 @@ fn operations_through_kubectl(ns: &str) {
         "a viewer operated the VM: {said}"
     );
     let kubectl_bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let operator = format!("--as=system:serviceaccount:{ns}:operator");
     let shot = std::process::Command::new(&kubectl_bin)
-        .args(["-n", ns, "exec", "vm-ops", "--", "/virtkube-shim", "screenshot"])
+        .args([
+            &operator,
+            "-n",
+            ns,
+            "exec",
+            "vm-ops",
+            "--",
+            "/virtkube-shim",
+            "screenshot",
+        ])
         .output()
         .unwrap();
     assert!(shot.status.success(), "{}", String::from_utf8_lossy(&shot.stderr));
@@ -332,6 +349,9 @@ fn operations_through_kubectl(ns: &str) {
         .trim(),
         "0"
     );
+    eventually("the shutdown told on the pod", ns, Duration::from_secs(30), || {
+        describe_events(ns, "vm-ops").contains("VMShutDown")
+    });
     ok(&["-n", ns, "delete", "pod", "vm-ops", "--wait=true", "--timeout=60s"]);
 }
 

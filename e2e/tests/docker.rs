@@ -762,7 +762,9 @@ fn operations_and_the_display_of_a_running_vm() {
     assert_eq!(bottom, 0, "nothing is written at the bottom of the screen");
     assert!(said.contains("image/png"), "QEMU 7 gives PNG: {said}");
 
-    // A VNC viewer and a WebSocket viewer, each through 127.0.0.1 in the container.
+    // A VNC viewer and a WebSocket viewer, each through 127.0.0.1 in the
+    // container (on Docker there are no pod-network rules: the shim's ports
+    // are simply the container's).
     for (port, websocket) in [(5900, false), (6080, true)] {
         let forward = virtkube_e2e::Forward::into_container(&vm.name, port);
         let update = if websocket {
@@ -772,6 +774,15 @@ fn operations_and_the_display_of_a_running_vm() {
         }
         .unwrap_or_else(|e| panic!("port {port}: {e}\n{}", vm.logs()));
         assert_eq!((update.width as usize, update.height as usize), (width, height));
+        if websocket {
+            // A page from elsewhere, which the browser would let open a
+            // WebSocket to localhost, is refused.
+            let status = virtkube_e2e::display::websocket_status_for_origin(forward.address, "https://evil.example");
+            assert!(
+                status.as_deref().is_ok_and(|s| s.starts_with("HTTP/1.1 403")),
+                "{status:?}"
+            );
+        }
         assert!(update.lit_pixels > top / 2, "port {port}: {update:?}");
         assert!(update.name.contains(&vm.domain()), "port {port}: {update:?}");
     }

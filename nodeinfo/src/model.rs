@@ -142,9 +142,9 @@ pub enum Happened {
     /// The machine was reset: a reset, a reboot (libvirt reboots by a
     /// reset), or the guest rebooting itself.
     Reset,
-    /// The guest shut down; `by_guest`: it decided to (else the host asked
-    /// it, e.g. `virtkube-shim shutdown` or the pod's deletion; `None`:
-    /// libvirt does not know).
+    /// The guest shut down; `by_guest`: the guest powered off (QEMU's word,
+    /// also for an ACPI request from the host: `virtkube-shim shutdown`, the
+    /// pod's stop), else the host stopped QEMU; `None`: libvirt does not know.
     ShutDown { by_guest: Option<bool> },
     /// The CPUs stopped for a reason other than a request (an I/O error, a
     /// watchdog): a request's pause is told by the run-state controller.
@@ -178,8 +178,10 @@ impl Happened {
             Happened::ShutDown { by_guest } => normal(
                 "VMShutDown",
                 match by_guest {
-                    Some(true) => "the guest shut itself down".into(),
-                    Some(false) => "the guest shut down as asked (ACPI power button: virtkube-shim shutdown, or the pod being stopped)".into(),
+                    // QEMU says "guest" for every power-off the guest performs,
+                    // also one an ACPI request from the host asked for.
+                    Some(true) => "the guest powered off (asked by ACPI, such as virtkube-shim shutdown or the pod's stop, or on its own)".into(),
+                    Some(false) => "QEMU was told to stop by the host, not by the guest".into(),
                     None => "the guest shut down".into(),
                 },
             ),
@@ -848,7 +850,7 @@ mod tests {
         let reset = Happened::Reset.event();
         assert_eq!((reset.reason, reset.warning), ("VMReset", false));
         assert!(
-            Happened::ShutDown { by_guest: Some(false) }
+            Happened::ShutDown { by_guest: Some(true) }
                 .event()
                 .note
                 .contains("virtkube-shim shutdown")
