@@ -300,12 +300,35 @@ fn syn(to_mac: [u8; 6], to: [u8; 4], port: u16) -> Vec<u8> {
     frame
 }
 
-/// A hostile guest sends TCP SYNs out of its NIC to the pod's loopback,
+/// An Ethernet frame holding a UDP datagram from the guest (10.0.2.2) to `to:port`.
+fn datagram(to_mac: [u8; 6], to: [u8; 4], port: u16, data: &[u8]) -> Vec<u8> {
+    let length = 8 + data.len() as u16;
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&40001u16.to_be_bytes());
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&length.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
+    udp.extend_from_slice(data);
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + length).to_be_bytes());
+    ip.extend_from_slice(&[0, 2, 0x40, 0, 64, 17, 0, 0, 10, 0, 2, 2]);
+    ip.extend_from_slice(&to);
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = to_mac.to_vec();
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00]);
+    frame.extend(ip);
+    frame.extend(udp);
+    frame
+}
+
+/// A hostile guest sends packets out of its NIC to the pod's loopback,
 /// where the shim serves the VM's screen and sidecars listen (the tap has
-/// route_localnet, which port-forward's NAT needs): dropped. The same SYN
-/// to the guest's router is answered, so the frames do reach the pod; and
-/// without the gate's drop rule the loopback answers too, so the rule is
-/// what refuses it.
+/// route_localnet, which port-forward's NAT needs): a TCP SYN is not
+/// answered and a UDP datagram is not delivered. The same SYN to the
+/// guest's router is answered, so the frames do reach the pod; and without
+/// the gate's drop rule the datagram is delivered, so the rule is what
+/// refuses it.
 #[test]
 #[ignore = "needs root (network namespaces, nft, /dev/net/tun) and socat: scripts/test.sh runs it"]
 fn a_guest_cannot_reach_the_pods_loopback() {
@@ -314,6 +337,8 @@ fn a_guest_cannot_reach_the_pods_loopback() {
     tap(&name);
     podnet::plumb(std::path::Path::new("/proc"), pod.caller(), &name).unwrap();
     let mut guest = GuestSide::attach(&pod, &name);
+    // A pod's loopback is up (a new namespace's is not).
+    pod.inside(&["ip", "link", "set", "lo", "up"]);
     pod.inside(&[
         "ip",
         "neigh",
@@ -326,45 +351,70 @@ fn a_guest_cannot_reach_the_pods_loopback() {
         "nud",
         "permanent",
     ]);
-    let mac: Vec<u8> = pod
-        .inside(&["cat", &format!("/sys/class/net/{name}/address")])
-        .trim()
+    // (sysfs shows the mount's namespace, not the pod's: ask ip.)
+    let link = pod.inside(&["ip", "-o", "link", "show", "dev", &name]);
+    let mac: Vec<u8> = link
+        .split_once("link/ether ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC in {link}"))
         .split(':')
         .map(|b| u8::from_str_radix(b, 16).unwrap())
         .collect();
     let mac: [u8; 6] = mac.try_into().unwrap();
     let pid = pod.pid().to_string();
-    let mut listener = Command::new("nsenter")
-        .args([
-            "-t",
-            &pid,
-            "-n",
-            "--",
-            "socat",
-            "TCP-LISTEN:5999,reuseaddr,fork",
-            "SYSTEM:true",
-        ])
-        .spawn()
-        .unwrap();
+    let received = std::env::temp_dir().join(format!("virtkube-loopback-{}", std::process::id()));
+    let _ = std::fs::remove_file(&received);
+    let mut listeners = [
+        Command::new("nsenter")
+            .args([
+                "-t",
+                &pid,
+                "-n",
+                "--",
+                "socat",
+                "TCP-LISTEN:5999,reuseaddr,fork",
+                "SYSTEM:true",
+            ])
+            .spawn()
+            .unwrap(),
+        Command::new("nsenter")
+            .args(["-t", &pid, "-n", "--", "socat", "-u", "UDP4-RECV:5998,bind=127.0.0.1"])
+            .arg(format!("OPEN:{},creat,append", received.display()))
+            .spawn()
+            .unwrap(),
+    ];
     std::thread::sleep(Duration::from_millis(300));
+    let delivered = |what: &str| {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&received).unwrap_or_default().contains(what)
+    };
 
     guest.send(&syn(mac, [10, 0, 2, 1], 5999));
     let router = guest.syn_ack_from([10, 0, 2, 1], 5999);
     guest.send(&syn(mac, [127, 0, 0, 1], 5999));
-    let loopback = guest.syn_ack_from([127, 0, 0, 1], 5999);
+    let loopback_tcp = guest.syn_ack_from([127, 0, 0, 1], 5999);
+    guest.send(&datagram(mac, [127, 0, 0, 1], 5998, b"first"));
+    let loopback_udp = delivered("first");
     pod.inside(&["nft", "delete", "chain", "ip", "virtkube", "input"]);
-    guest.send(&syn(mac, [127, 0, 0, 1], 5999));
-    let loopback_without_the_rule = guest.syn_ack_from([127, 0, 0, 1], 5999);
-    let _ = listener.kill();
-    let _ = listener.wait();
+    guest.send(&datagram(mac, [127, 0, 0, 1], 5998, b"second"));
+    let loopback_udp_without_the_rule = delivered("second");
+    for listener in &mut listeners {
+        let _ = listener.kill();
+        let _ = listener.wait();
+    }
+    let _ = std::fs::remove_file(&received);
 
     assert!(
         router,
         "the guest's SYN to its router was not answered: the test reaches nothing"
     );
-    assert!(!loopback, "the guest reached the pod's 127.0.0.1");
+    assert!(!loopback_tcp, "the guest connected to the pod's 127.0.0.1");
     assert!(
-        loopback_without_the_rule,
-        "without the drop rule the loopback did not answer either: the test proves nothing about the rule"
+        !loopback_udp,
+        "the guest's datagram reached a socket on the pod's 127.0.0.1"
+    );
+    assert!(
+        loopback_udp_without_the_rule,
+        "without the drop rule the datagram was not delivered either: the test proves nothing about the rule"
     );
 }
