@@ -78,10 +78,22 @@ fn get_columns(resource: &str, namespace: Option<&str>, name: &str) -> Vec<(Stri
     }
     let out = kubectl(&args);
     let mut lines = out.lines();
-    let header: Vec<String> = lines.next().unwrap().split_whitespace().map(str::to_owned).collect();
-    let row: Vec<String> = lines.next().unwrap().split_whitespace().map(str::to_owned).collect();
-    assert_eq!(header.len(), row.len(), "{out}");
-    header.into_iter().zip(row).collect()
+    let (header, row) = (lines.next().unwrap(), lines.next().unwrap());
+    // By the header's column positions: a value may be empty (an unset field).
+    let starts: Vec<usize> = header
+        .char_indices()
+        .filter(|(i, c)| !c.is_whitespace() && (*i == 0 || header[..*i].ends_with(' ')))
+        .map(|(i, _)| i)
+        .collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(n, &start)| {
+            let end = starts.get(n + 1).copied().unwrap_or(usize::MAX);
+            let cell = |line: &str| line.get(start..end.min(line.len())).unwrap_or("").trim().to_owned();
+            (cell(header), cell(row))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -163,10 +175,11 @@ async fn crds_install_and_serve_each_kind_on_a_real_api_server() {
         .unwrap();
     let cols = get_columns("vd", Some(&ns_name), "vm-0");
     assert_eq!(
-        cols[1..5],
+        cols[1..6],
         [
             ("NODE".into(), node_name.clone()),
             ("STATE".into(), "Running".into()),
+            ("RUNSTATE".into(), String::new()),
             ("VCPUS".into(), "1".into()),
             ("MEMORY".into(), "128Mi".into())
         ]

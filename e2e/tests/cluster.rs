@@ -64,6 +64,14 @@ fn kubectl_as(ns: &str, account: &str, args: &[&str]) -> (bool, String) {
     kubectl(&all)
 }
 
+/// A field of pod `pod` (a jsonpath), trimmed; empty when it cannot be read.
+fn pod_field(ns: &str, pod: &str, path: &str) -> String {
+    kubectl(&["-n", ns, "get", "pod", pod, "-o", &format!("jsonpath={path}")])
+        .1
+        .trim()
+        .to_owned()
+}
+
 /// The ticks the guest printed so far: (count, last uptime).
 fn ticks(ns: &str, pod: &str) -> (usize, f64) {
     let logs = kubectl(&["-n", ns, "logs", pod]).1;
@@ -311,16 +319,7 @@ fn operations_through_kubectl(ns: &str) {
             >= 2
     });
     assert_eq!(
-        ok(&[
-            "-n",
-            ns,
-            "get",
-            "pod",
-            "vm-ops",
-            "-o",
-            "jsonpath={.status.containerStatuses[0].restartCount}"
-        ])
-        .trim(),
+        pod_field(ns, "vm-ops", "{.status.containerStatuses[0].restartCount}"),
         "0"
     );
     eventually("the reset told on the pod", ns, Duration::from_secs(30), || {
@@ -331,22 +330,10 @@ fn operations_through_kubectl(ns: &str) {
     let (allowed, said) = kubectl_as(ns, "operator", &["exec", "vm-ops", "--", "/virtkube-shim", "shutdown"]);
     assert!(allowed, "{said}");
     eventually("the pod to complete", ns, Duration::from_secs(90), || {
-        kubectl(&["-n", ns, "get", "pod", "vm-ops", "-o", "jsonpath={.status.phase}"])
-            .1
-            .trim()
-            == "Succeeded"
+        pod_field(ns, "vm-ops", "{.status.phase}") == "Succeeded"
     });
     assert_eq!(
-        ok(&[
-            "-n",
-            ns,
-            "get",
-            "pod",
-            "vm-ops",
-            "-o",
-            "jsonpath={.status.containerStatuses[0].state.terminated.exitCode}"
-        ])
-        .trim(),
+        pod_field(ns, "vm-ops", "{.status.containerStatuses[0].state.terminated.exitCode}"),
         "0"
     );
     eventually("the shutdown told on the pod", ns, Duration::from_secs(30), || {

@@ -428,15 +428,16 @@ fn the_guest_gets_an_address_by_dhcp_and_reaches_the_node() {
 
 /// Docker's bridge gateway: the node as containers see it.
 fn bridge_gateway() -> String {
-    docker_ok(&[
-        "network",
-        "inspect",
-        "bridge",
-        "-f",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ])
-    .trim()
-    .to_owned()
+    // The virthost container's gateway: the bridge's address on the node.
+    // (The network's IPAM config names no gateway when dockerd chose it.)
+    let gateway = docker_ok(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", VIRTHOST])
+        .trim()
+        .to_owned();
+    assert!(
+        gateway.parse::<std::net::Ipv4Addr>().is_ok(),
+        "the virthost container has no IPv4 gateway ({gateway:?}): is it on Docker's default bridge?"
+    );
+    gateway
 }
 
 /// The tiny image with no interfaces in its template: its NIC is on the

@@ -11,6 +11,24 @@ pub const ALLOWED: [&str; 4] = [
     "own domain's console",
 ];
 
+/// A domain XML (the shim's golden tiny one) without its pod interface and
+/// that interface's metadata record: what the probe creates, whose callers
+/// share the node's network namespace (where the gate refuses to plumb a
+/// pod tap) or rename the domain (whose tap name then differs). `None` when
+/// it has no pod interface to take out.
+pub fn without_pod_interface(domain_xml: &str) -> Option<String> {
+    let mut kept = Vec::new();
+    let mut in_nic = false;
+    for line in domain_xml.lines() {
+        in_nic |= line.trim_start().starts_with("<interface ");
+        if !in_nic && !line.contains("<virtkube:interface ") {
+            kept.push(line);
+        }
+        in_nic &= !line.contains("</interface>");
+    }
+    (kept.len() < domain_xml.lines().count()).then(|| kept.join("\n") + "\n")
+}
+
 /// Judges the report's lines: every attempt but [`ALLOWED`] must be refused
 /// with the gate's reason, and every allowed one must have happened. Returns
 /// how many attempts were refused, or names the first that was not as it
@@ -55,6 +73,18 @@ mod tests {
     }
 
     const OWN: &str = "create own domain\tALLOWED\nown domain's state\tALLOWED\nown domain's events\tALLOWED\nown domain's console\tALLOWED\n";
+
+    #[test]
+    fn the_pod_interface_and_its_record_are_taken_out() {
+        let xml = "<domain>\n  <metadata>\n    <virtkube:interface type=\"pod\"/>\n  </metadata>\n  <devices>\n    <interface type=\"ethernet\">\n      <target dev=\"vk1\"/>\n    </interface>\n    <serial type=\"pty\"/>\n  </devices>\n</domain>";
+        let kept = without_pod_interface(xml).unwrap();
+        assert!(!kept.contains("interface"), "{kept}");
+        assert!(
+            kept.contains("<serial type=\"pty\"/>") && kept.contains("</domain>"),
+            "{kept}"
+        );
+        assert_eq!(without_pod_interface(&kept), None);
+    }
 
     #[test]
     fn a_report_with_every_attempt_refused_passes() {

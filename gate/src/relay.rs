@@ -1716,8 +1716,9 @@ fn check_call(
         procedure::DOMAIN_REBOOT | procedure::DOMAIN_RESET => {
             own_domain(&DomainRef::decode(&mut d).map_err(bad_args(name))?, session)?;
             let flags = d.u32("flags").map_err(bad_args(name))?;
-            // Reboot: default or ACPI; not the guest agent's (it runs a
-            // command in the guest). Reset takes none.
+            // Reboot: default or ACPI, never the guest agent's flag (the
+            // default could pick the agent only through an agent channel,
+            // which the domain policy never admits). Reset takes none.
             let known = if call.procedure == procedure::DOMAIN_REBOOT {
                 REBOOT_ACPI
             } else {

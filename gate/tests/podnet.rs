@@ -288,15 +288,22 @@ fn syn(to_mac: [u8; 6], to: [u8; 4], port: u16) -> Vec<u8> {
     pseudo.extend_from_slice(&tcp);
     let sum = checksum(&pseudo);
     tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
-    ip.extend_from_slice(&from);
+    guest_frame(to_mac, to, 6, &tcp)
+}
+
+/// An Ethernet frame from the guest (10.0.2.2, MAC 02:00:00:00:00:02)
+/// holding an IPv4 packet of `protocol` to `to`.
+fn guest_frame(to_mac: [u8; 6], to: [u8; 4], protocol: u8, payload: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(20 + payload.len() as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 1, 0x40, 0, 64, protocol, 0, 0, 10, 0, 2, 2]);
     ip.extend_from_slice(&to);
     let sum = checksum(&ip);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     let mut frame = to_mac.to_vec();
     frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00]);
     frame.extend(ip);
-    frame.extend(tcp);
+    frame.extend_from_slice(payload);
     frame
 }
 
@@ -309,17 +316,7 @@ fn datagram(to_mac: [u8; 6], to: [u8; 4], port: u16, data: &[u8]) -> Vec<u8> {
     udp.extend_from_slice(&length.to_be_bytes());
     udp.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
     udp.extend_from_slice(data);
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&(20 + length).to_be_bytes());
-    ip.extend_from_slice(&[0, 2, 0x40, 0, 64, 17, 0, 0, 10, 0, 2, 2]);
-    ip.extend_from_slice(&to);
-    let sum = checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let mut frame = to_mac.to_vec();
-    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00]);
-    frame.extend(ip);
-    frame.extend(udp);
-    frame
+    guest_frame(to_mac, to, 17, &udp)
 }
 
 /// A hostile guest sends packets out of its NIC to the pod's loopback,

@@ -240,18 +240,5 @@ pub fn run_probe(
 pub fn tiny_golden_without_network() -> String {
     let golden = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shim/tests/golden/tiny.xml"))
         .unwrap_or_else(|e| panic!("the golden XML: {e}"));
-    let mut kept = Vec::new();
-    let mut in_nic = false;
-    for line in golden.lines() {
-        in_nic |= line.trim_start().starts_with("<interface ");
-        if !in_nic && !line.contains("<virtkube:interface ") {
-            kept.push(line);
-        }
-        in_nic &= !line.contains("</interface>");
-    }
-    assert!(
-        kept.len() < golden.lines().count(),
-        "the golden XML has no pod interface any more"
-    );
-    kept.join("\n") + "\n"
+    virtkube_gate::probe_report::without_pod_interface(&golden).expect("the golden XML has no pod interface any more")
 }
