@@ -23,10 +23,12 @@ $DOCKER build -q -t virtkube/tiny:latest -t "virtkube/tiny:$version" images/tiny
 log "virtkube/disk"
 bash scripts/build-disk-image.sh
 bash scripts/debian-base-image.sh debian:bookworm-slim
-log "virtkube-nodeinfo (links Debian 12's libvirt.so, like the virthost image) and virtkube-gate"
-cargo build -q --release --locked -p virtkube-nodeinfo -p virtkube-gate
+log "virtkube-nodeinfo (links Debian 12's libvirt.so, like the virthost image), virtkube-gate and virtkube-sched"
+cargo build -q --release --locked -p virtkube-nodeinfo -p virtkube-gate -p virtkube-sched
 log "virtkube/virthost"
 $DOCKER build -q -f Dockerfile.virthost -t virtkube/virthost:latest . >/dev/null
+log "virtkube/sched"
+$DOCKER build -q -f Dockerfile.sched -t virtkube/sched:latest -t "virtkube/sched:$version" . >/dev/null
 shim_size=$(stat -c %s "$shim")
 image_size=$($DOCKER image inspect -f '{{.Size}}' virtkube/shim:latest)
 log "shim binary $shim_size bytes; virtkube/shim image $image_size bytes (+$((image_size - shim_size)))"

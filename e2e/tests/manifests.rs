@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -90,6 +90,8 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
                 "RoleBinding" => check::<RoleBinding>(&doc, &file),
                 "DaemonSet" => check::<DaemonSet>(&doc, &file),
                 "Deployment" => check::<Deployment>(&doc, &file),
+                "Service" => check::<Service>(&doc, &file),
+                "KubeSchedulerConfiguration" => check_scheduler_config(&doc, &file),
                 "CustomResourceDefinition" => check::<CustomResourceDefinition>(&doc, &file),
                 "VirtTemplate" => check::<virtkube_api::VirtTemplate>(&doc, &file),
                 "RuntimeClass" => check::<RuntimeClass>(&doc, &file),
@@ -114,6 +116,25 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
             "no {expected} under deploy/: {kinds:?}"
         );
     }
+}
+
+/// A scheduler configuration (not an API object: no schema here) wires
+/// virtkube-sched in as the docs say: both verbs, node names only, ignorable.
+fn check_scheduler_config(doc: &Value, file: &Path) {
+    let extender = &doc["extenders"][0];
+    for (field, expected) in [
+        ("filterVerb", Value::from("filter")),
+        ("prioritizeVerb", Value::from("prioritize")),
+        ("nodeCacheCapable", Value::from(true)),
+        ("ignorable", Value::from(true)),
+    ] {
+        assert_eq!(extender[field], expected, "{}: extenders[0].{field}", file.display());
+    }
+    assert!(
+        extender["urlPrefix"].as_str().is_some_and(|u| u.ends_with(":8888")),
+        "{}: the extender's port",
+        file.display()
+    );
 }
 
 /// The gate's policy ConfigMap holds a policy the gate accepts, and it says
