@@ -114,6 +114,10 @@ pub struct HugePages {
     pub size_kib: u64,
     /// Number of pages.
     pub count: u64,
+    /// How many of them are free now (libvirt's `virNodeGetFreePages`), as
+    /// of the last report; a scheduler reads this, not `count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free: Option<u64>,
 }
 
 /// One PCI device of the host.

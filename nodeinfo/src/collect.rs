@@ -28,8 +28,21 @@ fn err(what: &str) -> impl Fn(virt::error::Error) -> String + '_ {
 
 /// Reads the host's facts.
 pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
-    let caps =
+    let mut caps =
         facts::parse_capabilities(&conn.capabilities().map_err(err("capabilities"))?).map_err(|e| e.to_string())?;
+    // Free huge pages per cell (what a scheduler can still give a VM); a
+    // failure leaves them unknown, and is logged.
+    for cell in &mut caps.numa {
+        for pages in &mut cell.hugepages {
+            let Ok(size) = u32::try_from(pages.size_kib) else {
+                continue;
+            };
+            match conn.free_pages(&[size], cell.id, 1, 0) {
+                Ok(free) => pages.free = free.first().copied(),
+                Err(e) => warn!(cell = cell.id, size_kib = size, "free huge pages not read: {e}"),
+            }
+        }
+    }
     for skipped in &caps.skipped {
         warn!("capabilities: skipped {skipped}");
     }

@@ -86,7 +86,11 @@ pub fn parse_capabilities(xml: &str) -> Result<Capabilities, XmlError> {
                         let size_kib: u64 = p.attribute("size")?.parse().ok()?;
                         let count: u64 = p.text()?.trim().parse().ok()?;
                         // The base page size is not a huge page.
-                        (size_kib > 4).then_some(HugePages { size_kib, count })
+                        (size_kib > 4).then_some(HugePages {
+                            size_kib,
+                            count,
+                            free: None,
+                        })
                     })
                     .collect();
                 caps.numa.push(NumaCell {

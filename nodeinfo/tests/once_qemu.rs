@@ -39,6 +39,15 @@ fn once_prints_the_qemu_hosts_facts_as_yaml() {
     );
     assert!(status["libvirtVersion"].as_str().unwrap().starts_with("9."));
     assert!(status["numa"].as_array().is_some_and(|n| !n.is_empty()));
+    // Each cell's huge pages say how many are free (virNodeGetFreePages).
+    let pages = status["numa"][0]["hugepages"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !pages.is_empty()
+            && pages
+                .iter()
+                .all(|p| p["free"].is_u64() && p["free"].as_u64() <= p["count"].as_u64()),
+        "{status}"
+    );
     assert_eq!(first["metadata"]["labels"]["machine-type.virtkube.io/q35"], "true");
 }
 

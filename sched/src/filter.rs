@@ -69,7 +69,8 @@ pub fn check(needs: &Requirements, node: Option<&VirtNodeStatus>, now: i64) -> R
             .iter()
             .flat_map(|cell| cell.hugepages.iter())
             .filter(|pages| pages.size_kib == size_kib)
-            .map(|pages| pages.count)
+            // Free pages where nodeinfo reports them, else the cell's total.
+            .map(|pages| pages.free.unwrap_or(pages.count))
             .max()
             .unwrap_or(0);
         if most < count {
@@ -192,7 +193,8 @@ mod tests {
                 cpus: Some(4),
                 hugepages: vec![HugePages {
                     size_kib: 2048,
-                    count: 256,
+                    count: 1024,
+                    free: Some(256),
                 }],
             }],
             pci_devices: vec![PciDevice {
