@@ -47,6 +47,9 @@ pub mod annotations {
     /// Cloud-init user-data for this pod (replaces the template's; adds a
     /// `cidata` disk to a template without `cloudInit`).
     pub const USER_DATA: &str = "virtkube.io/user-data";
+    /// What the VM needs of its node, for the scheduler extender
+    /// (virtkube-sched); the shim ignores it.
+    pub const REQUIRES: &str = "virtkube.io/requires";
 }
 
 /// Node label keys published by nodeinfo.

@@ -40,8 +40,9 @@ pub struct Overrides {
     pub user_data: Option<String>,
 }
 
-const KNOWN: [&str; 6] = [
+const KNOWN: [&str; 7] = [
     annotations::TEMPLATE,
+    annotations::REQUIRES,
     annotations::MEMORY,
     annotations::CPUS,
     annotations::CMDLINE,
@@ -83,7 +84,8 @@ impl Overrides {
                     }
                     overrides.user_data = Some(value.clone());
                 }
-                annotations::TEMPLATE => {}
+                // The scheduler's business (virtkube-sched), not the VM's.
+                annotations::TEMPLATE | annotations::REQUIRES => {}
                 other if other.starts_with("virtkube.io/") => {
                     return Err(err(
                         key,

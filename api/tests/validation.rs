@@ -418,6 +418,9 @@ fn bad_overrides_name_the_annotation_and_value() {
             "annotation virtkube.io/memroy: is not a virtkube annotation; known: virtkube.io/template",
         ),
     ];
+    // The scheduler's annotation is not the VM's: accepted, changes nothing.
+    let scheduler_only = Overrides::from_annotations(&annotations(&[(annotations::REQUIRES, "kvm, gpu")])).unwrap();
+    assert_eq!(scheduler_only, Overrides::default());
     for (key, value, expected) in cases {
         let message = Overrides::from_annotations(&annotations(&[(key, value)]))
             .unwrap_err()

@@ -28,8 +28,21 @@ fn err(what: &str) -> impl Fn(virt::error::Error) -> String + '_ {
 
 /// Reads the host's facts.
 pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
-    let mut caps =
-        facts::parse_capabilities(&conn.capabilities().map_err(err("capabilities"))?).map_err(|e| e.to_string())?;
+    let capabilities = conn.capabilities().map_err(err("capabilities"))?;
+    let mut caps = facts::parse_capabilities(&capabilities).map_err(|e| e.to_string())?;
+    // Capabilities list only the features beyond the CPU's model; libvirt's
+    // baseline expands the model, so a feature inside it counts too.
+    if let Some(cpu) = facts::host_cpu_xml(&capabilities) {
+        match conn
+            .baseline_cpu(&[&cpu], sys::VIR_CONNECT_BASELINE_CPU_EXPAND_FEATURES)
+            .map_err(|e| e.to_string())
+            .and_then(|xml| facts::parse_expanded_features(&xml).map_err(|e| e.to_string()))
+        {
+            Ok(features) if !features.is_empty() => caps.cpu.features = features,
+            Ok(_) => {}
+            Err(e) => warn!("the host CPU's features not expanded (only those beyond its model are listed): {e}"),
+        }
+    }
     // Free huge pages per cell (what a scheduler can still give a VM); a
     // failure leaves them unknown, and is logged.
     for cell in &mut caps.numa {

@@ -48,6 +48,27 @@ pub struct Capabilities {
     pub skipped: Vec<String>,
 }
 
+/// The host's `<cpu>` element of capabilities XML, as text (for libvirt's
+/// CPU baseline, which expands its model into every feature).
+pub fn host_cpu_xml(capabilities_xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(capabilities_xml).ok()?;
+    let host = child(doc.root_element(), "host")?;
+    let cpu = child(host, "cpu")?;
+    Some(capabilities_xml[cpu.range()].to_owned())
+}
+
+/// The features a baseline CPU (with EXPAND_FEATURES) requires: every
+/// feature of the host CPU, not only those beyond its model.
+pub fn parse_expanded_features(baseline_xml: &str) -> Result<Vec<String>, XmlError> {
+    let doc = parse("baseline CPU", baseline_xml)?;
+    Ok(doc
+        .root_element()
+        .children()
+        .filter(|c| c.has_tag_name("feature") && c.attribute("policy").is_none_or(|p| p == "require"))
+        .filter_map(|c| c.attribute("name").map(str::to_owned))
+        .collect())
+}
+
 /// Parses `virConnectGetCapabilities` XML.
 pub fn parse_capabilities(xml: &str) -> Result<Capabilities, XmlError> {
     let doc = parse("capabilities", xml)?;

@@ -39,6 +39,10 @@ fn once_prints_the_qemu_hosts_facts_as_yaml() {
     );
     assert!(status["libvirtVersion"].as_str().unwrap().starts_with("9."));
     assert!(status["numa"].as_array().is_some_and(|n| !n.is_empty()));
+    // The host CPU's features include those inside its model (sse2 is in
+    // every x86-64 model, so capabilities alone never list it).
+    let features = status["hostCpu"]["features"].as_array().cloned().unwrap_or_default();
+    assert!(features.iter().any(|f| f == "sse2"), "{status}");
     // Each cell's huge pages say how many are free (virNodeGetFreePages).
     let pages = status["numa"][0]["hugepages"].as_array().cloned().unwrap_or_default();
     assert!(

@@ -34,18 +34,16 @@ pub struct PodView {
     pub metadata: MetaView,
 }
 
-/// As much of a node list as the extender reads.
+/// A node list (`nodeCacheCapable: false`): the nodes are kept as they
+/// came, to be sent back whole.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct NodeListView {
     #[serde(default)]
-    pub items: Vec<NodeView>,
+    pub items: Vec<serde_json::Value>,
 }
 
-/// A node: its name.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct NodeView {
-    #[serde(default)]
-    pub metadata: MetaView,
+fn node_name(node: &serde_json::Value) -> Option<&str> {
+    node.pointer("/metadata/name").and_then(serde_json::Value::as_str)
 }
 
 /// Object metadata: what the extender reads.
@@ -59,11 +57,14 @@ pub struct MetaView {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// A filter call's answer.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// A filter call's answer: the passing nodes as the call gave them (names,
+/// or whole nodes under `Nodes` without `nodeCacheCapable`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ExtenderFilterResult {
-    #[serde(rename = "NodeNames")]
-    pub node_names: Vec<String>,
+    #[serde(rename = "NodeNames", skip_serializing_if = "Option::is_none")]
+    pub node_names: Option<Vec<String>>,
+    #[serde(rename = "Nodes", skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<serde_json::Value>,
     #[serde(rename = "FailedNodes")]
     pub failed_nodes: BTreeMap<String, String>,
     #[serde(rename = "Error", skip_serializing_if = "String::is_empty")]
@@ -94,8 +95,36 @@ impl ExtenderArgs {
     fn candidates(&self) -> Vec<String> {
         match (&self.node_names, &self.nodes) {
             (Some(names), _) => names.clone(),
-            (None, Some(nodes)) => nodes.items.iter().filter_map(|n| n.metadata.name.clone()).collect(),
+            (None, Some(nodes)) => nodes
+                .items
+                .iter()
+                .filter_map(|n| node_name(n).map(str::to_owned))
+                .collect(),
             (None, None) => Vec::new(),
+        }
+    }
+
+    /// The answer with `passing` nodes, in the form the call came in.
+    fn answer(&self, passing: Vec<String>, failed_nodes: BTreeMap<String, String>) -> ExtenderFilterResult {
+        match (&self.node_names, &self.nodes) {
+            (None, Some(nodes)) => {
+                let items: Vec<serde_json::Value> = nodes
+                    .items
+                    .iter()
+                    .filter(|n| node_name(n).is_some_and(|name| passing.iter().any(|p| p == name)))
+                    .cloned()
+                    .collect();
+                ExtenderFilterResult {
+                    nodes: Some(serde_json::json!({ "items": items })),
+                    failed_nodes,
+                    ..ExtenderFilterResult::default()
+                }
+            }
+            _ => ExtenderFilterResult {
+                node_names: Some(passing),
+                failed_nodes,
+                ..ExtenderFilterResult::default()
+            },
         }
     }
 
@@ -116,32 +145,25 @@ impl ExtenderArgs {
 pub fn filter(args: &ExtenderArgs, cluster: &impl Cluster) -> ExtenderFilterResult {
     let candidates = args.candidates();
     let needs = match args.needs(cluster) {
-        Ok(needs) if needs.is_empty() => {
-            return ExtenderFilterResult {
-                node_names: candidates,
-                ..ExtenderFilterResult::default()
-            };
-        }
+        Ok(needs) if needs.is_empty() => return args.answer(candidates, BTreeMap::new()),
         Ok(needs) => needs,
         // The pod's own mistake: every node says it, so FailedScheduling does.
         Err(why) => {
-            return ExtenderFilterResult {
-                failed_nodes: candidates.into_iter().map(|n| (n, why.clone())).collect(),
-                ..ExtenderFilterResult::default()
-            };
+            let failed = candidates.into_iter().map(|n| (n, why.clone())).collect();
+            return args.answer(Vec::new(), failed);
         }
     };
     let now = cluster.now();
-    let mut result = ExtenderFilterResult::default();
+    let (mut passing, mut failed) = (Vec::new(), BTreeMap::new());
     for name in candidates {
         match cluster.with_virt_node(&name, |node| filter::check(&needs, node, now)) {
-            Ok(()) => result.node_names.push(name),
+            Ok(()) => passing.push(name),
             Err(why) => {
-                result.failed_nodes.insert(name, why);
+                failed.insert(name, why);
             }
         }
     }
-    result
+    args.answer(passing, failed)
 }
 
 /// Answers a prioritize call: [`filter::score`] per candidate (0 for all
@@ -224,7 +246,7 @@ mod tests {
             "NodeNames": ["tcg", "kvm", "bare"]
         }));
         let result = filter(&call, &fixture());
-        assert_eq!(result.node_names, vec!["kvm".to_owned()]);
+        assert_eq!(result.node_names, Some(vec!["kvm".to_owned()]));
         assert!(result.failed_nodes["tcg"].contains("needs KVM"), "{result:?}");
         assert!(result.failed_nodes["bare"].contains("no virthost"), "{result:?}");
         let json = serde_json::to_value(&result).unwrap();
@@ -240,7 +262,7 @@ mod tests {
             "NodeNames": ["tcg", "kvm", "bare"]
         }));
         let result = filter(&call, &fixture());
-        assert_eq!(result.node_names, vec!["tcg", "kvm", "bare"]);
+        assert_eq!(result.node_names, Some(vec!["tcg".into(), "kvm".into(), "bare".into()]));
         assert!(result.failed_nodes.is_empty());
         assert!(prioritize(&call, &fixture()).iter().all(|p| p.score == 0));
     }
@@ -252,7 +274,7 @@ mod tests {
             "nodenames": ["tcg", "kvm"]
         }));
         let result = filter(&call, &fixture());
-        assert!(result.node_names.is_empty());
+        assert_eq!(result.node_names, Some(Vec::new()));
         assert!(
             result
                 .failed_nodes
@@ -273,7 +295,22 @@ mod tests {
             "Pod": {"metadata": {"namespace": "team", "annotations": {"virtkube.io/requires": "arch=x86_64"}}},
             "Nodes": {"items": [{"metadata": {"name": "tcg"}}, {"metadata": {"name": "kvm"}}]}
         }));
-        assert_eq!(filter(&call, &fixture()).node_names, vec!["tcg", "kvm"]);
+        // Whole nodes in, whole nodes out (kube-scheduler reads Nodes then).
+        let result = filter(&call, &fixture());
+        assert_eq!(result.node_names, None);
+        let json = serde_json::to_value(&result).unwrap();
+        assert_eq!(json["Nodes"]["items"][1]["metadata"]["name"], "kvm");
+        assert!(json.get("NodeNames").is_none());
+        let kvm_only = args(serde_json::json!({
+            "Pod": {"metadata": {"namespace": "team", "annotations": {"virtkube.io/requires": "kvm"}}},
+            "Nodes": {"items": [{"metadata": {"name": "tcg"}, "spec": {}}, {"metadata": {"name": "kvm"}, "spec": {"podCIDR": "x"}}]}
+        }));
+        let json = serde_json::to_value(filter(&kvm_only, &fixture())).unwrap();
+        assert_eq!(
+            json["Nodes"]["items"],
+            serde_json::json!([{"metadata": {"name": "kvm"}, "spec": {"podCIDR": "x"}}])
+        );
+        assert!(json["FailedNodes"]["tcg"].is_string());
         let scores = prioritize(&call, &fixture());
         assert_eq!(
             scores,

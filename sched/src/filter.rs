@@ -48,20 +48,36 @@ pub fn check(needs: &Requirements, node: Option<&VirtNodeStatus>, now: i64) -> R
     if !missing.is_empty() {
         return Err(format!("this node's CPU lacks {}", missing.join(", ")));
     }
+    let present: Vec<&str> = needs
+        .forbidden_features
+        .iter()
+        .filter(|f| host_features.contains(f))
+        .map(String::as_str)
+        .collect();
+    if !present.is_empty() {
+        return Err(format!(
+            "this node's CPU has {}, which the VM forbids",
+            present.join(", ")
+        ));
+    }
     if let Some(machine) = &needs.machine
         && !node.machine_types.iter().any(|m| m == machine)
     {
         return Err(format!("machine type {machine} is not offered on this node"));
     }
-    if let Some(bytes) = needs.memory_bytes {
-        let largest = largest_cell_bytes(node);
-        if largest.is_some_and(|cell| cell < bytes) {
-            return Err(format!(
-                "the VM's {} MiB do not fit in one NUMA cell (the largest here has {} MiB)",
-                bytes >> 20,
-                largest.unwrap_or(0) >> 20
-            ));
-        }
+    // The whole host's memory: the shim pins no guest to a NUMA cell.
+    if let Some(bytes) = needs.memory_bytes
+        && let Some(host) = node
+            .memory
+            .as_deref()
+            .and_then(|m| virtkube_api::quantity::parse_bytes(m).ok())
+        && host < bytes
+    {
+        return Err(format!(
+            "the VM's {} MiB are more than this node's memory ({} MiB)",
+            bytes >> 20,
+            host >> 20
+        ));
     }
     if let Some((size_kib, count)) = needs.hugepages {
         let most = node
@@ -106,6 +122,12 @@ fn ready(node: &VirtNodeStatus, now: i64) -> Result<(), String> {
     }
     let heartbeat = ready.last_heartbeat_time.as_deref().and_then(parse_rfc3339);
     match heartbeat {
+        // A heartbeat from the future: the node's clock is ahead, and its
+        // age cannot be told.
+        Some(at) if at - now > STALE_AFTER_SECS => Err(format!(
+            "the virthost's heartbeat is {} s in the future: the node's clock and this one's differ",
+            at - now
+        )),
         Some(at) if now - at <= STALE_AFTER_SECS => Ok(()),
         Some(at) => Err(format!(
             "the virthost is not ready: its nodeinfo last reported {} s ago (down or crash-looping?)",
@@ -113,14 +135,6 @@ fn ready(node: &VirtNodeStatus, now: i64) -> Result<(), String> {
         )),
         None => Err("the virthost is not ready: its VirtNode's Ready condition has no heartbeat".into()),
     }
-}
-
-/// The largest NUMA cell's memory, in bytes (none listed: unknown).
-fn largest_cell_bytes(node: &VirtNodeStatus) -> Option<u64> {
-    node.numa
-        .iter()
-        .filter_map(|cell| virtkube_api::quantity::parse_bytes(cell.memory.as_deref()?).ok())
-        .max()
 }
 
 /// `0x8086 Intel Corporation` → `8086`.
@@ -148,7 +162,7 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     let mut t = time.split(':');
     let (h, min) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
     let s = t.next()?.split('.').next()?.parse::<i64>().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
+    if !(1..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
         return None;
     }
     Some(virtkube_api::civil::days_from_civil(y, m as u32, day as u32) * 86_400 + h * 3600 + min * 60 + s)
@@ -179,6 +193,7 @@ mod tests {
             arch: Some("x86_64".into()),
             kvm: Some(false),
             cpus: Some(4),
+            memory: Some("16Gi".into()),
             domains: Some(0),
             host_cpu: Some(HostCpu {
                 model: Some("Skylake-Client-IBRS".into()),
@@ -253,9 +268,9 @@ mod tests {
             "machine type virt is not offered",
         );
         refused(
-            &needs("memory=16Gi"),
+            &needs("memory=32Gi"),
             Some(&node()),
-            "do not fit in one NUMA cell (the largest here has 8192 MiB)",
+            "more than this node's memory (16384 MiB)",
         );
         refused(&needs("hugepages-2Mi=512"), Some(&node()), "512 huge pages of 2048 KiB");
         refused(&needs("hugepages-1Gi=1"), Some(&node()), "the most here is 0");
@@ -263,6 +278,13 @@ mod tests {
         let mut kvm = node();
         kvm.kvm = Some(true);
         assert_eq!(check(&needs("kvm"), Some(&kvm), NOW), Ok(()));
+        let forbids = Requirements {
+            forbidden_features: vec!["vmx".into()],
+            ..Requirements::default()
+        };
+        refused(&forbids, Some(&node()), "has vmx, which the VM forbids");
+        // 12 GiB fits a 16 GiB host whose one cell has 8 (nothing pins a guest to a cell).
+        assert_eq!(check(&needs("memory=12Gi"), Some(&node()), NOW), Ok(()));
     }
 
     #[test]
@@ -285,6 +307,9 @@ mod tests {
         let mut never = node();
         never.conditions.clear();
         refused(&needs, Some(&never), "has not reported yet");
+        let mut ahead = node();
+        ahead.conditions[0].last_heartbeat_time = Some(heartbeat(-(STALE_AFTER_SECS + 60)));
+        refused(&needs, Some(&ahead), "in the future");
     }
 
     #[test]
@@ -307,6 +332,7 @@ mod tests {
             "2026-11-22 10:00:00",
             "2026-13-22T10:00:00Z",
             "2026-11-22T10:00:00+01:00",
+            "999999999999999-01-01T00:00:00Z",
             "",
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");

@@ -18,8 +18,12 @@ use virtkube_api::{VirtNode, VirtTemplate, VirtTemplateSpec};
 use virtkube_sched::extender::{self, Cluster, ExtenderArgs};
 
 /// The largest call read (a full node list, without nodeCacheCapable, of a
-/// thousand nodes).
-const MAX_BODY: usize = 32 * 1024 * 1024;
+/// thousand nodes; with it a call is a few KiB).
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Connections served at once (kube-scheduler keeps one or two).
+const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 const USAGE: &str =
     "usage: virtkube-sched [--listen ADDRESS:PORT]   (default 0.0.0.0:8888; RUST_LOG sets the log level)";
@@ -120,6 +124,7 @@ async fn serve(listen: SocketAddr) -> Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     info!(%listen, "virtkube-sched ready: POST /filter, /prioritize");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -135,14 +140,21 @@ async fn serve(listen: SocketAddr) -> Result<()> {
                 return Ok(());
             }
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            warn!("{MAX_CONNECTIONS} connections are open: refusing another");
+            continue;
+        };
         let stores = stores.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request| answer(request, stores.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
+            // A client that trickles its request does not hold a connection.
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .serve_connection(io, service);
+            if let Err(e) = served.await {
                 warn!(error = %e, "a connection failed");
             }
         });
@@ -181,9 +193,16 @@ async fn answer(request: Request<Incoming>, stores: Arc<Stores>) -> Result<Respo
         }
     };
     let started = std::time::Instant::now();
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) => {
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(request.into_body(), MAX_BODY).collect());
+    let body = match read.await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Err(_) => {
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                serde_json::json!({"Error": format!("the {verb} call's body did not arrive within {} s", REQUEST_TIMEOUT.as_secs())}).to_string(),
+            );
+        }
+        Ok(Err(e)) => {
             return reply(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"Error": format!("cannot read the {verb} call: {e}")}).to_string(),
@@ -204,7 +223,7 @@ async fn answer(request: Request<Incoming>, stores: Arc<Stores>) -> Result<Respo
         if !result.failed_nodes.is_empty() {
             info!(
                 pod = args.pod.as_ref().and_then(|p| p.metadata.name.as_deref()).unwrap_or("?"),
-                passed = result.node_names.len(),
+                passed = result.node_names.as_ref().map_or(0, Vec::len),
                 failed = ?result.failed_nodes,
                 "filtered"
             );

@@ -22,9 +22,12 @@ use virtkube_api::VirtTemplateSpec;
 use virtkube_api::template::{CpuFeaturePolicy, CpuMode, DomainType};
 
 /// The annotation naming a VirtTemplate in the pod's namespace.
-pub const TEMPLATE_ANNOTATION: &str = "virtkube.io/template";
+pub const TEMPLATE_ANNOTATION: &str = virtkube_api::annotations::TEMPLATE;
 /// The annotation listing needs directly.
-pub const REQUIRES_ANNOTATION: &str = "virtkube.io/requires";
+pub const REQUIRES_ANNOTATION: &str = virtkube_api::annotations::REQUIRES;
+
+/// The most items `virtkube.io/requires` may list (each costs every call).
+pub const MAX_REQUIRES_ITEMS: usize = 64;
 
 /// What a VM needs of its node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,9 +40,11 @@ pub struct Requirements {
     pub cpu_model: Option<String>,
     /// CPU features the host CPU must have.
     pub cpu_features: Vec<String>,
+    /// CPU features the host CPU must not have (a template's `forbid`).
+    pub forbidden_features: Vec<String>,
     /// A machine type the hypervisor offers.
     pub machine: Option<String>,
-    /// Guest memory, in bytes: it must fit in one NUMA cell's memory.
+    /// Guest memory, in bytes: it must fit in the host's memory.
     pub memory_bytes: Option<u64>,
     /// Huge pages: (page size in KiB, count) on one NUMA cell.
     pub hugepages: Option<(u64, u64)>,
@@ -63,6 +68,11 @@ impl Requirements {
         for feature in other.cpu_features {
             if !self.cpu_features.contains(&feature) {
                 self.cpu_features.push(feature);
+            }
+        }
+        for feature in other.forbidden_features {
+            if !self.forbidden_features.contains(&feature) {
+                self.forbidden_features.push(feature);
             }
         }
         for device in other.pci {
@@ -140,7 +150,14 @@ fn of_template(
         cpu_features: resolved
             .cpu_features
             .iter()
-            .filter(|(_, policy)| matches!(policy, CpuFeaturePolicy::Require | CpuFeaturePolicy::Force))
+            // `force` gives the guest a feature the host may lack: no need.
+            .filter(|(_, policy)| *policy == CpuFeaturePolicy::Require)
+            .map(|(name, _)| name.clone())
+            .collect(),
+        forbidden_features: resolved
+            .cpu_features
+            .iter()
+            .filter(|(_, policy)| *policy == CpuFeaturePolicy::Forbid)
             .map(|(name, _)| name.clone())
             .collect(),
         machine: resolved.machine.clone(),
@@ -153,7 +170,11 @@ fn of_template(
 /// Parses `virtkube.io/requires`: comma-separated `kvm` and `key=value`.
 pub fn parse_requires(text: &str) -> Result<Requirements, String> {
     let mut needs = Requirements::default();
-    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+    let items: Vec<&str> = text.split(',').map(str::trim).filter(|i| !i.is_empty()).collect();
+    if items.len() > MAX_REQUIRES_ITEMS {
+        return Err(format!("{} items; at most {MAX_REQUIRES_ITEMS}", items.len()));
+    }
+    for item in items {
         let (key, value) = match item.split_once('=') {
             Some((key, value)) => (key.trim(), Some(value.trim())),
             None => (item, None),
@@ -166,6 +187,7 @@ pub fn parse_requires(text: &str) -> Result<Requirements, String> {
         };
         match key {
             "kvm" if item == "kvm" => needs.kvm = true,
+            "kvm" => return Err(format!("{item:?}: kvm takes no value (write just kvm)")),
             "arch" => {
                 let arch = value("x86_64")?;
                 if !matches!(arch.as_str(), "x86_64" | "aarch64") {
@@ -240,6 +262,7 @@ mod tests {
                 memory_bytes: Some(4 << 30),
                 hugepages: Some((2048, 512)),
                 pci: vec!["8086:1572".into()],
+                forbidden_features: Vec::new(),
             }
         );
         assert!(parse_requires("").unwrap().is_empty());
@@ -249,7 +272,7 @@ mod tests {
     fn a_bad_requires_annotation_says_what_is_wrong() {
         for (text, expected) in [
             ("gpu", "not a need virtkube knows"),
-            ("kvm=yes", "not a need virtkube knows"),
+            ("kvm=yes", "kvm takes no value"),
             ("arch=riscv64", "not one virtkube runs"),
             ("memory=lots", "memory=\"lots\""),
             ("hugepages-4Ki=1", "not 2Mi or 1Gi"),
@@ -282,6 +305,7 @@ mod tests {
             vec!["avx512f".to_owned()],
             "a disabled feature is not needed"
         );
+        assert!(needs.forbidden_features.is_empty());
         assert_eq!(needs.memory_bytes, Some(2 << 30), "the pod's override");
         // An auto domain type runs anywhere (as qemu where KVM is missing).
         let auto = template("memory: 128Mi\n");
@@ -290,6 +314,16 @@ mod tests {
         })
         .unwrap();
         assert!(!needs.kvm);
+    }
+
+    #[test]
+    fn a_template_and_the_requires_annotation_add_up() {
+        let pod = annotations(&[(TEMPLATE_ANNOTATION, "t"), (REQUIRES_ANNOTATION, "kvm, pci=8086:1572")]);
+        let needs = of_pod("team", &pod, |_, _| Some(template("memory: 128Mi\n"))).unwrap();
+        assert!(
+            needs.kvm && needs.pci == ["8086:1572"] && needs.memory_bytes == Some(128 << 20),
+            "{needs:?}"
+        );
     }
 
     #[test]

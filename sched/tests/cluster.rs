@@ -157,7 +157,9 @@ fn vm_pods_go_only_where_their_virthost_can_run_them() {
             "/etc/kubernetes/scheduler.conf",
             &format!("{k8s_local}/scheduler.kubeconfig"),
         )
-        .replace("http://10.32.0.88:8888", &format!("http://{cluster_ip}:8888")),
+        .replace("http://10.32.0.88:8888", &format!("http://{cluster_ip}:8888"))
+        // k8s-local's single scheduler runs without leader election.
+        .replace("extenders:", "leaderElection:\n  leaderElect: false\nextenders:"),
     )
     .unwrap();
     assert!(kubectl(&["create", "namespace", &namespace]).0);
