@@ -100,11 +100,14 @@ impl Interactive {
 
     /// Types `text`.
     pub fn send(&mut self, text: &str) {
-        let stdin = self.stdin.as_mut().unwrap_or_else(|| panic!("stdin already closed"));
-        stdin
-            .write_all(text.as_bytes())
-            .unwrap_or_else(|e| panic!("typing {text:?}: {e}"));
-        stdin.flush().unwrap_or_else(|e| panic!("typing {text:?}: {e}"));
+        self.try_send(text).unwrap_or_else(|e| panic!("typing {text:?}: {e}"));
+    }
+
+    /// Types `text`, or says why it could not (the command has exited).
+    pub fn try_send(&mut self, text: &str) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        stdin.write_all(text.as_bytes())?;
+        stdin.flush()
     }
 
     /// Reads until the output contains `needle`; false after `timeout`.

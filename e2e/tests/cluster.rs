@@ -343,12 +343,15 @@ fn operations_through_kubectl(ns: &str) {
 }
 
 /// `kubectl attach -i`, typing `input` after a moment, reading until `needle`
-/// (or 30 s); returns what it read.
+/// (or 30 s); returns what it read. An attach that has already ended (its
+/// container did, say for memory) is what the caller's checks then see.
 fn attach_and_type(namespace: &str, pod: &str, input: &str, needle: &str) -> String {
     let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
     let mut attached = Interactive::spawn(&kubectl, &["-n", namespace, "attach", "-i", pod, "-c", "vm"]);
     std::thread::sleep(Duration::from_secs(2));
-    attached.send(input);
+    if let Err(e) = attached.try_send(input) {
+        eprintln!("kubectl attach to {namespace}/{pod} ended before the input was typed: {e}");
+    }
     attached.wait_for(needle, Duration::from_secs(30));
     attached.seen().to_owned()
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Once};
 
 use tokio::sync::mpsc::Sender;
 use tokio::sync::mpsc::error::TrySendError;
-use tracing::warn;
+use tracing::{debug, warn};
 use virt::connect::Connect;
 use virt::domain::Domain;
 use virt::sys;
@@ -27,6 +27,19 @@ fn err(what: &str) -> impl Fn(virt::error::Error) -> String + '_ {
 }
 
 /// Reads the host's facts.
+static FREE_PAGES_WARNED: AtomicBool = AtomicBool::new(false);
+static BASELINE_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// A host fact libvirt cannot give is the same at every resync: said once
+/// at warn, then at debug.
+fn warn_once(warned: &AtomicBool, message: String) {
+    if warned.swap(true, Ordering::Relaxed) {
+        debug!("{message}");
+    } else {
+        warn!("{message} (said once; later at debug level)");
+    }
+}
+
 pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
     let capabilities = conn.capabilities().map_err(err("capabilities"))?;
     let mut caps = facts::parse_capabilities(&capabilities).map_err(|e| e.to_string())?;
@@ -40,7 +53,10 @@ pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
         {
             Ok(features) if !features.is_empty() => caps.cpu.features = features,
             Ok(_) => {}
-            Err(e) => warn!("the host CPU's features not expanded (only those beyond its model are listed): {e}"),
+            Err(e) => warn_once(
+                &BASELINE_WARNED,
+                format!("the host CPU's features not expanded (only those beyond its model are listed): {e}"),
+            ),
         }
     }
     // Free huge pages per cell (what a scheduler can still give a VM); a
@@ -52,7 +68,10 @@ pub fn host(conn: &Connect) -> Result<HostSnapshot, Error> {
             };
             match conn.free_pages(&[size], cell.id, 1, 0) {
                 Ok(free) => pages.free = free.first().copied(),
-                Err(e) => warn!(cell = cell.id, size_kib = size, "free huge pages not read: {e}"),
+                Err(e) => warn_once(
+                    &FREE_PAGES_WARNED,
+                    format!("free huge pages not read (cell {}, {size} KiB): {e}", cell.id),
+                ),
             }
         }
     }
