@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use virtkube_e2e::{max_secs, p50_secs, run};
+use virtkube_e2e::{max_secs, p50_secs, run, virthost_virsh};
 
 const DOCKER: &str = "/usr/bin/docker";
 const SOCKET_DIR: &str = "/var/run/virtkube";
@@ -100,21 +100,7 @@ fn main() {
         let killed = Instant::now();
         let (success, out) = docker(&["kill", "-s", "KILL", &name]);
         assert!(success, "docker kill: {out}");
-        while run(
-            DOCKER,
-            &[
-                "exec",
-                "virtkube-virthost",
-                "virsh",
-                "-c",
-                "qemu:///system",
-                "domstate",
-                domain,
-            ],
-            None,
-        )
-        .0
-        {
+        while virthost_virsh("virtkube-virthost", &["domstate", domain]).0 {
             assert!(
                 killed.elapsed() < Duration::from_secs(30),
                 "{domain} outlived its container by 30 s"

@@ -19,7 +19,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use virtkube_e2e::{Forward, display, max_secs, p50_secs, run};
+use virtkube_e2e::{Forward, display, max_secs, p50_secs, run, virthost_virsh};
 
 const DOCKER: &str = "/usr/bin/docker";
 const RUNS: usize = 20;
@@ -90,20 +90,7 @@ fn main() {
         assert!(out.status.success() && out.stdout.starts_with(b"\x89PNG"));
     });
     let with_virsh = timed(|| {
-        let (ok, out) = run(
-            DOCKER,
-            &[
-                "exec",
-                "virtkube-virthost",
-                "virsh",
-                "-c",
-                "qemu:///system",
-                "screenshot",
-                &domain,
-                "/tmp/bench-shot",
-            ],
-            None,
-        );
+        let (ok, out) = virthost_virsh("virtkube-virthost", &["screenshot", &domain, "/tmp/bench-shot"]);
         assert!(ok, "{out}");
     });
     report("screenshot: docker exec VM virtkube-shim screenshot", &through_shim);

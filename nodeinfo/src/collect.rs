@@ -312,20 +312,6 @@ pub fn start_event_loop() -> Result<(), Error> {
     result
 }
 
-/// The state and reason numbers of domain `name`; `None`: no such domain.
-pub fn domain_state(conn: &Connect, name: &str) -> Result<Option<(u32, i32)>, Error> {
-    let dom = match conn.lookup_domain_by_name(name) {
-        Ok(dom) => dom,
-        Err(e) if is_no_domain(&e) => return Ok(None),
-        Err(e) => return Err(format!("lookup: {e}")),
-    };
-    match raw_state(&dom) {
-        Ok(state) => Ok(Some(state)),
-        Err(_) if is_gone(&dom) => Ok(None),
-        Err(e) => Err(format!("{name}: {e}")),
-    }
-}
-
 /// Pauses (`run` false) or resumes domain `name`'s CPUs, marking a pause
 /// as requested ([`facts::RUN_STATE_XMLNS`]): the mark is set before the
 /// pause (so no look at the paused domain misses it) and removed after a
