@@ -3,11 +3,17 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{VirtDomain, VirtNode, VirtTemplate};
+use crate::{ImageFile, ImageRepository, VirtDomain, VirtNode, VirtTemplate};
 
 /// Every virtkube CRD.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![VirtTemplate::crd(), VirtNode::crd(), VirtDomain::crd()]
+    vec![
+        VirtTemplate::crd(),
+        VirtNode::crd(),
+        VirtDomain::crd(),
+        ImageRepository::crd(),
+        ImageFile::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML file (what `deploy/01-crds.yaml` holds).

@@ -8,6 +8,7 @@
 pub mod civil;
 pub mod crds;
 pub mod domain;
+pub mod image;
 pub mod node;
 pub mod overrides;
 pub mod podnet;
@@ -16,6 +17,7 @@ pub mod resolve;
 pub mod template;
 
 pub use domain::{VirtDomain, VirtDomainSpec, VirtDomainStatus};
+pub use image::{ImageFile, ImageFileSpec, ImageFileStatus, ImageRepository, ImageRepositorySpec, ImageRepositoryStatus};
 pub use node::{VirtNode, VirtNodeSpec, VirtNodeStatus};
 pub use overrides::{OverrideError, Overrides};
 pub use resolve::{ResolvedTemplate, TemplateError};

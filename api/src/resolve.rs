@@ -81,6 +81,16 @@ pub enum DiskSource {
     },
     /// The cloud-init `cidata` disk the shim builds (read-only, last).
     CloudInit(CloudInitSource),
+    /// An ImageFile of the pod's namespace, by name; the shim looks it up
+    /// and makes it a [`DiskSource::Volume`].
+    ImageFile(String),
+    /// A libvirt storage volume (an ImageFile's, once looked up).
+    Volume {
+        /// The storage pool.
+        pool: String,
+        /// The volume in it.
+        volume: String,
+    },
     /// A network block device.
     Network {
         /// Protocol.
@@ -847,13 +857,43 @@ fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option
         disk.file.is_some(),
         disk.container_file.is_some(),
         disk.network.is_some(),
+        disk.image_file.is_some(),
     ];
     if sources.iter().filter(|set| **set).count() > 1 {
         problems.add(
             field,
-            "sets more than one of file, containerFile and network; a disk has exactly one source",
+            "sets more than one of file, containerFile, network and imageFile; a disk has exactly one source",
         );
         return None;
+    }
+    if let Some(name) = &disk.image_file {
+        if !crate::image::is_dns_subdomain(name) {
+            problems.add(
+                format!("{field}.imageFile"),
+                format!("{name:?} is not an ImageFile name (lowercase letters, digits, '-' and '.', at most 253)"),
+            );
+        }
+        if disk.format.is_some() {
+            problems.add(
+                format!("{field}.format"),
+                "is the ImageFile's own for an imageFile disk; leave it unset",
+            );
+        }
+        if disk.persistent.is_some() {
+            problems.add(
+                format!("{field}.persistent"),
+                "applies to a containerFile disk only (an ImageFile is always written in place)",
+            );
+        }
+        let device = disk.device.unwrap_or(DiskDevice::Disk);
+        return Some(ResolvedDisk {
+            source: DiskSource::ImageFile(name.clone()),
+            format: DiskFormat::Raw,
+            device,
+            bus: disk.bus.unwrap_or(DiskBus::Virtio),
+            read_only: device == DiskDevice::Cdrom || disk.read_only.unwrap_or(false),
+            boot_order: disk.boot_order,
+        });
     }
     if disk.persistent.is_some() && disk.container_file.is_none() {
         problems.add(
@@ -935,7 +975,7 @@ fn resolve_disk(problems: &mut Problems, field: &str, disk: &DiskSpec) -> Option
         (None, None) => {
             problems.add(
                 field,
-                "has no source; set containerFile (a path in the VM container), file (a path on the virthost) or network (nbd, rbd, iscsi)",
+                "has no source; set containerFile (a path in the VM container), imageFile (an ImageFile of the pod's namespace), file (a path on the virthost) or network (nbd, rbd, iscsi)",
             );
             return None;
         }

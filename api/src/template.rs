@@ -253,6 +253,12 @@ pub struct DiskSpec {
     /// A network block device. Exactly one of `file`, `containerFile` and `network`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkDiskSource>,
+    /// An ImageFile of the VM pod's namespace: a volume in an
+    /// ImageRepository, which only the virthost mounts. Its format is the
+    /// ImageFile's (leave `format` unset). Exactly one of `file`,
+    /// `containerFile`, `network` and `imageFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_file: Option<String>,
     /// Image format: `raw` (default) or `qcow2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DiskFormat>,

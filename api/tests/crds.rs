@@ -155,7 +155,7 @@ fn every_field_is_documented() {
 
 #[test]
 fn printer_columns_and_short_names() {
-    let expected: [(&str, &[&str], &[&str]); 3] = [
+    let expected: [(&str, &[&str], &[&str]); 5] = [
         ("VirtTemplate", &["Arch", "CPUs", "Memory", "Age"], &["vt"]),
         (
             "VirtNode",
@@ -166,6 +166,16 @@ fn printer_columns_and_short_names() {
             "VirtDomain",
             &["Node", "State", "RunState", "vCPUs", "Memory", "Age"],
             &["vd"],
+        ),
+        (
+            "ImageRepository",
+            &["Claim", "Phase", "Capacity", "Available", "Pool", "Age"],
+            &["irepo"],
+        ),
+        (
+            "ImageFile",
+            &["Repository", "Phase", "Format", "Capacity", "OnDisk", "Backing", "Age"],
+            &["ifile"],
         ),
     ];
     for crd in crds::all() {

@@ -158,7 +158,7 @@ fn bad_values_name_the_field_the_value_and_what_is_accepted() {
     assert_error("disks: [{}]", "spec.disks[0]: has no source; set containerFile");
     assert_error(
         "disks: [{file: /a, containerFile: /disk/a}]",
-        "spec.disks[0]: sets more than one of file, containerFile and network",
+        "spec.disks[0]: sets more than one of file, containerFile, network and imageFile",
     );
     assert_error(
         "disks: [{containerFile: disk/a}]",
@@ -174,7 +174,23 @@ fn bad_values_name_the_field_the_value_and_what_is_accepted() {
     );
     assert_error(
         "disks: [{file: /a, network: {protocol: nbd, hosts: [{name: h}]}}]",
-        "spec.disks[0]: sets more than one of file, containerFile and network",
+        "spec.disks[0]: sets more than one of file, containerFile, network and imageFile",
+    );
+    assert_error(
+        "disks: [{imageFile: golden, containerFile: /disk/a}]",
+        "spec.disks[0]: sets more than one of file, containerFile, network and imageFile",
+    );
+    assert_error(
+        "disks: [{imageFile: Golden_1}]",
+        "spec.disks[0].imageFile: \"Golden_1\" is not an ImageFile name",
+    );
+    assert_error(
+        "disks: [{imageFile: golden, format: qcow2}]",
+        "spec.disks[0].format: is the ImageFile's own for an imageFile disk",
+    );
+    assert_error(
+        "disks: [{imageFile: golden, persistent: true}]",
+        "spec.disks[0].persistent: applies to a containerFile disk only (an ImageFile",
     );
     assert_error(
         "disks: [{network: {protocol: nbd, hosts: []}}]",

@@ -119,6 +119,21 @@ pub async fn fetch_template(client: &Client, namespace: &str, name: &str) -> Res
     resolve::resolve(Some(name.to_owned()), &template.spec).map_err(|e| format!("VirtTemplate {namespace}/{name}: {e}"))
 }
 
+/// Reads ImageFile `name` in `namespace`.
+pub async fn fetch_image_file(client: &Client, namespace: &str, name: &str) -> Result<virtkube_api::ImageFile, String> {
+    let api: Api<virtkube_api::ImageFile> = Api::namespaced(client.clone(), namespace);
+    within_timeout(api.get(name), &format!("ImageFile {namespace}/{name}"))
+        .await?
+        .map_err(|e| {
+            explain(
+                e,
+                &format!("ImageFile {name:?}"),
+                namespace,
+                "create it (docs/images.md) or fix the disk's imageFile",
+            )
+        })
+}
+
 /// Longest one request to the Kubernetes API may take.
 pub const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 

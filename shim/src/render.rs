@@ -228,6 +228,16 @@ pub fn disk_origins(t: &ResolvedTemplate) -> Vec<virtkube_api::domain::DomainDis
                     ("network", Some(address), if read_only { "readOnly" } else { "inPlace" })
                 }
                 DiskSource::CloudInit(seed) => ("cloudInit", seed.directory.clone(), "readOnly"),
+                DiskSource::ImageFile(name) => (
+                    "imageFile",
+                    Some(name.clone()),
+                    if read_only { "readOnly" } else { "inPlace" },
+                ),
+                DiskSource::Volume { pool, volume } => (
+                    "imageFile",
+                    Some(format!("{pool}/{volume}")),
+                    if read_only { "readOnly" } else { "inPlace" },
+                ),
             };
             virtkube_api::domain::DomainDisk {
                 target,
@@ -433,6 +443,7 @@ fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
         match disk.source {
             DiskSource::File(_) | DiskSource::Container { .. } | DiskSource::CloudInit(_) => "file",
             DiskSource::Network { .. } => "network",
+            DiskSource::ImageFile(_) | DiskSource::Volume { .. } => "volume",
         },
         match disk.device {
             DiskDevice::Disk => "disk",
@@ -467,6 +478,18 @@ fn write_disk(w: &mut W, disk: &ResolvedDisk, target: &str) -> io::Result<()> {
                     let name = format!("{}{target}", virtkube_api::resolve::FD_DISK_PREFIX);
                     w.create_element("source")
                         .with_attributes([("file", name.as_str()), ("fdgroup", target)])
+                        .write_empty()?;
+                }
+                // An ImageFile not looked up yet (`--print-xml` without the
+                // API) names no pool; the gate admits only a looked-up one.
+                DiskSource::ImageFile(name) => {
+                    w.create_element("source")
+                        .with_attributes([("pool", ""), ("volume", name.as_str())])
+                        .write_empty()?;
+                }
+                DiskSource::Volume { pool, volume } => {
+                    w.create_element("source")
+                        .with_attributes([("pool", pool.as_str()), ("volume", volume.as_str())])
                         .write_empty()?;
                 }
                 DiskSource::Network { protocol, name, hosts } => {

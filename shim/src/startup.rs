@@ -8,6 +8,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
+use virtkube_api::resolve::DiskSource;
 use virtkube_api::{Overrides, ResolvedTemplate, resolve};
 
 use crate::config::Config;
@@ -54,6 +55,8 @@ pub trait World {
     async fn fetch_pod(&self, namespace: &str, name: &str) -> Result<PodFacts, String>;
     /// A VirtTemplate by name, from the API.
     async fn fetch_template(&self, namespace: &str, name: &str) -> Result<ResolvedTemplate, String>;
+    /// An ImageFile by name, from the API.
+    async fn fetch_image_file(&self, namespace: &str, name: &str) -> Result<virtkube_api::ImageFile, String>;
     /// Waits before asking again.
     async fn pause(&self, how_long: Duration);
     /// A line of the shim's log.
@@ -145,7 +148,37 @@ pub async fn load(
     if facts.instance.template_name.is_none() {
         facts.instance.template_name = template.name.clone();
     }
+    let namespace = facts.instance.namespace.clone().unwrap_or_else(|| "default".into());
+    bind_image_files(world, &mut template, &namespace).await?;
     Ok((template, facts, endpoint))
+}
+
+/// Makes each `imageFile` disk the volume of that ImageFile in the pod's
+/// own namespace (the gate admits no other), in the ImageFile's format.
+async fn bind_image_files(world: &impl World, template: &mut ResolvedTemplate, namespace: &str) -> Result<(), Exit> {
+    for (i, disk) in template.disks.iter_mut().enumerate() {
+        let DiskSource::ImageFile(name) = &disk.source else {
+            continue;
+        };
+        if !world.in_cluster() {
+            return Err(Exit::StartFailed(format!(
+                "disks[{i}].imageFile {name:?}: an ImageFile is found through the Kubernetes API, and this shim is not running in a pod with a service account"
+            )));
+        }
+        let image = world
+            .fetch_image_file(namespace, name)
+            .await
+            .map_err(|e| Exit::StartFailed(format!("disks[{i}].imageFile: {e}")))?;
+        let (pool, volume, format) = virtkube_api::image::volume_for_disk(&image, disk.read_only)
+            .map_err(|e| Exit::StartFailed(format!("disks[{i}].imageFile: {e}")))?;
+        world.log(format!("disks[{i}]: ImageFile {namespace}/{name} is volume {volume} of pool {pool}"));
+        disk.format = match format {
+            virtkube_api::image::ImageFormat::Raw => virtkube_api::template::DiskFormat::Raw,
+            virtkube_api::image::ImageFormat::Qcow2 => virtkube_api::template::DiskFormat::Qcow2,
+        };
+        disk.source = DiskSource::Volume { pool, volume };
+    }
+    Ok(())
 }
 
 /// In a pod without downward API settings (bare `kubectl run`), asks the API
@@ -274,6 +307,13 @@ impl World for Live {
         return Err(format!("{NO_KUBE}: cannot read VirtTemplate {namespace}/{name}"));
     }
 
+    async fn fetch_image_file(&self, namespace: &str, name: &str) -> Result<virtkube_api::ImageFile, String> {
+        #[cfg(feature = "kube")]
+        return crate::cluster::fetch_image_file(self.client().await?, namespace, name).await;
+        #[cfg(not(feature = "kube"))]
+        return Err(format!("{NO_KUBE}: cannot read ImageFile {namespace}/{name}"));
+    }
+
     async fn pause(&self, how_long: Duration) {
         tokio::time::sleep(how_long).await;
     }
@@ -327,6 +367,8 @@ mod tests {
         /// Successive answers to fetch_pod; the last repeats.
         pods: RefCell<Vec<Result<PodFacts, String>>>,
         templates: BTreeMap<String, String>,
+        /// ImageFiles as JSON, by name.
+        image_files: BTreeMap<String, String>,
         pod_reads: RefCell<u32>,
         paused: RefCell<Duration>,
         logged: RefCell<Vec<String>>,
@@ -370,6 +412,13 @@ mod tests {
                 .get(name)
                 .ok_or_else(|| format!("VirtTemplate {namespace}/{name} not found"))?;
             resolve::parse_yaml(text).map_err(|e| e.to_string())
+        }
+        async fn fetch_image_file(&self, namespace: &str, name: &str) -> Result<virtkube_api::ImageFile, String> {
+            let text = self
+                .image_files
+                .get(name)
+                .ok_or_else(|| format!("ImageFile {namespace}/{name} not found"))?;
+            serde_json::from_str(text).map_err(|e| e.to_string())
         }
         async fn pause(&self, how_long: Duration) {
             *self.paused.borrow_mut() += how_long;
@@ -456,6 +505,55 @@ mod tests {
         config.template_name = Some("missing".into());
         let why = start_failure(load_with(&fake, &config, pod_env()).await);
         assert!(why.contains("VirtTemplate ns/missing not found"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn an_image_file_disk_becomes_its_ready_volume_in_the_pods_namespace() {
+        let mut fake = with_baked(Fake {
+            in_cluster: true,
+            ..Fake::default()
+        });
+        fake.templates.insert(
+            "vm".into(),
+            "memory: 64Mi\ndisks:\n  - imageFile: clone-1\n    bootOrder: 1\n  - imageFile: golden\n".into(),
+        );
+        let image = |name: &str, phase: &str, read_only: bool| {
+            serde_json::json!({
+                "apiVersion": "virtkube.io/v1alpha1", "kind": "ImageFile",
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {"repository": "main", "readOnly": read_only},
+                "status": {"phase": phase, "pool": "virtkube-main", "volume": format!("ns_{name}"), "format": "qcow2"},
+            })
+            .to_string()
+        };
+        fake.image_files.insert("clone-1".into(), image("clone-1", "Ready", false));
+        fake.image_files.insert("golden".into(), image("golden", "Ready", true));
+        fake.files
+            .insert(config().annotations_file, "virtkube.io/template=\"vm\"\n".into());
+        fake.files.insert(endpoint::DEFAULT_SOCKET.into(), String::new());
+        // The golden image is read-only and the disk is not: refused, saying what to do.
+        let why = start_failure(load_with(&fake, &config(), pod_env()).await);
+        assert!(why.contains("disks[1].imageFile: ImageFile \"golden\" is readOnly"), "{why}");
+        fake.templates.insert(
+            "vm".into(),
+            "memory: 64Mi\ndisks:\n  - imageFile: clone-1\n    bootOrder: 1\n  - imageFile: golden\n    readOnly: true\n".into(),
+        );
+        let (template, _, _) = load_with(&fake, &config(), pod_env()).await.unwrap();
+        assert_eq!(
+            template.disks[0].source,
+            DiskSource::Volume {
+                pool: "virtkube-main".into(),
+                volume: "ns_clone-1".into()
+            }
+        );
+        assert_eq!(template.disks[0].format, virtkube_api::template::DiskFormat::Qcow2);
+        // Not ready yet, or missing: the start fails naming the disk.
+        fake.image_files.insert("clone-1".into(), image("clone-1", "Creating", false));
+        let why = start_failure(load_with(&fake, &config(), pod_env()).await);
+        assert!(why.contains("disks[0].imageFile: ImageFile \"clone-1\" is not ready (phase Creating)"), "{why}");
+        fake.image_files.clear();
+        let why = start_failure(load_with(&fake, &config(), pod_env()).await);
+        assert!(why.contains("ImageFile ns/clone-1 not found"), "{why}");
     }
 
     #[tokio::test]
