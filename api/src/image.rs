@@ -295,7 +295,11 @@ pub fn volume_for_disk(image: &ImageFile, disk_read_only: bool) -> Result<(Strin
             "ImageFile {name:?} is readOnly: set readOnly: true on the disk, or clone it (an ImageFile with backingFile: {name})"
         ));
     }
-    match (status.pool, status.volume, status.format.as_deref().and_then(ImageFormat::parse)) {
+    match (
+        status.pool,
+        status.volume,
+        status.format.as_deref().and_then(ImageFormat::parse),
+    ) {
         (Some(pool), Some(volume), Some(format)) => Ok((pool, volume, format)),
         _ => Err(format!(
             "ImageFile {name:?} is Ready but its status does not name its pool, volume and format; the repository manager wrote an incomplete status"
@@ -347,12 +351,19 @@ mod tests {
             }];
         }
         let error = volume_for_disk(&creating, false).unwrap_err();
-        assert!(error.contains("not ready (phase Creating): importing from pod"), "{error}");
+        assert!(
+            error.contains("not ready (phase Creating): importing from pod"),
+            "{error}"
+        );
         let mut incomplete = ready(false);
         if let Some(status) = incomplete.status.as_mut() {
             status.format = Some("vmdk".into());
         }
-        assert!(volume_for_disk(&incomplete, false).unwrap_err().contains("incomplete status"));
+        assert!(
+            volume_for_disk(&incomplete, false)
+                .unwrap_err()
+                .contains("incomplete status")
+        );
         let mut unset = ready(false);
         unset.status = None;
         assert!(volume_for_disk(&unset, false).unwrap_err().contains("phase unset"));
@@ -362,7 +373,17 @@ mod tests {
     fn a_volume_names_exactly_one_image_file() {
         assert_eq!(volume_name("team-a", "golden"), "team-a_golden");
         assert_eq!(image_file_of_volume("team-a_golden"), Some(("team-a", "golden")));
-        for bad in ["golden", "_golden", "team-a_", "team_a_golden", "Team_x", "a_b/../c", "a_b c", "a_-b", "a_.."] {
+        for bad in [
+            "golden",
+            "_golden",
+            "team-a_",
+            "team_a_golden",
+            "Team_x",
+            "a_b/../c",
+            "a_b c",
+            "a_-b",
+            "a_..",
+        ] {
             assert_eq!(image_file_of_volume(bad), None, "{bad:?}");
         }
         assert_eq!(pool_name("main"), "virtkube-main");

@@ -17,7 +17,9 @@ pub mod resolve;
 pub mod template;
 
 pub use domain::{VirtDomain, VirtDomainSpec, VirtDomainStatus};
-pub use image::{ImageFile, ImageFileSpec, ImageFileStatus, ImageRepository, ImageRepositorySpec, ImageRepositoryStatus};
+pub use image::{
+    ImageFile, ImageFileSpec, ImageFileStatus, ImageRepository, ImageRepositorySpec, ImageRepositoryStatus,
+};
 pub use node::{VirtNode, VirtNodeSpec, VirtNodeStatus};
 pub use overrides::{OverrideError, Overrides};
 pub use resolve::{ResolvedTemplate, TemplateError};

@@ -21,6 +21,9 @@ pub const PREFIX: u8 = 24;
 pub const VNC_PORT: u16 = 5900;
 /// RFB over WebSocket (noVNC, a browser), on 127.0.0.1 like [`VNC_PORT`].
 pub const VNC_WEBSOCKET_PORT: u16 = 6080;
+/// The port on which an ImageFile's import pod (`virtkube-shim serve-file`)
+/// serves its file to the repository manager.
+pub const IMPORT_PORT: u16 = 8090;
 /// The pod's loopback ports that stay the shim's: every other port of
 /// 127.0.0.1 (where `kubectl port-forward` connects) reaches the guest.
 pub const SHIM_PORTS: [u16; 2] = [VNC_PORT, VNC_WEBSOCKET_PORT];

@@ -5,6 +5,8 @@
 
 pub mod collect;
 pub mod facts;
+pub mod images;
 pub mod model;
 pub mod publish;
 pub mod runstate;
+pub mod storage;

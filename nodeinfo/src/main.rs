@@ -33,6 +33,11 @@ usage: virtkube-nodeinfo [--once [--output yaml|json]] [--node NAME] [--uri URI]
   --resync      seconds between full resyncs (default 30)
   --log-format  the log on stderr, text or json (default: $VIRTKUBE_LOG_FORMAT, else text);
                 $RUST_LOG filters it (default info)
+
+The repository manager (ImageRepository, ImageFile; docs/images.md) runs when
+$VIRTKUBE_DAEMONSET names the virthost DaemonSet whose pods mount the
+repositories, in namespace $POD_NAMESPACE, container $VIRTKUBE_CONTAINER
+(default virthost).
 ";
 
 /// How the log on stderr is written.
@@ -319,6 +324,17 @@ async fn tell_end(publisher: &Publisher, name: &str, seen: &model::Seen) {
     tell(publisher, seen, model::events_on_end(seen, name, oom_kills_now)).await;
 }
 
+/// The repository manager's settings, when the environment asks for it.
+fn images_settings(node: &str) -> Option<virtkube_nodeinfo::images::Settings> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    Some(virtkube_nodeinfo::images::Settings {
+        node: node.to_owned(),
+        daemonset: var("VIRTKUBE_DAEMONSET")?,
+        namespace: var("POD_NAMESPACE").unwrap_or_else(|| "virtkube-system".into()),
+        container: var("VIRTKUBE_CONTAINER").unwrap_or_else(|| "virthost".into()),
+    })
+}
+
 /// Runs until libvirt goes away (an error to reconnect after) or SIGTERM (Ok).
 async fn serve(
     args: &Args,
@@ -333,6 +349,9 @@ async fn serve(
             .await?
             .with_context(|| format!("cannot connect to libvirt at {}", args.uri))?,
     );
+    // ImageRepositories and ImageFiles, on this connection while it lasts.
+    let images = images_settings(&args.node)
+        .map(|settings| tokio::spawn(virtkube_nodeinfo::images::run(client.clone(), settings, conn.clone())));
     // spec.runState, carried out on this connection while it lasts.
     let run_states = tokio::spawn(virtkube_nodeinfo::runstate::run(
         client.clone(),
@@ -343,6 +362,10 @@ async fn serve(
     let result = serve_on(&conn, args, publisher, last_status, published).await;
     run_states.abort();
     let _ = run_states.await;
+    if let Some(images) = images {
+        images.abort();
+        let _ = images.await;
+    }
     // The last reference closes the connection, a call to libvirtd too.
     if tokio::task::spawn_blocking(move || drop(conn)).await.is_err() {
         warn!(uri = %args.uri, "closing the libvirt connection failed");

@@ -41,6 +41,9 @@ operations on the running VM, from a second process in its container
   shutdown      ask the guest to shut down (ACPI); the container then ends with exit 0
   screenshot    the display's image (PNG) on stdout: ... screenshot > screen.png
 
+serve-file PATH  serve the file to virtkube's repository manager (an ImageFile's
+                 import pod runs this; docs/images.md)
+
 environment:
   VIRTKUBE_TEMPLATE_FILE     template baked into the image (default /etc/virtkube/template.yaml)
   VIRTKUBE_TEMPLATE          template name to read from the Kubernetes API instead
@@ -159,6 +162,8 @@ pub enum Mode {
     Version,
     /// Ask PID 1 (the running shim) for an operation on its VM.
     Operate(crate::control::Op),
+    /// Serve one file to the repository manager (an ImageFile's import pod).
+    ServeFile(PathBuf),
 }
 
 /// The shim's configuration.
@@ -195,6 +200,15 @@ pub struct Config {
 /// Reads the configuration. `env` looks up a variable; `args` excludes argv[0].
 pub fn from_env(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<Config, String> {
     let mut mode = Mode::Run;
+    if args.first().map(String::as_str) == Some("serve-file") {
+        return match args {
+            [_, path] if path.starts_with('/') => Ok(Config {
+                mode: Mode::ServeFile(PathBuf::from(path)),
+                ..from_env(env, &[])?
+            }),
+            _ => Err("serve-file takes one absolute path: virtkube-shim serve-file /disk/root.raw".into()),
+        };
+    }
     for arg in args {
         mode = match arg.as_str() {
             "--print-xml" => Mode::PrintXml,
@@ -294,6 +308,20 @@ mod tests {
         assert_eq!(c.qemu_overhead, 128 * 1024 * 1024);
         assert!(c.autodestroy);
         assert_eq!(c.template_name, None);
+    }
+
+    #[test]
+    fn serve_file_takes_one_absolute_path() {
+        let c = config(&[], &["serve-file", "/disk/root.raw"]).unwrap();
+        assert_eq!(c.mode, Mode::ServeFile(PathBuf::from("/disk/root.raw")));
+        for bad in [
+            &["serve-file"][..],
+            &["serve-file", "disk/root.raw"],
+            &["serve-file", "/a", "/b"],
+        ] {
+            let why = config(&[], bad).unwrap_err();
+            assert!(why.contains("serve-file takes one absolute path"), "{why}");
+        }
     }
 
     #[test]

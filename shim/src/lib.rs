@@ -17,6 +17,7 @@ pub mod pid1;
 pub mod podnet;
 pub mod render;
 pub mod runtime;
+pub mod serve_file;
 pub mod sizing;
 pub mod startup;
 pub mod supervisor;

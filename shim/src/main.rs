@@ -34,6 +34,13 @@ fn main() {
             std::process::exit(0);
         }
         Mode::Operate(op) => std::process::exit(operate(&config, op)),
+        Mode::ServeFile(path) => {
+            if let Err(e) = virtkube_shim::serve_file::serve(path, virtkube_shim::serve_file::IMPORT_PORT) {
+                eprintln!("virtkube-shim serve-file: {e}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
         Mode::Run | Mode::PrintXml => {}
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -171,7 +171,9 @@ async fn bind_image_files(world: &impl World, template: &mut ResolvedTemplate, n
             .map_err(|e| Exit::StartFailed(format!("disks[{i}].imageFile: {e}")))?;
         let (pool, volume, format) = virtkube_api::image::volume_for_disk(&image, disk.read_only)
             .map_err(|e| Exit::StartFailed(format!("disks[{i}].imageFile: {e}")))?;
-        world.log(format!("disks[{i}]: ImageFile {namespace}/{name} is volume {volume} of pool {pool}"));
+        world.log(format!(
+            "disks[{i}]: ImageFile {namespace}/{name} is volume {volume} of pool {pool}"
+        ));
         disk.format = match format {
             virtkube_api::image::ImageFormat::Raw => virtkube_api::template::DiskFormat::Raw,
             virtkube_api::image::ImageFormat::Qcow2 => virtkube_api::template::DiskFormat::Qcow2,
@@ -526,14 +528,18 @@ mod tests {
             })
             .to_string()
         };
-        fake.image_files.insert("clone-1".into(), image("clone-1", "Ready", false));
+        fake.image_files
+            .insert("clone-1".into(), image("clone-1", "Ready", false));
         fake.image_files.insert("golden".into(), image("golden", "Ready", true));
         fake.files
             .insert(config().annotations_file, "virtkube.io/template=\"vm\"\n".into());
         fake.files.insert(endpoint::DEFAULT_SOCKET.into(), String::new());
         // The golden image is read-only and the disk is not: refused, saying what to do.
         let why = start_failure(load_with(&fake, &config(), pod_env()).await);
-        assert!(why.contains("disks[1].imageFile: ImageFile \"golden\" is readOnly"), "{why}");
+        assert!(
+            why.contains("disks[1].imageFile: ImageFile \"golden\" is readOnly"),
+            "{why}"
+        );
         fake.templates.insert(
             "vm".into(),
             "memory: 64Mi\ndisks:\n  - imageFile: clone-1\n    bootOrder: 1\n  - imageFile: golden\n    readOnly: true\n".into(),
@@ -548,9 +554,13 @@ mod tests {
         );
         assert_eq!(template.disks[0].format, virtkube_api::template::DiskFormat::Qcow2);
         // Not ready yet, or missing: the start fails naming the disk.
-        fake.image_files.insert("clone-1".into(), image("clone-1", "Creating", false));
+        fake.image_files
+            .insert("clone-1".into(), image("clone-1", "Creating", false));
         let why = start_failure(load_with(&fake, &config(), pod_env()).await);
-        assert!(why.contains("disks[0].imageFile: ImageFile \"clone-1\" is not ready (phase Creating)"), "{why}");
+        assert!(
+            why.contains("disks[0].imageFile: ImageFile \"clone-1\" is not ready (phase Creating)"),
+            "{why}"
+        );
         fake.image_files.clear();
         let why = start_failure(load_with(&fake, &config(), pod_env()).await);
         assert!(why.contains("ImageFile ns/clone-1 not found"), "{why}");

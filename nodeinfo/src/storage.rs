@@ -1,0 +1,622 @@
+//! The repository manager's pure part: the libvirt XML of a repository's
+//! pool and an ImageFile's volume, which volumes running domains use, the
+//! import's HTTP reply head, and what to do next for an ImageFile
+//! ([`next_step`]). The I/O is in [`crate::images`].
+
+use virtkube_api::image::{ImageFile, ImageFormat, Preallocation};
+use virtkube_api::quantity::parse_bytes;
+
+/// Escapes text for XML content and attribute values.
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
+/// A `dir` storage pool on the repository's mount.
+pub fn pool_xml(name: &str, path: &str) -> String {
+    format!(
+        "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>",
+        escape(name),
+        escape(path)
+    )
+}
+
+/// A new volume: blank, or copy-on-write over `backing` (path, format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumePlan {
+    /// The volume's (and file's) name.
+    pub name: String,
+    /// Size the guest sees, in bytes.
+    pub capacity: u64,
+    /// Its format.
+    pub format: ImageFormat,
+    /// Space to take at once.
+    pub preallocation: Preallocation,
+    /// The volume it is a copy-on-write clone of: (path, format).
+    pub backing: Option<(String, ImageFormat)>,
+}
+
+/// libvirt's flag to preallocate qcow2's metadata (VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA).
+pub const PREALLOC_METADATA: u32 = 1;
+
+impl VolumePlan {
+    /// The volume XML and the create flags.
+    pub fn xml(&self) -> (String, u32) {
+        let allocation = match self.preallocation {
+            Preallocation::Full if self.backing.is_none() => self.capacity,
+            _ => 0,
+        };
+        let backing = self.backing.as_ref().map_or_else(String::new, |(path, format)| {
+            format!(
+                "<backingStore><path>{}</path><format type='{}'/></backingStore>",
+                escape(path),
+                format.as_str()
+            )
+        });
+        let xml = format!(
+            "<volume><name>{}</name><capacity unit='bytes'>{}</capacity><allocation unit='bytes'>{allocation}</allocation><target><format type='{}'/><permissions><mode>0644</mode></permissions></target>{backing}</volume>",
+            escape(&self.name),
+            self.capacity,
+            self.format.as_str(),
+        );
+        let flags = if self.preallocation == Preallocation::Metadata && self.format == ImageFormat::Qcow2 {
+            PREALLOC_METADATA
+        } else {
+            0
+        };
+        (xml, flags)
+    }
+}
+
+/// The format of a volume, from its XML (`<target><format type=…>`).
+pub fn volume_format(volume_xml: &str) -> Option<ImageFormat> {
+    let doc = roxmltree::Document::parse(volume_xml).ok()?;
+    let target = doc.root_element().children().find(|n| n.has_tag_name("target"))?;
+    let format = target.children().find(|n| n.has_tag_name("format"))?;
+    ImageFormat::parse(format.attribute("type")?)
+}
+
+/// What one running domain's disks reach: pool volumes and files, its
+/// backing chains included (a clone in use holds its golden image too).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DiskUse {
+    /// `(pool, volume)` of `<source pool volume>`.
+    pub volumes: Vec<(String, String)>,
+    /// `<source file>` anywhere in a disk or its `<backingStore>`.
+    pub files: Vec<String>,
+}
+
+/// The volumes and files a domain's (live) XML says its disks use.
+pub fn disk_use(domain_xml: &str) -> Result<DiskUse, String> {
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| format!("domain XML: {e}"))?;
+    let mut uses = DiskUse::default();
+    let disks = doc
+        .root_element()
+        .children()
+        .filter(|n| n.has_tag_name("devices"))
+        .flat_map(|d| d.children())
+        .filter(|n| n.has_tag_name("disk") && n.tag_name().namespace().is_none());
+    for disk in disks {
+        for source in disk.descendants().filter(|n| n.has_tag_name("source")) {
+            if let (Some(pool), Some(volume)) = (source.attribute("pool"), source.attribute("volume")) {
+                uses.volumes.push((pool.to_owned(), volume.to_owned()));
+            }
+            if let Some(file) = source.attribute("file") {
+                uses.files.push(file.to_owned());
+            }
+        }
+    }
+    Ok(uses)
+}
+
+/// Whether `path` is a mount point in `mountinfo` (`/proc/self/mountinfo`).
+pub fn is_mount_point(mountinfo: &str, path: &str) -> bool {
+    let escaped = path.replace(' ', "\\040");
+    mountinfo
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(escaped.as_str()))
+}
+
+/// The pod a virtkube domain (`<namespace>_<pod>`) belongs to, as `namespace/pod`.
+pub fn pod_of_domain(domain: &str) -> String {
+    match domain.split_once('_') {
+        Some((namespace, pod)) => format!("{namespace}/{pod}"),
+        None => domain.to_owned(),
+    }
+}
+
+/// The length an import serves, from its HTTP reply head: a `200` with a
+/// `Content-Length`.
+pub fn import_length(head: &str) -> Result<u64, String> {
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    let code = status.split(' ').nth(1).unwrap_or_default();
+    if !status.starts_with("HTTP/1.") || code != "200" {
+        return Err(format!("the import pod answered {status:?}, not 200"));
+    }
+    lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .ok_or("the import pod's reply has no Content-Length".to_owned())?
+        .1
+        .trim()
+        .parse::<u64>()
+        .map_err(|e| format!("the import pod's Content-Length is not a number: {e}"))
+}
+
+/// What the volume looks like now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeNow {
+    /// Size the guest sees.
+    pub capacity: u64,
+    /// Space on disk.
+    pub allocation: u64,
+    /// Format (None when libvirt does not say raw or qcow2).
+    pub format: Option<ImageFormat>,
+    /// Its path in the pool.
+    pub path: String,
+}
+
+/// A backing ImageFile as the clone sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// Not named.
+    None,
+    /// Named, but missing or not ready: why.
+    NotReady(String),
+    /// Ready: its volume's path, format and capacity.
+    Ready(String, ImageFormat, u64),
+}
+
+/// Everything [`next_step`] decides on.
+#[derive(Debug, Clone)]
+pub struct Situation {
+    /// The ImageFile's volume name.
+    pub volume_name: String,
+    /// The repository's pool when it runs here: (pool, repository format, preallocation).
+    pub pool: Result<(String, ImageFormat, Preallocation), String>,
+    /// The volume, when it exists.
+    pub volume: Option<VolumeNow>,
+    /// The backing ImageFile.
+    pub backing: Backing,
+    /// Running VMs using the volume (`namespace/pod`).
+    pub users: Vec<String>,
+    /// ImageFiles cloned from this one.
+    pub clones: Vec<String>,
+}
+
+/// What the manager does next for an ImageFile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Put the finalizer on first, so no volume is ever left behind.
+    AddFinalizer,
+    /// Not yet: a phase, a reason and a message for the status.
+    Wait {
+        /// The phase to show.
+        phase: &'static str,
+        /// Machine-readable reason.
+        reason: &'static str,
+        /// What is missing, for a person.
+        message: String,
+    },
+    /// Cannot be done as asked: the status says why; nothing is changed.
+    Fail {
+        /// Machine-readable reason.
+        reason: &'static str,
+        /// What to fix.
+        message: String,
+    },
+    /// Make the volume.
+    Create(VolumePlan),
+    /// Make the volume from the container image's file.
+    Import,
+    /// Delete a volume an earlier import left half-written, then import again.
+    DiscardPartialImport,
+    /// Grow the volume to this many bytes.
+    Resize(u64),
+    /// Delete the volume (the ImageFile is being deleted and nothing uses it).
+    DeleteVolume,
+    /// The volume is gone: let the ImageFile go.
+    RemoveFinalizer,
+    /// All is as asked.
+    Ready,
+}
+
+/// Decides the next step for `file` in `now`.
+pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step {
+    let name = file.metadata.name.clone().unwrap_or_default();
+    let deleting = file.metadata.deletion_timestamp.is_some();
+    if deleting {
+        if !has_finalizer {
+            return Step::Ready;
+        }
+        if !now.users.is_empty() {
+            return Step::Wait {
+                phase: "Deleting",
+                reason: "InUse",
+                message: format!(
+                    "deletion waits: running VMs use it ({}); delete them first",
+                    now.users.join(", ")
+                ),
+            };
+        }
+        if !now.clones.is_empty() {
+            return Step::Wait {
+                phase: "Deleting",
+                reason: "HasClones",
+                message: format!(
+                    "deletion waits: ImageFiles are cloned from it ({}); delete them first",
+                    now.clones.join(", ")
+                ),
+            };
+        }
+        return if now.volume.is_some() {
+            Step::DeleteVolume
+        } else {
+            Step::RemoveFinalizer
+        };
+    }
+    if !has_finalizer {
+        return Step::AddFinalizer;
+    }
+    let (_, repo_format, preallocation) = match &now.pool {
+        Ok(p) => p.clone(),
+        Err(why) => {
+            return Step::Wait {
+                phase: "Pending",
+                reason: "RepositoryNotReady",
+                message: why.clone(),
+            };
+        }
+    };
+    let spec = &file.spec;
+    let wanted = match spec.capacity.as_deref().map(parse_bytes) {
+        None => None,
+        Some(Ok(0)) => {
+            return Step::Fail {
+                reason: "InvalidCapacity",
+                message: "spec.capacity is 0; give a size such as 10Gi".into(),
+            };
+        }
+        Some(Ok(bytes)) => Some(bytes),
+        Some(Err(e)) => {
+            return Step::Fail {
+                reason: "InvalidCapacity",
+                message: format!("spec.capacity: {e}"),
+            };
+        }
+    };
+    let import = spec.source.as_ref().and_then(|s| s.container_image.as_ref());
+    if import.is_some() && spec.backing_file.is_some() {
+        return Step::Fail {
+            reason: "InvalidSource",
+            message: "set at most one of spec.source and spec.backingFile".into(),
+        };
+    }
+    if let Some(backing) = &spec.backing_file
+        && backing == &name
+    {
+        return Step::Fail {
+            reason: "InvalidSource",
+            message: "spec.backingFile names the ImageFile itself".into(),
+        };
+    }
+    let Some(volume) = &now.volume else {
+        if import.is_some() {
+            return Step::Import;
+        }
+        return match &now.backing {
+            Backing::NotReady(why) => Step::Wait {
+                phase: "Pending",
+                reason: "BackingNotReady",
+                message: why.clone(),
+            },
+            Backing::Ready(path, format, capacity) => Step::Create(VolumePlan {
+                name: now.volume_name.clone(),
+                capacity: wanted.unwrap_or(*capacity).max(*capacity),
+                format: ImageFormat::Qcow2,
+                preallocation: Preallocation::Off,
+                backing: Some((path.clone(), *format)),
+            }),
+            Backing::None => match wanted {
+                Some(capacity) => Step::Create(VolumePlan {
+                    name: now.volume_name.clone(),
+                    capacity,
+                    format: spec.format.unwrap_or(repo_format),
+                    preallocation,
+                    backing: None,
+                }),
+                None => Step::Fail {
+                    reason: "InvalidCapacity",
+                    message:
+                        "a blank ImageFile needs spec.capacity (e.g. 10Gi), or a backingFile or source to take it from"
+                            .into(),
+                },
+            },
+        };
+    };
+    let phase = file.status.as_ref().and_then(|s| s.phase.as_deref());
+    if import.is_some() && phase != Some("Ready") {
+        // Ready is written only after the whole upload: a volume before
+        // that is what an interrupted import left.
+        return Step::DiscardPartialImport;
+    }
+    match wanted {
+        Some(bytes) if bytes > volume.capacity => {
+            if now.users.is_empty() {
+                Step::Resize(bytes)
+            } else {
+                Step::Wait {
+                    phase: "Ready",
+                    reason: "ResizeWaits",
+                    message: format!(
+                        "growing to {} waits until no VM uses it ({})",
+                        virtkube_api::quantity::format_bytes(bytes),
+                        now.users.join(", ")
+                    ),
+                }
+            }
+        }
+        Some(bytes) if bytes < volume.capacity && import.is_none() && spec.backing_file.is_none() => Step::Fail {
+            reason: "ShrinkRefused",
+            message: format!(
+                "spec.capacity {} is below the volume's {}: an image never shrinks (the guest's data would be cut)",
+                virtkube_api::quantity::format_bytes(bytes),
+                virtkube_api::quantity::format_bytes(volume.capacity)
+            ),
+        },
+        _ => Step::Ready,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtkube_api::image::{ContainerImageSource, ImageFileSpec, ImageFileStatus, ImageSource};
+
+    fn file(spec: ImageFileSpec) -> ImageFile {
+        ImageFile::new("disk", spec)
+    }
+
+    fn spec(capacity: Option<&str>) -> ImageFileSpec {
+        ImageFileSpec {
+            repository: "main".into(),
+            capacity: capacity.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    fn situation() -> Situation {
+        Situation {
+            volume_name: "ns_disk".into(),
+            pool: Ok(("virtkube-main".into(), ImageFormat::Qcow2, Preallocation::Off)),
+            volume: None,
+            backing: Backing::None,
+            users: vec![],
+            clones: vec![],
+        }
+    }
+
+    fn volume(capacity: u64) -> Option<VolumeNow> {
+        Some(VolumeNow {
+            capacity,
+            allocation: 4096,
+            format: Some(ImageFormat::Qcow2),
+            path: "/r/ns_disk".into(),
+        })
+    }
+
+    #[test]
+    fn a_blank_image_is_made_in_the_repositorys_format_once_the_finalizer_is_on() {
+        let f = file(spec(Some("1Gi")));
+        assert_eq!(next_step(&f, &situation(), false), Step::AddFinalizer);
+        let Step::Create(plan) = next_step(&f, &situation(), true) else {
+            panic!("no create")
+        };
+        assert_eq!(
+            (plan.capacity, plan.format, plan.backing),
+            (1 << 30, ImageFormat::Qcow2, None)
+        );
+        let mut now = situation();
+        now.pool = Err("ImageRepository main has no node mounting it".into());
+        assert!(matches!(
+            next_step(&f, &now, true),
+            Step::Wait {
+                reason: "RepositoryNotReady",
+                ..
+            }
+        ));
+        let Step::Fail { message, .. } = next_step(&file(spec(None)), &situation(), true) else {
+            panic!("no failure")
+        };
+        assert!(message.contains("needs spec.capacity"), "{message}");
+        for bad in ["0", "ten", "-1Gi"] {
+            assert!(
+                matches!(
+                    next_step(&file(spec(Some(bad))), &situation(), true),
+                    Step::Fail {
+                        reason: "InvalidCapacity",
+                        ..
+                    }
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_clone_waits_for_its_backing_and_is_qcow2_over_it() {
+        let mut s = spec(None);
+        s.backing_file = Some("golden".into());
+        let f = file(s);
+        let mut now = situation();
+        now.backing = Backing::NotReady("ImageFile golden is Creating".into());
+        assert!(matches!(
+            next_step(&f, &now, true),
+            Step::Wait {
+                reason: "BackingNotReady",
+                ..
+            }
+        ));
+        now.backing = Backing::Ready("/r/ns_golden".into(), ImageFormat::Raw, 32 << 20);
+        let Step::Create(plan) = next_step(&f, &now, true) else {
+            panic!("no create")
+        };
+        assert_eq!(plan.format, ImageFormat::Qcow2);
+        assert_eq!(plan.capacity, 32 << 20);
+        assert_eq!(plan.backing, Some(("/r/ns_golden".into(), ImageFormat::Raw)));
+        let mut own = spec(None);
+        own.backing_file = Some("disk".into());
+        assert!(matches!(
+            next_step(&file(own), &now, true),
+            Step::Fail {
+                reason: "InvalidSource",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn deletion_waits_for_users_and_clones_then_deletes_the_volume() {
+        let mut f = file(spec(Some("1Gi")));
+        f.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        let mut now = situation();
+        now.volume = volume(1 << 30);
+        now.users = vec!["ns/vm-1".into()];
+        now.clones = vec!["clone-1".into()];
+        let Step::Wait { reason, message, .. } = next_step(&f, &now, true) else {
+            panic!("not deferred")
+        };
+        assert_eq!(reason, "InUse");
+        assert!(message.contains("ns/vm-1"), "{message}");
+        now.users.clear();
+        assert!(matches!(
+            next_step(&f, &now, true),
+            Step::Wait {
+                reason: "HasClones",
+                ..
+            }
+        ));
+        now.clones.clear();
+        assert_eq!(next_step(&f, &now, true), Step::DeleteVolume);
+        now.volume = None;
+        assert_eq!(next_step(&f, &now, true), Step::RemoveFinalizer);
+        assert_eq!(next_step(&f, &now, false), Step::Ready);
+    }
+
+    #[test]
+    fn growing_waits_for_the_vms_and_shrinking_is_refused() {
+        let f = file(spec(Some("2Gi")));
+        let mut now = situation();
+        now.volume = volume(1 << 30);
+        assert_eq!(next_step(&f, &now, true), Step::Resize(2 << 30));
+        now.users = vec!["ns/vm-1".into()];
+        assert!(matches!(
+            next_step(&f, &now, true),
+            Step::Wait {
+                reason: "ResizeWaits",
+                ..
+            }
+        ));
+        now.volume = volume(4 << 30);
+        assert!(matches!(
+            next_step(&f, &now, true),
+            Step::Fail {
+                reason: "ShrinkRefused",
+                ..
+            }
+        ));
+        now.volume = volume(2 << 30);
+        assert_eq!(next_step(&f, &now, true), Step::Ready);
+    }
+
+    #[test]
+    fn an_import_is_redone_unless_it_finished() {
+        let mut s = spec(None);
+        s.source = Some(ImageSource {
+            container_image: Some(ContainerImageSource {
+                image: "virtkube/disk".into(),
+                path: "/disk/root.raw".into(),
+            }),
+        });
+        let mut f = file(s);
+        let mut now = situation();
+        assert_eq!(next_step(&f, &now, true), Step::Import);
+        now.volume = volume(32 << 20);
+        f.status = Some(ImageFileStatus {
+            phase: Some("Creating".into()),
+            ..Default::default()
+        });
+        assert_eq!(next_step(&f, &now, true), Step::DiscardPartialImport);
+        f.status = Some(ImageFileStatus {
+            phase: Some("Ready".into()),
+            ..Default::default()
+        });
+        assert_eq!(next_step(&f, &now, true), Step::Ready);
+    }
+
+    #[test]
+    fn xml_in_and_out() {
+        let plan = VolumePlan {
+            name: "ns_a'b".into(),
+            capacity: 1024,
+            format: ImageFormat::Qcow2,
+            preallocation: Preallocation::Metadata,
+            backing: Some(("/r/ns_golden".into(), ImageFormat::Raw)),
+        };
+        let (xml, flags) = plan.xml();
+        assert_eq!(flags, PREALLOC_METADATA);
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        assert_eq!(
+            doc.descendants().find(|n| n.has_tag_name("name")).unwrap().text(),
+            Some("ns_a'b")
+        );
+        assert!(
+            xml.contains("<backingStore><path>/r/ns_golden</path><format type='raw'/>"),
+            "{xml}"
+        );
+        assert_eq!(volume_format(&xml), Some(ImageFormat::Qcow2));
+        assert_eq!(
+            volume_format("<volume><target><format type='vmdk'/></target></volume>"),
+            None
+        );
+        let domain = "<domain><devices><disk type='volume'><source pool='virtkube-main' volume='ns_c1'/><backingStore type='file'><source file='/r/ns_golden'/></backingStore></disk><disk type='file'><source file='/x'/></disk></devices><metadata><disk xmlns='urn:x'><source pool='p' volume='v'/></disk></metadata></domain>";
+        let uses = disk_use(domain).unwrap();
+        assert_eq!(uses.volumes, vec![("virtkube-main".to_owned(), "ns_c1".to_owned())]);
+        assert_eq!(uses.files, vec!["/r/ns_golden".to_owned(), "/x".to_owned()]);
+        assert!(disk_use("<domain").is_err());
+        assert_eq!(pod_of_domain("ns_vm-1"), "ns/vm-1");
+        let mountinfo = "36 35 98:0 /mnt1 /var/lib/virtkube/repositories/main rw,noatime master:1 - ext3 /dev/root rw\n37 35 98:0 / /var/lib/virtkube/repositories/main2 rw - ext4 /dev/x rw\n";
+        assert!(is_mount_point(mountinfo, "/var/lib/virtkube/repositories/main"));
+        assert!(!is_mount_point(mountinfo, "/var/lib/virtkube/repositories/other"));
+        assert!(!is_mount_point(mountinfo, "/var/lib/virtkube/repositories"));
+    }
+
+    #[test]
+    fn the_import_reply_head_must_be_a_200_with_a_length() {
+        assert_eq!(
+            import_length("HTTP/1.1 200 OK\r\ncontent-length: 33554432\r\n"),
+            Ok(33554432)
+        );
+        assert!(
+            import_length("HTTP/1.1 404 Not Found\r\n")
+                .unwrap_err()
+                .contains("not 200")
+        );
+        assert!(
+            import_length("HTTP/1.1 200 OK\r\n")
+                .unwrap_err()
+                .contains("no Content-Length")
+        );
+        assert!(
+            import_length("HTTP/1.1 200 OK\r\nContent-Length: x\r\n")
+                .unwrap_err()
+                .contains("not a number")
+        );
+    }
+}
