@@ -14,3 +14,4 @@ pub mod policy;
 pub mod probe_report;
 pub mod relay;
 pub mod sizing;
+pub mod volumes;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::Store;
 use std::net::SocketAddr;
 use tokio::net::{TcpListener, UnixListener};
 use virtkube_gate::config::{self, GateConfig};
@@ -44,6 +45,8 @@ struct Args {
     listen: PathBuf,
     /// Where to serve VM pods over TCP, and the node whose pods they are.
     tcp: Option<(SocketAddr, String)>,
+    /// This node (to watch its pods for ImageFile disks).
+    node: Option<String>,
     gate: Gate,
 }
 
@@ -123,12 +126,18 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args> {
     if !uris.is_empty() {
         gate.policy.uris = uris;
     }
-    let tcp = match (listen_tcp, node.filter(|n| !n.is_empty())) {
+    let node = node.filter(|n| !n.is_empty());
+    let tcp = match (listen_tcp, node.clone()) {
         (Some(address), Some(node)) => Some((address, node)),
         (Some(_), None) => bail!("--listen-tcp needs the node's name: --node NAME or $NODE_NAME"),
         (None, _) => None,
     };
-    Ok(Args { listen, tcp, gate })
+    Ok(Args {
+        listen,
+        tcp,
+        node,
+        gate,
+    })
 }
 
 /// The policy file's text, refusing a huge one before reading it all.
@@ -211,11 +220,27 @@ fn run(args: Args) -> Result<()> {
             "virtkube-gate ready"
         );
         let gate = Arc::new(args.gate);
+        // In a cluster: this node's pods (who calls over TCP; a caller's
+        // namespace) and the ImageFiles (which volumes a pod may use).
+        let pods = match (in_cluster().await, &args.node) {
+            (Some(client), Some(node)) => {
+                let pods = watch_node_pods(client.clone(), node);
+                let files = watch_image_files(client);
+                let catalog = virtkube_gate::volumes::Catalog {
+                    pods: pods.clone(),
+                    files,
+                };
+                let _ = gate.volumes.set(Arc::new(catalog));
+                tracing::info!(%node, "reading this node's pods and the ImageFiles from the Kubernetes API");
+                Some(pods)
+            }
+            _ => None,
+        };
         // The TCP listener failing (its port taken, no API) must not take the
         // socket, and the VM containers on it, down with it.
         let tcp = async {
             if let Some((address, node)) = args.tcp
-                && let Err(e) = serve_tcp(address, node, gate.clone()).await
+                && let Err(e) = serve_tcp(address, node, gate.clone(), pods).await
             {
                 tracing::error!("not serving VM pods over TCP: {e:#}");
             }
@@ -233,29 +258,61 @@ fn run(args: Args) -> Result<()> {
     })
 }
 
-/// Serves VM pods over TCP, knowing each by its pod IP among this node's
-/// pods (a reflector over the API, kept while the gate runs).
-async fn serve_tcp(address: SocketAddr, node: String, gate: Arc<Gate>) -> Result<()> {
+/// A client of the Kubernetes API, when the gate runs in a cluster (or is
+/// given a kubeconfig).
+async fn in_cluster() -> Option<kube::Client> {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() && std::env::var_os("KUBECONFIG").is_none() {
+        return None;
+    }
+    match kube::Client::try_default().await {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes API: ImageFile disks and TCP callers are refused");
+            None
+        }
+    }
+}
+
+/// A reflector over `api` (kept while the gate runs), logging its errors as `what`.
+fn reflect<K>(api: kube::Api<K>, config: kube::runtime::watcher::Config, what: &'static str) -> Store<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     use futures_util::StreamExt;
     use kube::runtime::{WatchStreamExt, reflector, watcher};
-
-    let client = kube::Client::try_default()
-        .await
-        .context("--listen-tcp needs the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let (store, writer) = reflector::store();
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let pods = kube::Api::<Pod>::all(client);
-    let watch = watcher(pods, config)
+    let watch = watcher(api, config)
         .default_backoff()
-        .modify(|pod| pod.metadata.managed_fields = None)
+        .modify(|object| object.meta_mut().managed_fields = None)
         .reflect(writer)
-        .for_each(|event| {
+        .for_each(move |event| {
             if let Err(e) = event {
-                tracing::warn!(error = %e, "watching this node's pods failed; retrying");
+                tracing::warn!(error = %e, "watching {what} failed; retrying");
             }
             std::future::ready(())
         });
     tokio::spawn(watch);
+    store
+}
+
+fn watch_node_pods(client: kube::Client, node: &str) -> Store<Pod> {
+    let config = kube::runtime::watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    reflect(kube::Api::<Pod>::all(client), config, "this node's pods")
+}
+
+fn watch_image_files(client: kube::Client) -> Store<virtkube_api::ImageFile> {
+    reflect(
+        kube::Api::all(client),
+        kube::runtime::watcher::Config::default(),
+        "the ImageFiles",
+    )
+}
+
+/// Serves VM pods over TCP, knowing each by its pod IP among this node's
+/// pods (a reflector over the API, kept while the gate runs).
+async fn serve_tcp(address: SocketAddr, node: String, gate: Arc<Gate>, pods: Option<Store<Pod>>) -> Result<()> {
+    let store = pods.context("--listen-tcp needs the Kubernetes API (in-cluster config or KUBECONFIG)")?;
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on TCP {address}"))?;

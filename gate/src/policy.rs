@@ -135,6 +135,51 @@ pub struct Admission {
     /// The tap of its `pod` interface, which the gate moves into the
     /// caller's network namespace before the guest runs.
     pub pod_tap: Option<String>,
+    /// ImageFile volumes it writes and may not share, as (pool, volume): no
+    /// other running domain may be using them when it starts.
+    pub exclusive_volumes: Vec<(String, String)>,
+}
+
+/// What a caller may do with one ImageFile's volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeGrant {
+    /// The volume's format (`raw` or `qcow2`): the disk must say exactly this.
+    pub format: String,
+    /// The disk must be read-only (the ImageFile is readOnly, or clones
+    /// are made from it).
+    pub read_only: bool,
+    /// Several running VMs may write it.
+    pub shareable: bool,
+}
+
+/// The ImageFiles the gate knows (from the Kubernetes API).
+pub trait Volumes: std::fmt::Debug {
+    /// How `who` may use volume `volume` of pool `pool`, or why not at all.
+    fn grant(&self, who: &Identity, pool: &str, volume: &str) -> Result<VolumeGrant, Denied>;
+}
+
+/// Whether a (live) domain XML has a disk on volume `volume` of `pool`.
+pub fn uses_volume(domain_xml: &str, pool: &str, volume: &str) -> bool {
+    roxmltree::Document::parse(domain_xml).is_ok_and(|doc| {
+        doc.descendants().any(|n| {
+            n.has_tag_name("source")
+                && n.parent().is_some_and(|p| p.has_tag_name("disk"))
+                && n.attribute("pool") == Some(pool)
+                && n.attribute("volume") == Some(volume)
+        })
+    })
+}
+
+/// A gate without the Kubernetes API knows no ImageFile.
+#[derive(Debug)]
+pub struct NoVolumes;
+
+impl Volumes for NoVolumes {
+    fn grant(&self, _: &Identity, pool: &str, volume: &str) -> Result<VolumeGrant, Denied> {
+        deny(format!(
+            "volume {pool}/{volume}: ImageFile disks need a gate that reads ImageFiles from the Kubernetes API, and this one does not"
+        ))
+    }
 }
 
 /// virtkube's metadata namespace (virtkube-api's `METADATA_XMLNS`, which the
@@ -208,7 +253,10 @@ const ATTRIBUTES: &[(&str, &[&str])] = &[
     ("domain/devices/controller", &["type", "index", "model"]),
     ("domain/devices/disk", &["type", "device"]),
     ("domain/devices/disk/driver", &["name", "type"]),
-    ("domain/devices/disk/source", &["file", "protocol", "name", "fdgroup"]),
+    (
+        "domain/devices/disk/source",
+        &["file", "protocol", "name", "fdgroup", "pool", "volume"],
+    ),
     ("domain/devices/disk/source/host", &["name", "port"]),
     ("domain/devices/disk/target", &["dev", "bus"]),
     ("domain/devices/disk/boot", &["order"]),
@@ -250,6 +298,17 @@ const METADATA_ELEMENTS: &[&str] = &["instance", "namespace", "pod", "uid", "tem
 
 /// Checks a domain XML from `who` against `policy`.
 pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl Paths) -> Result<Admission, Denied> {
+    check_domain_xml_with(xml, who, policy, paths, &NoVolumes)
+}
+
+/// [`check_domain_xml`], knowing ImageFiles through `volumes`.
+pub fn check_domain_xml_with(
+    xml: &str,
+    who: &Identity,
+    policy: &Policy,
+    paths: &impl Paths,
+    volumes: &dyn Volumes,
+) -> Result<Admission, Denied> {
     // The renderer writes none of these, and each is a place where this parser
     // and libvirt's could read different text (a comment splitting a path, an
     // encoding declaration, a DOCTYPE).
@@ -285,7 +344,7 @@ pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl
     };
     check_owner(root, who, name, uuid.as_ref())?;
     let memory_kib = check_sizes(root, policy)?;
-    let fd_groups = check_devices(root, policy, paths)?;
+    let (fd_groups, exclusive_volumes) = check_devices(root, who, policy, paths, volumes)?;
     let pod_tap = check_interfaces(root, name, policy)?;
     check_graphics(root)?;
     if fd_groups.len() > MAX_FD_GROUPS {
@@ -302,6 +361,7 @@ pub fn check_domain_xml(xml: &str, who: &Identity, policy: &Policy, paths: &impl
         memory_kib,
         fd_groups,
         pod_tap,
+        exclusive_volumes,
     })
 }
 
@@ -491,8 +551,18 @@ fn check_fd_disk(group: &str, file: &str) -> Result<(), Denied> {
 }
 
 /// Checks the devices; returns the descriptor groups the disks name.
-fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Paths) -> Result<Vec<String>, Denied> {
+/// Checks the disks and character devices; returns the descriptor groups
+/// and the volumes written exclusively.
+fn check_devices(
+    root: roxmltree::Node<'_, '_>,
+    who: &Identity,
+    policy: &Policy,
+    paths: &impl Paths,
+    volumes: &dyn Volumes,
+) -> Result<(Vec<String>, Vec<(String, String)>), Denied> {
     let mut groups: Vec<String> = Vec::new();
+    let mut exclusive: Vec<(String, String)> = Vec::new();
+    let mut seen_volumes: Vec<(String, String)> = Vec::new();
     if let Some(os) = child(root, "os") {
         if os.attribute("firmware").is_some_and(|f| f != "efi") {
             return deny("<os firmware> may only be efi");
@@ -536,6 +606,42 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
                     None => check_file("a disk", file, policy, paths)?,
                 }
             }
+            Some("volume") => {
+                let source = source.ok_or(Denied("a volume disk needs <source pool volume>".into()))?;
+                let (Some(pool), Some(volume)) = (source.attribute("pool"), source.attribute("volume")) else {
+                    return deny("a volume disk needs <source pool volume>");
+                };
+                if source.attributes().count() != 2 {
+                    return deny("a volume disk's <source> names a pool and a volume only");
+                }
+                let grant = volumes.grant(who, pool, volume)?;
+                // The format decides how QEMU reads the file: qcow2 over a
+                // raw volume would make guest-written bytes a header naming
+                // any file of the node.
+                let format = child(disk, "driver").and_then(|d| d.attribute("type"));
+                if format != Some(grant.format.as_str()) {
+                    return deny(format!(
+                        "volume {pool}/{volume} is {}; the disk's <driver type> must say {}, not {}",
+                        grant.format,
+                        grant.format,
+                        format.unwrap_or("nothing")
+                    ));
+                }
+                let read_only = child(disk, "readonly").is_some() || disk.attribute("device") == Some("cdrom");
+                if grant.read_only && !read_only {
+                    return deny(format!(
+                        "volume {pool}/{volume} may be attached read-only only (its ImageFile is readOnly or has clones)"
+                    ));
+                }
+                let key = (pool.to_owned(), volume.to_owned());
+                if seen_volumes.contains(&key) {
+                    return deny(format!("volume {pool}/{volume} is named by two disks"));
+                }
+                seen_volumes.push(key.clone());
+                if !read_only && !grant.shareable {
+                    exclusive.push(key);
+                }
+            }
             Some("network") if !policy.network_disks => {
                 return deny(
                     "network disks are not allowed on this node (they reach the network with the node's credentials)",
@@ -552,7 +658,7 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
             }
             other => {
                 return deny(format!(
-                    "disk type {other:?} is not allowed (file or network; no host block devices)"
+                    "disk type {other:?} is not allowed (file, volume or network; no host block devices)"
                 ));
             }
         }
@@ -560,7 +666,11 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
             return deny("only a file disk may be passed as descriptors");
         }
         if let Some(source) = source
-            && (source.has_attribute("dev") || source.has_attribute("dir") || source.has_attribute("pool"))
+            && disk.attribute("type") != Some("volume")
+            && (source.has_attribute("dev")
+                || source.has_attribute("dir")
+                || source.has_attribute("pool")
+                || source.has_attribute("volume"))
         {
             return deny("a disk <source> may name a file under the images directory or a network volume only");
         }
@@ -576,7 +686,7 @@ fn check_devices(root: roxmltree::Node<'_, '_>, policy: &Policy, paths: &impl Pa
             ));
         }
     }
-    Ok(groups)
+    Ok((groups, exclusive))
 }
 
 /// Checks the NICs; returns the tap of the pod interface, if any. A pod
@@ -749,6 +859,107 @@ mod tests {
             Ok(a) => panic!("admitted {a:?}:\n{xml}"),
             Err(Denied(why)) => assert!(why.contains(expected), "expected {expected:?}, got {why:?}"),
         }
+    }
+
+    /// Grants `ns_clone` (qcow2, writable) and `ns_golden` (raw, read-only).
+    #[derive(Debug)]
+    struct FakeVolumes;
+
+    impl Volumes for FakeVolumes {
+        fn grant(&self, _: &Identity, pool: &str, volume: &str) -> Result<VolumeGrant, Denied> {
+            match (pool, volume) {
+                ("virtkube-main", "ns_clone") => Ok(VolumeGrant {
+                    format: "qcow2".into(),
+                    read_only: false,
+                    shareable: false,
+                }),
+                ("virtkube-main", "ns_golden") => Ok(VolumeGrant {
+                    format: "raw".into(),
+                    read_only: true,
+                    shareable: false,
+                }),
+                _ => deny(format!("volume {pool}/{volume}: not granted")),
+            }
+        }
+    }
+
+    #[test]
+    fn a_volume_disk_is_admitted_as_its_image_file_allows_only() {
+        let xml = golden("server");
+        let file_disk = "<disk type=\"file\" device=\"disk\">\n      <driver name=\"qemu\" type=\"qcow2\"/>\n      <source file=\"/var/lib/virtkube/images/server/root.qcow2\"/>";
+        assert!(xml.contains(file_disk));
+        let with = |disk: &str| xml.replace(file_disk, disk);
+        let check = |xml: &str| check_domain_xml_with(xml, &pod(), &server_policy(), &no_links(), &FakeVolumes);
+        let clone = with(
+            "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='virtkube-main' volume='ns_clone'/>",
+        );
+        let admitted = check(&clone).unwrap();
+        assert_eq!(
+            admitted.exclusive_volumes,
+            vec![("virtkube-main".to_owned(), "ns_clone".to_owned())]
+        );
+        let refused = |xml: &str, expected: &str| match check(xml) {
+            Ok(a) => panic!("admitted {a:?}"),
+            Err(Denied(why)) => assert!(why.contains(expected), "expected {expected:?}, got {why:?}"),
+        };
+        // The format is the volume's: raw bytes read as qcow2 could name any file.
+        refused(
+            &with(
+                "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='virtkube-main' volume='ns_clone'/>",
+            ),
+            "must say qcow2, not raw",
+        );
+        refused(
+            &with("<disk type='volume' device='disk'><source pool='virtkube-main' volume='ns_clone'/>"),
+            "must say qcow2, not nothing",
+        );
+        refused(
+            &with(
+                "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='virtkube-main' volume='ns_golden'/>",
+            ),
+            "read-only only",
+        );
+        let golden_read_only = with("<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='virtkube-main' volume='ns_golden'/><readonly/>")
+            .replacen("<target dev=\"vda\" bus=\"virtio\"/>", "<target dev=\"vda\" bus=\"virtio\"/>", 1);
+        // (the <readonly/> must follow <source>; libvirt takes either order)
+        assert!(check(&golden_read_only).unwrap().exclusive_volumes.is_empty());
+        refused(
+            &with(
+                "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='virtkube-main' volume='ns_other'/>",
+            ),
+            "not granted",
+        );
+        refused(
+            &with(
+                "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='virtkube-main' volume='ns_clone' file='/etc/shadow'/>",
+            ),
+            "names a pool and a volume only",
+        );
+        refused(
+            &with("<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='virtkube-main'/>"),
+            "needs <source pool volume>",
+        );
+        refused(
+            &with(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/virtkube/images/x' volume='ns_clone'/>",
+            ),
+            "under the images directory or a network volume only",
+        );
+        // A backing chain is the volume's own, never the caller's.
+        refused(
+            &with(
+                "<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/><source pool='virtkube-main' volume='ns_clone'/><backingStore type='file'><source file='/etc/shadow'/></backingStore>",
+            ),
+            "backingStore",
+        );
+        // Without the API, no ImageFile is known.
+        let Denied(why) = check_domain_xml(&clone, &pod(), &server_policy(), &no_links()).unwrap_err();
+        assert!(
+            why.contains("ImageFile disks need a gate that reads ImageFiles"),
+            "{why}"
+        );
+        assert!(uses_volume(&clone, "virtkube-main", "ns_clone"));
+        assert!(!uses_volume(&clone, "virtkube-main", "ns_golden"));
     }
 
     #[test]

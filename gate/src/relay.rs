@@ -77,6 +77,9 @@ pub struct Gate {
     /// QEMU's memory beyond the guest's, in bytes: the cgroup QEMU joins
     /// must allow the guest's memory plus this.
     pub qemu_overhead: u64,
+    /// The ImageFiles VM pods may use, once the gate reads them from the
+    /// Kubernetes API; without them every ImageFile disk is refused.
+    pub volumes: std::sync::OnceLock<Arc<dyn policy::Volumes + Send + Sync>>,
     keeper: std::sync::OnceLock<Arc<Keeper>>,
 }
 
@@ -109,6 +112,7 @@ impl Default for Gate {
             place_qemu: true,
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
             qemu_overhead: crate::sizing::DEFAULT_QEMU_OVERHEAD,
+            volumes: std::sync::OnceLock::new(),
             keeper: std::sync::OnceLock::new(),
         }
     }
@@ -622,6 +626,9 @@ pub struct Session {
     pub passes_descriptors: bool,
     /// Event registrations it made.
     event_registrations: usize,
+    /// Volumes the admitted create or define writes exclusively: checked
+    /// against the running domains before the call goes to libvirtd.
+    exclusive_volumes: Vec<(String, String)>,
 }
 
 impl Session {
@@ -632,6 +639,12 @@ impl Session {
             || self.finding.is_some()
             || self.defining.is_some()
             || self.defined.is_some()
+    }
+
+    /// Forgets an admitted create or define that is not sent after all.
+    fn abandon_admission(&mut self) {
+        self.creating = None;
+        self.defining = None;
     }
 
     /// The session of a connection from `caller`.
@@ -885,7 +898,15 @@ async fn relay<S: ClientStream>(
         qemu_run_dir: gate.qemu_run_dir.clone(),
         mountinfo: gate.place_qemu.then(|| gate.mountinfo.clone()),
         kubepods_parent: gate.kubepods_parent.clone(),
-        image_roots: gate.policy.roots.clone(),
+        // ImageFile volumes are opened by libvirt by path, with the backing
+        // chains the repository manager made.
+        image_roots: gate
+            .policy
+            .roots
+            .iter()
+            .cloned()
+            .chain([PathBuf::from(virtkube_api::image::REPOSITORIES_DIR)])
+            .collect(),
         who: who.clone(),
         caller,
     });
@@ -1014,6 +1035,19 @@ async fn relay<S: ClientStream>(
                 let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
                 decide(&header, payload, &passed_files, &who, gate, &mut session)
             });
+            let exclusive = std::mem::take(&mut session.lock().unwrap_or_else(|p| p.into_inner()).exclusive_volumes);
+            let verdict = match (verdict, exclusive.is_empty()) {
+                (verdict @ (Verdict::Forward | Verdict::Rewrite(_)), false) => {
+                    match writers_of(gate, &exclusive).await {
+                        Ok(()) => verdict,
+                        Err(why) => {
+                            session.lock().unwrap_or_else(|p| p.into_inner()).abandon_admission();
+                            Verdict::Deny(why)
+                        }
+                    }
+                }
+                (verdict, _) => verdict,
+            };
             match verdict {
                 Verdict::Forward => {
                     if to_libvirtd.write_all(&frame).await.is_err() {
@@ -1773,14 +1807,19 @@ fn admit_domain_xml(
     xml: &str,
     who: &Identity,
     gate: &Gate,
-    session: &Session,
+    session: &mut Session,
 ) -> Result<(String, Admitted, Vec<String>, Option<String>), Denied> {
     let policy::Admission {
         domain,
         memory_kib,
         fd_groups,
         pod_tap,
-    } = policy::check_domain_xml(xml, who, &gate.policy, &RealPaths)?;
+        exclusive_volumes,
+    } = match gate.volumes.get() {
+        Some(volumes) => policy::check_domain_xml_with(xml, who, &gate.policy, &RealPaths, volumes.as_ref())?,
+        None => policy::check_domain_xml(xml, who, &gate.policy, &RealPaths)?,
+    };
+    session.exclusive_volumes = exclusive_volumes;
     let Some(caller) = session.caller else {
         return Err(Denied("the gate does not know the calling process".into()));
     };
@@ -1790,6 +1829,36 @@ fn admit_domain_xml(
     let xml = crate::keeper::with_owner_record(xml, &caller.owner(who))
         .map_err(|why| Denied(format!("cannot record the domain's owner: {why}")))?;
     Ok((xml, domain, fd_groups, pod_tap))
+}
+
+/// Refuses when a running domain already uses one of `volumes` (pool,
+/// volume): an ImageFile that is not shareable has one writer. QEMU's own
+/// image locking backs this up for two starts at the same moment.
+async fn writers_of(gate: &Gate, volumes: &[(String, String)]) -> Result<(), String> {
+    let control = gate
+        .keeper()
+        .control()
+        .await
+        .map_err(|e| format!("the gate cannot reach libvirtd to see who uses the volumes: {e}"))?;
+    let domains = control
+        .list_all_domains(libvirt_wire::flags::LIST_DOMAINS_ACTIVE)
+        .await
+        .map_err(|e| format!("the gate cannot list the running domains: {e}"))?;
+    for domain in domains {
+        let Ok(xml) = control.xml_desc(&domain, 0).await else {
+            continue; // ended meanwhile
+        };
+        if let Some((pool, volume)) = volumes
+            .iter()
+            .find(|(pool, volume)| policy::uses_volume(&xml, pool, volume))
+        {
+            return Err(format!(
+                "volume {pool}/{volume} is written by running domain {:?}; its ImageFile is not shareable (spec.shareable), so a second VM may attach it read-only only",
+                domain.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The domain this connection defined and has not started, if `named` is it.
