@@ -726,6 +726,7 @@ fn vm_lifecycle_through_kubectl() {
 
     disks_from_the_pod(&ns);
     the_disk_image_deployment(&ns);
+    image_repositories(&ns);
     bare_kubectl_run(&ns);
     the_node_itself_is_refused_over_tcp();
     hostile_pod(&ns, "probe-socket", false);
@@ -1241,7 +1242,9 @@ fn the_node_itself_is_refused_over_tcp() {
 /// The gate's hostile client in a real pod, through the mounted socket
 /// (`uri` None) or over TCP to its node's address: every attempt outside its
 /// own domain is refused with the gate's reason.
-fn hostile_pod(ns: &str, name: &str, over_tcp: bool) {
+/// Runs the gate probe in pod `name` (over the socket or TCP, with `env`
+/// added to its environment as YAML list items); its log and its report lines.
+fn run_probe(ns: &str, name: &str, over_tcp: bool, env: &str) -> (String, Vec<String>) {
     let dir = std::env::temp_dir().join(format!("virtkube-e2e-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("own.xml"), virtkube_e2e::probe::own_xml(true)).unwrap();
@@ -1254,7 +1257,7 @@ fn hostile_pod(ns: &str, name: &str, over_tcp: bool) {
         "/var/run/libvirt/libvirt-sock".to_owned()
     };
     let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: probe\n      image: debian:bookworm-slim\n      imagePullPolicy: Never\n      command: [/probe/virtkube-gate-probe, \"{target}\", \"$(POD_UID)\", /x/own.xml]\n      env:\n        - {{name: POD_UID, valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}}}\n        - {{name: HOST_IP, valueFrom: {{fieldRef: {{fieldPath: status.hostIP}}}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n        - {{name: probe, mountPath: /probe, readOnly: true}}\n        - {{name: xml, mountPath: /x, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n    - {{name: probe, hostPath: {{path: {probe_dir}, type: Directory}}}}\n    - {{name: xml, hostPath: {{path: {xml_dir}, type: Directory}}}}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: probe\n      image: debian:bookworm-slim\n      imagePullPolicy: Never\n      command: [/probe/virtkube-gate-probe, \"{target}\", \"$(POD_UID)\", /x/own.xml]\n      env:\n        - {{name: POD_UID, valueFrom: {{fieldRef: {{fieldPath: metadata.uid}}}}}}\n        - {{name: HOST_IP, valueFrom: {{fieldRef: {{fieldPath: status.hostIP}}}}}}\n{env}      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n        - {{name: probe, mountPath: /probe, readOnly: true}}\n        - {{name: xml, mountPath: /x, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n    - {{name: probe, hostPath: {{path: {probe_dir}, type: Directory}}}}\n    - {{name: xml, hostPath: {{path: {xml_dir}, type: Directory}}}}\n",
         probe_dir = virtkube_e2e::probe::binary().parent().unwrap().display(),
         xml_dir = dir.display(),
     );
@@ -1271,6 +1274,13 @@ fn hostile_pod(ns: &str, name: &str, over_tcp: bool) {
     let logs = ok(&["-n", ns, "logs", name]);
     let lines: Vec<String> = logs.lines().take_while(|l| *l != "ready").map(str::to_owned).collect();
     assert!(logs.lines().any(|l| l == "ready"), "the probe did not finish:\n{logs}");
+    let _ = std::fs::remove_file(link);
+    let _ = std::fs::remove_dir_all(&dir);
+    (logs, lines)
+}
+
+fn hostile_pod(ns: &str, name: &str, over_tcp: bool) {
+    let (logs, lines) = run_probe(ns, name, over_tcp, "");
     let refusals = virtkube_e2e::probe::check_report(&lines);
     assert!(refusals >= 20, "fewer attempts than expected:\n{logs}");
     for (attempt, why) in [
@@ -1291,6 +1301,233 @@ fn hostile_pod(ns: &str, name: &str, over_tcp: bool) {
             "{attempt}: expected a refusal naming {why:?}:\n{logs}"
         );
     }
-    let _ = std::fs::remove_file(link);
+}
+
+/// SHA-256 of a file, by sha256sum; empty when it cannot be read.
+fn sha256_of(path: &str) -> String {
+    let (_, out) = virtkube_e2e::run("/usr/bin/sha256sum", &[path], None);
+    out.split_whitespace().next().unwrap_or_default().to_owned()
+}
+
+/// A field of ImageFile `name` (a jsonpath), trimmed.
+fn image_file_field(ns: &str, name: &str, path: &str) -> String {
+    kubectl(&["-n", ns, "get", "imagefile", name, "-o", &format!("jsonpath={path}")])
+        .1
+        .trim()
+        .to_owned()
+}
+
+/// ImageRepository and ImageFile (docs/images.md): a repository on a
+/// hostPath volume of the node, a golden image imported from a container
+/// image, three copy-on-write clones booted by three VMs that each write
+/// their own, the golden image unchanged; a resize; deletion waiting for the
+/// VM and the clones; a second writer and another namespace refused by the
+/// gate; a repository without its claim saying so.
+fn image_repositories(ns: &str) {
+    let id = std::process::id();
+    let repo = format!("e2e-{id}");
+    let pool = format!("virtkube-{repo}");
+    let dir = format!("/var/lib/virtkube-e2e-repo-{id}");
+    std::fs::create_dir_all(&dir).unwrap();
+    let build_dir = std::env::temp_dir().join(format!("virtkube-e2e-repo-image-{id}"));
+    let tag = format!("virtkube/e2e-repo-disk:{id}");
+    virtkube_e2e::disk_image::build(&build_dir, &tag);
+    let original = build_dir.join("root.raw");
+    let original_sha = sha256_of(original.to_str().unwrap());
+    assert_eq!(original_sha.len(), 64);
+
+    let class = format!("virtkube-e2e-repo-{id}");
+    apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {repo}}}\nspec:\n  storageClassName: {class}\n  capacity: {{storage: 256Mi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {dir}, type: Directory}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {repo}, namespace: virtkube-system}}\nspec:\n  storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 256Mi}}}}\n---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}}}\nspec: {{claimName: {repo}}}\n---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}-unclaimed}}\nspec: {{claimName: no-such-claim-{id}}}\n"
+    ));
+    let repo_field = |name: &str, path: &str| {
+        kubectl(&["get", "imagerepository", name, "-o", &format!("jsonpath={path}")])
+            .1
+            .trim()
+            .to_owned()
+    };
+    eventually("a repository without its claim to say so", ns, Duration::from_secs(60), || {
+        repo_field(&format!("{repo}-unclaimed"), "{.status.conditions[0].reason}") == "ClaimMissing"
+    });
+    // The manager makes the DaemonSet mount the claim: the virthost rolls.
+    eventually("the repository to be Ready", ns, Duration::from_secs(240), || {
+        repo_field(&repo, "{.status.phase}") == "Ready"
+    });
+    wait_for_virthost("the virthost that mounts the repository");
+    assert!(
+        !repo_field(&format!("{repo}-unclaimed"), "{.status.conditions[0].message}").is_empty(),
+        "the unclaimed repository's condition has no message"
+    );
+
+    // The golden image, imported from the container image's file.
+    let image_file = |name: &str, spec: &str| {
+        format!("apiVersion: virtkube.io/v1alpha1\nkind: ImageFile\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  repository: {repo}\n{spec}")
+    };
+    apply(&image_file(
+        "golden",
+        &format!("  source: {{containerImage: {{image: \"{tag}\", path: /disk/root.raw}}}}\n"),
+    ));
+    eventually("the golden ImageFile to be imported", ns, Duration::from_secs(180), || {
+        let phase = image_file_field(ns, "golden", "{.status.phase}");
+        assert_ne!(phase, "Failed", "{}", image_file_field(ns, "golden", "{.status.conditions}"));
+        phase == "Ready"
+    });
+    let golden_file = format!("{dir}/{ns}_golden");
+    assert_eq!(image_file_field(ns, "golden", "{.status.sha256}"), original_sha);
+    assert_eq!(sha256_of(&golden_file), original_sha, "the volume on the node is the image's file");
+    assert_eq!(
+        image_file_field(ns, "golden", "{.status.pool} {.status.volume} {.status.format}"),
+        format!("{pool} {ns}_golden raw")
+    );
+
+    // Three copy-on-write clones; the third made larger.
+    for i in 1..=3 {
+        let capacity = if i == 3 { "  capacity: 2Mi\n" } else { "" };
+        apply(&image_file(&format!("clone-{i}"), &format!("  backingFile: golden\n{capacity}")));
+    }
+    for i in 1..=3 {
+        let name = format!("clone-{i}");
+        eventually(&format!("{name} to be Ready"), ns, Duration::from_secs(60), || {
+            image_file_field(ns, &name, "{.status.phase}") == "Ready"
+        });
+        assert_eq!(image_file_field(ns, &name, "{.status.format}"), "qcow2");
+    }
+    assert_eq!(image_file_field(ns, "clone-3", "{.status.capacity}"), "2Mi");
+
+    // Three VMs, one on each clone: each sees the golden image's data and
+    // writes its own.
+    let template = |name: &str, disk: &str, cmdline: &str| {
+        format!("apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet {cmdline}\n  disks:\n    - {{imageFile: {disk}}}\n")
+    };
+    let pod = |name: &str, template: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{virtkube.io/template: {template}}}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: vm\n      image: virtkube/shim:latest\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
+        )
+    };
+    let finished = |name: &str| {
+        let phase = pod_field(ns, name, "{.status.phase}");
+        phase == "Succeeded" || phase == "Failed"
+    };
+    for i in 1..=3 {
+        apply(&template(&format!("repo-vm-{i}"), &format!("clone-{i}"), "virtkube.scribble virtkube.poweroff"));
+        apply(&pod(&format!("repo-vm-{i}"), &format!("repo-vm-{i}")));
+    }
+    let started = Instant::now();
+    eventually("the three clone VMs to finish", ns, Duration::from_secs(240), || {
+        (1..=3).all(|i| finished(&format!("repo-vm-{i}")))
+    });
+    println!(
+        "three VMs booted from three clones and powered off in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    for i in 1..=3 {
+        let name = format!("repo-vm-{i}");
+        let logs = kubectl(&["-n", ns, "logs", &name]).1;
+        assert_eq!(pod_field(ns, &name, "{.status.phase}"), "Succeeded", "{logs}");
+        assert!(
+            logs.contains("vda says: virtkube-disk:ORIGINAL") && logs.contains("scribbled on vda"),
+            "{name}:\n{logs}"
+        );
+    }
+    assert_eq!(sha256_of(&golden_file), original_sha, "a VM wrote the golden image");
+    // Each clone kept its own write: a new VM on clone-1 sees it.
+    apply(&template("repo-again", "clone-1", "virtkube.poweroff"));
+    apply(&pod("repo-again", "repo-again"));
+    eventually("the VM on the written clone to finish", ns, Duration::from_secs(120), || {
+        finished("repo-again")
+    });
+    let again = kubectl(&["-n", ns, "logs", "repo-again"]).1;
+    assert!(again.contains("vda says: virtkube-disk:SCRIBBLED"), "{again}");
+
+    // Grown while no VM uses it.
+    ok(&["-n", ns, "patch", "imagefile", "clone-3", "--type", "merge", "-p", r#"{"spec":{"capacity":"8Mi"}}"#]);
+    eventually("clone-3 to grow to 8Mi", ns, Duration::from_secs(60), || {
+        image_file_field(ns, "clone-3", "{.status.capacity}") == "8Mi"
+    });
+    ok(&["-n", ns, "patch", "imagefile", "clone-3", "--type", "merge", "-p", r#"{"spec":{"capacity":"1Mi"}}"#]);
+    eventually("clone-3 to refuse shrinking", ns, Duration::from_secs(60), || {
+        image_file_field(ns, "clone-3", "{.status.conditions[0].reason}") == "ShrinkRefused"
+    });
+
+    // A VM that keeps running on clone-2.
+    apply(&template("repo-hold", "clone-2", ""));
+    apply(&pod("repo-hold", "repo-hold"));
+    eventually("the VM holding clone-2 to run", ns, Duration::from_secs(120), || {
+        virtdomain_state(ns, "repo-hold") == "Running"
+    });
+    // A second writer: refused by the gate, with the reason.
+    apply(&pod("repo-second", "repo-hold"));
+    eventually("the second writer of clone-2 to fail", ns, Duration::from_secs(120), || {
+        finished("repo-second")
+    });
+    let second = kubectl(&["-n", ns, "logs", "repo-second"]).1;
+    assert_eq!(pod_field(ns, "repo-second", "{.status.phase}"), "Failed", "{second}");
+    assert!(second.contains("is written by running domain"), "{second}");
+    // The golden image, writable: refused (it has clones).
+    apply(&template("repo-golden", "golden", ""));
+    apply(&pod("repo-golden", "repo-golden"));
+    eventually("a writer of the golden image to fail", ns, Duration::from_secs(120), || {
+        finished("repo-golden")
+    });
+    let golden_writer = kubectl(&["-n", ns, "logs", "repo-golden"]).1;
+    assert!(golden_writer.contains("may be attached read-only only"), "{golden_writer}");
+
+    // Another namespace's ImageFile: refused by the gate, whatever the XML says.
+    let other = RunNamespace::create("virtkube-e2e-other");
+    let env = format!(
+        "        - {{name: VIRTKUBE_PROBE_VOLUMES, value: \"{pool}/{ns}_clone-1/qcow2 {pool}/{ns}_golden/raw\"}}\n"
+    );
+    let (logs, lines) = run_probe(other.name(), "probe-volumes", false, &env);
+    for volume in ["clone-1", "golden"] {
+        assert!(
+            lines.iter().any(|l| l.contains(&format!("ImageFile volume {pool}/{ns}_{volume}"))
+                && l.contains("REFUSED")
+                && l.contains("a VM may use the ImageFiles of its own namespace")),
+            "{volume}: not refused as another namespace's:\n{logs}"
+        );
+    }
+    drop(other);
+
+    // Deletion waits for the VM and for the clones.
+    ok(&["-n", ns, "delete", "imagefile", "clone-2", "--wait=false"]);
+    ok(&["-n", ns, "delete", "imagefile", "golden", "--wait=false"]);
+    eventually("clone-2's deletion to wait for its VM", ns, Duration::from_secs(60), || {
+        image_file_field(ns, "clone-2", "{.status.conditions[0].reason}") == "InUse"
+            && image_file_field(ns, "clone-2", "{.status.conditions[0].message}").contains("repo-hold")
+    });
+    eventually("the golden image's deletion to wait for its clones", ns, Duration::from_secs(60), || {
+        image_file_field(ns, "golden", "{.status.conditions[0].reason}") == "HasClones"
+    });
+    assert!(std::path::Path::new(&format!("{dir}/{ns}_clone-2")).exists());
+    ok(&["-n", ns, "delete", "pod", "repo-hold", "--wait=true", "--timeout=60s"]);
+    ok(&["-n", ns, "delete", "imagefile", "clone-1", "clone-3", "--wait=false"]);
+    let gone = |name: &str| !kubectl(&["-n", ns, "get", "imagefile", name]).0;
+    eventually("every ImageFile to go once unused", ns, Duration::from_secs(120), || {
+        ["clone-1", "clone-2", "clone-3", "golden"].iter().all(|n| gone(n))
+    });
+    for name in ["clone-1", "clone-2", "clone-3", "golden"] {
+        let file = format!("{dir}/{ns}_{name}");
+        assert!(!std::path::Path::new(&file).exists(), "{file} is left on the node");
+    }
+    let volumes = virsh_pool_volumes(&pool);
+    assert!(!volumes.contains(&format!("{ns}_")), "volumes left in the pool: {volumes}");
+
+    for name in ["repo-vm-1", "repo-vm-2", "repo-vm-3", "repo-again", "repo-second", "repo-golden"] {
+        ok(&["-n", ns, "delete", "pod", name, "--wait=false"]);
+    }
+    ok(&["delete", "imagerepository", &repo, &format!("{repo}-unclaimed"), "--wait=true", "--timeout=60s"]);
+    let _ = kubectl(&["-n", "virtkube-system", "delete", "pvc", &repo, "--wait=false"]);
+    let _ = kubectl(&["delete", "pv", &repo, "--wait=false"]);
+    let _ = virtkube_e2e::run("/usr/bin/docker", &["rmi", "-f", &tag], None);
+    let _ = std::fs::remove_dir_all(&build_dir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The volumes of pool `pool` in the virthost pod, as `virsh vol-list` prints them.
+fn virsh_pool_volumes(pool: &str) -> String {
+    let pods = pods_of("virtkube-system", "app.kubernetes.io/name=virthost");
+    let Some(pod) = pods.first() else {
+        return String::new();
+    };
+    kubectl(&["-n", "virtkube-system", "exec", pod, "--", "virsh", "-c", "qemu:///system", "vol-list", pool]).1
 }

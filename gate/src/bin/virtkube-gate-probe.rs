@@ -8,6 +8,8 @@
 //! usage: virtkube-gate-probe SOCKET|URI OWNER OWN_XML_FILE
 //!        virtkube-gate-probe --malformed SOCKET
 //!        virtkube-gate-probe --find SOCKET UUID
+//! VIRTKUBE_PROBE_VOLUMES (space-separated POOL/VOLUME/FORMAT) adds attempts
+//! to create the domain with each ImageFile volume as a writable disk.
 //! The second form sends broken frames instead (see `malformed`); the third
 //! tries to take over a domain another process created (the first form
 //! prints its UUID after `ready`).
@@ -136,6 +138,20 @@ async fn main() {
             own_xml.replace("<devices>", "<devices><disk type='block' device='disk'><source dev='/dev/sda'/><target dev='vdz' bus='virtio'/></disk>"),
         ),
     ];
+    // ImageFile volumes to try to attach (VIRTKUBE_PROBE_VOLUMES: space-separated
+    // POOL/VOLUME/FORMAT), writable: another namespace's, for instance.
+    let mut variants = variants;
+    for item in std::env::var("VIRTKUBE_PROBE_VOLUMES").unwrap_or_default().split_whitespace() {
+        let mut parts = item.splitn(3, '/');
+        let (Some(pool), Some(volume), Some(format)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let disk = format!(
+            "<devices><disk type='volume' device='disk'><driver name='qemu' type='{format}'/><source pool='{pool}' volume='{volume}'/><target dev='vdz' bus='virtio'/></disk>"
+        );
+        let name: &'static str = Box::leak(format!("ImageFile volume {pool}/{volume} as {format}").into_boxed_str());
+        variants.push((name, own_xml.replace("<devices>", &disk)));
+    }
     for (name, xml) in &variants {
         outcome(
             &format!("create: {name}"),
