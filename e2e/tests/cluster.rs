@@ -1346,9 +1346,12 @@ fn image_repositories(ns: &str) {
             .trim()
             .to_owned()
     };
-    eventually("a repository without its claim to say so", ns, Duration::from_secs(60), || {
-        repo_field(&format!("{repo}-unclaimed"), "{.status.conditions[0].reason}") == "ClaimMissing"
-    });
+    eventually(
+        "a repository without its claim to say so",
+        ns,
+        Duration::from_secs(60),
+        || repo_field(&format!("{repo}-unclaimed"), "{.status.conditions[0].reason}") == "ClaimMissing",
+    );
     // The manager makes the DaemonSet mount the claim: the virthost rolls.
     eventually("the repository to be Ready", ns, Duration::from_secs(240), || {
         repo_field(&repo, "{.status.phase}") == "Ready"
@@ -1361,20 +1364,36 @@ fn image_repositories(ns: &str) {
 
     // The golden image, imported from the container image's file.
     let image_file = |name: &str, spec: &str| {
-        format!("apiVersion: virtkube.io/v1alpha1\nkind: ImageFile\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  repository: {repo}\n{spec}")
+        format!(
+            "apiVersion: virtkube.io/v1alpha1\nkind: ImageFile\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  repository: {repo}\n{spec}"
+        )
     };
     apply(&image_file(
         "golden",
         &format!("  source: {{containerImage: {{image: \"{tag}\", path: /disk/root.raw}}}}\n"),
     ));
-    eventually("the golden ImageFile to be imported", ns, Duration::from_secs(180), || {
-        let phase = image_file_field(ns, "golden", "{.status.phase}");
-        assert_ne!(phase, "Failed", "{}", image_file_field(ns, "golden", "{.status.conditions}"));
-        phase == "Ready"
-    });
+    eventually(
+        "the golden ImageFile to be imported",
+        ns,
+        Duration::from_secs(180),
+        || {
+            let phase = image_file_field(ns, "golden", "{.status.phase}");
+            assert_ne!(
+                phase,
+                "Failed",
+                "{}",
+                image_file_field(ns, "golden", "{.status.conditions}")
+            );
+            phase == "Ready"
+        },
+    );
     let golden_file = format!("{dir}/{ns}_golden");
     assert_eq!(image_file_field(ns, "golden", "{.status.sha256}"), original_sha);
-    assert_eq!(sha256_of(&golden_file), original_sha, "the volume on the node is the image's file");
+    assert_eq!(
+        sha256_of(&golden_file),
+        original_sha,
+        "the volume on the node is the image's file"
+    );
     assert_eq!(
         image_file_field(ns, "golden", "{.status.pool} {.status.volume} {.status.format}"),
         format!("{pool} {ns}_golden raw")
@@ -1383,7 +1402,10 @@ fn image_repositories(ns: &str) {
     // Three copy-on-write clones; the third made larger.
     for i in 1..=3 {
         let capacity = if i == 3 { "  capacity: 2Mi\n" } else { "" };
-        apply(&image_file(&format!("clone-{i}"), &format!("  backingFile: golden\n{capacity}")));
+        apply(&image_file(
+            &format!("clone-{i}"),
+            &format!("  backingFile: golden\n{capacity}"),
+        ));
     }
     for i in 1..=3 {
         let name = format!("clone-{i}");
@@ -1397,7 +1419,9 @@ fn image_repositories(ns: &str) {
     // Three VMs, one on each clone: each sees the golden image's data and
     // writes its own.
     let template = |name: &str, disk: &str, cmdline: &str| {
-        format!("apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet {cmdline}\n  disks:\n    - {{imageFile: {disk}}}\n")
+        format!(
+            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet {cmdline}\n  disks:\n    - {{imageFile: {disk}}}\n"
+        )
     };
     let pod = |name: &str, template: &str| {
         format!(
@@ -1409,7 +1433,11 @@ fn image_repositories(ns: &str) {
         phase == "Succeeded" || phase == "Failed"
     };
     for i in 1..=3 {
-        apply(&template(&format!("repo-vm-{i}"), &format!("clone-{i}"), "virtkube.scribble virtkube.poweroff"));
+        apply(&template(
+            &format!("repo-vm-{i}"),
+            &format!("clone-{i}"),
+            "virtkube.scribble virtkube.poweroff",
+        ));
         apply(&pod(&format!("repo-vm-{i}"), &format!("repo-vm-{i}")));
     }
     let started = Instant::now();
@@ -1433,18 +1461,41 @@ fn image_repositories(ns: &str) {
     // Each clone kept its own write: a new VM on clone-1 sees it.
     apply(&template("repo-again", "clone-1", "virtkube.poweroff"));
     apply(&pod("repo-again", "repo-again"));
-    eventually("the VM on the written clone to finish", ns, Duration::from_secs(120), || {
-        finished("repo-again")
-    });
+    eventually(
+        "the VM on the written clone to finish",
+        ns,
+        Duration::from_secs(120),
+        || finished("repo-again"),
+    );
     let again = kubectl(&["-n", ns, "logs", "repo-again"]).1;
     assert!(again.contains("vda says: virtkube-disk:SCRIBBLED"), "{again}");
 
     // Grown while no VM uses it.
-    ok(&["-n", ns, "patch", "imagefile", "clone-3", "--type", "merge", "-p", r#"{"spec":{"capacity":"8Mi"}}"#]);
+    ok(&[
+        "-n",
+        ns,
+        "patch",
+        "imagefile",
+        "clone-3",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"capacity":"8Mi"}}"#,
+    ]);
     eventually("clone-3 to grow to 8Mi", ns, Duration::from_secs(60), || {
         image_file_field(ns, "clone-3", "{.status.capacity}") == "8Mi"
     });
-    ok(&["-n", ns, "patch", "imagefile", "clone-3", "--type", "merge", "-p", r#"{"spec":{"capacity":"1Mi"}}"#]);
+    ok(&[
+        "-n",
+        ns,
+        "patch",
+        "imagefile",
+        "clone-3",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"capacity":"1Mi"}}"#,
+    ]);
     eventually("clone-3 to refuse shrinking", ns, Duration::from_secs(60), || {
         image_file_field(ns, "clone-3", "{.status.conditions[0].reason}") == "ShrinkRefused"
     });
@@ -1457,20 +1508,29 @@ fn image_repositories(ns: &str) {
     });
     // A second writer: refused by the gate, with the reason.
     apply(&pod("repo-second", "repo-hold"));
-    eventually("the second writer of clone-2 to fail", ns, Duration::from_secs(120), || {
-        finished("repo-second")
-    });
+    eventually(
+        "the second writer of clone-2 to fail",
+        ns,
+        Duration::from_secs(120),
+        || finished("repo-second"),
+    );
     let second = kubectl(&["-n", ns, "logs", "repo-second"]).1;
     assert_eq!(pod_field(ns, "repo-second", "{.status.phase}"), "Failed", "{second}");
     assert!(second.contains("is written by running domain"), "{second}");
     // The golden image, writable: refused (it has clones).
     apply(&template("repo-golden", "golden", ""));
     apply(&pod("repo-golden", "repo-golden"));
-    eventually("a writer of the golden image to fail", ns, Duration::from_secs(120), || {
-        finished("repo-golden")
-    });
+    eventually(
+        "a writer of the golden image to fail",
+        ns,
+        Duration::from_secs(120),
+        || finished("repo-golden"),
+    );
     let golden_writer = kubectl(&["-n", ns, "logs", "repo-golden"]).1;
-    assert!(golden_writer.contains("may be attached read-only only"), "{golden_writer}");
+    assert!(
+        golden_writer.contains("may be attached read-only only"),
+        "{golden_writer}"
+    );
 
     // Another namespace's ImageFile: refused by the gate, whatever the XML says.
     let other = RunNamespace::create("virtkube-e2e-other");
@@ -1480,9 +1540,11 @@ fn image_repositories(ns: &str) {
     let (logs, lines) = run_probe(other.name(), "probe-volumes", false, &env);
     for volume in ["clone-1", "golden"] {
         assert!(
-            lines.iter().any(|l| l.contains(&format!("ImageFile volume {pool}/{ns}_{volume}"))
-                && l.contains("REFUSED")
-                && l.contains("a VM may use the ImageFiles of its own namespace")),
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("ImageFile volume {pool}/{ns}_{volume}"))
+                    && l.contains("REFUSED")
+                    && l.contains("a VM may use the ImageFiles of its own namespace")),
             "{volume}: not refused as another namespace's:\n{logs}"
         );
     }
@@ -1491,31 +1553,59 @@ fn image_repositories(ns: &str) {
     // Deletion waits for the VM and for the clones.
     ok(&["-n", ns, "delete", "imagefile", "clone-2", "--wait=false"]);
     ok(&["-n", ns, "delete", "imagefile", "golden", "--wait=false"]);
-    eventually("clone-2's deletion to wait for its VM", ns, Duration::from_secs(60), || {
-        image_file_field(ns, "clone-2", "{.status.conditions[0].reason}") == "InUse"
-            && image_file_field(ns, "clone-2", "{.status.conditions[0].message}").contains("repo-hold")
-    });
-    eventually("the golden image's deletion to wait for its clones", ns, Duration::from_secs(60), || {
-        image_file_field(ns, "golden", "{.status.conditions[0].reason}") == "HasClones"
-    });
+    eventually(
+        "clone-2's deletion to wait for its VM",
+        ns,
+        Duration::from_secs(60),
+        || {
+            image_file_field(ns, "clone-2", "{.status.conditions[0].reason}") == "InUse"
+                && image_file_field(ns, "clone-2", "{.status.conditions[0].message}").contains("repo-hold")
+        },
+    );
+    eventually(
+        "the golden image's deletion to wait for its clones",
+        ns,
+        Duration::from_secs(60),
+        || image_file_field(ns, "golden", "{.status.conditions[0].reason}") == "HasClones",
+    );
     assert!(std::path::Path::new(&format!("{dir}/{ns}_clone-2")).exists());
     ok(&["-n", ns, "delete", "pod", "repo-hold", "--wait=true", "--timeout=60s"]);
     ok(&["-n", ns, "delete", "imagefile", "clone-1", "clone-3", "--wait=false"]);
     let gone = |name: &str| !kubectl(&["-n", ns, "get", "imagefile", name]).0;
-    eventually("every ImageFile to go once unused", ns, Duration::from_secs(120), || {
-        ["clone-1", "clone-2", "clone-3", "golden"].iter().all(|n| gone(n))
-    });
+    eventually(
+        "every ImageFile to go once unused",
+        ns,
+        Duration::from_secs(120),
+        || ["clone-1", "clone-2", "clone-3", "golden"].iter().all(|n| gone(n)),
+    );
     for name in ["clone-1", "clone-2", "clone-3", "golden"] {
         let file = format!("{dir}/{ns}_{name}");
         assert!(!std::path::Path::new(&file).exists(), "{file} is left on the node");
     }
     let volumes = virsh_pool_volumes(&pool);
-    assert!(!volumes.contains(&format!("{ns}_")), "volumes left in the pool: {volumes}");
+    assert!(
+        !volumes.contains(&format!("{ns}_")),
+        "volumes left in the pool: {volumes}"
+    );
 
-    for name in ["repo-vm-1", "repo-vm-2", "repo-vm-3", "repo-again", "repo-second", "repo-golden"] {
+    for name in [
+        "repo-vm-1",
+        "repo-vm-2",
+        "repo-vm-3",
+        "repo-again",
+        "repo-second",
+        "repo-golden",
+    ] {
         ok(&["-n", ns, "delete", "pod", name, "--wait=false"]);
     }
-    ok(&["delete", "imagerepository", &repo, &format!("{repo}-unclaimed"), "--wait=true", "--timeout=60s"]);
+    ok(&[
+        "delete",
+        "imagerepository",
+        &repo,
+        &format!("{repo}-unclaimed"),
+        "--wait=true",
+        "--timeout=60s",
+    ]);
     let _ = kubectl(&["-n", "virtkube-system", "delete", "pvc", &repo, "--wait=false"]);
     let _ = kubectl(&["delete", "pv", &repo, "--wait=false"]);
     let _ = virtkube_e2e::run("/usr/bin/docker", &["rmi", "-f", &tag], None);
@@ -1529,5 +1619,27 @@ fn virsh_pool_volumes(pool: &str) -> String {
     let Some(pod) = pods.first() else {
         return String::new();
     };
-    kubectl(&["-n", "virtkube-system", "exec", pod, "--", "virsh", "-c", "qemu:///system", "vol-list", pool]).1
+    kubectl(&[
+        "-n",
+        "virtkube-system",
+        "exec",
+        pod,
+        "--",
+        "virsh",
+        "-c",
+        "qemu:///system",
+        "vol-list",
+        pool,
+    ])
+    .1
+}
+
+#[test]
+#[ignore]
+fn tmp_images_only() {
+    deploy_virtkube();
+    let namespace = RunNamespace::create("virtkube-e2e");
+    let ns = namespace.name().to_owned();
+    apply(&repo_file("deploy/examples/vm-rolebinding.yaml").replace("namespace: default", &format!("namespace: {ns}")));
+    image_repositories(&ns);
 }

@@ -556,6 +556,7 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
     };
     let situation = Situation {
         volume_name: volume_name.clone(),
+        owner: qemu_owner(),
         pool,
         volume: volume.clone(),
         backing,
@@ -666,6 +667,12 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             Ok(Action::requeue(Duration::from_secs(15)))
         }
     }
+}
+
+/// The user QEMU runs as in the virthost (libvirt's default), who must own
+/// the volumes: libvirt's dynamic ownership is off there.
+fn qemu_owner() -> Option<(u32, u32)> {
+    storage::user_ids(&std::fs::read_to_string("/etc/passwd").ok()?, "libvirt-qemu")
 }
 
 fn delete_volume(conn: &Connect, pool: &str, volume: &str) -> Result<(), virt::error::Error> {
@@ -818,6 +825,7 @@ fn stream_in(conn: &Connect, address: &str, pool: &str, volume: &str) -> Result<
         format: ImageFormat::Raw,
         preallocation: Preallocation::Off,
         backing: None,
+        owner: qemu_owner(),
     };
     let pool = conn.lookup_storage_pool_by_name(pool).map_err(|e| e.to_string())?;
     let vol = StorageVol::create_xml(&pool, &plan.xml().0, 0).map_err(|e| e.to_string())?;

@@ -37,6 +37,20 @@ pub struct VolumePlan {
     pub preallocation: Preallocation,
     /// The volume it is a copy-on-write clone of: (path, format).
     pub backing: Option<(String, ImageFormat)>,
+    /// The user and group QEMU runs as, who must own it (libvirt's
+    /// `dynamic_ownership` is off in the virthost); None: root's.
+    pub owner: Option<(u32, u32)>,
+}
+
+/// The uid and gid of `user` in an `/etc/passwd` text.
+pub fn user_ids(passwd: &str, user: &str) -> Option<(u32, u32)> {
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        match fields.as_slice() {
+            [name, _, uid, gid, ..] if *name == user => Some((uid.parse().ok()?, gid.parse().ok()?)),
+            _ => None,
+        }
+    })
 }
 
 /// libvirt's flag to preallocate qcow2's metadata (VIR_STORAGE_VOL_CREATE_PREALLOC_METADATA).
@@ -56,8 +70,11 @@ impl VolumePlan {
                 format.as_str()
             )
         });
+        let owner = self.owner.map_or_else(String::new, |(uid, gid)| {
+            format!("<owner>{uid}</owner><group>{gid}</group>")
+        });
         let xml = format!(
-            "<volume><name>{}</name><capacity unit='bytes'>{}</capacity><allocation unit='bytes'>{allocation}</allocation><target><format type='{}'/><permissions><mode>0644</mode></permissions></target>{backing}</volume>",
+            "<volume><name>{}</name><capacity unit='bytes'>{}</capacity><allocation unit='bytes'>{allocation}</allocation><target><format type='{}'/><permissions><mode>0640</mode>{owner}</permissions></target>{backing}</volume>",
             escape(&self.name),
             self.capacity,
             self.format.as_str(),
@@ -176,6 +193,8 @@ pub enum Backing {
 pub struct Situation {
     /// The ImageFile's volume name.
     pub volume_name: String,
+    /// Who must own new volumes (QEMU's user and group).
+    pub owner: Option<(u32, u32)>,
     /// The repository's pool when it runs here: (pool, repository format, preallocation).
     pub pool: Result<(String, ImageFormat, Preallocation), String>,
     /// The volume, when it exists.
@@ -320,6 +339,7 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
                 format: ImageFormat::Qcow2,
                 preallocation: Preallocation::Off,
                 backing: Some((path.clone(), *format)),
+                owner: now.owner,
             }),
             Backing::None => match wanted {
                 Some(capacity) => Step::Create(VolumePlan {
@@ -328,6 +348,7 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
                     format: spec.format.unwrap_or(repo_format),
                     preallocation,
                     backing: None,
+                    owner: now.owner,
                 }),
                 None => Step::Fail {
                     reason: "InvalidCapacity",
@@ -392,6 +413,7 @@ mod tests {
     fn situation() -> Situation {
         Situation {
             volume_name: "ns_disk".into(),
+            owner: None,
             pool: Ok(("virtkube-main".into(), ImageFormat::Qcow2, Preallocation::Off)),
             volume: None,
             backing: Backing::None,
@@ -568,8 +590,21 @@ mod tests {
             format: ImageFormat::Qcow2,
             preallocation: Preallocation::Metadata,
             backing: Some(("/r/ns_golden".into(), ImageFormat::Raw)),
+            owner: Some((64055, 994)),
         };
         let (xml, flags) = plan.xml();
+        assert!(
+            xml.contains("<mode>0640</mode><owner>64055</owner><group>994</group>"),
+            "{xml}"
+        );
+        assert_eq!(
+            user_ids(
+                "root:x:0:0:root:/root:/bin/bash\nlibvirt-qemu:x:64055:994:Libvirt Qemu,,,:/var/lib/libvirt:/usr/sbin/nologin\n",
+                "libvirt-qemu"
+            ),
+            Some((64055, 994))
+        );
+        assert_eq!(user_ids("root:x:0:0::/:/bin/sh\n", "libvirt-qemu"), None);
         assert_eq!(flags, PREALLOC_METADATA);
         let doc = roxmltree::Document::parse(&xml).unwrap();
         assert_eq!(

@@ -141,7 +141,10 @@ async fn main() {
     // ImageFile volumes to try to attach (VIRTKUBE_PROBE_VOLUMES: space-separated
     // POOL/VOLUME/FORMAT), writable: another namespace's, for instance.
     let mut variants = variants;
-    for item in std::env::var("VIRTKUBE_PROBE_VOLUMES").unwrap_or_default().split_whitespace() {
+    for item in std::env::var("VIRTKUBE_PROBE_VOLUMES")
+        .unwrap_or_default()
+        .split_whitespace()
+    {
         let mut parts = item.splitn(3, '/');
         let (Some(pool), Some(volume), Some(format)) = (parts.next(), parts.next(), parts.next()) else {
             continue;
