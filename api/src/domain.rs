@@ -127,6 +127,7 @@ pub struct DomainDisk {
     pub target: String,
     /// Where the data comes from: `containerFile` (a file in the VM
     /// container, passed by descriptor), `file` (a file on the node),
+    /// `imageFile` (an ImageFile's volume; `path` is `pool/volume`),
     /// `network` or `cloudInit` (the seed the shim built).
     pub source: String,
     /// The file's path (in the VM container, or on the node), the network

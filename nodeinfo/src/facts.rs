@@ -284,7 +284,7 @@ pub fn parse_owner(domain_xml: &str) -> Result<Option<Owner>, XmlError> {
 pub const MAX_LISTED_DISKS: usize = 64;
 /// See [`MAX_LISTED_DISKS`].
 pub const MAX_DISK_FIELD: usize = 1024;
-const RECORDED_SOURCES: [&str; 4] = ["containerFile", "file", "network", "cloudInit"];
+const RECORDED_SOURCES: [&str; 5] = ["containerFile", "file", "imageFile", "network", "cloudInit"];
 const RECORDED_WRITES: [&str; 3] = ["readOnly", "privateCopy", "inPlace"];
 
 /// The disks the shim recorded in virtkube's `<metadata>` (target, source,
@@ -721,6 +721,11 @@ mod tests {
             (listed[1].source.as_str(), listed[1].path.as_deref()),
             ("cloudInit", None)
         );
+        let image = parse_disks(&with(
+            "<virtkube:disk target='vda' source='imageFile' writes='inPlace' path='virtkube-main/ns_clone-1'/>",
+        ))
+        .unwrap();
+        assert_eq!(image[0].path.as_deref(), Some("virtkube-main/ns_clone-1"));
         assert!(parse_disks("<domain><name>x</name></domain>").unwrap().is_empty());
         let e = parse_disks(&with("<virtkube:disk target='vda' writes='readOnly'/>")).unwrap_err();
         assert_eq!(e, "recorded disk 0 has no source");

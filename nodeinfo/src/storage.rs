@@ -381,7 +381,7 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
                 }
             }
         }
-        Some(bytes) if bytes < volume.capacity && import.is_none() && spec.backing_file.is_none() => Step::Fail {
+        Some(bytes) if bytes < volume.capacity => Step::Fail {
             reason: "ShrinkRefused",
             message: format!(
                 "spec.capacity {} is below the volume's {}: an image never shrinks (the guest's data would be cut)",
@@ -555,6 +555,16 @@ mod tests {
         ));
         now.volume = volume(2 << 30);
         assert_eq!(next_step(&f, &now, true), Step::Ready);
+        // A clone given a size below its volume's is refused as well.
+        let mut clone = spec(Some("1Gi"));
+        clone.backing_file = Some("golden".into());
+        assert!(matches!(
+            next_step(&file(clone), &now, true),
+            Step::Fail {
+                reason: "ShrinkRefused",
+                ..
+            }
+        ));
     }
 
     #[test]
