@@ -1562,14 +1562,25 @@ fn image_repositories(ns: &str) {
                 && image_file_field(ns, "clone-2", "{.status.conditions[0].message}").contains("repo-hold")
         },
     );
+    // The VM reads the golden image through its clone's backing chain.
+    eventually(
+        "the golden image's deletion to wait for the VM",
+        ns,
+        Duration::from_secs(60),
+        || {
+            image_file_field(ns, "golden", "{.status.conditions[0].reason}") == "InUse"
+                && image_file_field(ns, "golden", "{.status.conditions[0].message}").contains("repo-hold")
+        },
+    );
+    assert!(std::path::Path::new(&format!("{dir}/{ns}_clone-2")).exists());
+    ok(&["-n", ns, "delete", "pod", "repo-hold", "--wait=true", "--timeout=60s"]);
     eventually(
         "the golden image's deletion to wait for its clones",
         ns,
         Duration::from_secs(60),
         || image_file_field(ns, "golden", "{.status.conditions[0].reason}") == "HasClones",
     );
-    assert!(std::path::Path::new(&format!("{dir}/{ns}_clone-2")).exists());
-    ok(&["-n", ns, "delete", "pod", "repo-hold", "--wait=true", "--timeout=60s"]);
+    assert!(std::path::Path::new(&golden_file).exists());
     ok(&["-n", ns, "delete", "imagefile", "clone-1", "clone-3", "--wait=false"]);
     let gone = |name: &str| !kubectl(&["-n", ns, "get", "imagefile", name]).0;
     eventually(
@@ -1632,14 +1643,4 @@ fn virsh_pool_volumes(pool: &str) -> String {
         pool,
     ])
     .1
-}
-
-#[test]
-#[ignore]
-fn tmp_images_only() {
-    deploy_virtkube();
-    let namespace = RunNamespace::create("virtkube-e2e");
-    let ns = namespace.name().to_owned();
-    apply(&repo_file("deploy/examples/vm-rolebinding.yaml").replace("namespace: default", &format!("namespace: {ns}")));
-    image_repositories(&ns);
 }
