@@ -140,6 +140,9 @@ pub struct Admission {
     pub exclusive_volumes: Vec<(String, String)>,
 }
 
+/// A libvirt storage volume: (pool, volume).
+pub type PoolVolume = (String, String);
+
 /// What a caller may do with one ImageFile's volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeGrant {
@@ -559,7 +562,7 @@ fn check_devices(
     policy: &Policy,
     paths: &impl Paths,
     volumes: &dyn Volumes,
-) -> Result<(Vec<String>, Vec<(String, String)>), Denied> {
+) -> Result<(Vec<String>, Vec<PoolVolume>), Denied> {
     let mut groups: Vec<String> = Vec::new();
     let mut exclusive: Vec<(String, String)> = Vec::new();
     let mut seen_volumes: Vec<(String, String)> = Vec::new();
@@ -919,9 +922,9 @@ mod tests {
             ),
             "read-only only",
         );
-        let golden_read_only = with("<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='virtkube-main' volume='ns_golden'/><readonly/>")
-            .replacen("<target dev=\"vda\" bus=\"virtio\"/>", "<target dev=\"vda\" bus=\"virtio\"/>", 1);
-        // (the <readonly/> must follow <source>; libvirt takes either order)
+        let golden_read_only = with(
+            "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='virtkube-main' volume='ns_golden'/><readonly/>",
+        );
         assert!(check(&golden_read_only).unwrap().exclusive_volumes.is_empty());
         refused(
             &with(
