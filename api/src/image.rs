@@ -23,6 +23,18 @@ pub fn mount_path(repository: &str) -> String {
 /// The directory under which the virthost mounts every repository.
 pub const REPOSITORIES_DIR: &str = "/var/lib/virtkube/repositories";
 
+/// Why `name` cannot name an ImageRepository, if it cannot: the virthost
+/// mounts it as a pod volume `repo-NAME`, a DNS label (no dots, at most 63).
+pub fn check_repository_name(name: &str) -> Result<(), String> {
+    if is_dns_subdomain(name) && !name.contains('.') && name.len() <= 63 - "repo-".len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ImageRepository name {name:?} must be a DNS label of at most 58 characters (lowercase letters, digits, '-'; no '.'): the virthost mounts it as volume repo-NAME"
+        ))
+    }
+}
+
 /// The libvirt storage pool of repository `name`.
 pub fn pool_name(repository: &str) -> String {
     format!("virtkube-{repository}")
@@ -215,6 +227,10 @@ pub struct ImageFileStatus {
     /// Space the volume takes on disk (a quantity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocation: Option<String>,
+    /// The backing ImageFile the volume was cloned from (kept as made: a
+    /// clone's chain does not change with its spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
     /// SHA-256 of an import's bytes, as they were read from the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
@@ -387,6 +403,11 @@ mod tests {
             assert_eq!(image_file_of_volume(bad), None, "{bad:?}");
         }
         assert_eq!(pool_name("main"), "virtkube-main");
+        assert!(check_repository_name("main").is_ok());
+        assert!(check_repository_name(&"a".repeat(58)).is_ok());
+        for bad in ["images.example", "", "-x", &"a".repeat(59)] {
+            assert!(check_repository_name(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(mount_path("main"), "/var/lib/virtkube/repositories/main");
     }
 }

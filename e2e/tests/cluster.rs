@@ -1516,7 +1516,7 @@ fn image_repositories(ns: &str) {
     );
     let second = kubectl(&["-n", ns, "logs", "repo-second"]).1;
     assert_eq!(pod_field(ns, "repo-second", "{.status.phase}"), "Failed", "{second}");
-    assert!(second.contains("is written by running domain"), "{second}");
+    assert!(second.contains("is in use by running domain"), "{second}");
     // The golden image, writable: refused (it has clones).
     apply(&template("repo-golden", "golden", ""));
     apply(&pod("repo-golden", "repo-golden"));
@@ -1627,10 +1627,8 @@ fn image_repositories(ns: &str) {
 /// The volumes of pool `pool` in the virthost pod, as `virsh vol-list` prints them.
 fn virsh_pool_volumes(pool: &str) -> String {
     let pods = pods_of("virtkube-system", "app.kubernetes.io/name=virthost");
-    let Some(pod) = pods.first() else {
-        return String::new();
-    };
-    kubectl(&[
+    let pod = pods.first().expect("no virthost pod");
+    let (listed, out) = kubectl(&[
         "-n",
         "virtkube-system",
         "exec",
@@ -1641,6 +1639,7 @@ fn virsh_pool_volumes(pool: &str) -> String {
         "qemu:///system",
         "vol-list",
         pool,
-    ])
-    .1
+    ]);
+    assert!(listed, "virsh vol-list {pool} failed: {out}");
+    out
 }

@@ -10,7 +10,7 @@ use std::process::Command;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::node::v1::RuntimeClass;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -87,6 +87,7 @@ fn every_manifest_parses_into_its_type_without_losing_a_field() {
                 }
                 "ClusterRole" => check::<ClusterRole>(&doc, &file),
                 "ClusterRoleBinding" => check::<ClusterRoleBinding>(&doc, &file),
+                "Role" => check::<Role>(&doc, &file),
                 "RoleBinding" => check::<RoleBinding>(&doc, &file),
                 "DaemonSet" => check::<DaemonSet>(&doc, &file),
                 "Deployment" => check::<Deployment>(&doc, &file),

@@ -226,9 +226,17 @@ fn run(args: Args) -> Result<()> {
             (Some(client), Some(node)) => {
                 let pods = watch_node_pods(client.clone(), node);
                 let files = watch_image_files(client);
+                let listed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (both, flag) = ((pods.clone(), files.clone()), listed.clone());
+                tokio::spawn(async move {
+                    if both.0.wait_until_ready().await.is_ok() && both.1.wait_until_ready().await.is_ok() {
+                        flag.store(true, std::sync::atomic::Ordering::Release);
+                    }
+                });
                 let catalog = virtkube_gate::volumes::Catalog {
                     pods: pods.clone(),
                     files,
+                    listed,
                 };
                 let _ = gate.volumes.set(Arc::new(catalog));
                 tracing::info!(%node, "reading this node's pods and the ImageFiles from the Kubernetes API");

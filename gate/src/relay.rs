@@ -1853,7 +1853,7 @@ async fn writers_of(gate: &Gate, volumes: &[(String, String)]) -> Result<(), Str
             .find(|(pool, volume)| policy::uses_volume(&xml, pool, volume))
         {
             return Err(format!(
-                "volume {pool}/{volume} is written by running domain {:?}; its ImageFile is not shareable (spec.shareable), so a second VM may attach it read-only only",
+                "volume {pool}/{volume} is in use by running domain {:?}; its ImageFile is not shareable (spec.shareable), so no second VM may write it",
                 domain.name
             ));
         }

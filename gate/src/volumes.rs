@@ -21,6 +21,9 @@ pub struct Catalog {
     pub pods: Store<Pod>,
     /// Every ImageFile.
     pub files: Store<ImageFile>,
+    /// Set once both have been listed: before that, an ImageFile missing
+    /// from the store may only not be read yet.
+    pub listed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -31,6 +34,11 @@ impl std::fmt::Debug for Catalog {
 
 impl Volumes for Catalog {
     fn grant(&self, who: &Identity, pool: &str, volume: &str) -> Result<VolumeGrant, Denied> {
+        if !self.listed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Denied(format!(
+                "volume {pool}/{volume}: the gate has not read the ImageFiles and this node's pods from the Kubernetes API yet (it just started); start the VM again"
+            )));
+        }
         grant(&self.pods.state(), &self.files.state(), who, pool, volume)
     }
 }
@@ -85,9 +93,13 @@ pub fn grant(
     let Some(format) = status.format.as_deref().and_then(image::ImageFormat::parse) else {
         return refuse(format!("ImageFile {owner_namespace}/{name} has no known format"));
     };
-    let has_clones = files
-        .iter()
-        .any(|f| f.namespace().as_deref() == Some(owner_namespace) && f.spec.backing_file.as_deref() == Some(name));
+    // A clone's chain is the one its volume was made with, whatever its
+    // spec says now.
+    let has_clones = files.iter().any(|f| {
+        let made_from = f.status.as_ref().and_then(|s| s.backing_file.as_deref());
+        f.namespace().as_deref() == Some(owner_namespace)
+            && (f.spec.backing_file.as_deref() == Some(name) || made_from == Some(name))
+    });
     Ok(VolumeGrant {
         format: format.as_str().to_owned(),
         read_only: file.spec.read_only == Some(true) || has_clones,
@@ -151,6 +163,19 @@ mod tests {
         // The golden image has a clone: read-only to every VM.
         assert!(
             grant(&pods, &files, &a, "virtkube-main", "team-a_golden")
+                .unwrap()
+                .read_only
+        );
+        // Also when the clone's spec no longer names it: its volume still does.
+        let mut unnamed = ImageFile::new("clone-2", spec(None));
+        unnamed.metadata.namespace = Some("team-a".into());
+        unnamed.status = Some(ImageFileStatus {
+            backing_file: Some("new".into()),
+            ..Default::default()
+        });
+        let with_unnamed = [file("team-a", "new", spec(None), "Ready"), Arc::new(unnamed)];
+        assert!(
+            grant(&pods, &with_unnamed, &a, "virtkube-main", "team-a_new")
                 .unwrap()
                 .read_only
         );

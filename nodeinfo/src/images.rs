@@ -235,7 +235,9 @@ async fn wanted_mounts(context: &Context) -> Result<BTreeMap<String, String>, ku
         .await?;
     let mut mounts = BTreeMap::new();
     for repo in repositories {
-        if repo.metadata.deletion_timestamp.is_none() && claim_problem(context, &repo.spec.claim_name).await?.is_none()
+        if repo.metadata.deletion_timestamp.is_none()
+            && image::check_repository_name(&repo.name_any()).is_ok()
+            && claim_problem(context, &repo.spec.claim_name).await?.is_none()
         {
             mounts.insert(repo.name_any(), repo.spec.claim_name.clone());
         }
@@ -279,20 +281,35 @@ async fn reconcile_repository(repo: Arc<ImageRepository>, context: Arc<Context>)
         info!(repository = %name, "pool undefined; the claim's files stay");
         return Ok(Action::await_change());
     }
+    if let Err(why) = image::check_repository_name(&name) {
+        write_repository_status(&api, &name, |s| {
+            s.phase = Some("Failed".into());
+            s.conditions = condition(false, "InvalidName", &why);
+        })
+        .await?;
+        return Ok(Action::await_change());
+    }
     if !repo.finalizers().iter().any(|f| f == FINALIZER) {
         add_finalizer(&api, repo.as_ref()).await?;
         return Ok(Action::requeue(Duration::ZERO));
     }
     apply_mounts(&context, &wanted_mounts(&context).await?).await?;
     let problem = claim_problem(&context, &repo.spec.claim_name).await?;
-    let mut nodes: Vec<String> = repo
-        .status
-        .as_ref()
-        .map(|s| s.nodes.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| *n != node)
-        .collect();
+    // The other nodes that mount it, while their nodeinfo beats: a node gone
+    // for good stops being listed (and managing the volumes).
+    let virt_nodes = Api::<virtkube_api::VirtNode>::all(context.client.clone());
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let mut nodes = Vec::new();
+    for other in api.get_status(&name).await?.status.unwrap_or_default().nodes {
+        if other != node
+            && virt_nodes
+                .get_opt(&other)
+                .await?
+                .is_some_and(|n| storage::node_alive(&n, now))
+        {
+            nodes.push(other);
+        }
+    }
     let here = match problem {
         Some((reason, message)) => Err((reason, message)),
         None if !is_mounted(&path) => Err((
@@ -354,9 +371,35 @@ async fn write_repository_status(
 ) -> Result<(), kube::Error> {
     let mut status = api.get_status(name).await?.status.unwrap_or_default();
     change(&mut status);
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
+    let patch = exact_status(
+        &status,
+        &[
+            "phase",
+            "pool",
+            "path",
+            "capacity",
+            "allocation",
+            "available",
+            "nodes",
+            "conditions",
+        ],
+    );
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(drop)
+}
+
+/// A merge patch that makes the status exactly `status`: the fields its
+/// serialization leaves out (unset, empty lists) are written as null, so
+/// that they clear rather than keep their old values.
+fn exact_status(status: &impl serde::Serialize, fields: &[&str]) -> serde_json::Value {
+    let mut value = serde_json::to_value(status).unwrap_or_default();
+    if let Some(map) = value.as_object_mut() {
+        for field in fields {
+            map.entry((*field).to_owned()).or_insert(serde_json::Value::Null);
+        }
+    }
+    json!({ "status": value })
 }
 
 /// Defines, starts and refreshes the pool on `path`; its size.
@@ -402,12 +445,15 @@ fn drop_pool(conn: &Connect, name: &str) -> Result<(), virt::error::Error> {
 const IMPORT_LABEL: &str = "virtkube.io/import";
 
 /// The import pod of ImageFile `name`.
-fn import_pod_name(name: &str) -> String {
-    let mut base: String = name.chars().take(63 - "-import".len()).collect();
-    while base.ends_with(['-', '.']) {
-        base.pop();
+/// The import pod of ImageFile `name` (UID `uid`): `NAME-import`, or
+/// `import-UID` where that would be too long (two long names sharing a
+/// prefix must not share a pod).
+fn import_pod_name(name: &str, uid: &str) -> String {
+    if name.len() + "-import".len() <= 63 {
+        format!("{name}-import")
+    } else {
+        format!("import-{uid}")
     }
-    format!("{base}-import")
 }
 
 /// The volume, if it exists.
@@ -424,14 +470,19 @@ fn volume_now(conn: &Connect, pool: &str, volume: &str) -> Result<Option<VolumeN
     Ok(Some(VolumeNow {
         capacity: info.capacity,
         allocation: info.allocation,
-        format: storage::volume_format(&vol.xml_desc(0)?),
         path: vol.path()?,
     }))
 }
 
-/// Running domains using pool volume `volume` or file `path`, as `namespace/pod`.
-fn users_of(conn: &Connect, pool: &str, volume: &str, path: &str) -> Result<Vec<String>, virt::error::Error> {
-    let mut users = Vec::new();
+/// Running domains using pool volume `volume` or file `path` (their disks
+/// or backing chains), and those writing it, as `namespace/pod`.
+fn users_of(
+    conn: &Connect,
+    pool: &str,
+    volume: &str,
+    path: &str,
+) -> Result<(Vec<String>, Vec<String>), virt::error::Error> {
+    let (mut users, mut writers) = (Vec::new(), Vec::new());
     for domain in conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)? {
         let Ok(xml) = domain.xml_desc(0) else {
             continue; // ended meanwhile
@@ -439,12 +490,19 @@ fn users_of(conn: &Connect, pool: &str, volume: &str, path: &str) -> Result<Vec<
         let Ok(uses) = storage::disk_use(&xml) else {
             continue;
         };
+        let pod = storage::pod_of_domain(&domain.name()?);
+        if uses.written_volumes.iter().any(|(p, v)| p == pool && v == volume)
+            || uses.written_files.iter().any(|f| f == path)
+        {
+            writers.push(pod.clone());
+        }
         if uses.volumes.iter().any(|(p, v)| p == pool && v == volume) || uses.files.iter().any(|f| f == path) {
-            users.push(storage::pod_of_domain(&domain.name()?));
+            users.push(pod);
         }
     }
     users.sort();
-    Ok(users)
+    writers.sort();
+    Ok((users, writers))
 }
 
 async fn write_file_status(
@@ -458,7 +516,22 @@ async fn write_file_status(
     if status == before {
         return Ok(());
     }
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
+    let patch = exact_status(
+        &status,
+        &[
+            "phase",
+            "pool",
+            "volume",
+            "format",
+            "capacity",
+            "allocation",
+            "backingFile",
+            "sha256",
+            "usedBy",
+            "conditions",
+        ],
+    );
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(drop)
 }
@@ -479,6 +552,33 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
     let pool_name = image::pool_name(&file.spec.repository);
+    let recorded = file.status.clone().unwrap_or_default();
+    // The volume stays where it was made: a changed spec.repository would
+    // leave it outside any finalizer.
+    if let Some(made_in) = recorded.pool.as_deref()
+        && made_in != pool_name
+    {
+        let message = format!(
+            "spec.repository cannot change: the volume is in pool {made_in}; set it back (a new ImageFile can clone or import into another repository)"
+        );
+        write_file_status(&api, &name, |s| {
+            s.conditions = condition(false, "RepositoryChanged", &message);
+        })
+        .await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
+    if volume_name.len() > 255 {
+        write_file_status(&api, &name, |s| {
+            s.phase = Some("Failed".into());
+            s.conditions = condition(
+                false,
+                "InvalidName",
+                &format!("the volume's file name {volume_name:?} would be longer than 255 bytes: use a shorter name"),
+            );
+        })
+        .await?;
+        return Ok(Action::await_change());
+    }
     let pool = match &repo {
         None => Err(format!(
             "ImageRepository {:?} does not exist: create it, or fix spec.repository",
@@ -503,6 +603,7 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             r.spec.preallocation.unwrap_or(Preallocation::Off),
         )
     });
+    let repo_format = repo.as_ref().and_then(|r| r.spec.format).unwrap_or(ImageFormat::Qcow2);
     let ready_here = pool.is_ok();
     let (volume, users) = if ready_here {
         let (p, v) = (pool_name.clone(), volume_name.clone());
@@ -510,7 +611,9 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
         let users = match &volume {
             Some(now) => {
                 let (p, v, path) = (pool_name.clone(), volume_name.clone(), now.path.clone());
-                blocking(&context.conn, move |conn| users_of(conn, &p, &v, &path)).await?
+                blocking(&context.conn, move |conn| users_of(conn, &p, &v, &path))
+                    .await?
+                    .0
             }
             None => vec![],
         };
@@ -521,7 +624,11 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
     let siblings = api.list(&ListParams::default()).await?;
     let clones: Vec<String> = siblings
         .iter()
-        .filter(|f| f.spec.backing_file.as_deref() == Some(name.as_str()) && f.name_any() != name)
+        .filter(|f| {
+            let made_from = f.status.as_ref().and_then(|s| s.backing_file.as_deref());
+            (f.spec.backing_file.as_deref() == Some(name.as_str()) || made_from == Some(name.as_str()))
+                && f.name_any() != name
+        })
         .map(ResourceExt::name_any)
         .collect();
     let backing = match &file.spec.backing_file {
@@ -546,8 +653,22 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
                     ))
                 } else {
                     let (p, v) = (pool_name.clone(), image::volume_name(&namespace, b));
+                    let backing_format = storage::intended_format(&f.spec, repo_format);
                     match blocking(&context.conn, move |conn| volume_now(conn, &p, &v)).await? {
-                        Some(now) => Backing::Ready(now.path, now.format.unwrap_or(ImageFormat::Raw), now.capacity),
+                        Some(now) => {
+                            let (p, v, path) = (pool_name.clone(), image::volume_name(&namespace, b), now.path.clone());
+                            let writers = blocking(&context.conn, move |conn| users_of(conn, &p, &v, &path))
+                                .await?
+                                .1;
+                            if writers.is_empty() {
+                                Backing::Ready(now.path, backing_format, now.capacity)
+                            } else {
+                                Backing::NotReady(format!(
+                                    "the backing ImageFile {b:?} is being written by running VMs ({}): a clone is made while no VM writes its golden image",
+                                    writers.join(", ")
+                                ))
+                            }
+                        }
                         None => Backing::NotReady(format!("the backing ImageFile {b:?} has no volume")),
                     }
                 }
@@ -592,8 +713,10 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             Ok(Action::requeue(Duration::from_secs(60)))
         }
         Step::Create(plan) => {
+            let made_from = file.spec.backing_file.clone();
             write_file_status(&api, &name, |s| {
                 s.phase = Some("Creating".into());
+                s.backing_file = made_from;
                 s.conditions = condition(false, "Creating", "the volume is being made");
             })
             .await?;
@@ -657,7 +780,7 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
                 s.phase = Some("Ready".into());
                 s.pool = Some(pool_name);
                 s.volume = Some(volume_name);
-                s.format = now.format.map(|f| f.as_str().to_owned());
+                s.format = Some(storage::intended_format(&file.spec, repo_format).as_str().to_owned());
                 s.capacity = Some(format_bytes(now.capacity));
                 s.allocation = Some(format_bytes(now.allocation));
                 s.used_by = users;
@@ -697,17 +820,43 @@ async fn import(
         return Ok(Action::await_change());
     };
     let pods: Api<Pod> = Api::namespaced(context.client.clone(), namespace);
-    let pod_name = import_pod_name(name);
+    let uid = file.uid().unwrap_or_default();
+    let pod_name = import_pod_name(name, &uid);
     let pod = match pods.get_opt(&pod_name).await? {
+        // Only the pod made for this ImageFile is read from: any other of
+        // that name (a user's, with hostNetwork) could point elsewhere.
+        Some(pod)
+            if !pod
+                .owner_references()
+                .iter()
+                .any(|o| o.uid == uid && o.controller == Some(true)) =>
+        {
+            let message = format!(
+                "a pod {namespace}/{pod_name} exists that is not this ImageFile's import pod: delete or rename it"
+            );
+            write_file_status(api, name, |s| {
+                s.phase = Some("Pending".into());
+                s.conditions = condition(false, "ImportPodTaken", &message);
+            })
+            .await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
         Some(pod) => pod,
         None => {
             let owner = file.controller_owner_ref(&()).into_iter().collect::<Vec<_>>();
+            // The user's image runs here: no token, no privilege, no root,
+            // nothing of the node (and so admitted by the restricted Pod
+            // Security level).
             let pod: Pod = serde_json::from_value(json!({
-                "metadata": {"name": pod_name, "namespace": namespace, "labels": {IMPORT_LABEL: name}, "ownerReferences": owner},
+                "metadata": {"name": pod_name, "namespace": namespace, "labels": {IMPORT_LABEL: uid}, "ownerReferences": owner},
                 "spec": {
                     "restartPolicy": "Never",
                     "automountServiceAccountToken": false,
                     "enableServiceLinks": false,
+                    "securityContext": {
+                        "runAsNonRoot": true, "runAsUser": 65534, "runAsGroup": 65534,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [{
                         "name": "import",
                         "image": source.image,
@@ -715,12 +864,26 @@ async fn import(
                         "command": ["/virtkube-shim", "serve-file", source.path],
                         "ports": [{"name": "import", "containerPort": IMPORT_PORT}],
                         "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
                         "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
                     }],
                 },
             }))
             .map_err(|e| Error::Import(e.to_string()))?;
-            pods.create(&PostParams::default(), &pod).await?;
+            if let Err(e) = pods.create(&PostParams::default(), &pod).await {
+                // Refused (a Pod Security level, a quota): say so where the user looks.
+                let message = format!("the import pod {namespace}/{pod_name} could not be made: {e}");
+                write_file_status(api, name, |s| {
+                    s.phase = Some("Pending".into());
+                    s.conditions = condition(false, "ImportPodRefused", &message);
+                })
+                .await?;
+                return Err(e.into());
+            }
             write_file_status(api, name, |s| {
                 s.phase = Some("Creating".into());
                 s.conditions = condition(
@@ -743,7 +906,10 @@ async fn import(
             .filter_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone())
             .next()
             .unwrap_or_else(|| "no message".into());
-        let message = format!("import pod {namespace}/{pod_name} ended ({phase}): {}", said.trim());
+        let message = format!(
+            "import pod {namespace}/{pod_name} ended ({phase}): {}; fix the source, then delete the pod to import again",
+            said.trim()
+        );
         write_file_status(api, name, |s| {
             s.phase = Some("Failed".into());
             s.conditions = condition(false, "ImportFailed", &message);
@@ -805,15 +971,19 @@ fn stream_in(conn: &Connect, address: &str, pool: &str, volume: &str) -> Result<
         .map_err(|e| e.to_string())?;
     let mut reader = BufReader::with_capacity(1 << 20, socket);
     let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 || head.len() > 8192 {
-            return Err("the import pod's reply ended in its head".into());
+    {
+        // The head is at most 8 KiB, however the pod sends it.
+        let mut limited = (&mut reader).take(8192);
+        loop {
+            let mut line = String::new();
+            if limited.read_line(&mut line).map_err(|e| e.to_string())? == 0 || !line.ends_with('\n') {
+                return Err("the import pod's reply head is cut short or longer than 8 KiB".into());
+            }
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
         }
-        if line == "\r\n" {
-            break;
-        }
-        head.push_str(&line);
     }
     let length = storage::import_length(&head)?;
     if length == 0 {
@@ -829,20 +999,34 @@ fn stream_in(conn: &Connect, address: &str, pool: &str, volume: &str) -> Result<
     };
     let pool = conn.lookup_storage_pool_by_name(pool).map_err(|e| e.to_string())?;
     let vol = StorageVol::create_xml(&pool, &plan.xml().0, 0).map_err(|e| e.to_string())?;
-    let copied = upload(conn, &vol, &mut reader, length);
+    // A pod that sends slowly is dropped: at least 1 MiB/s, after a minute.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60 + length / (1 << 20));
+    let copied = upload(conn, &vol, &mut reader, length, deadline);
     if copied.is_err() {
         let _ = vol.delete(0);
     }
     copied.map(|sha| (length, sha))
 }
 
-fn upload(conn: &Connect, vol: &StorageVol, from: &mut impl Read, length: u64) -> Result<String, String> {
+fn upload(
+    conn: &Connect,
+    vol: &StorageVol,
+    from: &mut impl Read,
+    length: u64,
+    deadline: std::time::Instant,
+) -> Result<String, String> {
     let stream = virt::stream::Stream::new(conn, 0).map_err(|e| e.to_string())?;
     vol.upload(&stream, 0, length, 0).map_err(|e| e.to_string())?;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut left = length;
     let mut buffer = vec![0u8; 1 << 20];
     while left > 0 {
+        if std::time::Instant::now() > deadline {
+            let _ = stream.abort();
+            return Err(format!(
+                "the import pod sent too slowly ({left} bytes left at the deadline)"
+            ));
+        }
         let want = usize::try_from(left.min(buffer.len() as u64)).unwrap_or(buffer.len());
         let n = match from.read(&mut buffer[..want]) {
             Ok(0) => {
@@ -881,10 +1065,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn import_pod_names_fit_a_label() {
-        assert_eq!(import_pod_name("golden"), "golden-import");
+    fn import_pod_names_fit_and_never_collide() {
+        let uid = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0";
+        assert_eq!(import_pod_name("golden", uid), "golden-import");
         let long = "a".repeat(60) + "-b";
-        let pod = import_pod_name(&long);
-        assert!(pod.len() <= 63 && pod.ends_with("a-import"), "{pod}");
+        let pod = import_pod_name(&long, uid);
+        assert_eq!(pod, format!("import-{uid}"));
+        assert!(pod.len() <= 63);
+        assert_ne!(import_pod_name(&("a".repeat(60) + "-c"), "another-uid"), pod);
     }
 }

@@ -88,12 +88,19 @@ impl VolumePlan {
     }
 }
 
-/// The format of a volume, from its XML (`<target><format type=…>`).
-pub fn volume_format(volume_xml: &str) -> Option<ImageFormat> {
-    let doc = roxmltree::Document::parse(volume_xml).ok()?;
-    let target = doc.root_element().children().find(|n| n.has_tag_name("target"))?;
-    let format = target.children().find(|n| n.has_tag_name("format"))?;
-    ImageFormat::parse(format.attribute("type")?)
+/// The format an ImageFile's volume has, from its spec alone: an import is
+/// raw, a clone qcow2, a blank image its own or its repository's format.
+/// Never libvirt's guess from the file's first bytes: a guest or an import
+/// can write a qcow2 header into a raw volume, and that header may name any
+/// file of the node as its backing file.
+pub fn intended_format(spec: &virtkube_api::image::ImageFileSpec, repository: ImageFormat) -> ImageFormat {
+    if spec.source.as_ref().is_some_and(|s| s.container_image.is_some()) {
+        ImageFormat::Raw
+    } else if spec.backing_file.is_some() {
+        ImageFormat::Qcow2
+    } else {
+        spec.format.unwrap_or(repository)
+    }
 }
 
 /// What one running domain's disks reach: pool volumes and files, its
@@ -104,6 +111,11 @@ pub struct DiskUse {
     pub volumes: Vec<(String, String)>,
     /// `<source file>` anywhere in a disk or its `<backingStore>`.
     pub files: Vec<String>,
+    /// The volumes of disks that are not read-only (their own source, not
+    /// their backing chain, which QEMU only reads).
+    pub written_volumes: Vec<(String, String)>,
+    /// The files of disks that are not read-only.
+    pub written_files: Vec<String>,
 }
 
 /// The volumes and files a domain's (live) XML says its disks use.
@@ -117,6 +129,17 @@ pub fn disk_use(domain_xml: &str) -> Result<DiskUse, String> {
         .flat_map(|d| d.children())
         .filter(|n| n.has_tag_name("disk") && n.tag_name().namespace().is_none());
     for disk in disks {
+        let read_only = disk.children().any(|c| c.has_tag_name("readonly"));
+        if let Some(source) = disk.children().find(|c| c.has_tag_name("source"))
+            && !read_only
+        {
+            if let (Some(pool), Some(volume)) = (source.attribute("pool"), source.attribute("volume")) {
+                uses.written_volumes.push((pool.to_owned(), volume.to_owned()));
+            }
+            if let Some(file) = source.attribute("file") {
+                uses.written_files.push(file.to_owned());
+            }
+        }
         for source in disk.descendants().filter(|n| n.has_tag_name("source")) {
             if let (Some(pool), Some(volume)) = (source.attribute("pool"), source.attribute("volume")) {
                 uses.volumes.push((pool.to_owned(), volume.to_owned()));
@@ -135,6 +158,28 @@ pub fn is_mount_point(mountinfo: &str, path: &str) -> bool {
     mountinfo
         .lines()
         .any(|line| line.split(' ').nth(4) == Some(escaped.as_str()))
+}
+
+/// How long a node's VirtNode heartbeat may be old before the node no
+/// longer counts as mounting a repository (nodeinfo beats every 30 s).
+pub const HEARTBEAT_LIMIT_SECS: i64 = 90;
+
+/// Whether VirtNode `node` is Ready with a heartbeat at most
+/// [`HEARTBEAT_LIMIT_SECS`] old at `now`: a node whose virthost is gone for
+/// good must not stay the manager of a repository's volumes.
+pub fn node_alive(node: &virtkube_api::VirtNode, now: k8s_openapi::jiff::Timestamp) -> bool {
+    let Some(ready) = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.kind == "Ready"))
+    else {
+        return false;
+    };
+    let beat = ready
+        .last_heartbeat_time
+        .as_deref()
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
+    ready.status == "True" && beat.is_some_and(|b| (now.as_second() - b.as_second()).abs() <= HEARTBEAT_LIMIT_SECS)
 }
 
 /// The pod a virtkube domain (`<namespace>_<pod>`) belongs to, as `namespace/pod`.
@@ -171,8 +216,6 @@ pub struct VolumeNow {
     pub capacity: u64,
     /// Space on disk.
     pub allocation: u64,
-    /// Format (None when libvirt does not say raw or qcow2).
-    pub format: Option<ImageFormat>,
     /// Its path in the pool.
     pub path: String,
 }
@@ -251,6 +294,15 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
     if deleting {
         if !has_finalizer {
             return Step::Ready;
+        }
+        // Without its pool the volume cannot be seen: letting the ImageFile
+        // go would leave the file behind, for a later one of the same name.
+        if let Err(why) = &now.pool {
+            return Step::Wait {
+                phase: "Deleting",
+                reason: "RepositoryNotReady",
+                message: format!("deletion waits for the repository: {why}"),
+            };
         }
         if !now.users.is_empty() {
             return Step::Wait {
@@ -333,6 +385,14 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
                 reason: "BackingNotReady",
                 message: why.clone(),
             },
+            Backing::Ready(_, _, capacity) if wanted.is_some_and(|w| w < *capacity) => Step::Fail {
+                reason: "InvalidCapacity",
+                message: format!(
+                    "spec.capacity {} is below the backing ImageFile's {}: a clone is at least as large as its golden image",
+                    virtkube_api::quantity::format_bytes(wanted.unwrap_or_default()),
+                    virtkube_api::quantity::format_bytes(*capacity)
+                ),
+            },
             Backing::Ready(path, format, capacity) => Step::Create(VolumePlan {
                 name: now.volume_name.clone(),
                 capacity: wanted.unwrap_or(*capacity).max(*capacity),
@@ -359,10 +419,10 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
             },
         };
     };
-    let phase = file.status.as_ref().and_then(|s| s.phase.as_deref());
-    if import.is_some() && phase != Some("Ready") {
-        // Ready is written only after the whole upload: a volume before
-        // that is what an interrupted import left.
+    let imported = file.status.as_ref().is_some_and(|s| s.sha256.is_some());
+    if import.is_some() && !imported && now.users.is_empty() && now.clones.is_empty() {
+        // The import's checksum is written only after the whole upload: a
+        // volume without it is what an interrupted import left.
         return Step::DiscardPartialImport;
     }
     match wanted {
@@ -426,7 +486,6 @@ mod tests {
         Some(VolumeNow {
             capacity,
             allocation: 4096,
-            format: Some(ImageFormat::Qcow2),
             path: "/r/ns_disk".into(),
         })
     }
@@ -487,6 +546,13 @@ mod tests {
         let Step::Create(plan) = next_step(&f, &now, true) else {
             panic!("no create")
         };
+        assert_eq!(intended_format(&f.spec, ImageFormat::Raw), ImageFormat::Qcow2);
+        let mut small = f.spec.clone();
+        small.capacity = Some("1Mi".into());
+        let Step::Fail { message, .. } = next_step(&file(small), &now, true) else {
+            panic!("a clone smaller than its golden image was made")
+        };
+        assert!(message.contains("below the backing ImageFile's 32Mi"), "{message}");
         assert_eq!(plan.format, ImageFormat::Qcow2);
         assert_eq!(plan.capacity, 32 << 20);
         assert_eq!(plan.backing, Some(("/r/ns_golden".into(), ImageFormat::Raw)));
@@ -526,6 +592,15 @@ mod tests {
         ));
         now.clones.clear();
         assert_eq!(next_step(&f, &now, true), Step::DeleteVolume);
+        let mut away = now.clone();
+        away.pool = Err("no virthost mounts it".into());
+        assert!(matches!(
+            next_step(&f, &away, true),
+            Step::Wait {
+                reason: "RepositoryNotReady",
+                ..
+            }
+        ));
         now.volume = None;
         assert_eq!(next_step(&f, &now, true), Step::RemoveFinalizer);
         assert_eq!(next_step(&f, &now, false), Step::Ready);
@@ -581,15 +656,22 @@ mod tests {
         assert_eq!(next_step(&f, &now, true), Step::Import);
         now.volume = volume(32 << 20);
         f.status = Some(ImageFileStatus {
-            phase: Some("Creating".into()),
+            phase: Some("Pending".into()),
             ..Default::default()
         });
         assert_eq!(next_step(&f, &now, true), Step::DiscardPartialImport);
+        // Never a volume in use, whatever the status lost.
+        now.users = vec!["ns/vm".into()];
+        assert_eq!(next_step(&f, &now, true), Step::Ready);
+        now.users.clear();
+        // Finished: the checksum says so, whatever the phase.
         f.status = Some(ImageFileStatus {
-            phase: Some("Ready".into()),
+            phase: Some("Pending".into()),
+            sha256: Some("ab".repeat(32)),
             ..Default::default()
         });
         assert_eq!(next_step(&f, &now, true), Step::Ready);
+        assert_eq!(intended_format(&f.spec, ImageFormat::Qcow2), ImageFormat::Raw);
     }
 
     #[test]
@@ -625,21 +707,49 @@ mod tests {
             xml.contains("<backingStore><path>/r/ns_golden</path><format type='raw'/>"),
             "{xml}"
         );
-        assert_eq!(volume_format(&xml), Some(ImageFormat::Qcow2));
-        assert_eq!(
-            volume_format("<volume><target><format type='vmdk'/></target></volume>"),
-            None
-        );
         let domain = "<domain><devices><disk type='volume'><source pool='virtkube-main' volume='ns_c1'/><backingStore type='file'><source file='/r/ns_golden'/></backingStore></disk><disk type='file'><source file='/x'/></disk></devices><metadata><disk xmlns='urn:x'><source pool='p' volume='v'/></disk></metadata></domain>";
         let uses = disk_use(domain).unwrap();
         assert_eq!(uses.volumes, vec![("virtkube-main".to_owned(), "ns_c1".to_owned())]);
         assert_eq!(uses.files, vec!["/r/ns_golden".to_owned(), "/x".to_owned()]);
+        assert_eq!(
+            uses.written_volumes,
+            vec![("virtkube-main".to_owned(), "ns_c1".to_owned())]
+        );
+        assert_eq!(uses.written_files, vec!["/x".to_owned()]);
+        let read_only = disk_use(
+            "<domain><devices><disk type='volume'><source pool='p' volume='v'/><readonly/></disk></devices></domain>",
+        )
+        .unwrap();
+        assert!(read_only.written_volumes.is_empty() && read_only.volumes.len() == 1);
         assert!(disk_use("<domain").is_err());
         assert_eq!(pod_of_domain("ns_vm-1"), "ns/vm-1");
         let mountinfo = "36 35 98:0 /mnt1 /var/lib/virtkube/repositories/main rw,noatime master:1 - ext3 /dev/root rw\n37 35 98:0 / /var/lib/virtkube/repositories/main2 rw - ext4 /dev/x rw\n";
         assert!(is_mount_point(mountinfo, "/var/lib/virtkube/repositories/main"));
         assert!(!is_mount_point(mountinfo, "/var/lib/virtkube/repositories/other"));
         assert!(!is_mount_point(mountinfo, "/var/lib/virtkube/repositories"));
+    }
+
+    #[test]
+    fn a_node_counts_while_its_virtnode_beats() {
+        let node = |status: &str, beat: &str| {
+            let mut n = virtkube_api::VirtNode::new("n1", virtkube_api::VirtNodeSpec::default());
+            n.status = Some(virtkube_api::VirtNodeStatus {
+                conditions: vec![virtkube_api::node::Condition {
+                    kind: "Ready".into(),
+                    status: status.into(),
+                    last_heartbeat_time: Some(beat.into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            n
+        };
+        let now: k8s_openapi::jiff::Timestamp = "2026-12-06T10:00:00Z".parse().unwrap();
+        assert!(node_alive(&node("True", "2026-12-06T09:59:00Z"), now));
+        assert!(!node_alive(&node("True", "2026-12-06T09:58:00Z"), now));
+        assert!(!node_alive(&node("False", "2026-12-06T09:59:50Z"), now));
+        assert!(!node_alive(&node("True", "yesterday"), now));
+        assert!(!node_alive(&virtkube_api::VirtNode::new("n2", Default::default()), now));
     }
 
     #[test]
