@@ -10,7 +10,8 @@ PACKAGES=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvir
           libvirt-dev qemu-system-x86 libxml2-utils pkg-config tini
           genisoimage   # isoinfo: the tests read back the cloud-init seed
           nftables      # the gate's pod-network plumbing, run on this host by gate/tests/podnet.rs
-          socat)        # the kubelet's (dockershim) kubectl port-forward
+          socat         # the kubelet's (dockershim) kubectl port-forward
+          qemu-utils)   # qemu-img: the image-repository test makes a qcow2-headed file
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
