@@ -1399,6 +1399,49 @@ fn image_repositories(ns: &str) {
         format!("{pool} {ns}_golden raw")
     );
 
+    // A file whose first bytes are a qcow2 header naming a file of the node
+    // as its backing file: imported, it is a raw volume, and stays one.
+    let evil_dir = build_dir.join("evil");
+    std::fs::create_dir_all(&evil_dir).unwrap();
+    let evil_file = evil_dir.join("root.raw");
+    let (made, out) = virtkube_e2e::run(
+        "/usr/bin/qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/shadow",
+            evil_file.to_str().unwrap(),
+            "1M",
+        ],
+        None,
+    );
+    assert!(made, "qemu-img create: {out}");
+    std::fs::set_permissions(&evil_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(
+        evil_dir.join("Dockerfile"),
+        "FROM virtkube/tiny:latest\nCOPY root.raw /disk/root.raw\n",
+    )
+    .unwrap();
+    let evil_tag = format!("virtkube/e2e-repo-evil:{id}");
+    virtkube_e2e::disk_image::build_context(&evil_dir, &evil_tag);
+    apply(&image_file(
+        "evil",
+        &format!("  source: {{containerImage: {{image: \"{evil_tag}\", path: /disk/root.raw}}}}\n"),
+    ));
+    eventually(
+        "the qcow2-headed file to be imported",
+        ns,
+        Duration::from_secs(120),
+        || image_file_field(ns, "evil", "{.status.phase}") == "Ready",
+    );
+    assert_eq!(image_file_field(ns, "evil", "{.status.format}"), "raw");
+
     // Three copy-on-write clones; the third made larger.
     for i in 1..=3 {
         let capacity = if i == 3 { "  capacity: 2Mi\n" } else { "" };
@@ -1538,6 +1581,18 @@ fn image_repositories(ns: &str) {
         "        - {{name: VIRTKUBE_PROBE_VOLUMES, value: \"{pool}/{ns}_clone-1/qcow2 {pool}/{ns}_golden/raw\"}}\n"
     );
     let (logs, lines) = run_probe(other.name(), "probe-volumes", false, &env);
+    // In its own namespace: the raw volume with a qcow2 header may be read
+    // as raw only (as qcow2, QEMU would open /etc/shadow for it).
+    let own = format!("        - {{name: VIRTKUBE_PROBE_VOLUMES, value: \"{pool}/{ns}_evil/qcow2\"}}\n");
+    let (own_logs, own_lines) = run_probe(ns, "probe-evil", false, &own);
+    assert!(
+        own_lines
+            .iter()
+            .any(|l| l.contains(&format!("ImageFile volume {pool}/{ns}_evil as qcow2"))
+                && l.contains("REFUSED")
+                && l.contains("must say raw, not qcow2")),
+        "the qcow2-headed raw volume was not refused as qcow2:\n{own_logs}"
+    );
     for volume in ["clone-1", "golden"] {
         assert!(
             lines
@@ -1582,14 +1637,19 @@ fn image_repositories(ns: &str) {
     );
     assert!(std::path::Path::new(&golden_file).exists());
     ok(&["-n", ns, "delete", "imagefile", "clone-1", "clone-3", "--wait=false"]);
+    ok(&["-n", ns, "delete", "imagefile", "evil", "--wait=false"]);
     let gone = |name: &str| !kubectl(&["-n", ns, "get", "imagefile", name]).0;
     eventually(
         "every ImageFile to go once unused",
         ns,
         Duration::from_secs(120),
-        || ["clone-1", "clone-2", "clone-3", "golden"].iter().all(|n| gone(n)),
+        || {
+            ["clone-1", "clone-2", "clone-3", "golden", "evil"]
+                .iter()
+                .all(|n| gone(n))
+        },
     );
-    for name in ["clone-1", "clone-2", "clone-3", "golden"] {
+    for name in ["clone-1", "clone-2", "clone-3", "golden", "evil"] {
         let file = format!("{dir}/{ns}_{name}");
         assert!(!std::path::Path::new(&file).exists(), "{file} is left on the node");
     }
@@ -1619,7 +1679,7 @@ fn image_repositories(ns: &str) {
     ]);
     let _ = kubectl(&["-n", "virtkube-system", "delete", "pvc", &repo, "--wait=false"]);
     let _ = kubectl(&["delete", "pv", &repo, "--wait=false"]);
-    let _ = virtkube_e2e::run("/usr/bin/docker", &["rmi", "-f", &tag], None);
+    let _ = virtkube_e2e::run("/usr/bin/docker", &["rmi", "-f", &tag, &evil_tag], None);
     let _ = std::fs::remove_dir_all(&build_dir);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -50,10 +50,6 @@ struct Context {
     client: kube::Client,
     conn: Arc<Connect>,
     settings: Settings,
-    /// Held while a pool is refreshed or a volume made, grown or deleted:
-    /// libvirt 9.0 lets a refresh that read the directory before a delete
-    /// put the deleted volume back in the pool's list.
-    storage: tokio::sync::Mutex<()>,
 }
 
 /// A failed reconcile: retried with a back-off.
@@ -84,7 +80,6 @@ pub async fn run(client: kube::Client, settings: Settings, conn: Arc<Connect>) {
         client: client.clone(),
         conn,
         settings,
-        storage: tokio::sync::Mutex::new(()),
     });
     let repositories = Controller::new(Api::<ImageRepository>::all(client.clone()), watcher::Config::default())
         .run(reconcile_repository, retry_repository, context.clone())
@@ -325,7 +320,6 @@ async fn reconcile_repository(repo: Arc<ImageRepository>, context: Arc<Context>)
         )),
         None => {
             let (pool, path) = (pool.clone(), path.clone());
-            let _storage = context.storage.lock().await;
             match blocking(&context.conn, move |conn| ensure_pool(conn, &pool, &path)).await {
                 Ok(info) => Ok(info),
                 Err(e) => Err(("PoolFailed", format!("libvirt pool on node {node}: {e}"))),
@@ -474,8 +468,8 @@ fn volume_now(conn: &Connect, pool: &str, volume: &str) -> Result<Option<VolumeN
     };
     let info = vol.info()?;
     let path = vol.path()?;
-    // A volume whose file is gone is an entry left in the pool's list (a
-    // refresh on another node, a file removed by hand): the pool is read
+    // A volume whose file is gone (removed by hand, or by another node on a
+    // shared claim) is an entry left in the pool's list: the pool is read
     // again and the volume counts as absent.
     if !std::path::Path::new(&path).exists() {
         pool.refresh(0)?;
@@ -736,7 +730,6 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             .await?;
             let (xml, flags) = plan.xml();
             info!(%namespace, imagefile = %name, volume = %vol, "creating the volume");
-            let _storage = context.storage.lock().await;
             let made = blocking(&context.conn, move |conn| {
                 let pool = conn.lookup_storage_pool_by_name(&pool)?;
                 StorageVol::create_xml(&pool, &xml, flags).map(drop)
@@ -755,13 +748,11 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
         Step::Import => import(&context, &api, &file, &namespace, &name).await,
         Step::DiscardPartialImport => {
             info!(%namespace, imagefile = %name, "deleting a half-written import");
-            let _storage = context.storage.lock().await;
             blocking(&context.conn, move |conn| delete_volume(conn, &pool, &vol)).await?;
             Ok(Action::requeue(Duration::ZERO))
         }
         Step::Resize(bytes) => {
             info!(%namespace, imagefile = %name, bytes, "growing the volume");
-            let _storage = context.storage.lock().await;
             let grown = blocking(&context.conn, move |conn| {
                 let pool = conn.lookup_storage_pool_by_name(&pool)?;
                 pool.lookup_storage_vol_by_name(&vol)?.resize(bytes, 0)
@@ -782,7 +773,6 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
                 s.conditions = condition(false, "Deleting", "the volume is being deleted");
             })
             .await?;
-            let _storage = context.storage.lock().await;
             blocking(&context.conn, move |conn| delete_volume(conn, &pool, &vol)).await?;
             Ok(Action::requeue(Duration::ZERO))
         }
@@ -945,7 +935,6 @@ async fn import(
     let address = format!("{ip}:{IMPORT_PORT}");
     let conn = context.conn.clone();
     let from = address.clone();
-    let _storage = context.storage.lock().await;
     let result = tokio::task::spawn_blocking(move || stream_in(&conn, &from, &pool, &volume))
         .await
         .map_err(|_| Error::Panicked)?;
