@@ -21,7 +21,8 @@
 use std::time::{Duration, Instant};
 
 use virtkube_e2e::cluster::{
-    RunNamespace, SOCKET_DIR, apply, deploy_virtkube, eventually, kubectl, ok, wait_for_virthost,
+    RunNamespace, apply, deploy_virtkube, eventually, image_file_manifest, import_from, kubectl, ok, repository_claim,
+    templated_vm_pod, tiny_template_with_disk, wait_for_virthost,
 };
 use virtkube_e2e::{max_secs, p50_secs};
 
@@ -48,21 +49,9 @@ fn time_until(what: &str, mut done: impl FnMut() -> bool) -> Duration {
     started.elapsed()
 }
 
-fn template(ns: &str, name: &str, disk: &str, cmdline: &str) -> String {
-    format!(
-        "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet {cmdline}\n  disks:\n    - {disk}\n"
-    )
-}
-
-fn pod(ns: &str, name: &str, image: &str, template: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{virtkube.io/template: {template}}}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: vm\n      image: {image}\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
-    )
-}
-
 /// Runs a VM that reads its disk and powers off; the guest's rate in MB/s.
 fn read_rate(ns: &str, name: &str, image: &str, template: &str, bytes: u64) -> f64 {
-    apply(&pod(ns, name, image, template));
+    apply(&templated_vm_pod(ns, name, image, template));
     let mut ms = None;
     time_until(&format!("{name} to read its disk"), || {
         let logs = kubectl(&["-n", ns, "logs", name]).1;
@@ -111,9 +100,12 @@ fn main() {
     let repo = format!("bench-{id}");
     let dir = format!("/var/lib/virtkube-bench-repo-{id}");
     std::fs::create_dir_all(&dir).unwrap();
-    apply(&format!(
-        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {repo}}}\nspec:\n  storageClassName: {repo}\n  capacity: {{storage: 8Gi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {dir}, type: Directory}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {repo}, namespace: virtkube-system}}\nspec:\n  storageClassName: {repo}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 8Gi}}}}\n---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}}}\nspec: {{claimName: {repo}}}\n"
-    ));
+    apply(
+        &(repository_claim(&repo, &dir, "8Gi")
+            + &format!(
+                "---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}}}\nspec: {{claimName: {repo}}}\n"
+            )),
+    );
     eventually("the repository to be Ready", &ns, TIMEOUT, || {
         kubectl(&["get", "imagerepository", &repo, "-o", "jsonpath={.status.phase}"])
             .1
@@ -121,16 +113,9 @@ fn main() {
             == "Ready"
     });
     wait_for_virthost("the virthost that mounts the repository");
-    let image_file = |name: &str, spec: &str| {
-        format!(
-            "apiVersion: virtkube.io/v1alpha1\nkind: ImageFile\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  repository: {repo}\n{spec}"
-        )
-    };
+    let image_file = |name: &str, spec: &str| image_file_manifest(&ns, &repo, name, spec);
 
-    apply(&image_file(
-        "golden",
-        &format!("  source: {{containerImage: {{image: \"{tag}\", path: /disk/root.raw}}}}\n"),
-    ));
+    apply(&image_file("golden", &import_from(&tag)));
     let import = time_until("the golden image's import", || {
         field(&ns, "imagefile", "golden", "{.status.phase}") == "Ready"
     });
@@ -155,7 +140,7 @@ fn main() {
     );
 
     for i in 0..clones {
-        apply(&template(
+        apply(&tiny_template_with_disk(
             &ns,
             &format!("vm-{i}"),
             &format!("{{imageFile: clone-{i}}}"),
@@ -164,7 +149,7 @@ fn main() {
     }
     let started = Instant::now();
     for i in 0..clones {
-        apply(&pod(
+        apply(&templated_vm_pod(
             &ns,
             &format!("vm-{i}"),
             "virtkube/shim:latest",
@@ -190,14 +175,19 @@ fn main() {
     });
 
     let read = "virtkube.ddread virtkube.poweroff";
-    apply(&template(&ns, "read-clone", "{imageFile: clone-0}", read));
-    apply(&template(
+    apply(&tiny_template_with_disk(
+        &ns,
+        "read-clone",
+        "{imageFile: clone-0}",
+        read,
+    ));
+    apply(&tiny_template_with_disk(
         &ns,
         "read-golden",
         "{imageFile: golden, readOnly: true}",
         read,
     ));
-    apply(&template(
+    apply(&tiny_template_with_disk(
         &ns,
         "read-fd",
         "{containerFile: /disk/root.raw, readOnly: true}",

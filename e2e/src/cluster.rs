@@ -262,3 +262,42 @@ impl Drop for RunNamespace {
         let _ = kubectl(&["delete", "namespace", &self.0, "--wait=false"]);
     }
 }
+
+/// A VirtTemplate `name` in `ns` for the tiny guest (kernel and initrd on
+/// the node), with `cmdline` added to its kernel command line and one disk,
+/// `disk` (a flow mapping, e.g. `{imageFile: clone-1}`).
+pub fn tiny_template_with_disk(ns: &str, name: &str, disk: &str, cmdline: &str) -> String {
+    format!(
+        "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet {cmdline}\n  disks:\n    - {disk}\n"
+    )
+}
+
+/// A VM pod `name` in `ns` of `image` (built FROM the shim base) running
+/// VirtTemplate `template` from the API, with the virthost's socket, never
+/// restarted.
+pub fn templated_vm_pod(ns: &str, name: &str, image: &str, template: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{virtkube.io/template: {template}}}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: vm\n      image: {image}\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
+    )
+}
+
+/// An ImageFile `name` in `ns` of repository `repo`, with `spec` (indented
+/// YAML lines) added to its spec.
+pub fn image_file_manifest(ns: &str, repo: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: virtkube.io/v1alpha1\nkind: ImageFile\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  repository: {repo}\n{spec}"
+    )
+}
+
+/// An ImageFile spec line importing `/disk/root.raw` of container image `image`.
+pub fn import_from(image: &str) -> String {
+    format!("  source: {{containerImage: {{image: \"{image}\", path: /disk/root.raw}}}}\n")
+}
+
+/// A hostPath PersistentVolume `name` of `size` on the node's `dir`, and its
+/// claim (same name) in the virthost's namespace.
+pub fn repository_claim(name: &str, dir: &str, size: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {name}}}\nspec:\n  storageClassName: {name}\n  capacity: {{storage: {size}}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {dir}, type: Directory}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: virtkube-system}}\nspec:\n  storageClassName: {name}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: {size}}}}}\n"
+    )
+}

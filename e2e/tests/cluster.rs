@@ -1336,10 +1336,12 @@ fn image_repositories(ns: &str) {
     let original_sha = sha256_of(original.to_str().unwrap());
     assert_eq!(original_sha.len(), 64);
 
-    let class = format!("virtkube-e2e-repo-{id}");
-    apply(&format!(
-        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {repo}}}\nspec:\n  storageClassName: {class}\n  capacity: {{storage: 256Mi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {dir}, type: Directory}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {repo}, namespace: virtkube-system}}\nspec:\n  storageClassName: {class}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 256Mi}}}}\n---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}}}\nspec: {{claimName: {repo}}}\n---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}-unclaimed}}\nspec: {{claimName: no-such-claim-{id}}}\n"
-    ));
+    apply(
+        &(repository_claim(&repo, &dir, "256Mi")
+            + &format!(
+                "---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}}}\nspec: {{claimName: {repo}}}\n---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}-unclaimed}}\nspec: {{claimName: no-such-claim-{id}}}\n"
+            )),
+    );
     let repo_field = |name: &str, path: &str| {
         kubectl(&["get", "imagerepository", name, "-o", &format!("jsonpath={path}")])
             .1
@@ -1363,15 +1365,8 @@ fn image_repositories(ns: &str) {
     );
 
     // The golden image, imported from the container image's file.
-    let image_file = |name: &str, spec: &str| {
-        format!(
-            "apiVersion: virtkube.io/v1alpha1\nkind: ImageFile\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  repository: {repo}\n{spec}"
-        )
-    };
-    apply(&image_file(
-        "golden",
-        &format!("  source: {{containerImage: {{image: \"{tag}\", path: /disk/root.raw}}}}\n"),
-    ));
+    let image_file = |name: &str, spec: &str| image_file_manifest(ns, &repo, name, spec);
+    apply(&image_file("golden", &import_from(&tag)));
     eventually(
         "the golden ImageFile to be imported",
         ns,
@@ -1430,10 +1425,7 @@ fn image_repositories(ns: &str) {
     .unwrap();
     let evil_tag = format!("virtkube/e2e-repo-evil:{id}");
     virtkube_e2e::disk_image::build_context(&evil_dir, &evil_tag);
-    apply(&image_file(
-        "evil",
-        &format!("  source: {{containerImage: {{image: \"{evil_tag}\", path: /disk/root.raw}}}}\n"),
-    ));
+    apply(&image_file("evil", &import_from(&evil_tag)));
     eventually(
         "the qcow2-headed file to be imported",
         ns,
@@ -1462,15 +1454,9 @@ fn image_repositories(ns: &str) {
     // Three VMs, one on each clone: each sees the golden image's data and
     // writes its own.
     let template = |name: &str, disk: &str, cmdline: &str| {
-        format!(
-            "apiVersion: virtkube.io/v1alpha1\nkind: VirtTemplate\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  memory: 128Mi\n  boot:\n    kernel: /var/lib/virtkube/images/tiny/vmlinuz\n    initrd: /var/lib/virtkube/images/tiny/initrd.gz\n    cmdline: console=ttyS0 panic=-1 quiet {cmdline}\n  disks:\n    - {{imageFile: {disk}}}\n"
-        )
+        tiny_template_with_disk(ns, name, &format!("{{imageFile: {disk}}}"), cmdline)
     };
-    let pod = |name: &str, template: &str| {
-        format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  annotations: {{virtkube.io/template: {template}}}\nspec:\n  restartPolicy: Never\n  containers:\n    - name: vm\n      image: virtkube/shim:latest\n      imagePullPolicy: IfNotPresent\n      env:\n        - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}\n        - {{name: POD_NAMESPACE, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}\n      volumeMounts:\n        - {{name: libvirt, mountPath: /var/run/libvirt, readOnly: true}}\n  volumes:\n    - {{name: libvirt, hostPath: {{path: {SOCKET_DIR}, type: Directory}}}}\n"
-        )
-    };
+    let pod = |name: &str, template: &str| templated_vm_pod(ns, name, "virtkube/shim:latest", template);
     let finished = |name: &str| {
         let phase = pod_field(ns, name, "{.status.phase}");
         phase == "Succeeded" || phase == "Failed"
@@ -1514,31 +1500,25 @@ fn image_repositories(ns: &str) {
     assert!(again.contains("vda says: virtkube-disk:SCRIBBLED"), "{again}");
 
     // Grown while no VM uses it.
-    ok(&[
-        "-n",
-        ns,
-        "patch",
-        "imagefile",
-        "clone-3",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"capacity":"8Mi"}}"#,
-    ]);
+    let set_capacity = |capacity: &str| {
+        let patch = format!(r#"{{"spec":{{"capacity":"{capacity}"}}}}"#);
+        ok(&[
+            "-n",
+            ns,
+            "patch",
+            "imagefile",
+            "clone-3",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ]);
+    };
+    set_capacity("8Mi");
     eventually("clone-3 to grow to 8Mi", ns, Duration::from_secs(60), || {
         image_file_field(ns, "clone-3", "{.status.capacity}") == "8Mi"
     });
-    ok(&[
-        "-n",
-        ns,
-        "patch",
-        "imagefile",
-        "clone-3",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"capacity":"1Mi"}}"#,
-    ]);
+    set_capacity("1Mi");
     eventually("clone-3 to refuse shrinking", ns, Duration::from_secs(60), || {
         image_file_field(ns, "clone-3", "{.status.conditions[0].reason}") == "ShrinkRefused"
     });
