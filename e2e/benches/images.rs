@@ -87,6 +87,11 @@ fn main() {
     let mut disk = b"virtkube-disk:BENCH\n".to_vec();
     disk.resize(mib * 1024 * 1024, 0xa5);
     std::fs::write(build.join("root.raw"), &disk).unwrap();
+    std::fs::set_permissions(
+        build.join("root.raw"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     drop(disk);
     std::fs::write(
         build.join("Dockerfile"),

@@ -28,6 +28,12 @@ fn template(source: &str) -> String {
 pub fn build(dir: &Path, tag: &str) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("root.raw"), original_disk()).unwrap();
+    // Readable by all: an ImageFile's import pod reads it as an unprivileged user.
+    std::fs::set_permissions(
+        dir.join("root.raw"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     for (file, source) in [
         ("image.yaml", "containerFile: /disk/root.raw"),
         ("volume.yaml", "{containerFile: /data/data.raw, persistent: true}"),

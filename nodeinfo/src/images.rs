@@ -44,6 +44,9 @@ pub struct Settings {
     pub daemonset: String,
     /// The virthost container in it.
     pub container: String,
+    /// How old (seconds) another node's VirtNode heartbeat may be before it
+    /// no longer counts as mounting a repository ([`storage::heartbeat_limit`]).
+    pub heartbeat_limit: i64,
 }
 
 struct Context {
@@ -259,7 +262,9 @@ async fn reconcile_repository(repo: Arc<ImageRepository>, context: Arc<Context>)
             .list(&ListParams::default())
             .await?
             .into_iter()
-            .filter(|f| f.spec.repository == name)
+            .filter(|f| {
+                f.spec.repository == name || f.status.as_ref().and_then(|s| s.pool.as_deref()) == Some(pool.as_str())
+            })
             .map(|f| format!("{}/{}", f.namespace().unwrap_or_default(), f.name_any()))
             .collect();
         if !files.is_empty() {
@@ -305,7 +310,7 @@ async fn reconcile_repository(repo: Arc<ImageRepository>, context: Arc<Context>)
             && virt_nodes
                 .get_opt(&other)
                 .await?
-                .is_some_and(|n| storage::node_alive(&n, now))
+                .is_some_and(|n| storage::node_alive(&n, now, context.settings.heartbeat_limit))
         {
             nodes.push(other);
         }
@@ -549,8 +554,18 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
     let name = file.name_any();
     let api: Api<ImageFile> = Api::namespaced(context.client.clone(), &namespace);
     let volume_name = image::volume_name(&namespace, &name);
+    let deleting = file.metadata.deletion_timestamp.is_some();
+    let recorded = file.status.clone().unwrap_or_default();
+    // Once a volume is begun, its pool is recorded, and that is where the
+    // volume is, whatever spec.repository says later.
+    let made_in = recorded
+        .pool
+        .as_deref()
+        .and_then(|p| p.strip_prefix("virtkube-"))
+        .map(str::to_owned);
+    let repository = made_in.clone().unwrap_or_else(|| file.spec.repository.clone());
     let repo = Api::<ImageRepository>::all(context.client.clone())
-        .get_opt(&file.spec.repository)
+        .get_opt(&repository)
         .await?;
     let repo_status = repo.as_ref().and_then(|r| r.status.clone()).unwrap_or_default();
     // One node manages a repository's volumes: the first that mounts it.
@@ -559,15 +574,13 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
     {
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
-    let pool_name = image::pool_name(&file.spec.repository);
-    let recorded = file.status.clone().unwrap_or_default();
-    // The volume stays where it was made: a changed spec.repository would
-    // leave it outside any finalizer.
-    if let Some(made_in) = recorded.pool.as_deref()
-        && made_in != pool_name
+    let pool_name = image::pool_name(&repository);
+    if let Some(made_in) = made_in.as_deref()
+        && made_in != file.spec.repository
+        && !deleting
     {
         let message = format!(
-            "spec.repository cannot change: the volume is in pool {made_in}; set it back (a new ImageFile can clone or import into another repository)"
+            "spec.repository cannot change: the volume is in repository {made_in}; set it back (a new ImageFile can clone or import into another repository)"
         );
         write_file_status(&api, &name, |s| {
             s.conditions = condition(false, "RepositoryChanged", &message);
@@ -575,7 +588,7 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
         .await?;
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
-    if volume_name.len() > 255 {
+    if volume_name.len() > 255 && !deleting {
         write_file_status(&api, &name, |s| {
             s.phase = Some("Failed".into());
             s.conditions = condition(
@@ -587,21 +600,28 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
         .await?;
         return Ok(Action::await_change());
     }
+    // A repository being deleted still serves the deletion of its ImageFiles
+    // (it waits for them), but makes no new volume.
+    let repo_deleting = repo.as_ref().is_some_and(|r| r.metadata.deletion_timestamp.is_some());
     let pool = match &repo {
         None => Err(format!(
-            "ImageRepository {:?} does not exist: create it, or fix spec.repository",
-            file.spec.repository
+            "ImageRepository {repository:?} does not exist: create it, or fix spec.repository"
         )),
-        Some(r) if repo_status.phase.as_deref() != Some("Ready") || repo_status.nodes.is_empty() => Err(format!(
-            "ImageRepository {:?} is not ready: {}",
-            file.spec.repository,
-            repo_status
-                .conditions
-                .first()
-                .and_then(|c| c.message.clone())
-                .unwrap_or_else(|| "no virthost mounts it yet".into())
-        ))
-        .map(|()| r),
+        Some(_) if repo_deleting && !deleting => Err(format!("ImageRepository {repository:?} is being deleted")),
+        Some(r)
+            if repo_status.nodes.is_empty() || (repo_status.phase.as_deref() != Some("Ready") && !repo_deleting) =>
+        {
+            Err(format!(
+                "ImageRepository {:?} is not ready: {}",
+                repository,
+                repo_status
+                    .conditions
+                    .first()
+                    .and_then(|c| c.message.clone())
+                    .unwrap_or_else(|| "no virthost mounts it yet".into())
+            ))
+            .map(|()| r)
+        }
         Some(r) => Ok(r),
     }
     .map(|r| {
@@ -611,7 +631,6 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             r.spec.preallocation.unwrap_or(Preallocation::Off),
         )
     });
-    let repo_format = repo.as_ref().and_then(|r| r.spec.format).unwrap_or(ImageFormat::Qcow2);
     let ready_here = pool.is_ok();
     let (volume, users) = if ready_here {
         let (p, v) = (pool_name.clone(), volume_name.clone());
@@ -645,10 +664,11 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             None => Backing::NotReady(format!(
                 "the backing ImageFile {b:?} does not exist in namespace {namespace}"
             )),
-            Some(f) if f.spec.repository != file.spec.repository => Backing::NotReady(format!(
-                "the backing ImageFile {b:?} is in repository {:?}, not {:?}: a clone lives beside its backing file",
-                f.spec.repository, file.spec.repository
-            )),
+            Some(f) if f.status.as_ref().and_then(|s| s.pool.as_deref()) != Some(pool_name.as_str()) => {
+                Backing::NotReady(format!(
+                    "the backing ImageFile {b:?} has no volume in repository {repository:?}: a clone lives beside its backing file"
+                ))
+            }
             Some(f) if f.metadata.deletion_timestamp.is_some() => {
                 Backing::NotReady(format!("the backing ImageFile {b:?} is being deleted"))
             }
@@ -661,15 +681,19 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
                     ))
                 } else {
                     let (p, v) = (pool_name.clone(), image::volume_name(&namespace, b));
-                    let backing_format = storage::intended_format(&f.spec, repo_format);
+                    // The format recorded when the golden volume was made,
+                    // never one worked out from its spec now.
+                    let backing_format = status.format.as_deref().and_then(ImageFormat::parse);
                     match blocking(&context.conn, move |conn| volume_now(conn, &p, &v)).await? {
                         Some(now) => {
                             let (p, v, path) = (pool_name.clone(), image::volume_name(&namespace, b), now.path.clone());
                             let writers = blocking(&context.conn, move |conn| users_of(conn, &p, &v, &path))
                                 .await?
                                 .1;
-                            if writers.is_empty() {
-                                Backing::Ready(now.path, backing_format, now.capacity)
+                            if let Some(format) = backing_format.filter(|_| writers.is_empty()) {
+                                Backing::Ready(now.path, format, now.capacity)
+                            } else if backing_format.is_none() {
+                                Backing::NotReady(format!("the backing ImageFile {b:?} has no recorded format"))
                             } else {
                                 Backing::NotReady(format!(
                                     "the backing ImageFile {b:?} is being written by running VMs ({}): a clone is made while no VM writes its golden image",
@@ -691,6 +715,7 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
         backing,
         users: users.clone(),
         clones,
+        begun: recorded.pool.is_some(),
     };
     let has_finalizer = file.finalizers().iter().any(|f| f == FINALIZER);
     let step = storage::next_step(&file, &situation, has_finalizer);
@@ -721,9 +746,17 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             Ok(Action::requeue(Duration::from_secs(60)))
         }
         Step::Create(plan) => {
-            let made_from = file.spec.backing_file.clone();
+            // Recorded before the volume exists: where it is, its format and
+            // its backing file are decided now, once, whatever the spec says
+            // later (a qcow2 header a guest writes into a raw volume must
+            // never be read as one).
+            let made_from = plan.backing.as_ref().and(file.spec.backing_file.clone());
+            let (in_pool, as_volume, format) = (pool_name.clone(), volume_name.clone(), plan.format);
             write_file_status(&api, &name, |s| {
                 s.phase = Some("Creating".into());
+                s.pool = Some(in_pool);
+                s.volume = Some(as_volume);
+                s.format = Some(format.as_str().to_owned());
                 s.backing_file = made_from;
                 s.conditions = condition(false, "Creating", "the volume is being made");
             })
@@ -745,7 +778,7 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             }
             Ok(Action::requeue(Duration::ZERO))
         }
-        Step::Import => import(&context, &api, &file, &namespace, &name).await,
+        Step::Import => import(&context, &api, &file, &pool_name, &name).await,
         Step::DiscardPartialImport => {
             info!(%namespace, imagefile = %name, "deleting a half-written import");
             blocking(&context.conn, move |conn| delete_volume(conn, &pool, &vol)).await?;
@@ -784,11 +817,21 @@ async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<A
             let Some(now) = volume else {
                 return Ok(Action::await_change());
             };
+            if recorded.format.as_deref().and_then(ImageFormat::parse).is_none() {
+                // Never guessed: from the spec now, or from the file's bytes.
+                write_file_status(&api, &name, |s| {
+                    s.phase = Some("Failed".into());
+                    s.conditions = condition(
+                        false,
+                        "FormatUnknown",
+                        "the volume's format was not recorded when it was made; delete the ImageFile and make it again",
+                    );
+                })
+                .await?;
+                return Ok(Action::await_change());
+            }
             write_file_status(&api, &name, |s| {
                 s.phase = Some("Ready".into());
-                s.pool = Some(pool_name);
-                s.volume = Some(volume_name);
-                s.format = Some(storage::intended_format(&file.spec, repo_format).as_str().to_owned());
                 s.capacity = Some(format_bytes(now.capacity));
                 s.allocation = Some(format_bytes(now.allocation));
                 s.used_by = users;
@@ -821,9 +864,11 @@ async fn import(
     context: &Context,
     api: &Api<ImageFile>,
     file: &ImageFile,
-    namespace: &str,
+    pool: &str,
     name: &str,
 ) -> Result<Action, Error> {
+    let namespace = file.namespace().unwrap_or_default();
+    let namespace = namespace.as_str();
     let Some(source) = file.spec.source.as_ref().and_then(|s| s.container_image.clone()) else {
         return Ok(Action::await_change());
     };
@@ -928,10 +973,17 @@ async fn import(
     let Some(ip) = status.pod_ip.filter(|_| phase == "Running") else {
         return Ok(Action::requeue(Duration::from_secs(2)));
     };
-    let (pool, volume) = (
-        image::pool_name(&file.spec.repository),
-        image::volume_name(namespace, name),
-    );
+    let (pool, volume) = (pool.to_owned(), image::volume_name(namespace, name));
+    // Recorded before the volume exists (as for any volume); the checksum
+    // of an earlier, interrupted import is cleared.
+    let (in_pool, as_volume) = (pool.clone(), volume.clone());
+    write_file_status(api, name, |s| {
+        s.pool = Some(in_pool);
+        s.volume = Some(as_volume);
+        s.format = Some(ImageFormat::Raw.as_str().to_owned());
+        s.sha256 = None;
+    })
+    .await?;
     let address = format!("{ip}:{IMPORT_PORT}");
     let conn = context.conn.clone();
     let from = address.clone();

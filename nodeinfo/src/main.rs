@@ -325,13 +325,14 @@ async fn tell_end(publisher: &Publisher, name: &str, seen: &model::Seen) {
 }
 
 /// The repository manager's settings, when the environment asks for it.
-fn images_settings(node: &str) -> Option<virtkube_nodeinfo::images::Settings> {
+fn images_settings(node: &str, resync: Duration) -> Option<virtkube_nodeinfo::images::Settings> {
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     Some(virtkube_nodeinfo::images::Settings {
         node: node.to_owned(),
         daemonset: var("VIRTKUBE_DAEMONSET")?,
         namespace: var("POD_NAMESPACE").unwrap_or_else(|| "virtkube-system".into()),
         container: var("VIRTKUBE_CONTAINER").unwrap_or_else(|| "virthost".into()),
+        heartbeat_limit: virtkube_nodeinfo::storage::heartbeat_limit(resync),
     })
 }
 
@@ -350,7 +351,7 @@ async fn serve(
             .with_context(|| format!("cannot connect to libvirt at {}", args.uri))?,
     );
     // ImageRepositories and ImageFiles, on this connection while it lasts.
-    let images = images_settings(&args.node)
+    let images = images_settings(&args.node, args.resync)
         .map(|settings| tokio::spawn(virtkube_nodeinfo::images::run(client.clone(), settings, conn.clone())));
     // spec.runState, carried out on this connection while it lasts.
     let run_states = tokio::spawn(virtkube_nodeinfo::runstate::run(

@@ -88,21 +88,6 @@ impl VolumePlan {
     }
 }
 
-/// The format an ImageFile's volume has, from its spec alone: an import is
-/// raw, a clone qcow2, a blank image its own or its repository's format.
-/// Never libvirt's guess from the file's first bytes: a guest or an import
-/// can write a qcow2 header into a raw volume, and that header may name any
-/// file of the node as its backing file.
-pub fn intended_format(spec: &virtkube_api::image::ImageFileSpec, repository: ImageFormat) -> ImageFormat {
-    if spec.source.as_ref().is_some_and(|s| s.container_image.is_some()) {
-        ImageFormat::Raw
-    } else if spec.backing_file.is_some() {
-        ImageFormat::Qcow2
-    } else {
-        spec.format.unwrap_or(repository)
-    }
-}
-
 /// What one running domain's disks reach: pool volumes and files, its
 /// backing chains included (a clone in use holds its golden image too).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -164,10 +149,18 @@ pub fn is_mount_point(mountinfo: &str, path: &str) -> bool {
 /// longer counts as mounting a repository (nodeinfo beats every 30 s).
 pub const HEARTBEAT_LIMIT_SECS: i64 = 90;
 
-/// Whether VirtNode `node` is Ready with a heartbeat at most
-/// [`HEARTBEAT_LIMIT_SECS`] old at `now`: a node whose virthost is gone for
-/// good must not stay the manager of a repository's volumes.
-pub fn node_alive(node: &virtkube_api::VirtNode, now: k8s_openapi::jiff::Timestamp) -> bool {
+/// How old a heartbeat may be when nodeinfo beats every `resync`: three
+/// beats, and never less than [`HEARTBEAT_LIMIT_SECS`].
+pub fn heartbeat_limit(resync: std::time::Duration) -> i64 {
+    i64::try_from(resync.as_secs().saturating_mul(3))
+        .unwrap_or(i64::MAX)
+        .max(HEARTBEAT_LIMIT_SECS)
+}
+
+/// Whether VirtNode `node` is Ready with a heartbeat at most `limit`
+/// seconds old at `now`: a node whose virthost is gone for good must not
+/// stay the manager of a repository's volumes.
+pub fn node_alive(node: &virtkube_api::VirtNode, now: k8s_openapi::jiff::Timestamp, limit: i64) -> bool {
     let Some(ready) = node
         .status
         .as_ref()
@@ -179,7 +172,7 @@ pub fn node_alive(node: &virtkube_api::VirtNode, now: k8s_openapi::jiff::Timesta
         .last_heartbeat_time
         .as_deref()
         .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok());
-    ready.status == "True" && beat.is_some_and(|b| (now.as_second() - b.as_second()).abs() <= HEARTBEAT_LIMIT_SECS)
+    ready.status == "True" && beat.is_some_and(|b| (now.as_second() - b.as_second()).abs() <= limit)
 }
 
 /// The pod a virtkube domain (`<namespace>_<pod>`) belongs to, as `namespace/pod`.
@@ -248,6 +241,10 @@ pub struct Situation {
     pub users: Vec<String>,
     /// ImageFiles cloned from this one.
     pub clones: Vec<String>,
+    /// Whether a volume was ever begun for it (its pool is recorded in the
+    /// status before the volume is made): without one, deletion has nothing
+    /// to wait for.
+    pub begun: bool,
 }
 
 /// What the manager does next for an ImageFile.
@@ -294,6 +291,9 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
     if deleting {
         if !has_finalizer {
             return Step::Ready;
+        }
+        if !now.begun {
+            return Step::RemoveFinalizer;
         }
         // Without its pool the volume cannot be seen: letting the ImageFile
         // go would leave the file behind, for a later one of the same name.
@@ -420,10 +420,21 @@ pub fn next_step(file: &ImageFile, now: &Situation, has_finalizer: bool) -> Step
         };
     };
     let imported = file.status.as_ref().is_some_and(|s| s.sha256.is_some());
-    if import.is_some() && !imported && now.users.is_empty() && now.clones.is_empty() {
-        // The import's checksum is written only after the whole upload: a
-        // volume without it is what an interrupted import left.
-        return Step::DiscardPartialImport;
+    if import.is_some() && !imported {
+        // The import's checksum is written only after the whole upload (and
+        // cleared before one begins): a volume without it is what an
+        // interrupted import left. Never ready, and never deleted under a VM.
+        if now.users.is_empty() {
+            return Step::DiscardPartialImport;
+        }
+        return Step::Wait {
+            phase: "Creating",
+            reason: "ImportInterrupted",
+            message: format!(
+                "an import was cut short, and running VMs use the half-written volume ({}); it is imported again once they stop",
+                now.users.join(", ")
+            ),
+        };
     }
     match wanted {
         Some(bytes) if bytes > volume.capacity => {
@@ -479,6 +490,7 @@ mod tests {
             backing: Backing::None,
             users: vec![],
             clones: vec![],
+            begun: true,
         }
     }
 
@@ -546,7 +558,6 @@ mod tests {
         let Step::Create(plan) = next_step(&f, &now, true) else {
             panic!("no create")
         };
-        assert_eq!(intended_format(&f.spec, ImageFormat::Raw), ImageFormat::Qcow2);
         let mut small = f.spec.clone();
         small.capacity = Some("1Mi".into());
         let Step::Fail { message, .. } = next_step(&file(small), &now, true) else {
@@ -604,6 +615,11 @@ mod tests {
         now.volume = None;
         assert_eq!(next_step(&f, &now, true), Step::RemoveFinalizer);
         assert_eq!(next_step(&f, &now, false), Step::Ready);
+        // Never begun (its repository never existed): nothing to wait for.
+        let mut never = situation();
+        never.pool = Err("ImageRepository \"mian\" does not exist".into());
+        never.begun = false;
+        assert_eq!(next_step(&f, &never, true), Step::RemoveFinalizer);
     }
 
     #[test]
@@ -660,10 +676,20 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(next_step(&f, &now, true), Step::DiscardPartialImport);
-        // Never a volume in use, whatever the status lost.
+        // Never a volume in use, whatever the status lost; and never Ready.
         now.users = vec!["ns/vm".into()];
-        assert_eq!(next_step(&f, &now, true), Step::Ready);
+        assert!(matches!(
+            next_step(&f, &now, true),
+            Step::Wait {
+                reason: "ImportInterrupted",
+                ..
+            }
+        ));
         now.users.clear();
+        // Declared clones do not keep a half-written golden image.
+        now.clones = vec!["clone-1".into()];
+        assert_eq!(next_step(&f, &now, true), Step::DiscardPartialImport);
+        now.clones.clear();
         // Finished: the checksum says so, whatever the phase.
         f.status = Some(ImageFileStatus {
             phase: Some("Pending".into()),
@@ -671,7 +697,6 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(next_step(&f, &now, true), Step::Ready);
-        assert_eq!(intended_format(&f.spec, ImageFormat::Qcow2), ImageFormat::Raw);
     }
 
     #[test]
@@ -745,11 +770,20 @@ mod tests {
             n
         };
         let now: k8s_openapi::jiff::Timestamp = "2026-12-06T10:00:00Z".parse().unwrap();
-        assert!(node_alive(&node("True", "2026-12-06T09:59:00Z"), now));
-        assert!(!node_alive(&node("True", "2026-12-06T09:58:00Z"), now));
-        assert!(!node_alive(&node("False", "2026-12-06T09:59:50Z"), now));
-        assert!(!node_alive(&node("True", "yesterday"), now));
-        assert!(!node_alive(&virtkube_api::VirtNode::new("n2", Default::default()), now));
+        let limit = heartbeat_limit(std::time::Duration::from_secs(30));
+        assert_eq!(limit, 90);
+        assert!(node_alive(&node("True", "2026-12-06T09:59:00Z"), now, limit));
+        assert!(!node_alive(&node("True", "2026-12-06T09:58:00Z"), now, limit));
+        // A slower beat is allowed three of its own periods.
+        let slow = heartbeat_limit(std::time::Duration::from_secs(60));
+        assert!(node_alive(&node("True", "2026-12-06T09:58:00Z"), now, slow));
+        assert!(!node_alive(&node("False", "2026-12-06T09:59:50Z"), now, limit));
+        assert!(!node_alive(&node("True", "yesterday"), now, limit));
+        assert!(!node_alive(
+            &virtkube_api::VirtNode::new("n2", Default::default()),
+            now,
+            limit
+        ));
     }
 
     #[test]

@@ -41,6 +41,14 @@ pub fn reply_head(request_line: &str, length: u64) -> String {
 /// Serves `path` on `0.0.0.0:port` until the process is ended.
 pub fn serve(path: PathBuf, port: u16) -> Result<(), String> {
     let length = check(&path)?;
+    // Opened once now, as the pod's user: a file it cannot read ends the
+    // pod at once, with the reason, rather than every request.
+    std::fs::File::open(&path).map_err(|e| {
+        format!(
+            "cannot open {}: {e} (the import pod runs as an unprivileged user: make the file readable by all)",
+            path.display()
+        )
+    })?;
     // As PID 1, SIGTERM would be ignored without a handler: stop at once,
     // there is nothing to clean up.
     extern "C" fn stop(_: libc::c_int) {
