@@ -1433,6 +1433,20 @@ fn image_repositories(ns: &str) {
         || image_file_field(ns, "evil", "{.status.phase}") == "Ready",
     );
     assert_eq!(image_file_field(ns, "evil", "{.status.format}"), "raw");
+    // Its owner edits the spec to say it is a blank qcow2 image: the volume
+    // was recorded as raw when made, and stays raw (checked again below,
+    // many reconciles later, by the gate's refusal).
+    ok(&[
+        "-n",
+        ns,
+        "patch",
+        "imagefile",
+        "evil",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"source":null,"format":"qcow2"}}"#,
+    ]);
 
     // Three copy-on-write clones; the third made larger.
     for i in 1..=3 {
@@ -1564,6 +1578,7 @@ fn image_repositories(ns: &str) {
     // In its own namespace: the raw volume with a qcow2 header may be read
     // as raw only (as qcow2, QEMU would open /etc/shadow for it).
     let own = format!("        - {{name: VIRTKUBE_PROBE_VOLUMES, value: \"{pool}/{ns}_evil/qcow2\"}}\n");
+    assert_eq!(image_file_field(ns, "evil", "{.status.format}"), "raw");
     let (own_logs, own_lines) = run_probe(ns, "probe-evil", false, &own);
     assert!(
         own_lines
