@@ -33,6 +33,17 @@ pub const VERSION: &str = "v1alpha1";
 /// XML namespace of the `<metadata>` element virtkube writes into every domain
 /// it creates. nodeinfo finds virtkube's domains (and their owner pods) by it.
 pub const METADATA_XMLNS: &str = "https://virtkube.io/xmlns/domain/v1alpha1";
+/// Escapes text for XML content and attribute values (either quote), for
+/// the small documents virtkube writes by hand (libvirt pool and volume
+/// XML, the gate's owner record).
+pub fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
+}
+
 /// Prefix used for [`METADATA_XMLNS`] in rendered XML.
 pub const METADATA_PREFIX: &str = "virtkube";
 

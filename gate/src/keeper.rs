@@ -57,7 +57,7 @@ impl Owner {
             r#"<owner pid="{}" start="{}" caller="{}" reattached="{}"/>"#,
             self.pid,
             self.start_ticks,
-            escape(&self.caller),
+            virtkube_api::xml_escape(&self.caller),
             self.reattached
         )
     }
@@ -143,13 +143,6 @@ pub fn with_owner_record(xml: &str, owner: &Owner) -> Result<String, String> {
         None => return Err("the domain XML does not end with </domain>".into()),
     };
     Ok(format!("{}{insert}{}", &xml[..at], &xml[at..]))
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// A domain the gate keeps alive for its owner.

@@ -5,15 +5,7 @@
 
 use virtkube_api::image::{ImageFile, ImageFormat, Preallocation};
 use virtkube_api::quantity::parse_bytes;
-
-/// Escapes text for XML content and attribute values.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
-}
+use virtkube_api::xml_escape as escape;
 
 /// A `dir` storage pool on the repository's mount.
 pub fn pool_xml(name: &str, path: &str) -> String {
