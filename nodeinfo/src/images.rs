@@ -85,7 +85,7 @@ pub async fn run(client: kube::Client, settings: Settings, conn: Arc<Connect>) {
         settings,
     });
     let repositories = Controller::new(Api::<ImageRepository>::all(client.clone()), watcher::Config::default())
-        .run(reconcile_repository, retry_repository, context.clone())
+        .run(reconcile_repository, retry, context.clone())
         .for_each(|result| {
             if let Err(e) = result {
                 warn!("ImageRepository not reconciled: {e}");
@@ -94,7 +94,7 @@ pub async fn run(client: kube::Client, settings: Settings, conn: Arc<Connect>) {
         });
     let files = Controller::new(Api::<ImageFile>::all(client.clone()), watcher::Config::default())
         .owns(Api::<Pod>::all(client), watcher::Config::default().labels(IMPORT_LABEL))
-        .run(reconcile_file, retry_file, context)
+        .run(reconcile_file, retry, context)
         .for_each(|result| {
             if let Err(e) = result {
                 warn!("ImageFile not reconciled: {e}");
@@ -104,11 +104,8 @@ pub async fn run(client: kube::Client, settings: Settings, conn: Arc<Connect>) {
     futures_util::future::join(repositories, files).await;
 }
 
-fn retry_repository(_: Arc<ImageRepository>, _: &Error, _: Arc<Context>) -> Action {
-    Action::requeue(Duration::from_secs(5))
-}
-
-fn retry_file(_: Arc<ImageFile>, _: &Error, _: Arc<Context>) -> Action {
+/// After a failed reconcile of either kind: again in 5 s.
+fn retry<K>(_: Arc<K>, _: &Error, _: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -374,37 +371,54 @@ async fn write_repository_status(
     name: &str,
     change: impl FnOnce(&mut ImageRepositoryStatus),
 ) -> Result<(), kube::Error> {
-    let mut status = api.get_status(name).await?.status.unwrap_or_default();
-    change(&mut status);
-    let patch = exact_status(
-        &status,
-        &[
-            "phase",
-            "pool",
-            "path",
-            "capacity",
-            "allocation",
-            "available",
-            "nodes",
-            "conditions",
-        ],
-    );
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(drop)
+    const FIELDS: &[&str] = &[
+        "phase",
+        "pool",
+        "path",
+        "capacity",
+        "allocation",
+        "available",
+        "nodes",
+        "conditions",
+    ];
+    write_status(api, name, FIELDS, |r: ImageRepository| r.status, change).await
 }
 
-/// A merge patch that makes the status exactly `status`: the fields its
-/// serialization leaves out (unset, empty lists) are written as null, so
-/// that they clear rather than keep their old values.
-fn exact_status(status: &impl serde::Serialize, fields: &[&str]) -> serde_json::Value {
-    let mut value = serde_json::to_value(status).unwrap_or_default();
+/// Reads an object's status, changes it, and writes it back when it
+/// changed, as a merge patch that makes it exactly that: `fields` names
+/// every field of the status, and those its serialization leaves out
+/// (unset, empty lists) are written as null, so that they clear rather than
+/// keep their old values.
+async fn write_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    fields: &[&str],
+    status_of: impl FnOnce(K) -> Option<S>,
+    change: impl FnOnce(&mut S),
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: Default + Clone + PartialEq + serde::Serialize,
+{
+    let mut status = status_of(api.get_status(name).await?).unwrap_or_default();
+    let before = status.clone();
+    change(&mut status);
+    if status == before {
+        return Ok(());
+    }
+    let mut value = serde_json::to_value(&status).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
         for field in fields {
             map.entry((*field).to_owned()).or_insert(serde_json::Value::Null);
         }
     }
-    json!({ "status": value })
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": value })),
+    )
+    .await
+    .map(drop)
 }
 
 /// Defines, starts and refreshes the pool on `path`; its size.
@@ -523,30 +537,19 @@ async fn write_file_status(
     name: &str,
     change: impl FnOnce(&mut ImageFileStatus),
 ) -> Result<(), kube::Error> {
-    let mut status = api.get_status(name).await?.status.unwrap_or_default();
-    let before = status.clone();
-    change(&mut status);
-    if status == before {
-        return Ok(());
-    }
-    let patch = exact_status(
-        &status,
-        &[
-            "phase",
-            "pool",
-            "volume",
-            "format",
-            "capacity",
-            "allocation",
-            "backingFile",
-            "sha256",
-            "usedBy",
-            "conditions",
-        ],
-    );
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(drop)
+    const FIELDS: &[&str] = &[
+        "phase",
+        "pool",
+        "volume",
+        "format",
+        "capacity",
+        "allocation",
+        "backingFile",
+        "sha256",
+        "usedBy",
+        "conditions",
+    ];
+    write_status(api, name, FIELDS, |f: ImageFile| f.status, change).await
 }
 
 async fn reconcile_file(file: Arc<ImageFile>, context: Arc<Context>) -> Result<Action, Error> {
