@@ -21,8 +21,8 @@
 use std::time::{Duration, Instant};
 
 use virtkube_e2e::cluster::{
-    RunNamespace, apply, deploy_virtkube, eventually, image_file_manifest, import_from, kubectl, ok, repository_claim,
-    templated_vm_pod, tiny_template_with_disk, wait_for_virthost,
+    RunNamespace, apply, deploy_virtkube, eventually, image_file_manifest, import_from, kubectl, object_field, ok,
+    repository_claim, templated_vm_pod, tiny_template_with_disk, wait_for_virthost,
 };
 use virtkube_e2e::{max_secs, p50_secs};
 
@@ -30,13 +30,6 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 
 fn count(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn field(ns: &str, kind: &str, name: &str, path: &str) -> String {
-    kubectl(&["-n", ns, "get", kind, name, "-o", &format!("jsonpath={path}")])
-        .1
-        .trim()
-        .to_owned()
 }
 
 /// Polls `done` every 50 ms; the time it took.
@@ -112,17 +105,14 @@ fn main() {
             )),
     );
     eventually("the repository to be Ready", &ns, TIMEOUT, || {
-        kubectl(&["get", "imagerepository", &repo, "-o", "jsonpath={.status.phase}"])
-            .1
-            .trim()
-            == "Ready"
+        object_field(None, "imagerepository", &repo, "{.status.phase}") == "Ready"
     });
     wait_for_virthost("the virthost that mounts the repository");
     let image_file = |name: &str, spec: &str| image_file_manifest(&ns, &repo, name, spec);
 
     apply(&image_file("golden", &import_from(&tag)));
     let import = time_until("the golden image's import", || {
-        field(&ns, "imagefile", "golden", "{.status.phase}") == "Ready"
+        object_field(Some(&ns), "imagefile", "golden", "{.status.phase}") == "Ready"
     });
     println!(
         "golden image: {mib} MiB imported from a container image in {:.2} s",
@@ -134,14 +124,14 @@ fn main() {
         let name = format!("clone-{i}");
         apply(&image_file(&name, "  backingFile: golden\n"));
         clone_times.push(time_until(&name, || {
-            field(&ns, "imagefile", &name, "{.status.phase}") == "Ready"
+            object_field(Some(&ns), "imagefile", &name, "{.status.phase}") == "Ready"
         }));
     }
     println!(
         "{clones} copy-on-write clones of it, one after another, apply → Ready: p50 {:.2} s, max {:.2} s; on disk: {}",
         p50_secs(&clone_times),
         max_secs(&clone_times),
-        field(&ns, "imagefile", "clone-0", "{.status.allocation}")
+        object_field(Some(&ns), "imagefile", "clone-0", "{.status.allocation}")
     );
 
     for i in 0..clones {

@@ -301,3 +301,15 @@ pub fn repository_claim(name: &str, dir: &str, size: &str) -> String {
         "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {name}}}\nspec:\n  storageClassName: {name}\n  capacity: {{storage: {size}}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: {dir}, type: Directory}}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: virtkube-system}}\nspec:\n  storageClassName: {name}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: {size}}}}}\n"
     )
 }
+
+/// A field (a jsonpath) of object `kind`/`name`, in namespace `namespace`
+/// or cluster-scoped; trimmed, and empty when it cannot be read.
+pub fn object_field(namespace: Option<&str>, kind: &str, name: &str, path: &str) -> String {
+    let jsonpath = format!("jsonpath={path}");
+    let mut args = Vec::new();
+    if let Some(namespace) = namespace {
+        args.extend(["-n", namespace]);
+    }
+    args.extend(["get", kind, name, "-o", jsonpath.as_str()]);
+    kubectl(&args).1.trim().to_owned()
+}

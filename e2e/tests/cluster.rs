@@ -66,10 +66,7 @@ fn kubectl_as(ns: &str, account: &str, args: &[&str]) -> (bool, String) {
 
 /// A field of pod `pod` (a jsonpath), trimmed; empty when it cannot be read.
 fn pod_field(ns: &str, pod: &str, path: &str) -> String {
-    kubectl(&["-n", ns, "get", "pod", pod, "-o", &format!("jsonpath={path}")])
-        .1
-        .trim()
-        .to_owned()
+    object_field(Some(ns), "pod", pod, path)
 }
 
 /// The ticks the guest printed so far: (count, last uptime).
@@ -1311,10 +1308,7 @@ fn sha256_of(path: &str) -> String {
 
 /// A field of ImageFile `name` (a jsonpath), trimmed.
 fn image_file_field(ns: &str, name: &str, path: &str) -> String {
-    kubectl(&["-n", ns, "get", "imagefile", name, "-o", &format!("jsonpath={path}")])
-        .1
-        .trim()
-        .to_owned()
+    object_field(Some(ns), "imagefile", name, path)
 }
 
 /// ImageRepository and ImageFile (docs/images.md): a repository on a
@@ -1342,12 +1336,7 @@ fn image_repositories(ns: &str) {
                 "---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}}}\nspec: {{claimName: {repo}}}\n---\napiVersion: virtkube.io/v1alpha1\nkind: ImageRepository\nmetadata: {{name: {repo}-unclaimed}}\nspec: {{claimName: no-such-claim-{id}}}\n"
             )),
     );
-    let repo_field = |name: &str, path: &str| {
-        kubectl(&["get", "imagerepository", name, "-o", &format!("jsonpath={path}")])
-            .1
-            .trim()
-            .to_owned()
-    };
+    let repo_field = |name: &str, path: &str| object_field(None, "imagerepository", name, path);
     eventually(
         "a repository without its claim to say so",
         ns,
